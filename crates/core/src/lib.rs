@@ -1,0 +1,6 @@
+//! The parts of pg_sharding that are plain logic: no PostgreSQL, no I/O.
+//! Everything here is unit-tested with `cargo test -p sharding_core` in milliseconds;
+//! the extension crate only feeds it facts read from catalogs and remote nodes.
+
+pub mod interval;
+pub mod node_check;

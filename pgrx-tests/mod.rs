@@ -1,0 +1,117 @@
+//! In-database tests (`cargo pgrx test pg15`): behaviour of one server with pg_sharding loaded.
+//! Each test runs in a transaction that is rolled back. Behaviour that needs workers is tested
+//! by the multi-node suite in tests/multinode.
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn sqlstate_of(sql: &str) -> Option<String> {
+        PgTryBuilder::new(|| {
+            Spi::run(sql).expect("statement failed outside of ereport");
+            None
+        })
+        .catch_others(|error| match error {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(report)
+            | pgrx::pg_sys::panic::CaughtError::ErrorReport(report) => {
+                Some(format!("{:?}", report.sql_error_code()))
+            }
+            pgrx::pg_sys::panic::CaughtError::RustPanic { .. } => Some("rust panic".to_string()),
+        })
+        .execute()
+    }
+
+    #[pg_test]
+    fn catalog_starts_empty() {
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM sharding.nodes").unwrap(), Some(0));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM sharding.node_health()").unwrap(),
+            Some(0)
+        );
+    }
+
+    #[pg_test]
+    fn unreachable_node_is_refused_and_not_recorded() {
+        // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+        let code = sqlstate_of("SELECT sharding.add_node('127.0.0.1', 1)");
+        assert_eq!(code.as_deref(), Some("ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION"));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM sharding.dist_node").unwrap(), Some(0));
+    }
+
+    #[pg_test]
+    fn bad_arguments_have_sqlstates() {
+        assert_eq!(
+            sqlstate_of("SELECT sharding.add_node('127.0.0.1', 70000)").as_deref(),
+            Some("ERRCODE_INVALID_PARAMETER_VALUE")
+        );
+        assert_eq!(
+            sqlstate_of("SELECT sharding.add_node('', 5432)").as_deref(),
+            Some("ERRCODE_INVALID_PARAMETER_VALUE")
+        );
+        assert_eq!(
+            sqlstate_of("SELECT sharding.add_node(NULL, 5432)").as_deref(),
+            Some("ERRCODE_NULL_VALUE_NOT_ALLOWED")
+        );
+        assert_eq!(
+            sqlstate_of("SELECT sharding.remove_node('127.0.0.1', 5999)").as_deref(),
+            Some("ERRCODE_UNDEFINED_OBJECT")
+        );
+    }
+
+    #[pg_test]
+    fn this_server_cannot_be_its_own_worker() {
+        let port = Spi::get_one::<String>("SELECT current_setting('port')").unwrap().unwrap();
+        let code = sqlstate_of(&format!("SELECT sharding.add_node('127.0.0.1', {port})"));
+        assert_eq!(code.as_deref(), Some("ERRCODE_INVALID_PARAMETER_VALUE"));
+    }
+
+    #[pg_test]
+    fn catalog_is_read_only_for_ordinary_roles() {
+        Spi::run("CREATE ROLE sharding_test_user").unwrap();
+        Spi::run("SET LOCAL ROLE sharding_test_user").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM sharding.nodes").unwrap(), Some(0));
+        assert_eq!(
+            sqlstate_of("INSERT INTO sharding.dist_node (node_id, host, port) VALUES (1, 'x', 1)")
+                .as_deref(),
+            Some("ERRCODE_INSUFFICIENT_PRIVILEGE")
+        );
+        assert_eq!(
+            sqlstate_of("SELECT sharding.add_node('127.0.0.1', 1)").as_deref(),
+            Some("ERRCODE_INSUFFICIENT_PRIVILEGE")
+        );
+    }
+
+    #[pg_test]
+    fn metadata_cache_is_reused_and_invalidated_by_catalog_changes() {
+        let loads = || Spi::get_one::<i64>("SELECT sharding.metadata_cache_loads()").unwrap().unwrap();
+        Spi::run("SELECT count(*) FROM sharding.node_health()").unwrap();
+        let first = loads();
+        Spi::run("SELECT count(*) FROM sharding.node_health()").unwrap();
+        Spi::run("SELECT count(*) FROM sharding.node_health()").unwrap();
+        assert_eq!(loads(), first, "the cache must not be re-read per statement");
+
+        // A row written straight into the catalog (as superuser) must be seen at the next statement.
+        Spi::run(
+            "INSERT INTO sharding.dist_node (node_id, host, port) VALUES (999, '127.0.0.1', 1)",
+        )
+        .unwrap();
+        let seen = Spi::get_one::<i64>(
+            "SELECT count(*) FROM sharding.node_health() WHERE node_id = 999 AND NOT reachable",
+        )
+        .unwrap();
+        assert_eq!(seen, Some(1));
+        assert_eq!(loads(), first + 1);
+    }
+
+    #[pg_test]
+    fn settings_have_defaults_and_a_reserved_prefix() {
+        assert_eq!(
+            Spi::get_one::<String>("SELECT current_setting('sharding.shard_count')").unwrap().as_deref(),
+            Some("32")
+        );
+        assert_eq!(
+            sqlstate_of("SET sharding.no_such_setting = 1").as_deref(),
+            Some("ERRCODE_INVALID_NAME")
+        );
+    }
+}

@@ -1,0 +1,68 @@
+-- pg_sharding catalog. Created first (bootstrap), before any function.
+-- These tables are written only by the extension's functions: PUBLIC may read, never write.
+
+CREATE TABLE sharding.dist_node (
+    node_id            integer PRIMARY KEY,
+    host               text    NOT NULL CHECK (host <> ''),
+    port               integer NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    region             text,
+    is_active          boolean NOT NULL DEFAULT true,
+    system_identifier  bigint,
+    added_at           timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (host, port)
+);
+CREATE SEQUENCE sharding.dist_node_id_seq AS integer OWNED BY sharding.dist_node.node_id;
+
+-- Tables whose shards share placements: shard i of every member lives on the same node(s).
+CREATE TABLE sharding.dist_colocation (
+    colocation_id        integer PRIMARY KEY,
+    shard_count          integer NOT NULL CHECK (shard_count > 0),
+    distribution_type    regtype,
+    replication_factor   integer NOT NULL DEFAULT 1 CHECK (replication_factor > 0)
+);
+CREATE SEQUENCE sharding.dist_colocation_id_seq AS integer OWNED BY sharding.dist_colocation.colocation_id;
+
+CREATE TABLE sharding.dist_table (
+    logicalrelid         regclass PRIMARY KEY,
+    method               text NOT NULL CHECK (method IN ('hash', 'reference', 'range', 'list')),
+    distribution_column  name,
+    colocation_id        integer REFERENCES sharding.dist_colocation (colocation_id),
+    replication_factor   integer NOT NULL DEFAULT 1 CHECK (replication_factor > 0),
+    CHECK ((method = 'reference') = (distribution_column IS NULL))
+);
+
+-- One row per shard. Hash shards own [min_hash, max_hash]; range/list shards use the text bounds.
+CREATE TABLE sharding.dist_shard (
+    shard_id      bigint PRIMARY KEY,
+    logicalrelid  regclass NOT NULL REFERENCES sharding.dist_table (logicalrelid) ON DELETE CASCADE,
+    shard_index   integer NOT NULL,
+    min_hash      integer,
+    max_hash      integer,
+    min_value     text,
+    max_value     text,
+    CHECK (min_hash IS NULL OR max_hash IS NULL OR min_hash <= max_hash),
+    UNIQUE (logicalrelid, shard_index)
+);
+CREATE SEQUENCE sharding.dist_shard_id_seq AS bigint START WITH 102008 OWNED BY sharding.dist_shard.shard_id;
+
+CREATE TABLE sharding.dist_placement (
+    placement_id  bigint PRIMARY KEY,
+    shard_id      bigint  NOT NULL REFERENCES sharding.dist_shard (shard_id) ON DELETE CASCADE,
+    node_id       integer NOT NULL REFERENCES sharding.dist_node (node_id),
+    state         text    NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'inactive', 'to_delete')),
+    UNIQUE (shard_id, node_id)
+);
+CREATE INDEX dist_placement_node_idx ON sharding.dist_placement (node_id);
+CREATE SEQUENCE sharding.dist_placement_id_seq AS bigint OWNED BY sharding.dist_placement.placement_id;
+
+-- pg_dump of a coordinator keeps the catalog contents.
+SELECT pg_catalog.pg_extension_config_dump('sharding.dist_node', '');
+SELECT pg_catalog.pg_extension_config_dump('sharding.dist_colocation', '');
+SELECT pg_catalog.pg_extension_config_dump('sharding.dist_table', '');
+SELECT pg_catalog.pg_extension_config_dump('sharding.dist_shard', '');
+SELECT pg_catalog.pg_extension_config_dump('sharding.dist_placement', '');
+
+CREATE VIEW sharding.nodes AS
+    SELECT node_id, host, port, region, is_active
+    FROM sharding.dist_node
+    ORDER BY node_id;

@@ -1,0 +1,25 @@
+-- Runs after every function exists: cache invalidation triggers and privileges.
+
+-- Any change to a catalog table invalidates the backend-local metadata caches of every backend
+-- (sent through PostgreSQL's relcache invalidation, delivered at commit).
+CREATE TRIGGER dist_node_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON sharding.dist_node FOR EACH STATEMENT EXECUTE FUNCTION sharding.catalog_changed();
+CREATE TRIGGER dist_colocation_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON sharding.dist_colocation FOR EACH STATEMENT EXECUTE FUNCTION sharding.catalog_changed();
+CREATE TRIGGER dist_table_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON sharding.dist_table FOR EACH STATEMENT EXECUTE FUNCTION sharding.catalog_changed();
+CREATE TRIGGER dist_shard_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON sharding.dist_shard FOR EACH STATEMENT EXECUTE FUNCTION sharding.catalog_changed();
+CREATE TRIGGER dist_placement_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON sharding.dist_placement FOR EACH STATEMENT EXECUTE FUNCTION sharding.catalog_changed();
+
+REVOKE ALL ON ALL TABLES IN SCHEMA sharding FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA sharding FROM PUBLIC;
+GRANT USAGE ON SCHEMA sharding TO PUBLIC;
+GRANT SELECT ON sharding.dist_node, sharding.dist_colocation, sharding.dist_table,
+                sharding.dist_shard, sharding.dist_placement, sharding.nodes TO PUBLIC;
+
+-- Node management is for superusers (the functions check too).
+REVOKE ALL ON FUNCTION sharding.add_node(text, integer, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION sharding.remove_node(text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION sharding.catalog_changed() FROM PUBLIC;

@@ -1,0 +1,110 @@
+//! Backend-local cache of catalog metadata.
+//!
+//! Loaded through SPI on first use and kept until a catalog table changes. Changes are noticed
+//! through PostgreSQL's relcache invalidation: a statement trigger on each catalog table
+//! (`sharding.catalog_changed`) sends an invalidation for that table, which every backend
+//! receives at commit (and this backend at the next command, or again on abort), and the
+//! callback registered in `_PG_init` drops the cache.
+
+use std::cell::RefCell;
+use std::ffi::CString;
+use std::rc::Rc;
+
+use pgrx::prelude::*;
+
+use super::nodes::{self, Node};
+
+#[derive(Default)]
+struct MetadataCache {
+    /// OIDs of the catalog tables, resolved when the cache was filled.
+    catalog_oids: Vec<pg_sys::Oid>,
+    nodes: Option<Rc<Vec<Node>>>,
+    /// How many times the cache was filled: exposed for tests of the invalidation path.
+    loads: i64,
+}
+
+thread_local! {
+    // Backends are single-threaded; thread_local keeps this free of `static mut`.
+    static CACHE: RefCell<MetadataCache> = RefCell::new(MetadataCache::default());
+}
+
+/// Every registered node (active or not), from the cache.
+pub fn nodes() -> crate::error::Result<Rc<Vec<Node>>> {
+    if let Some(cached) = CACHE.with(|c| c.borrow().nodes.clone()) {
+        return Ok(cached);
+    }
+    let loaded = Rc::new(nodes::load_all()?);
+    let oids = catalog_oids();
+    CACHE.with(|c| {
+        let mut cache = c.borrow_mut();
+        cache.catalog_oids = oids;
+        cache.nodes = Some(loaded.clone());
+        cache.loads += 1;
+    });
+    Ok(loaded)
+}
+
+fn catalog_oids() -> Vec<pg_sys::Oid> {
+    let schema = CString::new(super::SCHEMA).expect("static name");
+    // SAFETY: plain syscache lookups with NUL-terminated names, inside a transaction.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return Vec::new();
+        }
+        super::CATALOG_TABLES
+            .iter()
+            .map(|table| {
+                let name = CString::new(*table).expect("static name");
+                pg_sys::get_relname_relid(name.as_ptr(), namespace)
+            })
+            .filter(|oid| *oid != pg_sys::InvalidOid)
+            .collect()
+    }
+}
+
+fn invalidate_all() {
+    CACHE.with(|c| {
+        if let Ok(mut cache) = c.try_borrow_mut() {
+            cache.nodes = None;
+        }
+    });
+}
+
+/// Relcache callback: `relid` is the invalidated relation, or InvalidOid for "everything".
+/// Must not access the catalog or raise errors: it only drops cached values.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let ours = CACHE.with(|c| match c.try_borrow() {
+        Ok(cache) => relid == pg_sys::InvalidOid || cache.catalog_oids.contains(&relid),
+        Err(_) => true,
+    });
+    if ours {
+        invalidate_all();
+    }
+}
+
+pub fn register_invalidation_callback() {
+    // SAFETY: called once from _PG_init; the callback is a plain function that lives forever.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
+    }
+}
+
+/// Statement trigger on every catalog table: broadcast a relcache invalidation for the table,
+/// which drops the metadata caches of all backends once this transaction commits.
+#[pg_trigger]
+fn catalog_changed<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    let relid = trigger.relid()?;
+    // SAFETY: relid is the trigger's own table, which exists for the whole statement.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    Ok(None)
+}
+
+/// How many times this backend filled its metadata cache (for tests of invalidation).
+#[pg_extern(volatile, parallel_unsafe)]
+fn metadata_cache_loads() -> i64 {
+    CACHE.with(|c| c.borrow().loads)
+}

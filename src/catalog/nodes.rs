@@ -1,0 +1,82 @@
+//! Rows of `sharding.dist_node` and the placement counts that guard node removal.
+//! Reads and writes go through SPI; hot paths use `cache::nodes()` instead.
+
+use pgrx::prelude::*;
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub node_id: i32,
+    pub host: String,
+    pub port: i32,
+    pub region: Option<String>,
+    pub is_active: bool,
+    pub system_identifier: Option<i64>,
+}
+
+const NODE_COLUMNS: &str = "node_id, host, port, region, is_active, system_identifier";
+
+fn node_from_row(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<Node> {
+    Ok(Node {
+        node_id: row.get::<i32>(1)?.unwrap_or_default(),
+        host: row.get::<String>(2)?.unwrap_or_default(),
+        port: row.get::<i32>(3)?.unwrap_or_default(),
+        region: row.get::<String>(4)?,
+        is_active: row.get::<bool>(5)?.unwrap_or(false),
+        system_identifier: row.get::<i64>(6)?,
+    })
+}
+
+/// Every registered node, ordered by node_id.
+pub fn load_all() -> Result<Vec<Node>> {
+    Spi::connect(|client| {
+        let query = format!("SELECT {NODE_COLUMNS} FROM sharding.dist_node ORDER BY node_id");
+        client.select(query.as_str(), None, &[])?.map(|row| node_from_row(&row)).collect()
+    })
+}
+
+pub fn find(host: &str, port: i32) -> Result<Option<Node>> {
+    Spi::connect(|client| {
+        let query =
+            format!("SELECT {NODE_COLUMNS} FROM sharding.dist_node WHERE host = $1 AND port = $2");
+        let mut rows = client.select(query.as_str(), Some(1), &[host.into(), port.into()])?;
+        rows.next().map(|row| node_from_row(&row)).transpose()
+    })
+}
+
+/// Serialises node changes: concurrent add_node/remove_node calls queue behind each other,
+/// while readers of the catalog are not blocked.
+pub fn lock_for_change() -> Result<()> {
+    Spi::run("LOCK TABLE sharding.dist_node IN SHARE ROW EXCLUSIVE MODE")?;
+    Ok(())
+}
+
+pub fn insert(
+    host: &str,
+    port: i32,
+    region: Option<&str>,
+    system_identifier: i64,
+) -> Result<i32> {
+    let node_id = Spi::get_one_with_args::<i32>(
+        "INSERT INTO sharding.dist_node (node_id, host, port, region, system_identifier)
+         VALUES (nextval('sharding.dist_node_id_seq'), $1, $2, $3, $4)
+         RETURNING node_id",
+        &[host.into(), port.into(), region.into(), system_identifier.into()],
+    )?;
+    node_id.ok_or_else(|| crate::error::ShardingError::internal("INSERT into dist_node returned no id"))
+}
+
+pub fn delete(node_id: i32) -> Result<()> {
+    Spi::run_with_args("DELETE FROM sharding.dist_node WHERE node_id = $1", &[node_id.into()])?;
+    Ok(())
+}
+
+/// Number of shard placements (in any state) recorded on a node.
+pub fn placement_count(node_id: i32) -> Result<i64> {
+    let count = Spi::get_one_with_args::<i64>(
+        "SELECT count(*) FROM sharding.dist_placement WHERE node_id = $1",
+        &[node_id.into()],
+    )?;
+    Ok(count.unwrap_or(0))
+}

@@ -1,0 +1,204 @@
+//! A small safe wrapper over libpq (pq-sys): connect, run a statement with text parameters,
+//! copy the result out. Every `unsafe` FFI call of this crate into libpq is in this file.
+//!
+//! Calls are blocking but bounded by `connect_timeout`; the executor will use libpq's
+//! non-blocking interface for parallel work.
+
+use std::ffi::{CStr, CString};
+use std::os::raw::c_char;
+use std::ptr::NonNull;
+
+use pq_sys as pq;
+
+pub struct ConnectParams<'a> {
+    pub host: &'a str,
+    pub port: i32,
+    pub dbname: &'a str,
+    pub user: &'a str,
+    pub connect_timeout_s: i32,
+}
+
+/// An error reported by libpq or by the remote server (with its SQLSTATE when it sent one).
+#[derive(Debug, Clone)]
+pub struct RemoteError {
+    pub sqlstate: Option<String>,
+    pub message: String,
+}
+
+impl RemoteError {
+    fn local(message: impl Into<String>) -> Self {
+        Self { sqlstate: None, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.sqlstate {
+            Some(code) => write!(f, "{} (SQLSTATE {code})", self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// Rows of a result, copied out of libpq as text.
+#[derive(Debug, Default)]
+pub struct RemoteRows {
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+impl RemoteRows {
+    /// The value at (row, column), `None` for NULL or out of range.
+    pub fn value(&self, row: usize, column: usize) -> Option<&str> {
+        self.rows.get(row)?.get(column)?.as_deref()
+    }
+}
+
+pub struct RemoteConnection {
+    conn: NonNull<pq::PGconn>,
+}
+
+fn cstring(value: &str) -> Result<CString, RemoteError> {
+    CString::new(value).map_err(|_| RemoteError::local(format!("value contains a NUL byte: {value:?}")))
+}
+
+/// Copies a libpq-owned C string (may be NULL) into a trimmed Rust string.
+///
+/// SAFETY: `ptr` must be NULL or point to a NUL-terminated string valid for this call.
+unsafe fn owned_text(ptr: *const c_char) -> String {
+    if ptr.is_null() {
+        return String::new();
+    }
+    CStr::from_ptr(ptr).to_string_lossy().trim_end().to_string()
+}
+
+impl RemoteConnection {
+    pub fn connect(params: &ConnectParams<'_>) -> Result<Self, RemoteError> {
+        // Keyword/value arrays: no conninfo string is ever assembled, so nothing needs quoting.
+        let pairs = [
+            ("host", params.host.to_string()),
+            ("port", params.port.to_string()),
+            ("dbname", params.dbname.to_string()),
+            ("user", params.user.to_string()),
+            ("connect_timeout", params.connect_timeout_s.max(1).to_string()),
+            ("application_name", "pg_sharding".to_string()),
+            ("client_encoding", "UTF8".to_string()),
+        ];
+        let keywords: Vec<CString> =
+            pairs.iter().map(|(k, _)| cstring(k)).collect::<Result<_, _>>()?;
+        let values: Vec<CString> =
+            pairs.iter().map(|(_, v)| cstring(v)).collect::<Result<_, _>>()?;
+        let mut keyword_ptrs: Vec<*const c_char> = keywords.iter().map(|k| k.as_ptr()).collect();
+        let mut value_ptrs: Vec<*const c_char> = values.iter().map(|v| v.as_ptr()).collect();
+        keyword_ptrs.push(std::ptr::null());
+        value_ptrs.push(std::ptr::null());
+
+        // SAFETY: both arrays are NULL-terminated and outlive the call; expand_dbname = 0 keeps
+        // dbname from being parsed as a connection string.
+        let raw = unsafe { pq::PQconnectdbParams(keyword_ptrs.as_ptr(), value_ptrs.as_ptr(), 0) };
+        let conn = NonNull::new(raw)
+            .ok_or_else(|| RemoteError::local("libpq could not allocate a connection"))?;
+        let connection = RemoteConnection { conn };
+        // SAFETY: conn is a valid PGconn until Drop.
+        let status = unsafe { pq::PQstatus(connection.conn.as_ptr()) };
+        if status != pq::ConnStatusType::CONNECTION_OK {
+            return Err(RemoteError::local(connection.last_error()));
+        }
+        Ok(connection)
+    }
+
+    fn last_error(&self) -> String {
+        // SAFETY: conn is valid; the message is owned by the connection and copied at once.
+        unsafe { owned_text(pq::PQerrorMessage(self.conn.as_ptr())) }
+    }
+
+    /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).
+    pub fn query(&self, sql: &str, params: &[Option<&str>]) -> Result<RemoteRows, RemoteError> {
+        let sql = cstring(sql)?;
+        let owned: Vec<Option<CString>> = params
+            .iter()
+            .map(|p| p.map(cstring).transpose())
+            .collect::<Result<_, _>>()?;
+        let value_ptrs: Vec<*const c_char> = owned
+            .iter()
+            .map(|p| p.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
+            .collect();
+        let count = i32::try_from(value_ptrs.len())
+            .map_err(|_| RemoteError::local("too many query parameters"))?;
+
+        // SAFETY: all pointers are valid for the call; NULL types/lengths/formats mean
+        // "infer types, text format"; the result is cleared by ResultGuard.
+        let result = unsafe {
+            pq::PQexecParams(
+                self.conn.as_ptr(),
+                sql.as_ptr(),
+                count,
+                std::ptr::null(),
+                value_ptrs.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            )
+        };
+        let Some(result) = NonNull::new(result) else {
+            return Err(RemoteError::local(self.last_error()));
+        };
+        let guard = ResultGuard(result);
+        guard.rows()
+    }
+}
+
+impl Drop for RemoteConnection {
+    fn drop(&mut self) {
+        // SAFETY: conn came from PQconnectdbParams and is finished exactly once.
+        unsafe { pq::PQfinish(self.conn.as_ptr()) }
+    }
+}
+
+struct ResultGuard(NonNull<pq::PGresult>);
+
+impl ResultGuard {
+    fn rows(&self) -> Result<RemoteRows, RemoteError> {
+        let res = self.0.as_ptr();
+        // SAFETY: res is a valid PGresult until Drop; every returned pointer is copied at once.
+        unsafe {
+            match pq::PQresultStatus(res) {
+                pq::ExecStatusType::PGRES_TUPLES_OK | pq::ExecStatusType::PGRES_COMMAND_OK => {}
+                _ => {
+                    let sqlstate =
+                        pq::PQresultErrorField(res, pq::PG_DIAG_SQLSTATE as i32);
+                    let sqlstate = (!sqlstate.is_null()).then(|| owned_text(sqlstate));
+                    let message = owned_text(pq::PQresultErrorField(
+                        res,
+                        pq::PG_DIAG_MESSAGE_PRIMARY as i32,
+                    ));
+                    let message =
+                        if message.is_empty() { owned_text(pq::PQresultErrorMessage(res)) } else { message };
+                    return Err(RemoteError { sqlstate, message });
+                }
+            }
+            let nrows = pq::PQntuples(res).max(0);
+            let ncols = pq::PQnfields(res).max(0);
+            let mut rows = Vec::with_capacity(nrows as usize);
+            for r in 0..nrows {
+                let mut row = Vec::with_capacity(ncols as usize);
+                for c in 0..ncols {
+                    if pq::PQgetisnull(res, r, c) == 1 {
+                        row.push(None);
+                    } else {
+                        let value = CStr::from_ptr(pq::PQgetvalue(res, r, c));
+                        row.push(Some(value.to_string_lossy().into_owned()));
+                    }
+                }
+                rows.push(row);
+            }
+            Ok(RemoteRows { rows })
+        }
+    }
+}
+
+impl Drop for ResultGuard {
+    fn drop(&mut self) {
+        // SAFETY: the result is cleared exactly once.
+        unsafe { pq::PQclear(self.0.as_ptr()) }
+    }
+}

@@ -1,0 +1,40 @@
+//! Connections from this backend to worker nodes. Only this folder (and later the executor)
+//! calls libpq.
+
+mod libpq;
+
+pub use libpq::{ConnectParams, RemoteConnection};
+
+use crate::error::ShardingError;
+use pgrx::PgSqlErrorCode;
+
+/// The database and role a backend uses on the workers: the same as on the coordinator.
+pub fn session_identity() -> crate::error::Result<(String, String)> {
+    let (db, user) =
+        pgrx::Spi::get_two::<String, String>("SELECT pg_catalog.current_database()::text, current_user::text")?;
+    match (db, user) {
+        (Some(db), Some(user)) => Ok((db, user)),
+        _ => Err(ShardingError::internal("could not determine the current database and user")),
+    }
+}
+
+/// Opens a connection to `host:port` as the current user and database, or fails with
+/// SQLSTATE 08001 and libpq's own message.
+pub fn connect_to_node(host: &str, port: i32) -> crate::error::Result<RemoteConnection> {
+    let (dbname, user) = session_identity()?;
+    let params = ConnectParams {
+        host,
+        port,
+        dbname: &dbname,
+        user: &user,
+        connect_timeout_s: crate::guc::NODE_CONNECT_TIMEOUT.get(),
+    };
+    RemoteConnection::connect(&params).map_err(|error| {
+        ShardingError::new(
+            PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            format!("could not connect to node {host}:{port}"),
+        )
+        .detail(error.message)
+        .hint("Check that the server is running, listens on that address and accepts this user (pg_hba.conf).")
+    })
+}

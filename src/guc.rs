@@ -1,0 +1,35 @@
+//! Settings of pg_sharding (all under the reserved `sharding.` prefix).
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// Seconds to wait for a worker connection to be established.
+pub static NODE_CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5);
+
+/// Default number of shards for new hash-distributed tables.
+pub static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
+
+pub fn define() {
+    GucRegistry::define_int_guc(
+        c"sharding.node_connect_timeout",
+        c"Seconds to wait when connecting to a worker node.",
+        c"Applies to node management, health checks and query execution. Minimum 1.",
+        &NODE_CONNECT_TIMEOUT,
+        1,
+        3600,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"sharding.shard_count",
+        c"Default number of shards of a new hash-distributed table.",
+        c"Used by create_distributed_table when shard_count is not given.",
+        &SHARD_COUNT,
+        1,
+        64000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    // Reserve the prefix: a typo such as `sharding.shardcount` is then reported, not ignored.
+    // SAFETY: plain C call with a static NUL-terminated string, during _PG_init.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"sharding".as_ptr()) };
+}
