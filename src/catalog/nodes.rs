@@ -58,12 +58,20 @@ pub fn insert(
     region: Option<&str>,
     system_identifier: i64,
 ) -> Result<i32> {
-    let node_id = Spi::get_one_with_args::<i32>(
-        "INSERT INTO sharding.dist_node (node_id, host, port, region, system_identifier)
-         VALUES (nextval('sharding.dist_node_id_seq'), $1, $2, $3, $4)
-         RETURNING node_id",
-        &[host.into(), port.into(), region.into(), system_identifier.into()],
-    )?;
+    // No row limit here: with a limit, the executor stops at the first RETURNING row and the
+    // AFTER STATEMENT trigger that invalidates every backend's cache never fires.
+    let node_id = Spi::connect_mut(|client| {
+        client
+            .update(
+                "INSERT INTO sharding.dist_node (node_id, host, port, region, system_identifier)
+                 VALUES (nextval('sharding.dist_node_id_seq'), $1, $2, $3, $4)
+                 RETURNING node_id",
+                None,
+                &[host.into(), port.into(), region.into(), system_identifier.into()],
+            )?
+            .first()
+            .get_one::<i32>()
+    })?;
     node_id.ok_or_else(|| crate::error::ShardingError::internal("INSERT into dist_node returned no id"))
 }
 
