@@ -4,6 +4,7 @@
 #
 #   scripts/cluster.sh start   [--port P] [--workers N] [--dir D] [--db NAME] [--set name=value ...]
 #   scripts/cluster.sh stop    [--dir D]
+#   scripts/cluster.sh restart [--dir D]     (stop, then start: servers load a newly installed build)
 #   scripts/cluster.sh status  [--dir D]
 #   scripts/cluster.sh destroy [--dir D]
 #   scripts/cluster.sh node-stop  NODE [--mode fast|immediate] [--dir D]   (NODE: coordinator, worker1, ...)
@@ -23,7 +24,7 @@ HOST=127.0.0.1
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -250,6 +251,7 @@ cmd_destroy() {
 case "$command" in
     start) cmd_start ;;
     stop) cmd_stop ;;
+    restart) cmd_stop; cmd_start ;;
     status) cmd_status ;;
     destroy) cmd_destroy ;;
     node-stop) load_state || die "no cluster in $dir"; node_port "$node_arg" >/dev/null; stop_node "$node_arg" "$mode" ;;

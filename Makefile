@@ -1,0 +1,34 @@
+# pg_sharding: see README.md. Every target installs what it needs first (scripts/setup.sh).
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+export PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+DEMO_DIR ?= /tmp/pg_sharding/cluster
+DEMO_PORT ?= 9700
+export DEMO_DIR DEMO_PORT
+
+.PHONY: setup install demo demo-stop test unit clean
+
+setup:
+	@bash scripts/setup.sh
+
+## Build in release mode and install into the system PostgreSQL 15 (running servers keep working).
+install: setup
+	@bash scripts/install.sh release
+
+## A local cluster: coordinator on 127.0.0.1:$(DEMO_PORT), two workers on the next ports.
+demo: install
+	@bash scripts/demo.sh
+
+demo-stop:
+	@bash scripts/cluster.sh stop --dir $(DEMO_DIR)
+
+## Every test tier (unit, in-database, multi-node), ending with a summary line.
+test: setup
+	@bash scripts/test.sh
+
+## Only the pure-logic unit tests (milliseconds, no PostgreSQL needed).
+unit:
+	cargo test -p sharding_core
+
+clean:
+	cargo clean
