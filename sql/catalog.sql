@@ -25,10 +25,11 @@ CREATE SEQUENCE sharding.dist_colocation_id_seq AS integer OWNED BY sharding.dis
 CREATE TABLE sharding.dist_table (
     logicalrelid         regclass PRIMARY KEY,
     method               text NOT NULL CHECK (method IN ('hash', 'reference', 'range', 'list')),
-    distribution_column  name,
+    -- attnum of the distribution column (stable across RENAME COLUMN); NULL for reference tables
+    distribution_attnum  smallint,
     colocation_id        integer REFERENCES sharding.dist_colocation (colocation_id),
     replication_factor   integer NOT NULL DEFAULT 1 CHECK (replication_factor > 0),
-    CHECK ((method = 'reference') = (distribution_column IS NULL))
+    CHECK ((method = 'reference') = (distribution_attnum IS NULL))
 );
 
 -- One row per shard. Hash shards own [min_hash, max_hash]; range/list shards use the text bounds.
@@ -66,3 +67,16 @@ CREATE VIEW sharding.nodes AS
     SELECT node_id, host, port, region, is_active
     FROM sharding.dist_node
     ORDER BY node_id;
+
+CREATE VIEW sharding.tables AS
+    SELECT t.logicalrelid AS table_name,
+           t.method,
+           a.attname AS distribution_column,
+           pg_catalog.format_type(a.atttypid, a.atttypmod) AS column_type,
+           t.colocation_id,
+           (SELECT count(*) FROM sharding.dist_shard s WHERE s.logicalrelid = t.logicalrelid) AS shard_count,
+           t.replication_factor
+      FROM sharding.dist_table t
+      LEFT JOIN pg_catalog.pg_attribute a
+             ON a.attrelid = t.logicalrelid AND a.attnum = t.distribution_attnum
+     ORDER BY t.logicalrelid::text;

@@ -23,3 +23,15 @@ GRANT SELECT ON sharding.dist_node, sharding.dist_colocation, sharding.dist_tabl
 REVOKE ALL ON FUNCTION sharding.add_node(text, integer, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION sharding.remove_node(text, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION sharding.catalog_changed() FROM PUBLIC;
+
+-- Shards and where they live; size_bytes is asked from the nodes (NULL when unreachable).
+-- A reference table's coordinator copy is the local table itself and is not listed here.
+CREATE VIEW sharding.shards AS
+    SELECT s.logicalrelid AS table_name, s.shard_id, s.shard_index, s.min_hash, s.max_hash,
+           p.node_id, n.host, n.port, p.state, z.size_bytes
+      FROM sharding.dist_shard s
+      JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+      JOIN sharding.dist_node n ON n.node_id = p.node_id
+      LEFT JOIN sharding.shard_sizes() z ON z.shard_id = s.shard_id AND z.node_id = p.node_id
+     ORDER BY s.logicalrelid::text, s.shard_index, p.node_id;
+GRANT SELECT ON sharding.tables, sharding.shards TO PUBLIC;

@@ -8,8 +8,12 @@ use pgrx::prelude::*;
 mod catalog;
 mod commands;
 mod connection;
+mod copy;
+mod deparse;
 mod error;
 mod guc;
+mod routing;
+mod transaction;
 
 pgrx::pg_module_magic!(name, version);
 
@@ -38,6 +42,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     guc::define();
     catalog::cache::register_invalidation_callback();
+    transaction::remote::register_callbacks();
 }
 
 // The in-database test tier lives in pgrx-tests/ at the top of the repository.

@@ -13,12 +13,16 @@ use std::rc::Rc;
 use pgrx::prelude::*;
 
 use super::nodes::{self, Node};
+use super::tables::{self, DistributedTable};
 
 #[derive(Default)]
 struct MetadataCache {
     /// OIDs of the catalog tables, resolved when the cache was filled.
     catalog_oids: Vec<pg_sys::Oid>,
     nodes: Option<Rc<Vec<Node>>>,
+    /// Per relation: its distribution metadata, or `None` for "not distributed" (cached too,
+    /// since every table a query touches is looked up).
+    tables: std::collections::HashMap<pg_sys::Oid, Option<Rc<DistributedTable>>>,
     /// How many times the cache was filled: exposed for tests of the invalidation path.
     loads: i64,
 }
@@ -26,10 +30,25 @@ struct MetadataCache {
 thread_local! {
     // Backends are single-threaded; thread_local keeps this free of `static mut`.
     static CACHE: RefCell<MetadataCache> = RefCell::new(MetadataCache::default());
+    /// Set by the invalidation callback (which must not touch the cache itself: it may run in
+    /// the middle of a load); readers drop the cache before using it. An invalidation arriving
+    /// during a load leaves the flag set, so that load's result is dropped at the next read.
+    static STALE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn drop_if_stale() {
+    if STALE.with(|s| s.replace(false)) {
+        CACHE.with(|c| {
+            let mut cache = c.borrow_mut();
+            cache.nodes = None;
+            cache.tables.clear();
+        });
+    }
 }
 
 /// Every registered node (active or not), from the cache.
 pub fn nodes() -> crate::error::Result<Rc<Vec<Node>>> {
+    drop_if_stale();
     if let Some(cached) = CACHE.with(|c| c.borrow().nodes.clone()) {
         return Ok(cached);
     }
@@ -39,6 +58,23 @@ pub fn nodes() -> crate::error::Result<Rc<Vec<Node>>> {
         let mut cache = c.borrow_mut();
         cache.catalog_oids = oids;
         cache.nodes = Some(loaded.clone());
+        cache.loads += 1;
+    });
+    Ok(loaded)
+}
+
+/// Distribution metadata of `relid`, `None` when it is not a distributed or reference table.
+pub fn table(relid: pg_sys::Oid) -> crate::error::Result<Option<Rc<DistributedTable>>> {
+    drop_if_stale();
+    if let Some(cached) = CACHE.with(|c| c.borrow().tables.get(&relid).cloned()) {
+        return Ok(cached);
+    }
+    let loaded = tables::load(relid)?.map(Rc::new);
+    let oids = catalog_oids();
+    CACHE.with(|c| {
+        let mut cache = c.borrow_mut();
+        cache.catalog_oids = oids;
+        cache.tables.insert(relid, loaded.clone());
         cache.loads += 1;
     });
     Ok(loaded)
@@ -63,14 +99,6 @@ fn catalog_oids() -> Vec<pg_sys::Oid> {
     }
 }
 
-fn invalidate_all() {
-    CACHE.with(|c| {
-        if let Ok(mut cache) = c.try_borrow_mut() {
-            cache.nodes = None;
-        }
-    });
-}
-
 /// Relcache callback: `relid` is the invalidated relation, or InvalidOid for "everything".
 /// Must not access the catalog or raise errors: it only drops cached values.
 #[pg_guard]
@@ -80,7 +108,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
         Err(_) => true,
     });
     if ours {
-        invalidate_all();
+        STALE.with(|s| s.set(true));
     }
 }
 

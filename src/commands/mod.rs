@@ -1,6 +1,7 @@
 //! SQL-callable functions. Each one validates its input, checks privileges, and turns the
 //! typed errors of the layers below into PostgreSQL errors at this boundary.
 
+pub mod distribute;
 pub mod node;
 
 use crate::error::{Result, ShardingError};

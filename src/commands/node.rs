@@ -244,7 +244,7 @@ fn node_health() -> TableIterator<
 > {
     let registered = cache::nodes().or_raise();
     let coordinator_version = Spi::get_one::<String>(
-        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_sharding'",
+        "SELECT (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_sharding')",
     )
     .map_err(ShardingError::from)
     .or_raise();

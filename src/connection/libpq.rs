@@ -16,6 +16,8 @@ pub struct ConnectParams<'a> {
     pub dbname: &'a str,
     pub user: &'a str,
     pub connect_timeout_s: i32,
+    /// The coordinator database's encoding, so text crosses unchanged.
+    pub client_encoding: &'a str,
 }
 
 /// An error reported by libpq or by the remote server (with its SQLSTATE when it sent one).
@@ -81,7 +83,7 @@ impl RemoteConnection {
             ("user", params.user.to_string()),
             ("connect_timeout", params.connect_timeout_s.max(1).to_string()),
             ("application_name", "pg_sharding".to_string()),
-            ("client_encoding", "UTF8".to_string()),
+            ("client_encoding", params.client_encoding.to_string()),
         ];
         let keywords: Vec<CString> =
             pairs.iter().map(|(k, _)| cstring(k)).collect::<Result<_, _>>()?;
@@ -109,6 +111,85 @@ impl RemoteConnection {
     fn last_error(&self) -> String {
         // SAFETY: conn is valid; the message is owned by the connection and copied at once.
         unsafe { owned_text(pq::PQerrorMessage(self.conn.as_ptr())) }
+    }
+
+    /// True while the connection is usable (not broken by a server crash or network error).
+    pub fn is_ok(&self) -> bool {
+        // SAFETY: conn is valid until Drop.
+        unsafe { pq::PQstatus(self.conn.as_ptr()) == pq::ConnStatusType::CONNECTION_OK }
+    }
+
+    /// Runs one or more statements given as text (simple query protocol), no parameters.
+    /// Fails with the first error; results of the last statement are returned.
+    pub fn exec(&self, sql: &str) -> Result<RemoteRows, RemoteError> {
+        let sql = cstring(sql)?;
+        // SAFETY: valid connection and NUL-terminated text; results are drained and cleared.
+        unsafe {
+            if pq::PQsendQuery(self.conn.as_ptr(), sql.as_ptr()) != 1 {
+                return Err(RemoteError::local(self.last_error()));
+            }
+        }
+        self.drain_results()
+    }
+
+    /// Reads every pending result; the first error wins, the last rows are returned.
+    fn drain_results(&self) -> Result<RemoteRows, RemoteError> {
+        let mut outcome: Result<RemoteRows, RemoteError> = Ok(RemoteRows::default());
+        loop {
+            // SAFETY: valid connection; each result is owned by a guard and cleared.
+            let result = unsafe { pq::PQgetResult(self.conn.as_ptr()) };
+            let Some(result) = NonNull::new(result) else { break };
+            let guard = ResultGuard(result);
+            let rows = guard.rows();
+            if outcome.is_ok() {
+                outcome = rows;
+            }
+        }
+        if outcome.is_ok() && !self.is_ok() {
+            return Err(RemoteError::local(self.last_error()));
+        }
+        outcome
+    }
+
+    /// Starts `COPY ... FROM STDIN`; rows are then sent with `copy_data` and closed with `copy_end`.
+    pub fn copy_start(&self, sql: &str) -> Result<(), RemoteError> {
+        let sql = cstring(sql)?;
+        // SAFETY: valid connection; the single result is cleared by the guard.
+        unsafe {
+            let result = pq::PQexec(self.conn.as_ptr(), sql.as_ptr());
+            let Some(result) = NonNull::new(result) else {
+                return Err(RemoteError::local(self.last_error()));
+            };
+            let guard = ResultGuard(result);
+            if pq::PQresultStatus(guard.0.as_ptr()) == pq::ExecStatusType::PGRES_COPY_IN {
+                return Ok(());
+            }
+            guard.rows().map(|_| ()).and(Err(RemoteError::local("the node did not enter COPY mode")))
+        }
+    }
+
+    /// Sends COPY data (any number of whole or partial rows).
+    pub fn copy_data(&self, data: &[u8]) -> Result<(), RemoteError> {
+        let length = i32::try_from(data.len()).map_err(|_| RemoteError::local("COPY chunk too large"))?;
+        // SAFETY: valid connection in COPY IN state; libpq copies the buffer before returning.
+        let sent = unsafe { pq::PQputCopyData(self.conn.as_ptr(), data.as_ptr().cast(), length) };
+        if sent == 1 {
+            Ok(())
+        } else {
+            Err(RemoteError::local(self.last_error()))
+        }
+    }
+
+    /// Ends COPY (or aborts it with `error`), and returns the command's outcome.
+    pub fn copy_end(&self, error: Option<&str>) -> Result<RemoteRows, RemoteError> {
+        let message = error.map(cstring).transpose()?;
+        let message_ptr = message.as_ref().map_or(std::ptr::null(), |m| m.as_ptr());
+        // SAFETY: valid connection in COPY IN state; message is NULL or NUL-terminated.
+        let ended = unsafe { pq::PQputCopyEnd(self.conn.as_ptr(), message_ptr) };
+        if ended != 1 {
+            return Err(RemoteError::local(self.last_error()));
+        }
+        self.drain_results()
     }
 
     /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).

@@ -3,7 +3,7 @@
 
 mod libpq;
 
-pub use libpq::{ConnectParams, RemoteConnection};
+pub use libpq::{ConnectParams, RemoteConnection, RemoteError, RemoteRows};
 
 use crate::error::ShardingError;
 use pgrx::PgSqlErrorCode;
@@ -18,6 +18,14 @@ pub fn session_identity() -> crate::error::Result<(String, String)> {
     }
 }
 
+/// The name of this database's encoding (for example UTF8), used as the workers' client encoding.
+fn database_encoding() -> String {
+    // SAFETY: returns a pointer to a static encoding name.
+    unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::GetDatabaseEncodingName()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Opens a connection to `host:port` as the current user and database, or fails with
 /// SQLSTATE 08001 and libpq's own message.
 pub fn connect_to_node(host: &str, port: i32) -> crate::error::Result<RemoteConnection> {
@@ -28,6 +36,7 @@ pub fn connect_to_node(host: &str, port: i32) -> crate::error::Result<RemoteConn
         dbname: &dbname,
         user: &user,
         connect_timeout_s: crate::guc::NODE_CONNECT_TIMEOUT.get(),
+        client_encoding: &database_encoding(),
     };
     RemoteConnection::connect(&params).map_err(|error| {
         ShardingError::new(

@@ -2,5 +2,7 @@
 //! Everything here is unit-tested with `cargo test -p sharding_core` in milliseconds;
 //! the extension crate only feeds it facts read from catalogs and remote nodes.
 
+pub mod copy_text;
+pub mod hash;
 pub mod interval;
 pub mod node_check;

@@ -1,0 +1,3 @@
+//! COPY between the coordinator and shards.
+
+pub mod shard_writer;

@@ -1,0 +1,265 @@
+//! A table's definition read from the catalog, and the DDL that recreates it as a shard.
+//!
+//! Every expression comes from PostgreSQL's ruleutils (format_type, pg_get_expr,
+//! pg_get_constraintdef, pg_get_indexdef per column) and every name from quote_ident, so the
+//! shard DDL is assembled from deparsed pieces, never by editing SQL text.
+
+use pgrx::prelude::*;
+
+use super::quote;
+use crate::error::{Result, ShardingError};
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub attnum: i16,
+    pub name: String,
+    pub type_sql: String,
+    pub type_oid: pg_sys::Oid,
+    pub not_null: bool,
+    pub collation_sql: Option<String>,
+    /// The default as ruleutils prints it; `None` when there is none or it can only be
+    /// evaluated on the coordinator (it uses a sequence or another relation, or is an identity).
+    pub shard_default: Option<String>,
+    /// True when the coordinator must compute this column's value (sequence default, identity).
+    pub coordinator_default: bool,
+    pub generated_sql: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Constraint {
+    pub name: String,
+    /// 'c' check, 'p' primary key, 'u' unique, 'x' exclusion, 'f' foreign key, 't' trigger
+    pub kind: char,
+    pub definition: String,
+    pub columns: Vec<i16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Index {
+    pub name: String,
+    pub unique: bool,
+    pub nulls_not_distinct: bool,
+    pub method: String,
+    pub key_count: usize,
+    /// Key columns (rendered with opclass, collation and ordering) followed by INCLUDE columns.
+    pub elements: Vec<String>,
+    pub predicate: Option<String>,
+    pub columns: Vec<i16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TableDefinition {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<Column>,
+    pub constraints: Vec<Constraint>,
+    pub indexes: Vec<Index>,
+}
+
+const COLUMNS_QUERY: &str = "
+SELECT a.attnum, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       a.atttypid,
+       CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation THEN
+           (SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.collname)
+              FROM pg_catalog.pg_collation c JOIN pg_catalog.pg_namespace n ON n.oid = c.collnamespace
+             WHERE c.oid = a.attcollation) END,
+       pg_catalog.pg_get_expr(d.adbin, d.adrelid),
+       a.attgenerated::text, a.attidentity::text,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_depend dep
+                WHERE dep.classid = 'pg_catalog.pg_attrdef'::regclass AND dep.objid = d.oid
+                  AND dep.refclassid = 'pg_catalog.pg_class'::regclass
+                  AND dep.refobjid <> a.attrelid)
+  FROM pg_catalog.pg_attribute a
+  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+  LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+ WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum";
+
+const CONSTRAINTS_QUERY: &str = "
+SELECT c.conname::text, c.contype::text, pg_catalog.pg_get_constraintdef(c.oid, false),
+       COALESCE(c.conkey, '{}')::int2[]
+  FROM pg_catalog.pg_constraint c
+ WHERE c.conrelid = $1
+ ORDER BY c.contype, c.conname";
+
+const INDEXES_QUERY: &str = "
+SELECT ic.relname::text, i.indisunique, i.indnullsnotdistinct, am.amname::text,
+       i.indnkeyatts::int4, i.indkey::int2[], i.indoption::int2[],
+       pg_catalog.pg_get_expr(i.indpred, i.indrelid),
+       ARRAY(SELECT pg_catalog.pg_get_indexdef(i.indexrelid, k, false)
+               FROM generate_series(1, i.indnatts) k ORDER BY k),
+       ARRAY(SELECT COALESCE((SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(oc.opcname)
+                                FROM pg_catalog.pg_opclass oc JOIN pg_catalog.pg_namespace n ON n.oid = oc.opcnamespace
+                               WHERE oc.oid = u.opc), '')
+               FROM unnest(i.indclass::oid[]) WITH ORDINALITY u(opc, ord) ORDER BY ord),
+       ARRAY(SELECT COALESCE((SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(co.collname)
+                                FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace n ON n.oid = co.collnamespace
+                               WHERE co.oid = u.coll), '')
+               FROM unnest(i.indcollation::oid[]) WITH ORDINALITY u(coll, ord) ORDER BY ord)
+  FROM pg_catalog.pg_index i
+  JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+  JOIN pg_catalog.pg_am am ON am.oid = ic.relam
+ WHERE i.indrelid = $1
+   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c WHERE c.conindid = i.indexrelid AND c.conrelid = i.indrelid)
+ ORDER BY ic.relname";
+
+/// Reads the definition of `relid` from the catalog.
+pub fn read(relid: pg_sys::Oid) -> Result<TableDefinition> {
+    let (schema, name) = Spi::get_two_with_args::<String, String>(
+        "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        &[relid.into()],
+    )?;
+    let (Some(schema), Some(name)) = (schema, name) else {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("relation with OID {} does not exist", relid.to_u32()),
+        ));
+    };
+    Spi::connect(|client| {
+        let mut columns = Vec::new();
+        for row in client.select(COLUMNS_QUERY, None, &[relid.into()])? {
+            let default: Option<String> = row.get(7)?;
+            let generated = row.get::<String>(8)?.unwrap_or_default();
+            let identity = row.get::<String>(9)?.unwrap_or_default();
+            let uses_relation = row.get::<bool>(10)?.unwrap_or(false);
+            let is_generated = generated == "s";
+            let coordinator_default = !identity.is_empty() || (default.is_some() && uses_relation && !is_generated);
+            columns.push(Column {
+                attnum: row.get::<i16>(1)?.unwrap_or_default(),
+                name: row.get::<String>(2)?.unwrap_or_default(),
+                type_sql: row.get::<String>(3)?.unwrap_or_default(),
+                not_null: row.get::<bool>(4)?.unwrap_or(false),
+                type_oid: row.get::<pg_sys::Oid>(5)?.unwrap_or(pg_sys::InvalidOid),
+                collation_sql: row.get::<String>(6)?,
+                shard_default: if is_generated || coordinator_default { None } else { default.clone() },
+                coordinator_default,
+                generated_sql: if is_generated { default } else { None },
+            });
+        }
+        let mut constraints = Vec::new();
+        for row in client.select(CONSTRAINTS_QUERY, None, &[relid.into()])? {
+            constraints.push(Constraint {
+                name: row.get::<String>(1)?.unwrap_or_default(),
+                kind: row.get::<String>(2)?.unwrap_or_default().chars().next().unwrap_or('?'),
+                definition: row.get::<String>(3)?.unwrap_or_default(),
+                columns: row.get::<Vec<i16>>(4)?.unwrap_or_default(),
+            });
+        }
+        let mut indexes = Vec::new();
+        for row in client.select(INDEXES_QUERY, None, &[relid.into()])? {
+            let key_count = row.get::<i32>(5)?.unwrap_or_default().max(0) as usize;
+            let keys = row.get::<Vec<i16>>(6)?.unwrap_or_default();
+            let options = row.get::<Vec<i16>>(7)?.unwrap_or_default();
+            let definitions = row.get::<Vec<String>>(9)?.unwrap_or_default();
+            let opclasses = row.get::<Vec<String>>(10)?.unwrap_or_default();
+            let collations = row.get::<Vec<String>>(11)?.unwrap_or_default();
+            let elements = definitions
+                .iter()
+                .enumerate()
+                .map(|(i, definition)| {
+                    let is_expression = keys.get(i).copied().unwrap_or(0) == 0;
+                    let mut element =
+                        if is_expression { format!("({definition})") } else { definition.clone() };
+                    if i < key_count {
+                        if let Some(collation) = collations.get(i).filter(|c| !c.is_empty()) {
+                            element.push_str(&format!(" COLLATE {collation}"));
+                        }
+                        if let Some(opclass) = opclasses.get(i).filter(|c| !c.is_empty()) {
+                            element.push_str(&format!(" {opclass}"));
+                        }
+                        let option = options.get(i).copied().unwrap_or(0);
+                        element.push_str(if option & 1 != 0 { " DESC" } else { " ASC" });
+                        element.push_str(if option & 2 != 0 { " NULLS FIRST" } else { " NULLS LAST" });
+                    }
+                    element
+                })
+                .collect();
+            indexes.push(Index {
+                name: row.get::<String>(1)?.unwrap_or_default(),
+                unique: row.get::<bool>(2)?.unwrap_or(false),
+                nulls_not_distinct: row.get::<bool>(3)?.unwrap_or(false),
+                method: row.get::<String>(4)?.unwrap_or_default(),
+                key_count,
+                elements,
+                predicate: row.get::<String>(8)?,
+                columns: keys,
+            });
+        }
+        Ok(TableDefinition { schema, name, columns, constraints, indexes })
+    })
+}
+
+/// Name of a shard-local object: `<name>_<shard id>`, shortened so it fits in NAMEDATALEN-1
+/// bytes (cut on a character boundary) while the shard id suffix always survives.
+pub fn shard_object_name(name: &str, shard_id: i64) -> String {
+    let suffix = format!("_{shard_id}");
+    let limit = (pg_sys::NAMEDATALEN as usize - 1).saturating_sub(suffix.len());
+    let mut cut = name.len().min(limit);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &name[..cut])
+}
+
+impl TableDefinition {
+    /// Statements creating this table as shard `shard_id` (the schema must exist).
+    pub fn shard_ddl(&self, shard_id: i64) -> Vec<String> {
+        let shard = quote::qualified(&self.schema, &shard_object_name(&self.name, shard_id));
+        let mut elements: Vec<String> = self
+            .columns
+            .iter()
+            .map(|column| {
+                let mut sql = format!("{} {}", quote::ident(&column.name), column.type_sql);
+                if let Some(collation) = &column.collation_sql {
+                    sql.push_str(&format!(" COLLATE {collation}"));
+                }
+                if let Some(generated) = &column.generated_sql {
+                    sql.push_str(&format!(" GENERATED ALWAYS AS ({generated}) STORED"));
+                } else if let Some(default) = &column.shard_default {
+                    sql.push_str(&format!(" DEFAULT {default}"));
+                }
+                if column.not_null {
+                    sql.push_str(" NOT NULL");
+                }
+                sql
+            })
+            .collect();
+        for constraint in &self.constraints {
+            let name = match constraint.kind {
+                // These own an index, and index names are unique per schema on the worker.
+                'p' | 'u' | 'x' => shard_object_name(&constraint.name, shard_id),
+                'c' => constraint.name.clone(),
+                _ => continue,
+            };
+            elements.push(format!("CONSTRAINT {} {}", quote::ident(&name), constraint.definition));
+        }
+        let mut statements = vec![format!("CREATE TABLE {shard} ({})", elements.join(", "))];
+        for index in &self.indexes {
+            statements.push(self.index_ddl(index, shard_id));
+        }
+        statements
+    }
+
+    pub fn index_ddl(&self, index: &Index, shard_id: i64) -> String {
+        let shard = quote::qualified(&self.schema, &shard_object_name(&self.name, shard_id));
+        let (keys, included) = index.elements.split_at(index.key_count.min(index.elements.len()));
+        let mut sql = format!(
+            "CREATE {}INDEX {} ON {shard} USING {} ({})",
+            if index.unique { "UNIQUE " } else { "" },
+            quote::ident(&shard_object_name(&index.name, shard_id)),
+            quote::ident(&index.method),
+            keys.join(", ")
+        );
+        if !included.is_empty() {
+            sql.push_str(&format!(" INCLUDE ({})", included.join(", ")));
+        }
+        if index.nulls_not_distinct {
+            sql.push_str(" NULLS NOT DISTINCT");
+        }
+        if let Some(predicate) = &index.predicate {
+            sql.push_str(&format!(" WHERE {predicate}"));
+        }
+        sql
+    }
+}

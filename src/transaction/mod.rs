@@ -1,0 +1,3 @@
+//! Distributed transactions: worker connections that join the coordinator's transaction.
+
+pub mod remote;
