@@ -12,6 +12,7 @@ mod copy;
 mod deparse;
 mod error;
 mod guc;
+mod planner;
 mod routing;
 mod transaction;
 
@@ -43,6 +44,8 @@ pub extern "C-unwind" fn _PG_init() {
     guc::define();
     catalog::cache::register_invalidation_callback();
     transaction::remote::register_callbacks();
+    planner::install();
+    commands::utility::install();
 }
 
 // The in-database test tier lives in pgrx-tests/ at the top of the repository.

@@ -80,6 +80,38 @@ pub fn table(relid: pg_sys::Oid) -> crate::error::Result<Option<Rc<DistributedTa
     Ok(loaded)
 }
 
+thread_local! {
+    /// True while metadata is being loaded: the planner hook sees the catalog's own queries
+    /// then, and must not look them up again.
+    static LOADING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `table()` for hooks: `None` while this backend is itself loading metadata.
+pub fn table_unless_reentrant(relid: pg_sys::Oid) -> crate::error::Result<Option<Rc<DistributedTable>>> {
+    if LOADING.with(|l| l.get()) {
+        return Ok(None);
+    }
+    LOADING.with(|l| l.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| table(relid)));
+    LOADING.with(|l| l.set(false));
+    match result {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// True when pg_sharding's catalog exists in this database (hooks run in every database,
+/// also before CREATE EXTENSION and during DROP EXTENSION). Two syscache lookups, no SPI.
+pub fn extension_active() -> bool {
+    let schema = CString::new(super::SCHEMA).expect("static name");
+    let table = CString::new("dist_table").expect("static name");
+    // SAFETY: syscache lookups with NUL-terminated names.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        namespace != pg_sys::InvalidOid && pg_sys::get_relname_relid(table.as_ptr(), namespace) != pg_sys::InvalidOid
+    }
+}
+
 fn catalog_oids() -> Vec<pg_sys::Oid> {
     let schema = CString::new(super::SCHEMA).expect("static name");
     // SAFETY: plain syscache lookups with NUL-terminated names, inside a transaction.

@@ -26,7 +26,6 @@ use crate::transaction::remote;
 const MOVE_BATCH_ROWS: i64 = 1000;
 
 struct LocalTable {
-    relid: pg_sys::Oid,
     display: String,
 }
 
@@ -106,7 +105,7 @@ fn check_local_table(relid: pg_sys::Oid) -> Result<LocalTable> {
         return Err(unsupported("foreign keys to or from distributed tables are not supported yet")
             .detail(format!("foreign keys: {names}")));
     }
-    Ok(LocalTable { relid, display })
+    Ok(LocalTable { display })
 }
 
 /// Checks that the definition can be recreated on the workers and that unique constraints
@@ -115,7 +114,7 @@ fn check_definition(table: &LocalTable, definition: &TableDefinition, distributi
     use PgSqlErrorCode::*;
     let display = &table.display;
     for column in &definition.columns {
-        if column.type_oid.to_u32() >= pg_sys::FirstNormalObjectId {
+        if column.type_oid >= pg_sys::FirstNormalObjectId {
             return Err(ShardingError::new(
                 ERRCODE_FEATURE_NOT_SUPPORTED,
                 format!(
@@ -195,7 +194,7 @@ fn create_shards_on_workers(definition: &TableDefinition, shards: &[Shard], node
     let mut per_node: BTreeMap<i32, Vec<String>> = BTreeMap::new();
     for shard in shards {
         for node_id in &shard.placements {
-            per_node.entry(*node_id).or_default().extend(definition.shard_ddl(shard.shard_id));
+            per_node.entry(*node_id).or_default().extend(definition.shard_ddl(shard.shard_id, &quote::ident));
         }
     }
     for (node_id, statements) in per_node {

@@ -3,6 +3,7 @@
 
 pub mod distribute;
 pub mod node;
+pub mod utility;
 
 use crate::error::{Result, ShardingError};
 use pgrx::prelude::*;

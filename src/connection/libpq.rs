@@ -192,6 +192,58 @@ impl RemoteConnection {
         self.drain_results()
     }
 
+    /// Runs `COPY ... TO STDOUT` and hands every chunk of its output to `sink`; returns the
+    /// number of rows the node reported.
+    pub fn copy_out(
+        &self,
+        sql: &str,
+        mut sink: impl FnMut(&[u8]) -> Result<(), RemoteError>,
+    ) -> Result<u64, RemoteError> {
+        let sql = cstring(sql)?;
+        // SAFETY: valid connection; every buffer from PQgetCopyData is freed with PQfreemem
+        // after being copied by `sink`; results are cleared by their guards.
+        unsafe {
+            let result = pq::PQexec(self.conn.as_ptr(), sql.as_ptr());
+            let Some(result) = NonNull::new(result) else {
+                return Err(RemoteError::local(self.last_error()));
+            };
+            let guard = ResultGuard(result);
+            if pq::PQresultStatus(guard.0.as_ptr()) != pq::ExecStatusType::PGRES_COPY_OUT {
+                return guard.rows().and(Err(RemoteError::local("the node did not start COPY TO STDOUT")));
+            }
+            drop(guard);
+            let mut sink_error = None;
+            loop {
+                let mut buffer: *mut c_char = std::ptr::null_mut();
+                let length = pq::PQgetCopyData(self.conn.as_ptr(), &mut buffer, 0);
+                if length > 0 {
+                    let chunk = std::slice::from_raw_parts(buffer as *const u8, length as usize);
+                    if sink_error.is_none() {
+                        if let Err(error) = sink(chunk) {
+                            sink_error = Some(error);
+                        }
+                    }
+                    pq::PQfreemem(buffer.cast());
+                } else {
+                    break;
+                }
+            }
+            let mut rows = 0u64;
+            loop {
+                let result = pq::PQgetResult(self.conn.as_ptr());
+                let Some(result) = NonNull::new(result) else { break };
+                let guard = ResultGuard(result);
+                guard.rows()?;
+                let tuples = CStr::from_ptr(pq::PQcmdTuples(guard.0.as_ptr())).to_string_lossy();
+                rows = tuples.parse().unwrap_or(rows);
+            }
+            match sink_error {
+                Some(error) => Err(error),
+                None => Ok(rows),
+            }
+        }
+    }
+
     /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).
     pub fn query(&self, sql: &str, params: &[Option<&str>]) -> Result<RemoteRows, RemoteError> {
         let sql = cstring(sql)?;

@@ -1,3 +1,71 @@
-//! COPY between the coordinator and shards.
+//! COPY on distributed and reference tables: FROM routes rows to shards, TO gathers them.
 
+mod from;
 pub mod shard_writer;
+mod to;
+
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::catalog::tables::DistributedTable;
+use crate::commands::utility::UtilityCall;
+use crate::error::{Result, ShardingError};
+
+pub fn run_copy(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let statement = call.statement().cast::<pg_sys::CopyStmt>();
+    // SAFETY: the operations table routes only CopyStmt here.
+    unsafe {
+        if !(*statement).whereClause.is_null() {
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "COPY FROM ... WHERE is not supported on distributed tables yet",
+            ));
+        }
+        check_privileges(statement, &targets[0])?;
+        if (*statement).is_from {
+            from::copy_from(call, statement, &targets[0])
+        } else {
+            to::copy_to(call, statement, &targets[0])
+        }
+    }
+}
+
+/// The checks COPY itself makes: table privilege, and server-file/program roles.
+unsafe fn check_privileges(statement: *mut pg_sys::CopyStmt, table: &DistributedTable) -> Result<()> {
+    let user = pg_sys::GetUserId();
+    let from = (*statement).is_from;
+    if !(*statement).filename.is_null() {
+        let (role, what) = if (*statement).is_program {
+            (pg_sys::ROLE_PG_EXECUTE_SERVER_PROGRAM, "pg_execute_server_program")
+        } else if from {
+            (pg_sys::ROLE_PG_READ_SERVER_FILES, "pg_read_server_files")
+        } else {
+            (pg_sys::ROLE_PG_WRITE_SERVER_FILES, "pg_write_server_files")
+        };
+        if !pg_sys::has_privs_of_role(user, pg_sys::Oid::from(role)) {
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to COPY {} a file or program", if from { "from" } else { "to" }),
+            )
+            .hint(format!("Only roles with privileges of the \"{what}\" role may do this.")));
+        }
+    }
+    let mode = if from { pg_sys::ACL_INSERT } else { pg_sys::ACL_SELECT };
+    if pg_sys::pg_class_aclcheck(table.relid, user, mode as pg_sys::AclMode) != pg_sys::AclResult::ACLCHECK_OK {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for table {}", table.name),
+        ));
+    }
+    Ok(())
+}
+
+/// Sets the command tag to "COPY n".
+unsafe fn set_copy_completion(qc: *mut pg_sys::QueryCompletion, rows: u64) {
+    if !qc.is_null() {
+        (*qc).commandTag = pg_sys::CommandTag::CMDTAG_COPY;
+        (*qc).nprocessed = rows;
+    }
+}

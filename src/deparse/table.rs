@@ -1,4 +1,5 @@
-//! A table's definition read from the catalog, and the DDL that recreates it as a shard.
+//! A table's definition read from the catalog (the data types and the shard DDL rendering
+//! live in crates/core/src/table_def.rs).
 //!
 //! Every expression comes from PostgreSQL's ruleutils (format_type, pg_get_expr,
 //! pg_get_constraintdef, pg_get_indexdef per column) and every name from quote_ident, so the
@@ -6,55 +7,9 @@
 
 use pgrx::prelude::*;
 
-use super::quote;
 use crate::error::{Result, ShardingError};
 
-#[derive(Debug, Clone)]
-pub struct Column {
-    pub attnum: i16,
-    pub name: String,
-    pub type_sql: String,
-    pub type_oid: pg_sys::Oid,
-    pub not_null: bool,
-    pub collation_sql: Option<String>,
-    /// The default as ruleutils prints it; `None` when there is none or it can only be
-    /// evaluated on the coordinator (it uses a sequence or another relation, or is an identity).
-    pub shard_default: Option<String>,
-    /// True when the coordinator must compute this column's value (sequence default, identity).
-    pub coordinator_default: bool,
-    pub generated_sql: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Constraint {
-    pub name: String,
-    /// 'c' check, 'p' primary key, 'u' unique, 'x' exclusion, 'f' foreign key, 't' trigger
-    pub kind: char,
-    pub definition: String,
-    pub columns: Vec<i16>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Index {
-    pub name: String,
-    pub unique: bool,
-    pub nulls_not_distinct: bool,
-    pub method: String,
-    pub key_count: usize,
-    /// Key columns (rendered with opclass, collation and ordering) followed by INCLUDE columns.
-    pub elements: Vec<String>,
-    pub predicate: Option<String>,
-    pub columns: Vec<i16>,
-}
-
-#[derive(Debug, Clone)]
-pub struct TableDefinition {
-    pub schema: String,
-    pub name: String,
-    pub columns: Vec<Column>,
-    pub constraints: Vec<Constraint>,
-    pub indexes: Vec<Index>,
-}
+pub use sharding_core::table_def::{shard_object_name, Column, Constraint, Index, TableDefinition};
 
 const COLUMNS_QUERY: &str = "
 SELECT a.attnum, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
@@ -130,7 +85,7 @@ pub fn read(relid: pg_sys::Oid) -> Result<TableDefinition> {
                 name: row.get::<String>(2)?.unwrap_or_default(),
                 type_sql: row.get::<String>(3)?.unwrap_or_default(),
                 not_null: row.get::<bool>(4)?.unwrap_or(false),
-                type_oid: row.get::<pg_sys::Oid>(5)?.unwrap_or(pg_sys::InvalidOid),
+                type_oid: row.get::<pg_sys::Oid>(5)?.unwrap_or(pg_sys::InvalidOid).to_u32(),
                 collation_sql: row.get::<String>(6)?,
                 shard_default: if is_generated || coordinator_default { None } else { default.clone() },
                 coordinator_default,
@@ -190,76 +145,3 @@ pub fn read(relid: pg_sys::Oid) -> Result<TableDefinition> {
     })
 }
 
-/// Name of a shard-local object: `<name>_<shard id>`, shortened so it fits in NAMEDATALEN-1
-/// bytes (cut on a character boundary) while the shard id suffix always survives.
-pub fn shard_object_name(name: &str, shard_id: i64) -> String {
-    let suffix = format!("_{shard_id}");
-    let limit = (pg_sys::NAMEDATALEN as usize - 1).saturating_sub(suffix.len());
-    let mut cut = name.len().min(limit);
-    while !name.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}{suffix}", &name[..cut])
-}
-
-impl TableDefinition {
-    /// Statements creating this table as shard `shard_id` (the schema must exist).
-    pub fn shard_ddl(&self, shard_id: i64) -> Vec<String> {
-        let shard = quote::qualified(&self.schema, &shard_object_name(&self.name, shard_id));
-        let mut elements: Vec<String> = self
-            .columns
-            .iter()
-            .map(|column| {
-                let mut sql = format!("{} {}", quote::ident(&column.name), column.type_sql);
-                if let Some(collation) = &column.collation_sql {
-                    sql.push_str(&format!(" COLLATE {collation}"));
-                }
-                if let Some(generated) = &column.generated_sql {
-                    sql.push_str(&format!(" GENERATED ALWAYS AS ({generated}) STORED"));
-                } else if let Some(default) = &column.shard_default {
-                    sql.push_str(&format!(" DEFAULT {default}"));
-                }
-                if column.not_null {
-                    sql.push_str(" NOT NULL");
-                }
-                sql
-            })
-            .collect();
-        for constraint in &self.constraints {
-            let name = match constraint.kind {
-                // These own an index, and index names are unique per schema on the worker.
-                'p' | 'u' | 'x' => shard_object_name(&constraint.name, shard_id),
-                'c' => constraint.name.clone(),
-                _ => continue,
-            };
-            elements.push(format!("CONSTRAINT {} {}", quote::ident(&name), constraint.definition));
-        }
-        let mut statements = vec![format!("CREATE TABLE {shard} ({})", elements.join(", "))];
-        for index in &self.indexes {
-            statements.push(self.index_ddl(index, shard_id));
-        }
-        statements
-    }
-
-    pub fn index_ddl(&self, index: &Index, shard_id: i64) -> String {
-        let shard = quote::qualified(&self.schema, &shard_object_name(&self.name, shard_id));
-        let (keys, included) = index.elements.split_at(index.key_count.min(index.elements.len()));
-        let mut sql = format!(
-            "CREATE {}INDEX {} ON {shard} USING {} ({})",
-            if index.unique { "UNIQUE " } else { "" },
-            quote::ident(&shard_object_name(&index.name, shard_id)),
-            quote::ident(&index.method),
-            keys.join(", ")
-        );
-        if !included.is_empty() {
-            sql.push_str(&format!(" INCLUDE ({})", included.join(", ")));
-        }
-        if index.nulls_not_distinct {
-            sql.push_str(" NULLS NOT DISTINCT");
-        }
-        if let Some(predicate) = &index.predicate {
-            sql.push_str(&format!(" WHERE {predicate}"));
-        }
-        sql
-    }
-}

@@ -186,17 +186,17 @@ mod tests {
         }
     }
 
-    const VECTOR_INT_0: i32 = 0;
-    const VECTOR_INT_1: i32 = 0;
-    const VECTOR_INT_MINUS_1: i32 = 0;
-    const VECTOR_INT_123456789: i32 = 0;
-    const VECTOR_NUMERIC_3_14: i32 = 0;
-    const VECTOR_TEXT_EMPTY: i32 = 0;
-    const VECTOR_TEXT_HELLO: i32 = 0;
-    const VECTOR_BYTES_HELLO: i32 = 0;
-    const VECTOR_UUID: i32 = 0;
-    const VECTOR_DATE_2000_01_01: i32 = 0;
-    const VECTOR_TIMESTAMP_2000_01_01: i32 = 0;
+    const VECTOR_INT_0: i32 = 1403818059;
+    const VECTOR_INT_1: i32 = 669250676;
+    const VECTOR_INT_MINUS_1: i32 = -1250303379;
+    const VECTOR_INT_123456789: i32 = -409582603;
+    const VECTOR_NUMERIC_3_14: i32 = 1895156961;
+    const VECTOR_TEXT_EMPTY: i32 = 680088732;
+    const VECTOR_TEXT_HELLO: i32 = 453092627;
+    const VECTOR_BYTES_HELLO: i32 = 973435286;
+    const VECTOR_UUID: i32 = 526515886;
+    const VECTOR_DATE_2000_01_01: i32 = -2128052022;
+    const VECTOR_TIMESTAMP_2000_01_01: i32 = 124667315;
 
     #[test]
     fn spread_over_shards_is_even() {

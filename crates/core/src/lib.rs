@@ -6,3 +6,4 @@ pub mod copy_text;
 pub mod hash;
 pub mod interval;
 pub mod node_check;
+pub mod table_def;

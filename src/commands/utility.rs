@@ -1,0 +1,479 @@
+//! The ProcessUtility hook: utility statements on distributed and reference tables.
+//!
+//! `OPERATIONS` is a table, one row per statement kind: how to find the distributed tables it
+//! targets, what to check before anything runs, and how to run it. Definition changes (ALTER
+//! TABLE, RENAME, CREATE/DROP INDEX) all run the same way: snapshot the table's definition,
+//! let PostgreSQL apply the statement to the coordinator's table, snapshot again, and send the
+//! difference (crates/core/src/table_def.rs) to every shard placement inside the distributed
+//! transaction. A statement kind not in the table that targets a distributed table fails with
+//! "not supported on distributed tables" instead of changing the coordinator alone.
+
+use std::collections::BTreeMap;
+use std::ffi::{c_char, CStr};
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use sharding_core::table_def::{diff, Change};
+
+use crate::catalog::cache;
+use crate::catalog::nodes::Node;
+use crate::catalog::tables::{DistributedTable, Method};
+use crate::deparse::{quote, table as table_ddl};
+use crate::error::{OrRaise, Result, ShardingError};
+use crate::transaction::remote;
+
+static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+static mut PREVIOUS_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+pub fn install() {
+    // SAFETY: called once from _PG_init while preloading; previous hooks are chained.
+    unsafe {
+        PREVIOUS_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREVIOUS_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
+    }
+}
+
+/// The arguments of one ProcessUtility call, to run the standard implementation later.
+pub struct UtilityCall {
+    pub pstmt: *mut pg_sys::PlannedStmt,
+    pub query_string: *const c_char,
+    pub read_only_tree: bool,
+    pub context: pg_sys::ProcessUtilityContext::Type,
+    pub params: pg_sys::ParamListInfo,
+    pub query_env: *mut pg_sys::QueryEnvironment,
+    pub dest: *mut pg_sys::DestReceiver,
+    pub qc: *mut pg_sys::QueryCompletion,
+}
+
+impl UtilityCall {
+    /// Runs the statement as PostgreSQL would without pg_sharding (or the next hook).
+    pub fn run_standard(&self) {
+        // SAFETY: the arguments are exactly those this hook received.
+        unsafe {
+            match *std::ptr::addr_of!(PREVIOUS_PROCESS_UTILITY) {
+                Some(hook) => hook(
+                    self.pstmt, self.query_string, self.read_only_tree, self.context,
+                    self.params, self.query_env, self.dest, self.qc,
+                ),
+                None => pg_sys::standard_ProcessUtility(
+                    self.pstmt, self.query_string, self.read_only_tree, self.context,
+                    self.params, self.query_env, self.dest, self.qc,
+                ),
+            }
+        }
+    }
+
+    pub fn statement(&self) -> *mut pg_sys::Node {
+        // SAFETY: a utility PlannedStmt always carries its statement.
+        unsafe { (*self.pstmt).utilityStmt }
+    }
+}
+
+type Targets = unsafe fn(*mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>>;
+type Check = unsafe fn(*mut pg_sys::Node, &[Rc<DistributedTable>]) -> Result<()>;
+type Run = fn(&UtilityCall, &[Rc<DistributedTable>]) -> Result<()>;
+
+struct Operation {
+    tag: pg_sys::NodeTag,
+    /// The distributed tables the statement touches (empty: not ours, run it normally).
+    targets: Targets,
+    check: Check,
+    run: Run,
+}
+
+const OPERATIONS: &[Operation] = &[
+    Operation { tag: pg_sys::NodeTag::T_CopyStmt, targets: copy_targets, check: no_check, run: crate::copy::run_copy },
+    Operation { tag: pg_sys::NodeTag::T_TruncateStmt, targets: truncate_targets, check: no_check, run: run_truncate },
+    Operation { tag: pg_sys::NodeTag::T_AlterTableStmt, targets: alter_table_targets, check: check_alter_table, run: run_definition_change },
+    Operation { tag: pg_sys::NodeTag::T_RenameStmt, targets: rename_targets, check: check_rename, run: run_definition_change },
+    Operation { tag: pg_sys::NodeTag::T_IndexStmt, targets: index_targets, check: check_index, run: run_definition_change },
+    Operation { tag: pg_sys::NodeTag::T_DropStmt, targets: drop_index_targets, check: no_check, run: run_definition_change },
+    // Statements that would change the coordinator's table alone: refused.
+    Operation { tag: pg_sys::NodeTag::T_CreateTrigStmt, targets: trigger_targets, check: refuse, run: never },
+    Operation { tag: pg_sys::NodeTag::T_RuleStmt, targets: rule_targets, check: refuse, run: never },
+    Operation { tag: pg_sys::NodeTag::T_CreatePolicyStmt, targets: policy_targets, check: refuse, run: never },
+    Operation { tag: pg_sys::NodeTag::T_AlterObjectSchemaStmt, targets: set_schema_targets, check: refuse, run: never },
+    Operation { tag: pg_sys::NodeTag::T_ClusterStmt, targets: cluster_targets, check: refuse, run: never },
+];
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let call = UtilityCall { pstmt, query_string, read_only_tree, context, params, query_env, dest, qc };
+    if !cache::extension_active() {
+        return call.run_standard();
+    }
+    let statement = call.statement();
+    let tag = (*statement).type_;
+    let Some(operation) = OPERATIONS.iter().find(|op| op.tag == tag) else {
+        return call.run_standard();
+    };
+    let targets = (operation.targets)(statement).or_raise();
+    if targets.is_empty() {
+        return call.run_standard();
+    }
+    (operation.check)(statement, &targets).or_raise();
+    (operation.run)(&call, &targets).or_raise();
+}
+
+unsafe fn no_check(_: *mut pg_sys::Node, _: &[Rc<DistributedTable>]) -> Result<()> {
+    Ok(())
+}
+
+fn never(_: &UtilityCall, _: &[Rc<DistributedTable>]) -> Result<()> {
+    Err(ShardingError::internal("refused statement reached execution"))
+}
+
+unsafe fn refuse(statement: *mut pg_sys::Node, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let command = CStr::from_ptr(pg_sys::CreateCommandName(statement)).to_string_lossy().into_owned();
+    Err(ShardingError::new(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("{command} is not supported on distributed tables"),
+    )
+    .detail(format!("\"{}\" is a {} table.", targets[0].name, targets[0].method.as_str())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding targets
+
+/// Elements of a PostgreSQL List of pointers.
+pub unsafe fn list_pointers<T>(list: *mut pg_sys::List) -> Vec<*mut T> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value.cast()).collect()
+}
+
+pub unsafe fn distributed_by_oid(relid: pg_sys::Oid) -> Result<Option<Rc<DistributedTable>>> {
+    if relid == pg_sys::InvalidOid || relid.to_u32() < pg_sys::FirstNormalObjectId {
+        return Ok(None);
+    }
+    cache::table_unless_reentrant(relid)
+}
+
+pub unsafe fn distributed_by_rangevar(relation: *mut pg_sys::RangeVar) -> Result<Option<Rc<DistributedTable>>> {
+    if relation.is_null() {
+        return Ok(None);
+    }
+    let relid = pg_sys::RangeVarGetRelidExtended(
+        relation,
+        pg_sys::NoLock as pg_sys::LOCKMODE,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    distributed_by_oid(relid)
+}
+
+fn one(table: Option<Rc<DistributedTable>>) -> Vec<Rc<DistributedTable>> {
+    table.into_iter().collect()
+}
+
+unsafe fn copy_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::CopyStmt>()).relation)?))
+}
+
+unsafe fn truncate_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let mut found = Vec::new();
+    for relation in list_pointers::<pg_sys::RangeVar>((*node.cast::<pg_sys::TruncateStmt>()).relations) {
+        found.extend(distributed_by_rangevar(relation)?);
+    }
+    Ok(found)
+}
+
+unsafe fn alter_table_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::AlterTableStmt>();
+    if (*statement).objtype != pg_sys::ObjectType::OBJECT_TABLE {
+        return Ok(Vec::new());
+    }
+    Ok(one(distributed_by_rangevar((*statement).relation)?))
+}
+
+unsafe fn rename_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::RenameStmt>();
+    use pg_sys::ObjectType::*;
+    match (*statement).renameType {
+        OBJECT_TABLE | OBJECT_COLUMN | OBJECT_TABCONSTRAINT => Ok(one(distributed_by_rangevar((*statement).relation)?)),
+        OBJECT_INDEX => {
+            let relation = (*statement).relation;
+            if relation.is_null() {
+                return Ok(Vec::new());
+            }
+            let index = pg_sys::RangeVarGetRelidExtended(
+                relation,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            if index == pg_sys::InvalidOid {
+                return Ok(Vec::new());
+            }
+            Ok(one(distributed_by_oid(pg_sys::IndexGetRelation(index, true))?))
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+unsafe fn index_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::IndexStmt>()).relation)?))
+}
+
+unsafe fn drop_index_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::DropStmt>();
+    if (*statement).removeType != pg_sys::ObjectType::OBJECT_INDEX {
+        // DROP TABLE (also through CASCADE) is handled by the object access hook below.
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<Rc<DistributedTable>> = Vec::new();
+    for names in list_pointers::<pg_sys::List>((*statement).objects) {
+        let relation = pg_sys::makeRangeVarFromNameList(names);
+        let index = pg_sys::RangeVarGetRelidExtended(
+            relation,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if index == pg_sys::InvalidOid {
+            continue;
+        }
+        if let Some(table) = distributed_by_oid(pg_sys::IndexGetRelation(index, true))? {
+            if !found.iter().any(|t| t.relid == table.relid) {
+                found.push(table);
+            }
+        }
+    }
+    Ok(found)
+}
+
+unsafe fn trigger_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::CreateTrigStmt>()).relation)?))
+}
+
+unsafe fn rule_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::RuleStmt>()).relation)?))
+}
+
+unsafe fn policy_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::CreatePolicyStmt>()).table)?))
+}
+
+unsafe fn set_schema_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::AlterObjectSchemaStmt>();
+    if (*statement).objectType != pg_sys::ObjectType::OBJECT_TABLE {
+        return Ok(Vec::new());
+    }
+    Ok(one(distributed_by_rangevar((*statement).relation)?))
+}
+
+unsafe fn cluster_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::ClusterStmt>()).relation)?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks that must pass before the coordinator's table changes
+
+fn unsupported(message: impl Into<String>) -> ShardingError {
+    ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, message)
+}
+
+unsafe fn check_constraint_node(constraint: *mut pg_sys::Constraint) -> Result<()> {
+    match (*constraint).contype {
+        pg_sys::ConstrType::CONSTR_FOREIGN => Err(unsupported("foreign keys on distributed tables are not supported yet")),
+        pg_sys::ConstrType::CONSTR_EXCLUSION => Err(unsupported("exclusion constraints on distributed tables are not supported")),
+        _ => Ok(()),
+    }
+}
+
+#[allow(non_upper_case_globals)]
+unsafe fn check_alter_table(node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable>]) -> Result<()> {
+    use pg_sys::AlterTableType::*;
+    for command in list_pointers::<pg_sys::AlterTableCmd>((*node.cast::<pg_sys::AlterTableStmt>()).cmds) {
+        match (*command).subtype {
+            AT_AddColumn => {
+                let definition = (*command).def.cast::<pg_sys::ColumnDef>();
+                for constraint in list_pointers::<pg_sys::Constraint>((*definition).constraints) {
+                    check_constraint_node(constraint)?;
+                }
+            }
+            AT_AlterColumnType => {
+                let definition = (*command).def.cast::<pg_sys::ColumnDef>();
+                if !(*definition).raw_default.is_null() {
+                    return Err(unsupported("ALTER COLUMN ... TYPE ... USING is not supported on distributed tables")
+                        .hint("Change the type without USING (an implicit or assignment cast), or add a new column and fill it."));
+                }
+            }
+            AT_AddConstraint => check_constraint_node((*command).def.cast())?,
+            AT_ColumnDefault | AT_DropNotNull | AT_SetNotNull | AT_DropColumn | AT_DropConstraint => {}
+            other => {
+                return Err(unsupported(format!(
+                    "this ALTER TABLE subcommand (AlterTableType {other}) is not supported on distributed tables"
+                ))
+                .hint("Supported: ADD/DROP/RENAME COLUMN, ALTER COLUMN TYPE/SET DEFAULT/DROP DEFAULT/SET NOT NULL/DROP NOT NULL, ADD/DROP CONSTRAINT."))
+            }
+        }
+    }
+    Ok(())
+}
+
+unsafe fn check_rename(_node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable>]) -> Result<()> {
+    Ok(())
+}
+
+unsafe fn check_index(node: *mut pg_sys::Node, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let statement = node.cast::<pg_sys::IndexStmt>();
+    if (*statement).concurrent {
+        return Err(unsupported(format!(
+            "CREATE INDEX CONCURRENTLY on distributed table \"{}\" is not supported yet",
+            targets[0].name
+        ))
+        .hint("Use CREATE INDEX without CONCURRENTLY: it runs on every shard inside one transaction."));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running
+
+/// Placement nodes of every shard, grouped by node.
+fn shards_by_node(table: &DistributedTable) -> Result<BTreeMap<i32, (Node, Vec<i64>)>> {
+    let nodes = cache::nodes()?;
+    let mut grouped: BTreeMap<i32, (Node, Vec<i64>)> = BTreeMap::new();
+    for shard in &table.shards {
+        for node_id in &shard.placements {
+            let node = nodes.iter().find(|n| n.node_id == *node_id).ok_or_else(|| {
+                ShardingError::internal(format!("shard {} is placed on unknown node {node_id}", shard.shard_id))
+            })?;
+            grouped.entry(*node_id).or_insert_with(|| (node.clone(), Vec::new())).1.push(shard.shard_id);
+        }
+    }
+    Ok(grouped)
+}
+
+fn run_truncate(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    call.run_standard();
+    let mut per_node: BTreeMap<i32, (Node, Vec<String>)> = BTreeMap::new();
+    for table in targets {
+        let definition = table_ddl::read(table.relid)?;
+        for (node_id, (node, shards)) in shards_by_node(table)? {
+            let entry = per_node.entry(node_id).or_insert_with(|| (node, Vec::new()));
+            entry.1.extend(shards.iter().map(|id| definition.shard_name(*id, &quote::ident)));
+        }
+    }
+    for (node, names) in per_node.values() {
+        remote::execute(node, &format!("TRUNCATE {}", names.join(", ")))?;
+    }
+    Ok(())
+}
+
+/// Checks the changes an ALTER made are ones shards can follow.
+fn validate_changes(table: &DistributedTable, changes: &[Change]) -> Result<()> {
+    let distribution = table.distribution_column.clone().unwrap_or_default();
+    let attnum = table.distribution_attnum;
+    for change in changes {
+        match change {
+            Change::DropColumn(name) if table.method == Method::Hash && *name == distribution => {
+                return Err(unsupported(format!("cannot drop the distribution column \"{name}\"")))
+            }
+            Change::AlterType(column) if Some(column.attnum) == attnum => {
+                return Err(unsupported(format!("cannot change the type of the distribution column \"{}\"", column.name))
+                    .detail("Every row's shard is computed from this column's value."))
+            }
+            Change::AddColumn(column) if column.coordinator_default => {
+                return Err(unsupported(format!(
+                    "cannot add column \"{}\": its default (a sequence or identity) can only be computed on the coordinator",
+                    column.name
+                ))
+                .hint("Add the column without the default, then set the default: new rows get values from the coordinator."))
+            }
+            Change::AddConstraint(constraint)
+                if matches!(constraint.kind, 'p' | 'u') && attnum.is_some_and(|a| !constraint.columns.contains(&a)) =>
+            {
+                return Err(unsupported(format!(
+                    "constraint \"{}\" must include the distribution column \"{distribution}\"",
+                    constraint.name
+                ))
+                .hint("Unique constraints are enforced within each shard."))
+            }
+            Change::CreateIndex(index)
+                if index.unique && attnum.is_some_and(|a| !index.columns[..index.key_count.min(index.columns.len())].contains(&a)) =>
+            {
+                return Err(unsupported(format!(
+                    "unique index \"{}\" must include the distribution column \"{distribution}\"",
+                    index.name
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let before: Vec<_> = targets.iter().map(|t| table_ddl::read(t.relid)).collect::<Result<_>>()?;
+    call.run_standard();
+    for (table, before) in targets.iter().zip(before) {
+        let after = table_ddl::read(table.relid)?;
+        let changes = diff(&before, &after);
+        validate_changes(table, &changes)?;
+        if changes.is_empty() {
+            continue;
+        }
+        for (node, shards) in shards_by_node(table)?.values() {
+            let statements: Vec<String> = shards
+                .iter()
+                .flat_map(|shard_id| changes.iter().map(|c| c.shard_sql(&after, *shard_id, &quote::ident)))
+                .collect();
+            remote::execute(node, &statements.join("; "))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropping a distributed table (DROP TABLE, DROP SCHEMA ... CASCADE, DROP OWNED ...)
+
+#[pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: i32,
+    arg: *mut std::ffi::c_void,
+) {
+    if let Some(previous) = *std::ptr::addr_of!(PREVIOUS_OBJECT_ACCESS) {
+        previous(access, class_id, object_id, sub_id, arg);
+    }
+    if access == pg_sys::ObjectAccessType::OAT_DROP
+        && class_id == pg_sys::RelationRelationId
+        && sub_id == 0
+        && cache::extension_active()
+    {
+        drop_distributed_table(object_id).or_raise();
+    }
+}
+
+/// Called just before PostgreSQL drops relation `relid`: if it is distributed, its shards are
+/// dropped on the workers and its catalog rows removed, in the same distributed transaction.
+unsafe fn drop_distributed_table(relid: pg_sys::Oid) -> Result<()> {
+    let Some(table) = distributed_by_oid(relid)? else { return Ok(()) };
+    let definition = table_ddl::read(relid)?;
+    for (node, shards) in shards_by_node(&table)?.values() {
+        let names: Vec<String> = shards.iter().map(|id| definition.shard_name(*id, &quote::ident)).collect();
+        remote::execute(node, &format!("DROP TABLE IF EXISTS {}", names.join(", ")))?;
+    }
+    crate::catalog::as_catalog_owner(|| crate::catalog::tables::delete_table(relid, table.colocation_id))
+}
