@@ -114,4 +114,42 @@ mod tests {
             Some("ERRCODE_INVALID_NAME")
         );
     }
+
+    #[pg_test]
+    fn hash_value_matches_the_frozen_vectors() {
+        // The same numbers as crates/core/src/hash.rs test_vectors, seen through SQL.
+        let check = |sql: &str, expected: i32| {
+            assert_eq!(Spi::get_one::<i32>(sql).unwrap(), Some(expected), "{sql}");
+        };
+        check("SELECT sharding.hash_value(1)", 669250676);
+        check("SELECT sharding.hash_value(-1::bigint)", -1250303379);
+        check("SELECT sharding.hash_value(3.14)", 1895156961);
+        check("SELECT sharding.hash_value('hello'::text)", 453092627);
+        check("SELECT sharding.hash_value('hello'::bytea)", 973435286);
+        check("SELECT sharding.hash_value('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid)", 526515886);
+        check("SELECT sharding.hash_value('2000-01-01'::date)", -2128052022);
+        check("SELECT sharding.hash_value('2000-01-01 00:00:00'::timestamp)", 124667315);
+        check("SELECT sharding.hash_value('2000-01-01 00:00:00+00'::timestamptz)", 124667315);
+    }
+
+    #[pg_test]
+    fn equal_values_hash_equally_across_types() {
+        let same = |sql: &str| assert_eq!(Spi::get_one::<bool>(sql).unwrap(), Some(true), "{sql}");
+        same("SELECT sharding.hash_value(42::int2) = sharding.hash_value(42::int4) AND sharding.hash_value(42::int4) = sharding.hash_value(42::int8)");
+        same("SELECT sharding.hash_value(42::int8) = sharding.hash_value(42.000::numeric)");
+        same("SELECT sharding.hash_value(1.0::numeric) = sharding.hash_value(1.00::numeric)");
+        same("SELECT sharding.hash_value('abc'::text) = sharding.hash_value('abc'::varchar)");
+        same("SELECT sharding.hash_value('abc'::char(6)) = sharding.hash_value('abc'::text)");
+        same("SELECT sharding.hash_value(repeat('x', 5000)) = sharding.hash_value(repeat('x', 5000)::varchar)");
+        same("SELECT sharding.hash_value(1) <> sharding.hash_value(2)");
+        same("SELECT sharding.hash_value(NULL::int) IS NULL");
+    }
+
+    #[pg_test]
+    fn unsupported_types_cannot_be_hashed() {
+        assert_eq!(
+            sqlstate_of("SELECT sharding.hash_value('{}'::jsonb)").as_deref(),
+            Some("ERRCODE_FEATURE_NOT_SUPPORTED")
+        );
+    }
 }

@@ -23,7 +23,7 @@ struct MetadataCache {
     /// Per relation: its distribution metadata, or `None` for "not distributed" (cached too,
     /// since every table a query touches is looked up).
     tables: std::collections::HashMap<pg_sys::Oid, Option<Rc<DistributedTable>>>,
-    /// How many times the cache was filled: exposed for tests of the invalidation path.
+    /// How many times the node list was loaded: exposed for tests of the invalidation path.
     loads: i64,
 }
 
@@ -75,7 +75,6 @@ pub fn table(relid: pg_sys::Oid) -> crate::error::Result<Option<Rc<DistributedTa
         let mut cache = c.borrow_mut();
         cache.catalog_oids = oids;
         cache.tables.insert(relid, loaded.clone());
-        cache.loads += 1;
     });
     Ok(loaded)
 }
@@ -163,7 +162,8 @@ fn catalog_changed<'a>(
     Ok(None)
 }
 
-/// How many times this backend filled its metadata cache (for tests of invalidation).
+/// How many times this backend loaded the node list into its metadata cache (for tests of
+/// invalidation: the count must not grow per statement, only per catalog change).
 #[pg_extern(volatile, parallel_unsafe)]
 fn metadata_cache_loads() -> i64 {
     CACHE.with(|c| c.borrow().loads)

@@ -131,13 +131,19 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
     let mut nulls = vec![false; natts];
     let mut row = Vec::with_capacity(512);
 
-    // Errors in the input name the line, as COPY's own do.
-    let mut error_context = pg_sys::ErrorContextCallback {
-        previous: *std::ptr::addr_of!(pg_sys::error_context_stack),
-        callback: Some(copy_from_error_callback),
-        arg: copy_state.cast(),
-    };
-    pg_sys::error_context_stack = &mut error_context;
+    // Errors in the input name the line, as COPY's own do. pgrx re-raises an ERROR at the
+    // hook's boundary after unwinding through here, so on the error path the callback must
+    // still be on the stack then: it lives in TopTransactionContext (valid until PostgreSQL
+    // has reported the error and reset the stack) and is popped only on success.
+    let error_context = pg_sys::MemoryContextAllocZero(
+        pg_sys::TopTransactionContext,
+        std::mem::size_of::<pg_sys::ErrorContextCallback>(),
+    )
+    .cast::<pg_sys::ErrorContextCallback>();
+    (*error_context).previous = *std::ptr::addr_of!(pg_sys::error_context_stack);
+    (*error_context).callback = Some(copy_from_error_callback);
+    (*error_context).arg = copy_state.cast();
+    pg_sys::error_context_stack = error_context;
 
     let mut rows: u64 = 0;
     let outcome = (|| -> Result<()> {
@@ -193,8 +199,8 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
         }
         Ok(())
     })();
-    pg_sys::error_context_stack = error_context.previous;
     outcome?;
+    pg_sys::error_context_stack = (*error_context).previous;
 
     pg_sys::EndCopyFrom(copy_state);
     pg_sys::FreeExecutorState(executor_state);

@@ -166,10 +166,58 @@ pub enum Change {
 /// rename); constraints and indexes by name, except that an object whose only change is its
 /// name is a rename.
 pub fn diff(before: &TableDefinition, after: &TableDefinition) -> Vec<Change> {
+    // Order matters on the shard: constraints and indexes go before the columns they use
+    // (dropping a column drops them too), and new ones come after the columns they need.
     let mut changes = Vec::new();
     if before.name != after.name {
         changes.push(Change::RenameTable { from: before.name.clone(), to: after.name.clone() });
     }
+    let mut additions = Vec::new();
+
+    let removed: Vec<&Constraint> =
+        before.constraints.iter().filter(|c| !after.constraints.iter().any(|n| n.name == c.name)).collect();
+    let added: Vec<&Constraint> =
+        after.constraints.iter().filter(|c| !before.constraints.iter().any(|o| o.name == c.name)).collect();
+    let mut renamed_to: Vec<&str> = Vec::new();
+    for old in &removed {
+        let same = added.iter().find(|n| {
+            n.kind == old.kind && n.definition == old.definition && !renamed_to.contains(&n.name.as_str())
+        });
+        match same {
+            Some(new) if removed.len() == added.len() => {
+                renamed_to.push(&new.name);
+                changes.push(Change::RenameConstraint { from: (*old).clone(), to: new.name.clone() });
+            }
+            _ => changes.push(Change::DropConstraint((*old).clone())),
+        }
+    }
+    for new in added {
+        if !renamed_to.contains(&new.name.as_str()) {
+            additions.push(Change::AddConstraint(new.clone()));
+        }
+    }
+
+    let removed: Vec<&Index> = before.indexes.iter().filter(|i| !after.indexes.iter().any(|n| n.name == i.name)).collect();
+    let added: Vec<&Index> = after.indexes.iter().filter(|i| !before.indexes.iter().any(|o| o.name == i.name)).collect();
+    let mut renamed_to: Vec<&str> = Vec::new();
+    for old in &removed {
+        let same = added.iter().find(|n| {
+            Index { name: old.name.clone(), ..(**n).clone() } == **old && !renamed_to.contains(&n.name.as_str())
+        });
+        match same {
+            Some(new) if removed.len() == added.len() => {
+                renamed_to.push(&new.name);
+                changes.push(Change::RenameIndex { from: old.name.clone(), to: new.name.clone() });
+            }
+            _ => changes.push(Change::DropIndex(old.name.clone())),
+        }
+    }
+    for new in added {
+        if !renamed_to.contains(&new.name.as_str()) {
+            additions.push(Change::CreateIndex(new.clone()));
+        }
+    }
+
     for old in &before.columns {
         match after.columns.iter().find(|c| c.attnum == old.attnum) {
             None => changes.push(Change::DropColumn(old.name.clone())),
@@ -201,50 +249,7 @@ pub fn diff(before: &TableDefinition, after: &TableDefinition) -> Vec<Change> {
             changes.push(Change::AddColumn(new.clone()));
         }
     }
-
-    let removed: Vec<&Constraint> =
-        before.constraints.iter().filter(|c| !after.constraints.iter().any(|n| n.name == c.name)).collect();
-    let added: Vec<&Constraint> =
-        after.constraints.iter().filter(|c| !before.constraints.iter().any(|o| o.name == c.name)).collect();
-    let mut renamed_to: Vec<&str> = Vec::new();
-    for old in &removed {
-        let same = added.iter().find(|n| {
-            n.kind == old.kind && n.definition == old.definition && !renamed_to.contains(&n.name.as_str())
-        });
-        match same {
-            Some(new) if removed.len() == added.len() => {
-                renamed_to.push(&new.name);
-                changes.push(Change::RenameConstraint { from: (*old).clone(), to: new.name.clone() });
-            }
-            _ => changes.push(Change::DropConstraint((*old).clone())),
-        }
-    }
-    for new in added {
-        if !renamed_to.contains(&new.name.as_str()) {
-            changes.push(Change::AddConstraint(new.clone()));
-        }
-    }
-
-    let removed: Vec<&Index> = before.indexes.iter().filter(|i| !after.indexes.iter().any(|n| n.name == i.name)).collect();
-    let added: Vec<&Index> = after.indexes.iter().filter(|i| !before.indexes.iter().any(|o| o.name == i.name)).collect();
-    let mut renamed_to: Vec<&str> = Vec::new();
-    for old in &removed {
-        let same = added.iter().find(|n| {
-            Index { name: old.name.clone(), ..(**n).clone() } == **old && !renamed_to.contains(&n.name.as_str())
-        });
-        match same {
-            Some(new) if removed.len() == added.len() => {
-                renamed_to.push(&new.name);
-                changes.push(Change::RenameIndex { from: old.name.clone(), to: new.name.clone() });
-            }
-            _ => changes.push(Change::DropIndex(old.name.clone())),
-        }
-    }
-    for new in added {
-        if !renamed_to.contains(&new.name.as_str()) {
-            changes.push(Change::CreateIndex(new.clone()));
-        }
-    }
+    changes.extend(additions);
     changes
 }
 
@@ -283,7 +288,7 @@ impl Change {
                 alter(format!("ADD {}", TableDefinition::constraint_sql(constraint, shard_id, quote).unwrap_or_default()))
             }
             Change::DropConstraint(constraint) => {
-                alter(format!("DROP CONSTRAINT {}", quote(&shard_constraint_name(constraint, shard_id))))
+                alter(format!("DROP CONSTRAINT IF EXISTS {}", quote(&shard_constraint_name(constraint, shard_id))))
             }
             Change::RenameConstraint { from, to } => alter(format!(
                 "RENAME CONSTRAINT {} TO {}",
@@ -292,7 +297,7 @@ impl Change {
             )),
             Change::CreateIndex(index) => table.index_ddl(index, shard_id, quote),
             Change::DropIndex(name) => {
-                format!("DROP INDEX {}.{}", quote(&table.schema), quote(&shard_object_name(name, shard_id)))
+                format!("DROP INDEX IF EXISTS {}.{}", quote(&table.schema), quote(&shard_object_name(name, shard_id)))
             }
             Change::RenameIndex { from, to } => format!(
                 "ALTER INDEX {}.{} RENAME TO {}",
@@ -401,6 +406,17 @@ mod tests {
         let mut dropped = table();
         dropped.constraints.clear();
         assert_eq!(diff(&before, &dropped), vec![Change::DropConstraint(before.constraints[0].clone())]);
+    }
+
+    #[test]
+    fn constraint_drops_come_before_column_drops() {
+        let mut before = table();
+        before.constraints.push(Constraint { name: "note_set".into(), kind: 'c', definition: "CHECK ((note <> ''))".into(), columns: vec![2] });
+        let mut after = table();
+        after.columns.truncate(1);
+        let changes = diff(&before, &after);
+        assert_eq!(changes, vec![Change::DropConstraint(before.constraints[1].clone()), Change::DropColumn("note".into())]);
+        assert_eq!(changes[0].shard_sql(&after, 1, &q), "ALTER TABLE \"public\".\"events_1\" DROP CONSTRAINT IF EXISTS \"note_set\"");
     }
 
     #[test]

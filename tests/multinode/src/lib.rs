@@ -187,3 +187,75 @@ where
     let row = client.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
     row.get(0)
 }
+
+/// One shard placement as the coordinator's catalog lists it.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub shard_id: i64,
+    pub port: u16,
+    pub shard_name: String,
+}
+
+impl Cluster {
+    /// Placements of `table` (schema public), from sharding.shards.
+    pub fn placements(&self, table: &str) -> Vec<Placement> {
+        let mut coordinator = self.coordinator();
+        coordinator
+            .query(
+                "SELECT shard_id, port FROM sharding.shards WHERE table_name = $1::text::regclass ORDER BY shard_index, port",
+                &[&table],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| {
+                let shard_id: i64 = row.get(0);
+                Placement { shard_id, port: row.get::<_, i32>(1) as u16, shard_name: format!("{table}_{shard_id}") }
+            })
+            .collect()
+    }
+
+    /// Rows in each placement of `table`, counted on the workers themselves.
+    pub fn rows_per_placement(&self, table: &str) -> Vec<(Placement, i64)> {
+        self.placements(table)
+            .into_iter()
+            .map(|placement| {
+                let mut worker = self.connect_port(placement.port);
+                let count: i64 = scalar(&mut worker, &format!("SELECT count(*) FROM public.\"{}\"", placement.shard_name));
+                (placement, count)
+            })
+            .collect()
+    }
+
+    /// Tables on every worker whose name starts with `prefix` followed by '_' and digits.
+    pub fn shard_tables_on_workers(&self, prefix: &str) -> i64 {
+        (1..=self.workers)
+            .map(|w| {
+                let mut worker = self.worker(w);
+                worker
+                    .query_one(
+                        "SELECT count(*) FROM pg_tables WHERE tablename ~ ('^' || $1 || '_[0-9]+$')",
+                        &[&prefix],
+                    )
+                    .unwrap()
+                    .get::<_, i64>(0)
+            })
+            .sum()
+    }
+}
+
+/// Sends `data` with `COPY ... FROM STDIN`; returns the row count the server reported.
+pub fn copy_in(client: &mut Client, sql: &str, data: &[u8]) -> Result<u64, Error> {
+    use std::io::Write;
+    let mut writer = client.copy_in(sql)?;
+    writer.write_all(data).expect("write COPY data");
+    writer.finish()
+}
+
+/// Reads everything `COPY ... TO STDOUT` sends.
+pub fn copy_out(client: &mut Client, sql: &str) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let mut reader = client.copy_out(sql)?;
+    let mut data = Vec::new();
+    reader.read_to_end(&mut data).expect("read COPY data");
+    Ok(data)
+}

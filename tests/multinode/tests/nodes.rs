@@ -167,7 +167,7 @@ fn node_with_placements_cannot_be_removed() {
     c.batch_execute(&format!(
         "CREATE TABLE t (id int);
          INSERT INTO sharding.dist_colocation VALUES (1, 3, 'int4', 1);
-         INSERT INTO sharding.dist_table VALUES ('t', 'hash', 'id', 1, 1);
+         INSERT INTO sharding.dist_table VALUES ('t', 'hash', 1, 1, 1);
          INSERT INTO sharding.dist_shard (shard_id, logicalrelid, shard_index, min_hash, max_hash)
              VALUES (1, 't', 0, -2147483648, -1), (2, 't', 1, 0, 1000), (3, 't', 2, 1001, 2147483647);
          INSERT INTO sharding.dist_placement (placement_id, shard_id, node_id)

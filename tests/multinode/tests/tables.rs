@@ -1,0 +1,366 @@
+//! Distributed and reference tables on real servers: creation, placement, spread, DDL,
+//! COPY in and out, undistribute, drop, and bad input leaving nothing behind.
+
+use pg_sharding_multinode::{copy_in, copy_out, expect_error, scalar, Client, Cluster};
+
+fn ids_csv(range: std::ops::RangeInclusive<i64>) -> Vec<u8> {
+    let mut data = Vec::new();
+    for id in range {
+        data.extend_from_slice(format!("{id},name {id},{}.50\n", id % 1000).as_bytes());
+    }
+    data
+}
+
+/// Sorted lines of a COPY TO output (shards come back in shard order, not row order).
+fn sorted_lines(data: &[u8]) -> Vec<String> {
+    let mut lines: Vec<String> = String::from_utf8_lossy(data).lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+fn catalog_counts(c: &mut Client) -> (i64, i64, i64) {
+    (
+        scalar(c, "SELECT count(*) FROM sharding.dist_table"),
+        scalar(c, "SELECT count(*) FROM sharding.dist_shard"),
+        scalar(c, "SELECT count(*) FROM sharding.dist_placement"),
+    )
+}
+
+#[test]
+fn rows_land_where_shard_for_value_says_and_spread_evenly() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute("CREATE TABLE seq (id bigint PRIMARY KEY, name text, amount numeric(12,2))").unwrap();
+    c.batch_execute("SELECT create_distributed_table('seq', 'id')").unwrap();
+    let loaded = copy_in(&mut c, "COPY seq FROM STDIN WITH (FORMAT csv)", &ids_csv(1..=100_000)).unwrap();
+    assert_eq!(loaded, 100_000);
+
+    let counts = cluster.rows_per_placement("seq");
+    assert_eq!(counts.len(), 32);
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<i64>(), 100_000);
+    let mean = 100_000.0 / 32.0;
+    for (placement, count) in &counts {
+        let deviation = (*count as f64 - mean).abs() / mean;
+        assert!(deviation < 0.05, "shard {} holds {count} rows ({deviation:.3} from the mean)", placement.shard_id);
+    }
+    // Both workers hold shards, round-robin: 16 each.
+    let on_first = counts.iter().filter(|(p, _)| p.port == cluster.worker_port(1)).count();
+    assert_eq!(on_first, 16);
+
+    // Every sampled row is in the shard shard_for_value names, and only there.
+    for id in [1i64, 2, 777, 4242, 99_999, 100_000] {
+        let shard: i64 = c.query_one("SELECT sharding.shard_for_value('seq', $1::bigint)", &[&id]).unwrap().get(0);
+        for (placement, _) in &counts {
+            let mut worker = cluster.connect_port(placement.port);
+            let found: i64 = worker
+                .query_one(&format!("SELECT count(*) FROM public.\"{}\" WHERE id = $1", placement.shard_name), &[&id])
+                .unwrap()
+                .get(0);
+            assert_eq!(found, i64::from(placement.shard_id == shard), "id {id} in shard {}", placement.shard_id);
+        }
+    }
+
+    // 10,000 pseudo-random text keys over 4 shards: within 15% of the mean.
+    c.batch_execute("CREATE TABLE words (key text PRIMARY KEY)").unwrap();
+    c.batch_execute("SELECT create_distributed_table('words', 'key', shard_count => 4)").unwrap();
+    let mut state: u64 = 0x2545F4914F6CDD1D;
+    let mut data = Vec::new();
+    for i in 0..10_000 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(format!("k{:x}-{i}\n", state).as_bytes());
+    }
+    copy_in(&mut c, "COPY words FROM STDIN", &data).unwrap();
+    let counts = cluster.rows_per_placement("words");
+    assert_eq!(counts.len(), 4);
+    for (placement, count) in &counts {
+        let deviation = (*count as f64 - 2500.0).abs() / 2500.0;
+        assert!(deviation < 0.15, "shard {} holds {count} keys", placement.shard_id);
+    }
+}
+
+#[test]
+fn distributing_a_populated_table_keeps_every_row_and_undistribute_brings_them_back() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL, balance numeric(12,2) DEFAULT 0 CHECK (balance >= 0),
+                                opened date, tags text);
+         CREATE INDEX accounts_owner ON accounts (lower(owner));
+         INSERT INTO accounts SELECT g, 'owner ' || g, g * 1.25, date '2020-01-01' + g % 1000,
+                                     CASE WHEN g % 3 = 0 THEN NULL ELSE E'tab\\there' END
+           FROM generate_series(1, 20000) g;",
+    )
+    .unwrap();
+    let before = sorted_lines(&copy_out(&mut c, "COPY accounts TO STDOUT").unwrap());
+    let checksum: String = scalar(&mut c, "SELECT md5(string_agg(a::text, ',' ORDER BY id)) FROM accounts a");
+    assert_eq!(before.len(), 20_000);
+
+    c.batch_execute("SELECT create_distributed_table('accounts', 'id', shard_count => 8)").unwrap();
+    // The coordinator's table is an empty shell (queries on it are refused until the query
+    // engine exists, so its size tells).
+    let local_bytes: i64 = scalar(&mut c, "SELECT pg_relation_size('accounts')");
+    assert_eq!(local_bytes, 0);
+    let counts = cluster.rows_per_placement("accounts");
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<i64>(), 20_000);
+    let after = sorted_lines(&copy_out(&mut c, "COPY accounts TO STDOUT").unwrap());
+    assert_eq!(after, before, "COPY TO of the distributed table returns exactly the original rows");
+
+    // The shards carry the definition: defaults, NOT NULL, CHECK, primary key and index.
+    let mut w = cluster.worker(1);
+    let shard = &counts.iter().find(|(p, _)| p.port == cluster.worker_port(1)).unwrap().0.shard_name;
+    let indexes: i64 = scalar(&mut w, &format!("SELECT count(*) FROM pg_indexes WHERE tablename = '{shard}'"));
+    assert_eq!(indexes, 2);
+    let (code, ..) = expect_error(&mut w, &format!("INSERT INTO {shard} (id, owner, balance) VALUES (-5, 'x', -1)"));
+    assert_eq!(code, "23514", "the CHECK constraint is on the shard");
+
+    c.batch_execute("SELECT undistribute_table('accounts')").unwrap();
+    let restored: String = scalar(&mut c, "SELECT md5(string_agg(a::text, ',' ORDER BY id)) FROM accounts a");
+    assert_eq!(restored, checksum);
+    assert_eq!(cluster.shard_tables_on_workers("accounts"), 0);
+    assert_eq!(catalog_counts(&mut c), (0, 0, 0));
+}
+
+#[test]
+fn ddl_reaches_every_shard() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, \"Label\" text)").unwrap();
+    c.batch_execute("SELECT create_distributed_table('items', 'id', shard_count => 6)").unwrap();
+    copy_in(&mut c, "COPY items FROM STDIN", b"1\tone\n2\ttwo\n3\tthree\n").unwrap();
+    let shards = 6i64;
+    let column_count = |cluster: &Cluster, column: &str| -> i64 {
+        (1..=2)
+            .map(|w| -> i64 {
+                scalar(
+                    &mut cluster.worker(w),
+                    &format!("SELECT count(*) FROM information_schema.columns WHERE table_name ~ '^items_[0-9]+$' AND column_name = '{column}'"),
+                )
+            })
+            .sum()
+    };
+
+    c.batch_execute("ALTER TABLE items ADD COLUMN price numeric(10,2) DEFAULT 9.99 NOT NULL").unwrap();
+    assert_eq!(column_count(&cluster, "price"), shards);
+    c.batch_execute("ALTER TABLE items RENAME COLUMN \"Label\" TO title").unwrap();
+    assert_eq!(column_count(&cluster, "title"), shards);
+    assert_eq!(column_count(&cluster, "Label"), 0);
+    c.batch_execute("ALTER TABLE items ALTER COLUMN price TYPE numeric(12,2), ALTER COLUMN title SET NOT NULL").unwrap();
+    c.batch_execute("ALTER TABLE items ADD CONSTRAINT price_positive CHECK (price > 0)").unwrap();
+    c.batch_execute("CREATE INDEX items_title ON items (title)").unwrap();
+    let on_workers = |cluster: &Cluster, sql: &str| -> i64 { (1..=2).map(|w| -> i64 { scalar(&mut cluster.worker(w), sql) }).sum() };
+    assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname ~ '^items_title_[0-9]+$'"), shards);
+    assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_constraint WHERE conname = 'price_positive'"), shards);
+    assert_eq!(
+        on_workers(&cluster, "SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid WHERE c.relname ~ '^items_[0-9]+$' AND a.attname = 'title' AND a.attnotnull"),
+        shards
+    );
+    c.batch_execute("ALTER INDEX items_title RENAME TO items_by_title").unwrap();
+    assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname ~ '^items_by_title_[0-9]+$'"), shards);
+    c.batch_execute("DROP INDEX items_by_title").unwrap();
+    assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname ~ '^items_by_title_[0-9]+$'"), 0);
+    c.batch_execute("ALTER TABLE items DROP CONSTRAINT price_positive, DROP COLUMN price").unwrap();
+    assert_eq!(column_count(&cluster, "price"), 0);
+
+    // Existing rows got the new column's default on the shards.
+    let data = String::from_utf8(copy_out(&mut c, "COPY items (id, title) TO STDOUT").unwrap()).unwrap();
+    assert_eq!(sorted_lines(data.as_bytes()), vec!["1\tone", "2\ttwo", "3\tthree"]);
+
+    // Refused: changes the shards could not follow; nothing changes anywhere.
+    for (sql, code) in [
+        ("ALTER TABLE items DROP COLUMN id", "0A000"),
+        ("ALTER TABLE items ALTER COLUMN id TYPE numeric", "0A000"),
+        ("ALTER TABLE items ADD COLUMN n int GENERATED BY DEFAULT AS IDENTITY", "0A000"),
+        ("ALTER TABLE items ADD CONSTRAINT title_unique UNIQUE (title)", "0A000"),
+        ("ALTER TABLE items ALTER COLUMN title TYPE varchar(5) USING left(title, 5)", "0A000"),
+        ("ALTER TABLE items ENABLE ROW LEVEL SECURITY", "0A000"),
+        ("CREATE TRIGGER t BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()", "0A000"),
+        ("CREATE UNIQUE INDEX items_title_u ON items (title)", "0A000"),
+    ] {
+        let (got, message, ..) = expect_error(&mut c, sql);
+        assert_eq!(got, code, "{sql}: {message}");
+    }
+    assert_eq!(column_count(&cluster, "id"), shards);
+    assert_eq!(column_count(&cluster, "n"), 0);
+
+    // RENAME TABLE renames every shard; TRUNCATE empties them; DROP TABLE removes them.
+    c.batch_execute("ALTER TABLE items RENAME TO goods").unwrap();
+    assert_eq!(cluster.shard_tables_on_workers("goods"), shards);
+    assert_eq!(cluster.shard_tables_on_workers("items"), 0);
+    c.batch_execute("TRUNCATE goods").unwrap();
+    assert_eq!(cluster.rows_per_placement("goods").iter().map(|(_, n)| n).sum::<i64>(), 0);
+    c.batch_execute("DROP TABLE goods").unwrap();
+    assert_eq!(cluster.shard_tables_on_workers("goods"), 0);
+    assert_eq!(catalog_counts(&mut c), (0, 0, 0));
+}
+
+#[test]
+fn copy_is_all_or_nothing_and_refuses_null_distribution_values() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute("CREATE TABLE loads (id bigint, amount int)").unwrap();
+    c.batch_execute("SELECT create_distributed_table('loads', 'id')").unwrap();
+
+    let mut data = Vec::new();
+    for id in 1..=2000 {
+        if id == 1500 {
+            data.extend_from_slice(b"1500\tnot-a-number\n");
+        } else {
+            data.extend_from_slice(format!("{id}\t{id}\n").as_bytes());
+        }
+    }
+    let error = copy_in(&mut c, "COPY loads FROM STDIN", &data).unwrap_err();
+    assert_eq!(pg_sharding_multinode::sqlstate(&error), "22P02");
+    let context = error.as_db_error().and_then(|d| d.where_()).unwrap_or_default().to_string();
+    assert!(context.contains("line 1500"), "context: {context}");
+    assert_eq!(cluster.rows_per_placement("loads").iter().map(|(_, n)| n).sum::<i64>(), 0);
+
+    let error = copy_in(&mut c, "COPY loads FROM STDIN", b"1\t1\n\\N\t2\n").unwrap_err();
+    assert_eq!(pg_sharding_multinode::sqlstate(&error), "23502");
+    let message = error.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(message.contains("\"id\""), "{message}");
+    assert_eq!(cluster.rows_per_placement("loads").iter().map(|(_, n)| n).sum::<i64>(), 0);
+
+    // Defaults and sequences are evaluated once, on the coordinator.
+    c.batch_execute("CREATE TABLE serials (id bigserial, note text DEFAULT 'n/a'); SELECT create_distributed_table('serials', 'id', shard_count => 4)").unwrap();
+    copy_in(&mut c, "COPY serials (note) FROM STDIN", b"a\nb\nc\n").unwrap();
+    copy_in(&mut c, "COPY serials (id) FROM STDIN", b"100\n").unwrap();
+    let rows = sorted_lines(&copy_out(&mut c, "COPY serials TO STDOUT").unwrap());
+    assert_eq!(rows, vec!["1\ta", "100\tn/a", "2\tb", "3\tc"]);
+
+    // A COPY inside a transaction that rolls back leaves nothing on the workers.
+    c.batch_execute("BEGIN").unwrap();
+    copy_in(&mut c, "COPY loads FROM STDIN", b"1\t1\n2\t2\n").unwrap();
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(cluster.rows_per_placement("loads").iter().map(|(_, n)| n).sum::<i64>(), 0);
+}
+
+#[test]
+fn reference_tables_live_on_every_node() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+         INSERT INTO countries VALUES ('jp', 'Japan'), ('fr', 'France');
+         SELECT create_reference_table('countries');",
+    )
+    .unwrap();
+    copy_in(&mut c, "COPY countries FROM STDIN WITH (FORMAT csv)", b"de,Germany\nbr,Brazil\n").unwrap();
+    let local: Vec<String> = c.query("SELECT code FROM countries ORDER BY code", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(local, vec!["br", "de", "fr", "jp"], "the coordinator's copy is complete and readable");
+    let placements = cluster.placements("countries");
+    assert_eq!(placements.len(), 2);
+    for placement in &placements {
+        let mut w = cluster.connect_port(placement.port);
+        let codes: Vec<String> = w
+            .query(&format!("SELECT code FROM {} ORDER BY code", placement.shard_name), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(codes, local);
+    }
+    // A duplicate key fails the whole COPY on every node.
+    let error = copy_in(&mut c, "COPY countries FROM STDIN WITH (FORMAT csv)", b"it,Italy\njp,Japan again\n").unwrap_err();
+    assert_eq!(pg_sharding_multinode::sqlstate(&error), "23505");
+    let count: i64 = scalar(&mut c, "SELECT count(*) FROM countries");
+    assert_eq!(count, 4);
+    for placement in &placements {
+        let n: i64 = scalar(&mut cluster.connect_port(placement.port), &format!("SELECT count(*) FROM {}", placement.shard_name));
+        assert_eq!(n, 4);
+    }
+    let (code, ..) = expect_error(&mut c, "UPDATE countries SET name = 'x'");
+    assert_eq!(code, "0A000", "writes to reference tables wait for the query engine");
+}
+
+#[test]
+fn queries_the_engine_cannot_run_yet_fail_instead_of_reading_the_empty_shell() {
+    let cluster = Cluster::start(1);
+    let mut c = cluster.coordinator();
+    c.batch_execute("CREATE TABLE t (id int); SELECT create_distributed_table('t', 'id'); CREATE VIEW v AS SELECT * FROM t;").unwrap();
+    for sql in ["SELECT * FROM t", "SELECT count(*) FROM v", "INSERT INTO t VALUES (1)", "WITH x AS (SELECT 1) SELECT * FROM x, t", "DELETE FROM t"] {
+        let (code, message, ..) = expect_error(&mut c, sql);
+        assert_eq!(code, "0A000", "{sql}");
+        assert!(message.contains("\"t\""), "{message}");
+    }
+}
+
+#[test]
+fn bad_input_errors_and_leaves_nothing_behind() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE good (id int PRIMARY KEY, doc jsonb, u text UNIQUE);
+         CREATE TABLE noprimary (id int, doc jsonb);
+         CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (id int REFERENCES parent (id));
+         CREATE TABLE parted (id int) PARTITION BY RANGE (id);
+         CREATE UNLOGGED TABLE unlogged_t (id int);
+         CREATE TABLE other (id bigint);
+         SELECT create_distributed_table('other', 'id', shard_count => 4);
+         CREATE TABLE t8 (id int);
+         CREATE TABLE owned_by_app (id int);
+         CREATE ROLE app;
+         GRANT USAGE ON SCHEMA sharding TO app;",
+    )
+    .unwrap();
+    let shard_tables_before = cluster.shard_tables_on_workers("good") + cluster.shard_tables_on_workers("noprimary");
+    let catalog_before = catalog_counts(&mut c);
+
+    let cases: Vec<(&str, &str)> = vec![
+        ("SELECT create_distributed_table('missing', 'id')", "42P01"),
+        ("SELECT create_distributed_table('noprimary', 'nope')", "42703"),
+        ("SELECT create_distributed_table('noprimary', 'doc')", "0A000"),
+        ("SELECT create_distributed_table('good', 'id')", "0A000"), // unique (u) lacks the column
+        ("SELECT create_distributed_table('child', 'id')", "0A000"),
+        ("SELECT create_distributed_table('parent', 'id')", "0A000"), // referenced by a foreign key
+        ("SELECT create_distributed_table('parted', 'id')", "0A000"),
+        ("SELECT create_distributed_table('unlogged_t', 'id')", "0A000"),
+        ("SELECT create_distributed_table('other', 'id')", "42710"),
+        ("SELECT create_distributed_table('noprimary', 'id', 'range')", "22023"),
+        ("SELECT create_distributed_table('noprimary', 'id', shard_count => 0)", "22023"),
+        ("SELECT create_distributed_table('noprimary', 'id', colocate_with => 'other')", "42804"),
+        ("SELECT create_distributed_table('t8', 'id', colocate_with => 'missing_table')", "42P01"),
+        ("SELECT create_distributed_table('noprimary', NULL)", "22004"),
+        ("SELECT create_reference_table('child')", "0A000"),
+        ("SELECT undistribute_table('noprimary')", "22023"),
+        ("SET ROLE app; SELECT create_distributed_table('owned_by_app', 'id')", "42501"),
+    ];
+    for (sql, code) in cases {
+        let (got, message, ..) = expect_error(&mut c, sql);
+        assert_eq!(got, code, "{sql}: {message}");
+        c.batch_execute("RESET ROLE").unwrap();
+    }
+    c.batch_execute("CREATE TEMP TABLE temp_t (id int)").unwrap();
+    let (code, ..) = expect_error(&mut c, "SELECT create_distributed_table('temp_t', 'id')");
+    assert_eq!(code, "0A000");
+    // colocate_with a table of another shard count.
+    let (code, ..) = expect_error(&mut c, "CREATE TABLE t9 (id bigint); SELECT create_distributed_table('t9', 'id', colocate_with => 'other', shard_count => 8)");
+    assert_eq!(code, "22023");
+
+    assert_eq!(catalog_counts(&mut c), catalog_before, "no catalog rows from failed calls");
+    assert_eq!(
+        cluster.shard_tables_on_workers("good") + cluster.shard_tables_on_workers("noprimary"),
+        shard_tables_before,
+        "no shard tables from failed calls"
+    );
+
+    // A failure half-way (a worker refuses to create one shard) rolls back every node.
+    let next: i64 = scalar(&mut c, "SELECT last_value + 1 FROM sharding.dist_shard_id_seq");
+    let mut w2 = cluster.worker(2);
+    for id in next..next + 64 {
+        w2.batch_execute(&format!("CREATE TABLE public.t8_{id} (blocker int)")).unwrap();
+    }
+    let blockers = cluster.shard_tables_on_workers("t8");
+    let (code, message, ..) = expect_error(&mut c, "SELECT create_distributed_table('t8', 'id', shard_count => 8)");
+    assert_eq!(code, "42P07", "{message}");
+    assert_eq!(cluster.shard_tables_on_workers("t8"), blockers, "worker 1 keeps no shard of the failed call");
+    assert_eq!(catalog_counts(&mut c), catalog_before);
+
+    // No active nodes.
+    c.batch_execute("UPDATE sharding.dist_node SET is_active = false").unwrap();
+    let (code, message, hint, _) = expect_error(&mut c, "SELECT create_distributed_table('noprimary', 'id')");
+    assert_eq!(code, "55000", "{message}");
+    assert!(hint.contains("add_node"), "{hint}");
+}
