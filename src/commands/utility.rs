@@ -23,14 +23,29 @@ use crate::deparse::{quote, table as table_ddl};
 use crate::error::{OrRaise, Result, ShardingError};
 use crate::transaction::remote;
 
-static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 static mut PREVIOUS_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+extern "C-unwind" {
+    /// src/hooks_c/utility_hook.c: installs the C entry point of the hook.
+    fn pg_sharding_install_utility_hook();
+    /// src/hooks_c/utility_hook.c: the previous hook, or standard_ProcessUtility.
+    #[allow(clippy::too_many_arguments)]
+    fn pg_sharding_standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
 
 pub fn install() {
     // SAFETY: called once from _PG_init while preloading; previous hooks are chained.
     unsafe {
-        PREVIOUS_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(process_utility);
+        pg_sharding_install_utility_hook();
         PREVIOUS_OBJECT_ACCESS = pg_sys::object_access_hook;
         pg_sys::object_access_hook = Some(object_access);
     }
@@ -51,18 +66,15 @@ pub struct UtilityCall {
 impl UtilityCall {
     /// Runs the statement as PostgreSQL would without pg_sharding (or the next hook).
     pub fn run_standard(&self) {
-        // SAFETY: the arguments are exactly those this hook received.
+        // SAFETY: the arguments are exactly those this hook received; an ERROR becomes a Rust
+        // panic at the guard and unwinds through our frames.
         unsafe {
-            match *std::ptr::addr_of!(PREVIOUS_PROCESS_UTILITY) {
-                Some(hook) => hook(
+            pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                pg_sharding_standard_process_utility(
                     self.pstmt, self.query_string, self.read_only_tree, self.context,
                     self.params, self.query_env, self.dest, self.qc,
-                ),
-                None => pg_sys::standard_ProcessUtility(
-                    self.pstmt, self.query_string, self.read_only_tree, self.context,
-                    self.params, self.query_env, self.dest, self.qc,
-                ),
-            }
+                )
+            })
         }
     }
 
@@ -99,9 +111,30 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_ClusterStmt, targets: cluster_targets, check: refuse, run: never },
 ];
 
+/// The operation and targets for a statement, when it touches distributed tables.
+unsafe fn ours(pstmt: *mut pg_sys::PlannedStmt) -> Result<Option<(&'static Operation, Vec<Rc<DistributedTable>>)>> {
+    if !cache::extension_active() {
+        return Ok(None);
+    }
+    let statement = (*pstmt).utilityStmt;
+    let tag = (*statement).type_;
+    let Some(operation) = OPERATIONS.iter().find(|op| op.tag == tag) else { return Ok(None) };
+    let targets = (operation.targets)(statement)?;
+    Ok((!targets.is_empty()).then_some((operation, targets)))
+}
+
+/// Called by the C hook: does pg_sharding handle this statement?
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pg_sharding_utility_wants(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    ours(pstmt).or_raise().is_some()
+}
+
+/// Called by the C hook for the statements `pg_sharding_utility_wants` claimed.
+#[no_mangle]
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
-unsafe extern "C-unwind" fn process_utility(
+pub unsafe extern "C-unwind" fn pg_sharding_utility_run(
     pstmt: *mut pg_sys::PlannedStmt,
     query_string: *const c_char,
     read_only_tree: bool,
@@ -112,19 +145,10 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let call = UtilityCall { pstmt, query_string, read_only_tree, context, params, query_env, dest, qc };
-    if !cache::extension_active() {
-        return call.run_standard();
-    }
-    let statement = call.statement();
-    let tag = (*statement).type_;
-    let Some(operation) = OPERATIONS.iter().find(|op| op.tag == tag) else {
+    let Some((operation, targets)) = ours(pstmt).or_raise() else {
         return call.run_standard();
     };
-    let targets = (operation.targets)(statement).or_raise();
-    if targets.is_empty() {
-        return call.run_standard();
-    }
-    (operation.check)(statement, &targets).or_raise();
+    (operation.check)(call.statement(), &targets).or_raise();
     (operation.run)(&call, &targets).or_raise();
 }
 

@@ -25,11 +25,13 @@ pub struct ConnectParams<'a> {
 pub struct RemoteError {
     pub sqlstate: Option<String>,
     pub message: String,
+    /// The node's CONTEXT line(s), when it sent any (for COPY: which row failed).
+    pub context: Option<String>,
 }
 
 impl RemoteError {
     fn local(message: impl Into<String>) -> Self {
-        Self { sqlstate: None, message: message.into() }
+        Self { sqlstate: None, message: message.into(), context: None }
     }
 }
 
@@ -133,7 +135,7 @@ impl RemoteConnection {
     }
 
     /// Reads every pending result; the first error wins, the last rows are returned.
-    fn drain_results(&self) -> Result<RemoteRows, RemoteError> {
+    pub fn drain_results(&self) -> Result<RemoteRows, RemoteError> {
         let mut outcome: Result<RemoteRows, RemoteError> = Ok(RemoteRows::default());
         loop {
             // SAFETY: valid connection; each result is owned by a guard and cleared.
@@ -174,6 +176,26 @@ impl RemoteConnection {
         // SAFETY: valid connection in COPY IN state; libpq copies the buffer before returning.
         let sent = unsafe { pq::PQputCopyData(self.conn.as_ptr(), data.as_ptr().cast(), length) };
         if sent == 1 {
+            Ok(())
+        } else {
+            Err(RemoteError::local(self.last_error()))
+        }
+    }
+
+    /// True while a sent command has not finished (reads what has arrived, never blocks).
+    pub fn is_busy(&self) -> bool {
+        // SAFETY: valid connection; PQconsumeInput only reads what the socket already holds.
+        unsafe {
+            pq::PQconsumeInput(self.conn.as_ptr());
+            pq::PQisBusy(self.conn.as_ptr()) == 1
+        }
+    }
+
+    /// Ends COPY without waiting for the node to finish: collect the outcome later with
+    /// `drain_results` (before anything else is sent on this connection).
+    pub fn copy_end_async(&self) -> Result<(), RemoteError> {
+        // SAFETY: valid connection in COPY IN state.
+        if unsafe { pq::PQputCopyEnd(self.conn.as_ptr(), std::ptr::null()) } == 1 {
             Ok(())
         } else {
             Err(RemoteError::local(self.last_error()))
@@ -306,7 +328,9 @@ impl ResultGuard {
                     ));
                     let message =
                         if message.is_empty() { owned_text(pq::PQresultErrorMessage(res)) } else { message };
-                    return Err(RemoteError { sqlstate, message });
+                    let context = owned_text(pq::PQresultErrorField(res, pq::PG_DIAG_CONTEXT as i32));
+                    let context = (!context.is_empty()).then_some(context);
+                    return Err(RemoteError { sqlstate, message, context });
                 }
             }
             let nrows = pq::PQntuples(res).max(0);

@@ -100,6 +100,7 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
         columns.push(OutputColumn { index, output });
         column_names.push(CStr::from_ptr((*attribute).attname.data.as_ptr()).to_string_lossy().into_owned());
     }
+    let raw_fields = raw_fields_apply(statement, &column_names)?;
     let distribution = match (table.method, table.distribution_attnum, table.distribution_kind) {
         (Method::Hash, Some(attnum), Some(kind)) => Some(((attnum - 1) as usize, kind)),
         (Method::Hash, _, _) => return Err(ShardingError::internal("hash table without a distribution column")),
@@ -111,7 +112,11 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
         .iter()
         .map(|s| (s.shard_id, definition.shard_name(s.shard_id, &quote::ident), s.placements.clone()))
         .collect();
-    let mut writer = ShardWriter::new(&targets, &column_names)?;
+    let input_names: Vec<String> = match &raw_fields {
+        Some(order) => order.iter().map(|i| column_names[*i].clone()).collect(),
+        None => column_names.clone(),
+    };
+    let mut writer = ShardWriter::new(&targets, &input_names)?;
     let mut spool = if table.method == Method::Reference { Some(open_spool()?) } else { None };
 
     let parse_state = parse_state_for(relation, call.query_string);
@@ -146,7 +151,20 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
     pg_sys::error_context_stack = error_context;
 
     let mut rows: u64 = 0;
-    let outcome = (|| -> Result<()> {
+    let outcome = match &raw_fields {
+        Some(order) => copy_raw_rows(
+            copy_state,
+            expression_context,
+            order,
+            &columns,
+            &column_names,
+            distribution,
+            table,
+            &mut writer,
+            spool.as_mut(),
+            &mut rows,
+        ),
+        None => (|| -> Result<()> {
         loop {
             pg_sys::MemoryContextReset((*expression_context).ecxt_per_tuple_memory);
             let previous = pg_sys::MemoryContextSwitchTo((*expression_context).ecxt_per_tuple_memory);
@@ -198,7 +216,15 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
             rows += 1;
         }
         Ok(())
-    })();
+    })(),
+    };
+    if let Err(error) = &outcome {
+        // A worker's error is about a row sent earlier, not the line being read now: the
+        // worker's own context (in the detail) tells which row; ours would mislead.
+        if error.detail.as_deref().is_some_and(|d| d.starts_with("on node ")) {
+            pg_sys::error_context_stack = (*error_context).previous;
+        }
+    }
     outcome?;
     pg_sys::error_context_stack = (*error_context).previous;
 
@@ -208,11 +234,139 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
     writer.finish()?;
     if let Some(spool) = spool.as_mut() {
         spool.file.flush().map_err(|e| ShardingError::internal(format!("spool flush failed: {e}")))?;
-        load_local_copy(relation, &spool.path, &column_names)?;
+        load_local_copy(relation, &spool.path, &input_names)?;
     }
     pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
     set_copy_completion(call.qc, rows);
     Ok(())
+}
+
+/// The order of the input's fields (as indexes into `columns`) when rows can be forwarded from
+/// COPY's raw fields: text or csv input that names every stored column, without options that
+/// change what NULL means. Then only the distribution column is parsed on the coordinator.
+/// Otherwise `None`: every row goes through NextCopyFrom (defaults, binary input, ...).
+unsafe fn raw_fields_apply(statement: *mut pg_sys::CopyStmt, column_names: &[String]) -> Result<Option<Vec<usize>>> {
+    for option in crate::commands::utility::list_pointers::<pg_sys::DefElem>((*statement).options) {
+        let name = CStr::from_ptr((*option).defname).to_string_lossy().to_lowercase();
+        match name.as_str() {
+            "format" => {
+                let format = CStr::from_ptr(pg_sys::defGetString(option)).to_string_lossy().to_lowercase();
+                if format == "binary" {
+                    return Ok(None);
+                }
+            }
+            "force_not_null" | "force_null" => return Ok(None),
+            _ => {}
+        }
+    }
+    if (*statement).attlist.is_null() {
+        return Ok(Some((0..column_names.len()).collect()));
+    }
+    let mut order = Vec::new();
+    for name in crate::commands::utility::list_pointers::<pg_sys::String>((*statement).attlist) {
+        let name = CStr::from_ptr((*name).sval).to_string_lossy();
+        match column_names.iter().position(|c| *c == name) {
+            Some(index) if !order.contains(&index) => order.push(index),
+            // Unknown or repeated names: let NextCopyFrom report them.
+            _ => return Ok(None),
+        }
+    }
+    Ok((order.len() == column_names.len()).then_some(order))
+}
+
+/// The raw-fields loop: each row's fields are re-escaped as COPY text and forwarded; only the
+/// distribution column goes through its input function, to be hashed.
+#[allow(clippy::too_many_arguments)]
+unsafe fn copy_raw_rows(
+    copy_state: pg_sys::CopyFromState,
+    expression_context: *mut pg_sys::ExprContext,
+    order: &[usize],
+    columns: &[OutputColumn],
+    names: &[String],
+    distribution: Option<(usize, routing::DistKind)>,
+    table: &DistributedTable,
+    writer: &mut ShardWriter,
+    mut spool: Option<&mut Spool>,
+    rows: &mut u64,
+) -> Result<()> {
+    // Position of the distribution column among the input fields, and its input function.
+    let mut distribution_input = None;
+    if let Some((attribute_index, kind)) = distribution {
+        let position = order
+            .iter()
+            .position(|i| columns[*i].index == attribute_index)
+            .ok_or_else(|| ShardingError::internal("distribution column missing from the COPY fields"))?;
+        let type_oid = table.distribution_type;
+        let (mut input_oid, mut io_param) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::getTypeInputInfo(type_oid, &mut input_oid, &mut io_param);
+        let mut input = std::mem::zeroed::<pg_sys::FmgrInfo>();
+        pg_sys::fmgr_info(input_oid, &mut input);
+        distribution_input = Some((position, kind, input, io_param));
+    }
+    let mut row = Vec::with_capacity(512);
+    loop {
+        pg_sys::MemoryContextReset((*expression_context).ecxt_per_tuple_memory);
+        let previous = pg_sys::MemoryContextSwitchTo((*expression_context).ecxt_per_tuple_memory);
+        let mut fields: *mut *mut std::ffi::c_char = std::ptr::null_mut();
+        let mut count: i32 = 0;
+        let more = pg_sys::NextCopyFromRawFields(copy_state, &mut fields, &mut count);
+        pg_sys::MemoryContextSwitchTo(previous);
+        if !more {
+            return Ok(());
+        }
+        let count = count.max(0) as usize;
+        if count != order.len() {
+            let message = if count > order.len() {
+                "extra data after last expected column".to_string()
+            } else {
+                format!("missing data for column \"{}\"", names[order[count]])
+            };
+            return Err(ShardingError::new(PgSqlErrorCode::ERRCODE_BAD_COPY_FILE_FORMAT, message));
+        }
+        row.clear();
+        for position in 0..count {
+            if position > 0 {
+                row.push(b'\t');
+            }
+            let field = *fields.add(position);
+            if field.is_null() {
+                copy_text::push_null(&mut row);
+            } else {
+                copy_text::push_field(&mut row, CStr::from_ptr(field).to_bytes());
+            }
+        }
+        row.push(b'\n');
+        match distribution_input.as_mut() {
+            Some((position, kind, input, io_param)) => {
+                let field = *fields.add(*position);
+                if field.is_null() {
+                    return Err(ShardingError::new(
+                        PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                        format!(
+                            "null value in distribution column \"{}\" of relation \"{}\"",
+                            table.distribution_column.clone().unwrap_or_default(),
+                            table.name
+                        ),
+                    ));
+                }
+                let previous = pg_sys::MemoryContextSwitchTo((*expression_context).ecxt_per_tuple_memory);
+                let datum = pg_sys::InputFunctionCall(input, field, *io_param, -1);
+                let hash = routing::hash_datum(datum, *kind);
+                pg_sys::MemoryContextSwitchTo(previous);
+                let shard = table
+                    .shard_for_hash(hash)
+                    .ok_or_else(|| ShardingError::internal(format!("no shard owns hash value {hash}")))?;
+                writer.push(shard.shard_id, &row)?;
+            }
+            None => {
+                writer.push(table.shards[0].shard_id, &row)?;
+                if let Some(spool) = spool.as_mut() {
+                    spool.file.write_all(&row).map_err(|e| ShardingError::internal(format!("spool write failed: {e}")))?;
+                }
+            }
+        }
+        *rows += 1;
+    }
 }
 
 /// Loads the spooled rows (COPY text, these columns) into the coordinator's own table with

@@ -1,6 +1,10 @@
 //! Buffers rows per shard (COPY text format) and streams them into the shard's placements with
 //! `COPY ... FROM STDIN`, inside the distributed transaction. Memory stays bounded: a shard's
 //! buffer is flushed when it passes `FLUSH_BYTES`.
+//!
+//! Flushes are pipelined: the coordinator does not wait for a node to finish inserting a batch
+//! before it goes on parsing; it collects that COPY's outcome just before the node's next
+//! batch (one COPY in flight per node connection), and all of them at the end.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -12,16 +16,24 @@ use crate::error::{Result, ShardingError};
 use crate::transaction::remote;
 use pgrx::PgSqlErrorCode;
 
-const FLUSH_BYTES: usize = 256 * 1024;
+/// A shard's buffer is sent once it holds this much (times 1 to 2, staggered per shard so that
+/// shards filling at the same rate do not all flush at the same moment)...
+const FLUSH_BYTES: usize = 512 * 1024;
+/// ...unless its node is still inserting the previous batch: then it keeps buffering, up to
+/// this much, before the coordinator waits. Memory is bounded by shards x MAX_BUFFER_BYTES.
+const MAX_BUFFER_BYTES: usize = 2 * 1024 * 1024;
 
 struct Target {
     copy_sql: String,
     nodes: Vec<Node>,
     buffer: Vec<u8>,
+    flush_at: usize,
 }
 
 pub struct ShardWriter {
     targets: HashMap<i64, Target>,
+    /// Nodes with a COPY whose outcome has not been read yet.
+    in_flight: HashMap<i32, Node>,
     pub rows: u64,
 }
 
@@ -44,12 +56,18 @@ impl ShardWriter {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let stagger = (targets.len() % 32) * FLUSH_BYTES / 32;
             targets.insert(
                 *shard_id,
-                Target { copy_sql: format!("COPY {name} ({column_list}) FROM STDIN"), nodes, buffer: Vec::new() },
+                Target {
+                    copy_sql: format!("COPY {name} ({column_list}) FROM STDIN"),
+                    nodes,
+                    buffer: Vec::new(),
+                    flush_at: FLUSH_BYTES + stagger,
+                },
             );
         }
-        Ok(ShardWriter { targets, rows: 0 })
+        Ok(ShardWriter { targets, in_flight: HashMap::new(), rows: 0 })
     }
 
     /// Appends one encoded row (ending in a newline) for `shard_id`.
@@ -60,33 +78,58 @@ impl ShardWriter {
             .ok_or_else(|| ShardingError::internal(format!("no COPY target for shard {shard_id}")))?;
         target.buffer.extend_from_slice(row);
         self.rows += 1;
-        if target.buffer.len() >= FLUSH_BYTES {
-            flush(target)?;
+        if target.buffer.len() >= target.flush_at
+            && (target.buffer.len() >= MAX_BUFFER_BYTES || !any_busy(target, &self.in_flight)?)
+        {
+            flush(target, &mut self.in_flight)?;
         }
         Ok(())
     }
 
-    /// Sends everything still buffered.
+    /// Sends everything still buffered and waits for every node to finish.
     pub fn finish(mut self) -> Result<u64> {
         for target in self.targets.values_mut() {
-            flush(target)?;
+            flush(target, &mut self.in_flight)?;
+        }
+        for (_, node) in std::mem::take(&mut self.in_flight) {
+            settle(&node)?;
         }
         Ok(self.rows)
     }
 }
 
-fn flush(target: &mut Target) -> Result<()> {
+/// True when a placement node of `target` is still busy with an earlier batch.
+fn any_busy(target: &Target, in_flight: &HashMap<i32, Node>) -> Result<bool> {
+    for node in &target.nodes {
+        if in_flight.contains_key(&node.node_id) && remote::in_transaction(node)?.is_busy() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Reads the outcome of the COPY in flight on `node`'s connection.
+fn settle(node: &Node) -> Result<()> {
+    let connection = remote::in_transaction(node)?;
+    connection.drain_results().map(|_| ()).map_err(|e| remote::remote_error(node, e))
+}
+
+fn flush(target: &mut Target, in_flight: &mut HashMap<i32, Node>) -> Result<()> {
     if target.buffer.is_empty() {
         return Ok(());
     }
     for node in &target.nodes {
+        if let Some(previous) = in_flight.remove(&node.node_id) {
+            settle(&previous)?;
+        }
         let connection = remote::in_transaction(node)?;
         connection.copy_start(&target.copy_sql).map_err(|e| remote::remote_error(node, e))?;
         if let Err(error) = connection.copy_data(&target.buffer) {
             let _ = connection.copy_end(Some("pg_sharding: sending rows failed"));
             return Err(remote::remote_error(node, error));
         }
-        connection.copy_end(None).map_err(|e| remote::remote_error(node, e))?;
+        connection.copy_end_async().map_err(|e| remote::remote_error(node, e))?;
+        in_flight.insert(node.node_id, node.clone());
     }
     target.buffer.clear();
     Ok(())

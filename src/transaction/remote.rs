@@ -119,7 +119,8 @@ pub fn remote_error(node: &Node, error: crate::connection::RemoteError) -> Shard
         .as_deref()
         .and_then(sqlstate_code)
         .unwrap_or(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE);
-    ShardingError::new(code, error.message).detail(format!("on node {}:{}", node.host, node.port))
+    let context = error.context.map(|c| format!(": {c}")).unwrap_or_default();
+    ShardingError::new(code, error.message).detail(format!("on node {}:{}{context}", node.host, node.port))
 }
 
 fn sqlstate_code(code: &str) -> Option<PgSqlErrorCode> {

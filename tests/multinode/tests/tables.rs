@@ -202,10 +202,11 @@ fn copy_is_all_or_nothing_and_refuses_null_distribution_values() {
     c.batch_execute("CREATE TABLE loads (id bigint, amount int)").unwrap();
     c.batch_execute("SELECT create_distributed_table('loads', 'id')").unwrap();
 
+    // A bad value in the distribution column is found on the coordinator: COPY's own context.
     let mut data = Vec::new();
     for id in 1..=2000 {
         if id == 1500 {
-            data.extend_from_slice(b"1500\tnot-a-number\n");
+            data.extend_from_slice(b"not-a-number\t1500\n");
         } else {
             data.extend_from_slice(format!("{id}\t{id}\n").as_bytes());
         }
@@ -214,6 +215,16 @@ fn copy_is_all_or_nothing_and_refuses_null_distribution_values() {
     assert_eq!(pg_sharding_multinode::sqlstate(&error), "22P02");
     let context = error.as_db_error().and_then(|d| d.where_()).unwrap_or_default().to_string();
     assert!(context.contains("line 1500"), "context: {context}");
+    assert_eq!(cluster.rows_per_placement("loads").iter().map(|(_, n)| n).sum::<i64>(), 0);
+
+    // A bad value elsewhere is found by the worker that receives the row: its context is in
+    // the detail. Nothing is inserted anywhere either way.
+    let data: Vec<u8> = data.iter().copied().collect::<Vec<u8>>();
+    let data = String::from_utf8(data).unwrap().replace("not-a-number\t1500", "1500\tnot-a-number");
+    let error = copy_in(&mut c, "COPY loads FROM STDIN", data.as_bytes()).unwrap_err();
+    assert_eq!(pg_sharding_multinode::sqlstate(&error), "22P02");
+    let detail = error.as_db_error().and_then(|d| d.detail()).unwrap_or_default().to_string();
+    assert!(detail.contains("on node") && detail.contains("not-a-number"), "detail: {detail}");
     assert_eq!(cluster.rows_per_placement("loads").iter().map(|(_, n)| n).sum::<i64>(), 0);
 
     let error = copy_in(&mut c, "COPY loads FROM STDIN", b"1\t1\n\\N\t2\n").unwrap_err();
@@ -228,6 +239,12 @@ fn copy_is_all_or_nothing_and_refuses_null_distribution_values() {
     copy_in(&mut c, "COPY serials (id) FROM STDIN", b"100\n").unwrap();
     let rows = sorted_lines(&copy_out(&mut c, "COPY serials TO STDOUT").unwrap());
     assert_eq!(rows, vec!["1\ta", "100\tn/a", "2\tb", "3\tc"]);
+
+    // Statements on ordinary tables behave exactly as without pg_sharding, errors included.
+    c.batch_execute("CREATE TABLE plain (a int)").unwrap();
+    let error = copy_in(&mut c, "COPY plain FROM STDIN", b"1\nx\n").unwrap_err();
+    let context = error.as_db_error().and_then(|d| d.where_()).unwrap_or_default().to_string();
+    assert_eq!(context, "COPY plain, line 2, column a: \"x\"");
 
     // A COPY inside a transaction that rolls back leaves nothing on the workers.
     c.batch_execute("BEGIN").unwrap();
