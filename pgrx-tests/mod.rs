@@ -152,4 +152,19 @@ mod tests {
             Some("ERRCODE_FEATURE_NOT_SUPPORTED")
         );
     }
+
+    #[pg_test]
+    fn metadata_reads_leave_the_transaction_read_only() {
+        // Read through read-only SPI ourselves: Spi::run would assign a transaction id itself.
+        let assigned = Spi::connect(|client| {
+            client.select("SELECT count(*) FROM sharding.node_health()", None, &[]).unwrap();
+            client
+                .select("SELECT pg_catalog.txid_current_if_assigned()", None, &[])
+                .unwrap()
+                .first()
+                .get_one::<i64>()
+                .unwrap()
+        });
+        assert_eq!(assigned, None, "reading the catalog must not assign a transaction id");
+    }
 }

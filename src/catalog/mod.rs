@@ -12,6 +12,25 @@ pub const SCHEMA: &str = "sharding";
 pub const CATALOG_TABLES: &[&str] =
     &["dist_node", "dist_colocation", "dist_table", "dist_shard", "dist_placement"];
 
+/// Reads one value of the first row, through read-only SPI. (pgrx's `Spi::get_one` helpers
+/// run in read-write mode, which assigns a transaction id: every metadata read would make the
+/// transaction a writing one, and DROP INDEX CONCURRENTLY would refuse to run after it.)
+pub fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> crate::error::Result<Option<T>> {
+    Ok(pgrx::Spi::connect(|client| client.select(sql, Some(1), args)?.first().get_one::<T>())?)
+}
+
+/// Two values of the first row, through read-only SPI.
+pub fn read_two<A, B>(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> crate::error::Result<(Option<A>, Option<B>)>
+where
+    A: pgrx::FromDatum + pgrx::IntoDatum,
+    B: pgrx::FromDatum + pgrx::IntoDatum,
+{
+    Ok(pgrx::Spi::connect(|client| client.select(sql, Some(1), args)?.first().get_two::<A, B>())?)
+}
+
 /// Runs catalog writes with the extension owner's rights when the caller is not a superuser:
 /// the commands check what the caller may do (ownership of the table), and the catalog itself
 /// stays closed to direct writes. The previous user is restored afterwards (and by abort).
@@ -21,8 +40,9 @@ pub fn as_catalog_owner<T>(f: impl FnOnce() -> crate::error::Result<T>) -> crate
     if unsafe { pg_sys::superuser() } {
         return f();
     }
-    let owner = Spi::get_one::<pg_sys::Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_sharding'",
+    let owner = read_one::<pg_sys::Oid>(
+        "SELECT (SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_sharding')",
+        &[],
     )?
     .ok_or_else(|| crate::error::ShardingError::internal("pg_sharding is not installed"))?;
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);

@@ -80,11 +80,57 @@ pub fn delete(node_id: i32) -> Result<()> {
     Ok(())
 }
 
-/// Number of shard placements (in any state) recorded on a node.
+/// Number of placements of hash-distributed shards (in any state) recorded on a node.
 pub fn placement_count(node_id: i32) -> Result<i64> {
-    let count = Spi::get_one_with_args::<i64>(
-        "SELECT count(*) FROM sharding.dist_placement WHERE node_id = $1",
+    let count = super::read_one::<i64>(
+        "SELECT count(*) FROM sharding.dist_placement p
+           JOIN sharding.dist_shard s ON s.shard_id = p.shard_id
+           JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+          WHERE p.node_id = $1 AND t.method <> 'reference'",
         &[node_id.into()],
     )?;
     Ok(count.unwrap_or(0))
+}
+
+/// Forgets a node's reference-table copies (dropping them on the node when it answers, inside
+/// the distributed transaction; a node that is down keeps tables nobody refers to any more).
+pub fn drop_reference_placements(node: &Node) -> Result<()> {
+    let shards = Spi::connect(|client| -> Result<Vec<String>> {
+        client
+            .select(
+                "SELECT n.nspname::text, c.relname::text, s.shard_id
+                   FROM sharding.dist_placement p
+                   JOIN sharding.dist_shard s ON s.shard_id = p.shard_id
+                   JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+                   JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE p.node_id = $1 AND t.method = 'reference'",
+                None,
+                &[node.node_id.into()],
+            )?
+            .map(|row| {
+                let schema = row.get::<String>(1)?.unwrap_or_default();
+                let table = row.get::<String>(2)?.unwrap_or_default();
+                let shard_id = row.get::<i64>(3)?.unwrap_or_default();
+                Ok(crate::deparse::quote::qualified(&schema, &sharding_core::table_def::shard_object_name(&table, shard_id)))
+            })
+            .collect()
+    })?;
+    if shards.is_empty() {
+        return Ok(());
+    }
+    if let Ok(connection) = crate::transaction::remote::in_transaction(node) {
+        connection
+            .exec(&format!("DROP TABLE IF EXISTS {}", shards.join(", ")))
+            .map_err(|e| crate::transaction::remote::remote_error(node, e))?;
+    }
+    crate::catalog::as_catalog_owner(|| {
+        Spi::run_with_args(
+            "DELETE FROM sharding.dist_placement p USING sharding.dist_shard s, sharding.dist_table t
+              WHERE p.shard_id = s.shard_id AND t.logicalrelid = s.logicalrelid
+                AND p.node_id = $1 AND t.method = 'reference'",
+            &[node.node_id.into()],
+        )?;
+        Ok(())
+    })
 }

@@ -145,7 +145,7 @@ pub fn new_colocation_group(shard_count: i32, distribution_type: Option<pg_sys::
 
 /// A colocation group of hash tables with this shard count and column type, if any exists.
 pub fn find_colocation_group(shard_count: i32, distribution_type: pg_sys::Oid) -> Result<Option<i32>> {
-    Ok(Spi::get_one_with_args::<i32>(
+    Ok(super::read_one::<i32>(
         // A scalar subquery: one row even when there is no group (get_one errors on zero rows).
         "SELECT (SELECT g.colocation_id FROM sharding.dist_colocation g
                   WHERE g.shard_count = $1 AND g.distribution_type = $2::regtype AND g.replication_factor = 1
@@ -207,6 +207,25 @@ pub fn insert_shard(relid: pg_sys::Oid, shard: &Shard) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+pub fn insert_placement(shard_id: i64, node_id: i32) -> Result<()> {
+    Spi::run_with_args(
+        "INSERT INTO sharding.dist_placement (placement_id, shard_id, node_id)
+         VALUES (nextval('sharding.dist_placement_id_seq'), $1, $2)",
+        &[shard_id.into(), node_id.into()],
+    )?;
+    Ok(())
+}
+
+/// Every reference table, by relation oid.
+pub fn reference_tables() -> Result<Vec<pg_sys::Oid>> {
+    Spi::connect(|client| {
+        client
+            .select("SELECT logicalrelid::oid FROM sharding.dist_table WHERE method = 'reference' ORDER BY 1", None, &[])?
+            .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
+            .collect()
+    })
 }
 
 /// Removes a table from the catalog (shards and placements cascade), and its colocation group

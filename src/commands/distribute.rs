@@ -96,7 +96,7 @@ fn check_local_table(relid: pg_sys::Oid) -> Result<LocalTable> {
         )
         .hint("undistribute_table() turns it back into a local table."));
     }
-    let foreign_keys = Spi::get_one_with_args::<String>(
+    let foreign_keys = catalog::read_one::<String>(
         "SELECT string_agg(conname::text, ', ') FROM pg_catalog.pg_constraint
           WHERE contype = 'f' AND (conrelid = $1 OR confrelid = $1)",
         &[relid.into()],
@@ -210,7 +210,7 @@ fn create_shards_on_workers(definition: &TableDefinition, shards: &[Shard], node
 }
 
 fn lock_table(relid: pg_sys::Oid, mode: &str) -> Result<()> {
-    let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])?
+    let name = catalog::read_one::<String>("SELECT $1::regclass::text", &[relid.into()])?
         .unwrap_or_default();
     // `name` is regclass output: already quoted and qualified as needed.
     Spi::run(&format!("LOCK TABLE {name} IN {mode} MODE"))?;
@@ -372,7 +372,7 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
             (tables::find_colocation_group(count, type_oid)?, count)
         }
         _ => {
-            let other_relid = Spi::get_one_with_args::<pg_sys::Oid>(
+            let other_relid = catalog::read_one::<pg_sys::Oid>(
                 "SELECT pg_catalog.to_regclass($1)::oid",
                 &[colocate_with.into()],
             )?
@@ -389,7 +389,7 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
                     )
                 })?;
             if other.distribution_type != type_oid {
-                let other_type = Spi::get_one_with_args::<String>(
+                let other_type = catalog::read_one::<String>(
                     "SELECT pg_catalog.format_type($1, NULL)",
                     &[other.distribution_type.into()],
                 )?
@@ -543,6 +543,30 @@ mod pg_catalog {
         })()
         .or_raise()
     }
+}
+
+/// Gives a node that just joined a copy of every reference table, filled from the
+/// coordinator's own copy, inside the distributed transaction of the add_node call.
+pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
+    for relid in tables::reference_tables()? {
+        let Some(table) = cache::table(relid)? else { continue };
+        let shard = &table.shards[0];
+        if shard.placements.contains(&node.node_id) {
+            continue;
+        }
+        let definition = table_ddl::read(relid)?;
+        let shard_name = definition.shard_name(shard.shard_id, &quote::ident);
+        let sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS {}; DROP TABLE IF EXISTS {shard_name}; {}",
+            quote::ident(&definition.schema),
+            definition.shard_ddl(shard.shard_id, &quote::ident).join("; ")
+        );
+        remote::execute(node, &sql)?;
+        let target = Shard { placements: vec![node.node_id], ..shard.clone() };
+        send_local_rows(&definition, &[target], None, None)?;
+        catalog::as_catalog_owner(|| tables::insert_placement(shard.shard_id, node.node_id))?;
+    }
+    Ok(())
 }
 
 /// Pulls a shard's rows into the local table through a cursor on the worker (bounded memory).

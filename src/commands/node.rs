@@ -58,9 +58,10 @@ fn remote_facts(connection: &RemoteConnection, host: &str, port: i32) -> Result<
 
 /// The coordinator's own extension version, system identifier and port.
 fn coordinator_facts() -> Result<(String, i64, i32)> {
-    let (version, system_id) = Spi::get_two::<String, i64>(
+    let (version, system_id) = crate::catalog::read_two::<String, i64>(
         "SELECT (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_sharding'),
                 (SELECT system_identifier FROM pg_catalog.pg_control_system())",
+        &[],
     )?;
     // SAFETY: PostPortNumber is a plain int set at postmaster start.
     let port = unsafe { *std::ptr::addr_of!(pg_sys::PostPortNumber) };
@@ -136,7 +137,11 @@ fn add_node_impl(host: &str, port: i32, region: Option<&str>) -> Result<i32> {
         .collect();
     node_check::check_node(&facts, port, &version, coordinator_id, coordinator_port, &known)
         .map_err(|rejection| rejection_error(rejection, host, port))?;
-    nodes::insert(host, port, region, facts.system_identifier)
+    let node_id = nodes::insert(host, port, region, facts.system_identifier)?;
+    // Reference tables have a copy on every node, the new one included.
+    let node = nodes::find(host, port)?.ok_or_else(|| ShardingError::internal("the new node vanished"))?;
+    super::distribute::replicate_reference_tables_to(&node)?;
+    Ok(node_id)
 }
 
 /// Registers a worker node after checking it can serve: reachable over libpq as the current
@@ -161,6 +166,8 @@ fn remove_node_impl(host: &str, port: i32) -> Result<()> {
         )
         .hint("SELECT * FROM sharding.nodes lists the registered nodes.")
     })?;
+    // Copies of reference tables are not data only this node holds: they go with the node.
+    nodes::drop_reference_placements(&node)?;
     let placements = nodes::placement_count(node.node_id)?;
     if placements > 0 {
         return Err(ShardingError::new(
@@ -243,10 +250,10 @@ fn node_health() -> TableIterator<
     ),
 > {
     let registered = cache::nodes().or_raise();
-    let coordinator_version = Spi::get_one::<String>(
+    let coordinator_version = crate::catalog::read_one::<String>(
         "SELECT (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_sharding')",
+        &[],
     )
-    .map_err(ShardingError::from)
     .or_raise();
     let rows: Vec<_> = registered
         .iter()

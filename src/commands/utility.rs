@@ -357,16 +357,18 @@ unsafe fn check_rename(_node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable
     Ok(())
 }
 
-unsafe fn check_index(node: *mut pg_sys::Node, targets: &[Rc<DistributedTable>]) -> Result<()> {
-    let statement = node.cast::<pg_sys::IndexStmt>();
-    if (*statement).concurrent {
-        return Err(unsupported(format!(
-            "CREATE INDEX CONCURRENTLY on distributed table \"{}\" is not supported yet",
-            targets[0].name
-        ))
-        .hint("Use CREATE INDEX without CONCURRENTLY: it runs on every shard inside one transaction."));
-    }
+unsafe fn check_index(_node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable>]) -> Result<()> {
     Ok(())
+}
+
+/// CREATE INDEX CONCURRENTLY / DROP INDEX CONCURRENTLY: the shards get the same, one statement
+/// at a time outside any transaction (as PostgreSQL requires).
+unsafe fn is_concurrent(statement: *mut pg_sys::Node) -> bool {
+    match (*statement).type_ {
+        pg_sys::NodeTag::T_IndexStmt => (*statement.cast::<pg_sys::IndexStmt>()).concurrent,
+        pg_sys::NodeTag::T_DropStmt => (*statement.cast::<pg_sys::DropStmt>()).concurrent,
+        _ => false,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,6 +449,8 @@ fn validate_changes(table: &DistributedTable, changes: &[Change]) -> Result<()> 
 }
 
 fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    // SAFETY: the statement of the call being run.
+    let concurrent = unsafe { is_concurrent(call.statement()) };
     let before: Vec<_> = targets.iter().map(|t| table_ddl::read(t.relid)).collect::<Result<_>>()?;
     call.run_standard();
     for (table, before) in targets.iter().zip(before) {
@@ -454,6 +458,10 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
         let changes = diff(&before, &after);
         validate_changes(table, &changes)?;
         if changes.is_empty() {
+            continue;
+        }
+        if concurrent {
+            run_concurrently(table, &after, &changes)?;
             continue;
         }
         for (node, shards) in shards_by_node(table)?.values() {
@@ -465,6 +473,39 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
         }
     }
     Ok(())
+}
+
+/// Runs CONCURRENTLY index changes on every shard over autocommit connections. When a shard
+/// fails, the shard indexes built so far are dropped again and the error names what to do.
+fn run_concurrently(table: &DistributedTable, after: &table_ddl::TableDefinition, changes: &[Change]) -> Result<()> {
+    let mut done: Vec<(Node, i64)> = Vec::new();
+    for (node, shards) in shards_by_node(table)?.values() {
+        let connection = crate::connection::connect_to_node(&node.host, node.port)?;
+        for shard_id in shards {
+            for change in changes {
+                let sql = change.shard_sql_concurrently(after, *shard_id, &quote::ident);
+                if let Err(error) = connection.exec(&sql) {
+                    undo_concurrent_indexes(after, changes, &done);
+                    return Err(remote::remote_error(node, error).hint(
+                        "The coordinator's index was created; DROP INDEX it, fix the cause and run the statement again.",
+                    ));
+                }
+            }
+            done.push((node.clone(), *shard_id));
+        }
+    }
+    Ok(())
+}
+
+fn undo_concurrent_indexes(after: &table_ddl::TableDefinition, changes: &[Change], done: &[(Node, i64)]) {
+    for (node, shard_id) in done {
+        let Ok(connection) = crate::connection::connect_to_node(&node.host, node.port) else { continue };
+        for change in changes {
+            if let Change::CreateIndex(index) = change {
+                let _ = connection.exec(&Change::DropIndex(index.name.clone()).shard_sql_concurrently(after, *shard_id, &quote::ident));
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

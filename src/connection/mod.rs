@@ -11,7 +11,7 @@ use pgrx::PgSqlErrorCode;
 /// The database and role a backend uses on the workers: the same as on the coordinator.
 pub fn session_identity() -> crate::error::Result<(String, String)> {
     let (db, user) =
-        pgrx::Spi::get_two::<String, String>("SELECT pg_catalog.current_database()::text, current_user::text")?;
+        crate::catalog::read_two::<String, String>("SELECT pg_catalog.current_database()::text, current_user::text", &[])?;
     match (db, user) {
         (Some(db), Some(user)) => Ok((db, user)),
         _ => Err(ShardingError::internal("could not determine the current database and user")),

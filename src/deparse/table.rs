@@ -60,7 +60,7 @@ SELECT ic.relname::text, i.indisunique, i.indnullsnotdistinct, am.amname::text,
 
 /// Reads the definition of `relid` from the catalog.
 pub fn read(relid: pg_sys::Oid) -> Result<TableDefinition> {
-    let (schema, name) = Spi::get_two_with_args::<String, String>(
+    let (schema, name) = crate::catalog::read_two::<String, String>(
         "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
         &[relid.into()],

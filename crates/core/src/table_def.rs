@@ -120,10 +120,17 @@ impl TableDefinition {
     }
 
     pub fn index_ddl(&self, index: &Index, shard_id: i64, quote: Quote<'_>) -> String {
+        self.index_ddl_with(index, shard_id, quote, false)
+    }
+
+    /// CREATE INDEX for a shard, optionally CONCURRENTLY (then it must run outside a
+    /// transaction block, one statement at a time).
+    pub fn index_ddl_with(&self, index: &Index, shard_id: i64, quote: Quote<'_>, concurrently: bool) -> String {
         let (keys, included) = index.elements.split_at(index.key_count.min(index.elements.len()));
         let mut sql = format!(
-            "CREATE {}INDEX {} ON {} USING {} ({})",
+            "CREATE {}INDEX {}{} ON {} USING {} ({})",
             if index.unique { "UNIQUE " } else { "" },
+            if concurrently { "CONCURRENTLY " } else { "" },
             quote(&shard_object_name(&index.name, shard_id)),
             self.shard_name(shard_id, quote),
             quote(&index.method),
@@ -254,6 +261,20 @@ pub fn diff(before: &TableDefinition, after: &TableDefinition) -> Vec<Change> {
 }
 
 impl Change {
+    /// The statement for shard `shard_id` when the user's statement was CONCURRENTLY: only index
+    /// creation and removal have such a form; everything else as `shard_sql`.
+    pub fn shard_sql_concurrently(&self, table: &TableDefinition, shard_id: i64, quote: Quote<'_>) -> String {
+        match self {
+            Change::CreateIndex(index) => table.index_ddl_with(index, shard_id, quote, true),
+            Change::DropIndex(name) => format!(
+                "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
+                quote(&table.schema),
+                quote(&shard_object_name(name, shard_id))
+            ),
+            other => other.shard_sql(table, shard_id, quote),
+        }
+    }
+
     /// The statement applying this change to shard `shard_id` of `table` (the definition after
     /// the change; for a table rename, the shard still has the old name).
     pub fn shard_sql(&self, table: &TableDefinition, shard_id: i64, quote: Quote<'_>) -> String {
@@ -446,6 +467,14 @@ mod tests {
         assert_eq!(
             diff(&before, &after)[0].shard_sql(&after, 2, &q),
             "CREATE INDEX \"by_note_2\" ON \"public\".\"events_2\" USING \"btree\" (note ASC NULLS LAST)"
+        );
+        assert_eq!(
+            diff(&before, &after)[0].shard_sql_concurrently(&after, 2, &q),
+            "CREATE INDEX CONCURRENTLY \"by_note_2\" ON \"public\".\"events_2\" USING \"btree\" (note ASC NULLS LAST)"
+        );
+        assert_eq!(
+            diff(&after, &before)[0].shard_sql_concurrently(&before, 2, &q),
+            "DROP INDEX CONCURRENTLY IF EXISTS \"public\".\"by_note_2\""
         );
         let renamed = TableDefinition { indexes: vec![Index { name: "n".into(), ..index.clone() }], ..table() };
         assert_eq!(diff(&after, &renamed), vec![Change::RenameIndex { from: "by_note".into(), to: "n".into() }]);

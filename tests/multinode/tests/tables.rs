@@ -160,6 +160,11 @@ fn ddl_reaches_every_shard() {
     assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname ~ '^items_by_title_[0-9]+$'"), shards);
     c.batch_execute("DROP INDEX items_by_title").unwrap();
     assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname ~ '^items_by_title_[0-9]+$'"), 0);
+    c.batch_execute("CREATE INDEX CONCURRENTLY items_price ON items (price)").unwrap();
+    assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname ~ '^items_price_[0-9]+$'"), shards);
+    assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname ~ '^items_price_[0-9]+$' AND i.indisvalid"), shards);
+    c.batch_execute("DROP INDEX CONCURRENTLY items_price").unwrap();
+    assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname ~ '^items_price_[0-9]+$'"), 0);
     c.batch_execute("ALTER TABLE items DROP CONSTRAINT price_positive, DROP COLUMN price").unwrap();
     assert_eq!(column_count(&cluster, "price"), 0);
 
@@ -289,6 +294,19 @@ fn reference_tables_live_on_every_node() {
     }
     let (code, ..) = expect_error(&mut c, "UPDATE countries SET name = 'x'");
     assert_eq!(code, "0A000", "writes to reference tables wait for the query engine");
+
+    // A node that leaves takes its copy along; a node that joins gets one.
+    let w2 = cluster.worker_port(2) as i32;
+    c.execute("SELECT sharding.remove_node('127.0.0.1', $1)", &[&w2]).unwrap();
+    assert_eq!(cluster.placements("countries").len(), 1);
+    assert_eq!(cluster.shard_tables_on_workers("countries"), 1);
+    c.execute("SELECT sharding.add_node('127.0.0.1', $1)", &[&w2]).unwrap();
+    let placements = cluster.placements("countries");
+    assert_eq!(placements.len(), 2);
+    for placement in &placements {
+        let n: i64 = scalar(&mut cluster.connect_port(placement.port), &format!("SELECT count(*) FROM {}", placement.shard_name));
+        assert_eq!(n, 4, "copy on port {}", placement.port);
+    }
 }
 
 #[test]
