@@ -6,7 +6,7 @@ DEMO_DIR ?= /tmp/pg_sharding/cluster
 DEMO_PORT ?= 9700
 export DEMO_DIR DEMO_PORT
 
-.PHONY: setup install demo demo-stop test unit clean
+.PHONY: setup install demo demo-stop test unit bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -29,6 +29,10 @@ test: setup
 ## Only the pure-logic unit tests (milliseconds, no PostgreSQL needed).
 unit:
 	cargo test -p sharding_core
+
+## COPY throughput of a distributed table against a single server (needs make install).
+bench: install
+	@bash benches/copy_load.sh
 
 clean:
 	cargo clean
