@@ -1,4 +1,4 @@
-//! Compiles the C shim of the ProcessUtility hook (src/hooks_c/) against the PostgreSQL server
+//! Compiles the C entry points of the planner, ProcessUtility and ExecutorRun hooks (src/hooks_c/) against the PostgreSQL server
 //! headers of the pg_config pgrx builds for.
 
 use std::process::Command;
@@ -22,11 +22,11 @@ fn main() {
         .unwrap_or_else(|e| panic!("could not run {pg_config}: {e}"));
     assert!(output.status.success(), "{pg_config} --includedir-server failed");
     let include = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    println!("cargo:rerun-if-changed=src/hooks_c/utility_hook.c");
+    println!("cargo:rerun-if-changed=src/hooks_c/hooks.c");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     println!("cargo:rerun-if-env-changed=PG_CONFIG");
     cc::Build::new()
-        .file("src/hooks_c/utility_hook.c")
+        .file("src/hooks_c/hooks.c")
         .include(&include)
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(true)

@@ -11,6 +11,7 @@ mod connection;
 mod copy;
 mod deparse;
 mod error;
+mod executor;
 mod guc;
 mod planner;
 mod routing;
@@ -44,7 +45,6 @@ pub extern "C-unwind" fn _PG_init() {
     guc::define();
     catalog::cache::register_invalidation_callback();
     transaction::remote::register_callbacks();
-    planner::install();
     commands::utility::install();
 }
 

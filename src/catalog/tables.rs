@@ -184,7 +184,15 @@ pub fn insert_table(
          VALUES ($1::regclass, $2, $3, $4)",
         &[relid.into(), method.as_str().into(), distribution_attnum.into(), colocation_id.into()],
     )?;
+    invalidate_plans_of(relid);
     Ok(())
+}
+
+/// Cached plans of statements on `relid` (prepared statements, PL/pgSQL) were made for a table
+/// of another kind: a relcache invalidation of the table makes PostgreSQL plan them again.
+fn invalidate_plans_of(relid: pg_sys::Oid) {
+    // SAFETY: queues an invalidation message for an existing relation.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
 }
 
 pub fn insert_shard(relid: pg_sys::Oid, shard: &Shard) -> Result<()> {
@@ -232,6 +240,7 @@ pub fn reference_tables() -> Result<Vec<pg_sys::Oid>> {
 /// when no other table uses it.
 pub fn delete_table(relid: pg_sys::Oid, colocation_id: Option<i32>) -> Result<()> {
     Spi::run_with_args("DELETE FROM sharding.dist_table WHERE logicalrelid = $1::regclass", &[relid.into()])?;
+    invalidate_plans_of(relid);
     if let Some(group) = colocation_id {
         Spi::run_with_args(
             "DELETE FROM sharding.dist_colocation g WHERE g.colocation_id = $1

@@ -26,9 +26,10 @@ use crate::transaction::remote;
 static mut PREVIOUS_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
 
 extern "C-unwind" {
-    /// src/hooks_c/utility_hook.c: installs the C entry point of the hook.
-    fn pg_sharding_install_utility_hook();
-    /// src/hooks_c/utility_hook.c: the previous hook, or standard_ProcessUtility.
+    /// src/hooks_c/hooks.c: installs the C entry points of the planner, ProcessUtility and
+    /// ExecutorRun hooks.
+    fn pg_sharding_install_hooks();
+    /// src/hooks_c/hooks.c: the previous hook, or standard_ProcessUtility.
     #[allow(clippy::too_many_arguments)]
     fn pg_sharding_standard_process_utility(
         pstmt: *mut pg_sys::PlannedStmt,
@@ -45,7 +46,7 @@ extern "C-unwind" {
 pub fn install() {
     // SAFETY: called once from _PG_init while preloading; previous hooks are chained.
     unsafe {
-        pg_sharding_install_utility_hook();
+        pg_sharding_install_hooks();
         PREVIOUS_OBJECT_ACCESS = pg_sys::object_access_hook;
         pg_sys::object_access_hook = Some(object_access);
     }

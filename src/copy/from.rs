@@ -54,9 +54,9 @@ unsafe fn parse_state_for(relation: pg_sys::Relation, query_string: *const std::
 }
 
 /// Removes the spool file however the COPY ends.
-struct Spool {
-    path: std::path::PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
+pub(crate) struct Spool {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) file: std::io::BufWriter<std::fs::File>,
 }
 
 impl Drop for Spool {
@@ -65,7 +65,7 @@ impl Drop for Spool {
     }
 }
 
-fn open_spool() -> Result<Spool> {
+pub(crate) fn open_spool() -> Result<Spool> {
     // SAFETY: DataDir is set for the life of the server.
     let data_dir = unsafe { CStr::from_ptr(*std::ptr::addr_of!(pg_sys::DataDir)) }.to_string_lossy().into_owned();
     let dir = std::path::Path::new(&data_dir).join("base").join("pgsql_tmp");
@@ -371,7 +371,7 @@ unsafe fn copy_raw_rows(
 
 /// Loads the spooled rows (COPY text, these columns) into the coordinator's own table with
 /// PostgreSQL's CopyFrom: constraints, indexes and defaults behave as in any COPY.
-unsafe fn load_local_copy(relation: pg_sys::Relation, path: &std::path::Path, columns: &[String]) -> Result<()> {
+pub(crate) unsafe fn load_local_copy(relation: pg_sys::Relation, path: &std::path::Path, columns: &[String]) -> Result<()> {
     let path = std::ffi::CString::new(path.to_string_lossy().as_bytes())
         .map_err(|_| ShardingError::internal("spool path contains a NUL byte"))?;
     let mut names: *mut pg_sys::List = std::ptr::null_mut();

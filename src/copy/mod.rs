@@ -1,6 +1,7 @@
 //! COPY on distributed and reference tables: FROM routes rows to shards, TO gathers them.
 
-mod from;
+pub mod encode;
+pub(crate) mod from;
 pub mod shard_writer;
 mod to;
 

@@ -1,62 +1,82 @@
-//! Planner hook. The distributed planner is not built yet; until it is, this hook makes sure no
-//! query silently reads or writes the coordinator's empty shell of a distributed table: such a
-//! query fails with a clear error (reference tables may be read: the coordinator's copy is
-//! complete).
-
-use std::ffi::c_char;
+//! Plan checks. The distributed planner is not built yet; until it is, no query may silently
+//! read or write the coordinator's empty shell of a distributed table: such a query fails with
+//! a clear error. Allowed: reading reference tables (the coordinator's copy is complete), and
+//! INSERT into a distributed or reference table whose rows come from elsewhere (the executor
+//! routes them, src/executor/insert.rs).
+//!
+//! The planner hook's entry point is in C (src/hooks_c/hooks.c); it calls this after planning.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::catalog::{cache, tables::Method};
+use crate::commands::utility::list_pointers;
 use crate::error::{OrRaise, ShardingError};
 
-static mut PREVIOUS_PLANNER: pg_sys::planner_hook_type = None;
-
-pub fn install() {
-    // SAFETY: called once from _PG_init while preloading; the previous hook is chained.
-    unsafe {
-        PREVIOUS_PLANNER = pg_sys::planner_hook;
-        pg_sys::planner_hook = Some(planner);
-    }
-}
-
+/// Called by the C planner hook with every plan PostgreSQL made.
+#[no_mangle]
 #[pg_guard]
-unsafe extern "C-unwind" fn planner(
-    parse: *mut pg_sys::Query,
-    query_string: *const c_char,
-    cursor_options: i32,
-    bound_params: pg_sys::ParamListInfo,
-) -> *mut pg_sys::PlannedStmt {
-    let previous = *std::ptr::addr_of!(PREVIOUS_PLANNER);
-    let planned = match previous {
-        Some(hook) => hook(parse, query_string, cursor_options, bound_params),
-        None => pg_sys::standard_planner(parse, query_string, cursor_options, bound_params),
-    };
+pub unsafe extern "C-unwind" fn pg_sharding_check_plan(planned: *mut pg_sys::PlannedStmt) {
     if cache::extension_active() {
         check_plan(planned).or_raise();
     }
-    planned
 }
 
-/// Tables the plan reads or writes: relation entries of its flattened range table (every
-/// subquery, CTE and view included). Not `relationOids`, which also lists regclass constants.
-unsafe fn scanned_relations(planned: *mut pg_sys::PlannedStmt) -> Vec<pg_sys::Oid> {
-    crate::commands::utility::list_pointers::<pg_sys::RangeTblEntry>((*planned).rtable)
+/// Tables the plan reads or writes, by range table index (1-based): relation entries of its
+/// flattened range table (every subquery, CTE and view included). Not `relationOids`, which
+/// also lists regclass constants.
+unsafe fn scanned_relations(planned: *mut pg_sys::PlannedStmt) -> Vec<(usize, pg_sys::Oid)> {
+    list_pointers::<pg_sys::RangeTblEntry>((*planned).rtable)
         .into_iter()
-        .filter(|entry| (**entry).rtekind == pg_sys::RTEKind::RTE_RELATION)
-        .map(|entry| (*entry).relid)
+        .enumerate()
+        .filter(|(_, entry)| (**entry).rtekind == pg_sys::RTEKind::RTE_RELATION)
+        .map(|(i, entry)| (i + 1, (*entry).relid))
         .collect()
 }
 
+/// The range table index written by a plain INSERT plan (no ON CONFLICT, no data-modifying
+/// CTE), if this plan is one.
+pub unsafe fn insert_target(planned: *mut pg_sys::PlannedStmt) -> Option<usize> {
+    if (*planned).commandType != pg_sys::CmdType::CMD_INSERT || (*planned).hasModifyingCTE {
+        return None;
+    }
+    let result_relations = (*planned).resultRelations;
+    if result_relations.is_null() || (*result_relations).length != 1 {
+        return None;
+    }
+    Some((*(*result_relations).elements).int_value as usize)
+}
+
 unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<()> {
-    let writes = (*planned).commandType != pg_sys::CmdType::CMD_SELECT || (*planned).hasModifyingCTE;
-    for relid in scanned_relations(planned) {
+    let insert_into = insert_target(planned);
+    let written: Vec<usize> = {
+        let list = (*planned).resultRelations;
+        if list.is_null() {
+            Vec::new()
+        } else {
+            (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).int_value as usize).collect()
+        }
+    };
+    for (index, relid) in scanned_relations(planned) {
         if relid.to_u32() < pg_sys::FirstNormalObjectId {
             continue;
         }
         let Some(table) = cache::table_unless_reentrant(relid)? else { continue };
-        if table.method == Method::Reference && !writes {
+        if Some(index) == insert_into {
+            let plan = (*planned).planTree;
+            if (*plan).type_ == pg_sys::NodeTag::T_ModifyTable
+                && (*plan.cast::<pg_sys::ModifyTable>()).onConflictAction != pg_sys::OnConflictAction::ONCONFLICT_NONE
+            {
+                return Err(ShardingError::new(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!("INSERT ... ON CONFLICT into distributed table \"{}\" is not supported yet", table.name),
+                )
+                .hint("Insert without ON CONFLICT; conflicts on the shards' unique keys then raise an error."));
+            }
+            continue;
+        }
+        let is_written = written.contains(&index) || (*planned).hasModifyingCTE;
+        if table.method == Method::Reference && !is_written {
             continue;
         }
         let what = if table.method == Method::Reference { "writing to reference table" } else { "querying distributed table" };
@@ -64,8 +84,8 @@ unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!("{what} \"{}\" is not supported yet", table.name),
         )
-        .detail("This release of pg_sharding creates distributed tables and loads them with COPY; SELECT, INSERT, UPDATE and DELETE on them arrive with the query engine.")
-        .hint("Use COPY to load rows; sharding.shards lists where they are."));
+        .detail("This release of pg_sharding creates distributed tables and loads them with COPY and INSERT; SELECT, UPDATE and DELETE on them arrive with the query engine.")
+        .hint("Use COPY or INSERT to load rows; sharding.shards lists where they are."));
     }
     Ok(())
 }

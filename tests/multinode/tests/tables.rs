@@ -314,7 +314,15 @@ fn queries_the_engine_cannot_run_yet_fail_instead_of_reading_the_empty_shell() {
     let cluster = Cluster::start(1);
     let mut c = cluster.coordinator();
     c.batch_execute("CREATE TABLE t (id int); SELECT create_distributed_table('t', 'id'); CREATE VIEW v AS SELECT * FROM t;").unwrap();
-    for sql in ["SELECT * FROM t", "SELECT count(*) FROM v", "INSERT INTO t VALUES (1)", "WITH x AS (SELECT 1) SELECT * FROM x, t", "DELETE FROM t"] {
+    for sql in [
+        "SELECT * FROM t",
+        "SELECT count(*) FROM v",
+        "INSERT INTO t SELECT * FROM t",
+        "WITH x AS (SELECT 1) SELECT * FROM x, t",
+        "DELETE FROM t",
+        "UPDATE t SET id = 2",
+        "WITH w AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM w",
+    ] {
         let (code, message, ..) = expect_error(&mut c, sql);
         assert_eq!(code, "0A000", "{sql}");
         assert!(message.contains("\"t\""), "{message}");
@@ -398,4 +406,88 @@ fn bad_input_errors_and_leaves_nothing_behind() {
     let (code, message, hint, _) = expect_error(&mut c, "SELECT create_distributed_table('noprimary', 'id')");
     assert_eq!(code, "55000", "{message}");
     assert!(hint.contains("add_node"), "{hint}");
+}
+
+fn all_rows(c: &mut Client, table: &str) -> Vec<String> {
+    sorted_lines(&copy_out(c, &format!("COPY {table} TO STDOUT")).unwrap())
+}
+
+#[test]
+fn insert_routes_rows_with_coordinator_defaults_and_returning() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, amount numeric(10,2) DEFAULT 1.50);
+         INSERT INTO orders (customer) VALUES ('before');",
+    )
+    .unwrap();
+    // Planned while the table was local; must be planned again once it is distributed.
+    let prepared = c.prepare("INSERT INTO orders (customer) VALUES ($1) RETURNING id, amount::text").unwrap();
+    c.batch_execute("SELECT create_distributed_table('orders', 'id', shard_count => 8)").unwrap();
+
+    let row = c.query_one(&prepared, &[&"first"]).unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, String>(1)), (2, "1.50".to_string()));
+    // Extended protocol, enough executions for a generic plan.
+    for i in 0..8 {
+        c.query_one(&prepared, &[&format!("p{i}")]).unwrap();
+    }
+    let inserted = c.execute("INSERT INTO orders (id, customer, amount) VALUES (1000, 'a', 5), (1001, 'b', NULL), (1002, 'c', DEFAULT)", &[]).unwrap();
+    assert_eq!(inserted, 3);
+    let returned: Vec<(i64, String)> = c
+        .query("INSERT INTO orders (id, customer) VALUES (2000, 'r1'), (2001, 'r2') RETURNING id, upper(customer)", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(returned, vec![(2000, "R1".to_string()), (2001, "R2".to_string())]);
+    let bulk = c.execute("INSERT INTO orders (id, customer) SELECT 10000 + g, 'bulk' FROM generate_series(1, 5000) g", &[]).unwrap();
+    assert_eq!(bulk, 5000);
+
+    let rows = all_rows(&mut c, "orders");
+    assert_eq!(rows.len(), 1 + 1 + 8 + 3 + 2 + 5000);
+    assert!(rows.contains(&"1001\tb\t\\N".to_string()), "explicit NULL kept");
+    assert!(rows.contains(&"1002\tc\t1.50".to_string()), "DEFAULT evaluated");
+    // Sequence values were taken once, on the coordinator: ids 1..10 with no gaps or repeats.
+    let ids: Vec<i64> = rows.iter().map(|l| l.split('\t').next().unwrap().parse().unwrap()).filter(|id| *id <= 10).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, (1..=10).collect::<Vec<i64>>());
+    // Each row is in the shard shard_for_value names.
+    for id in [2i64, 1000, 2001, 12345] {
+        let shard: i64 = c.query_one("SELECT sharding.shard_for_value('orders', $1::bigint)", &[&id]).unwrap().get(0);
+        let placement = cluster.placements("orders").into_iter().find(|p| p.shard_id == shard).unwrap();
+        let found: i64 = cluster
+            .connect_port(placement.port)
+            .query_one(&format!("SELECT count(*) FROM {} WHERE id = $1", placement.shard_name), &[&id])
+            .unwrap()
+            .get(0);
+        assert_eq!(found, 1, "id {id} in shard {shard}");
+    }
+
+    // All or nothing: a NULL distribution value, a NOT NULL violation found by a worker, a
+    // duplicate key; and a rolled-back transaction.
+    let before = all_rows(&mut c, "orders").len();
+    for (sql, code) in [
+        ("INSERT INTO orders (id, customer) VALUES (3000, 'ok'), (NULL, 'no id')", "23502"),
+        ("INSERT INTO orders (id, customer) VALUES (3001, 'ok'), (3002, NULL)", "23502"),
+        ("INSERT INTO orders (id, customer) SELECT 4000 + g, 'dup' FROM generate_series(1, 50) g UNION ALL SELECT 1000, 'dup'", "23505"),
+        ("INSERT INTO orders (id, customer) VALUES (5000, 'x') ON CONFLICT DO NOTHING", "0A000"),
+    ] {
+        let (got, message, ..) = expect_error(&mut c, sql);
+        assert_eq!(got, code, "{sql}: {message}");
+    }
+    c.batch_execute("BEGIN; INSERT INTO orders (id, customer) VALUES (6000, 'rolled back'); ROLLBACK;").unwrap();
+    assert_eq!(all_rows(&mut c, "orders").len(), before, "failed and rolled-back inserts left nothing");
+
+    // Reference tables: every copy, the coordinator's included; and INSERT ... SELECT from one.
+    c.batch_execute("CREATE TABLE tags (k int PRIMARY KEY, v text); SELECT create_reference_table('tags');").unwrap();
+    c.execute("INSERT INTO tags VALUES (1, 'one'), (2, 'two')", &[]).unwrap();
+    let local: i64 = scalar(&mut c, "SELECT count(*) FROM tags");
+    assert_eq!(local, 2);
+    for placement in cluster.placements("tags") {
+        let n: i64 = scalar(&mut cluster.connect_port(placement.port), &format!("SELECT count(*) FROM {}", placement.shard_name));
+        assert_eq!(n, 2);
+    }
+    let copied = c.execute("INSERT INTO orders (id, customer) SELECT 7000 + k, v FROM tags", &[]).unwrap();
+    assert_eq!(copied, 2);
 }

@@ -1,0 +1,167 @@
+//! INSERT into a distributed or reference table.
+//!
+//! PostgreSQL plans the INSERT as for a local table: its ModifyTable's subplan produces complete
+//! rows, with defaults and sequences evaluated once, on the coordinator. Instead of running the
+//! ModifyTable, this module pulls those rows, routes each to its shard by the hash of its
+//! distribution column (every copy of a reference table, the coordinator's own included) over
+//! the pipelined COPY writer inside the distributed transaction, and evaluates RETURNING on the
+//! coordinator over the very row it sent: shards have no triggers, so the stored row is the same.
+
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::io::Write;
+
+use crate::catalog::cache;
+use crate::catalog::tables::{DistributedTable, Method};
+use crate::commands::utility::list_pointers;
+use crate::copy::encode::RowEncoder;
+use crate::copy::from::{load_local_copy, open_spool};
+use crate::copy::shard_writer::ShardWriter;
+use crate::deparse::{quote, table as table_ddl};
+use crate::error::{OrRaise, Result, ShardingError};
+use crate::routing;
+
+/// The distributed table a plan inserts into, when this module runs it.
+unsafe fn target(query_desc: *mut pg_sys::QueryDesc) -> Result<Option<Rc<DistributedTable>>> {
+    if !cache::extension_active() {
+        return Ok(None);
+    }
+    let planned = (*query_desc).plannedstmt;
+    let Some(index) = crate::planner::insert_target(planned) else { return Ok(None) };
+    if (*(*planned).planTree).type_ != pg_sys::NodeTag::T_ModifyTable {
+        return Ok(None);
+    }
+    let entries = list_pointers::<pg_sys::RangeTblEntry>((*planned).rtable);
+    let Some(entry) = entries.get(index - 1) else { return Ok(None) };
+    cache::table_unless_reentrant((**entry).relid)
+}
+
+/// Called by the C ExecutorRun hook: does pg_sharding run this plan?
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pg_sharding_executor_wants(query_desc: *mut pg_sys::QueryDesc) -> bool {
+    target(query_desc).or_raise().is_some()
+}
+
+/// Called by the C ExecutorRun hook for the plans `pg_sharding_executor_wants` claimed.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pg_sharding_executor_run(
+    query_desc: *mut pg_sys::QueryDesc,
+    _direction: pg_sys::ScanDirection::Type,
+    _count: u64,
+    _execute_once: bool,
+) {
+    let table = target(query_desc)
+        .and_then(|t| t.ok_or_else(|| ShardingError::internal("distributed INSERT plan without a target")))
+        .or_raise();
+    run_insert(query_desc, &table).or_raise();
+}
+
+unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) -> Result<()> {
+    let estate = (*query_desc).estate;
+    let modify = (*query_desc).planstate.cast::<pg_sys::ModifyTableState>();
+    let subplan = (*modify).ps.lefttree;
+    let result = (*modify).resultRelInfo;
+    let relation = (*result).ri_RelationDesc;
+    let natts = (*(*relation).rd_att).natts as usize;
+    let returning = (*(*query_desc).plannedstmt).hasReturning;
+
+    let mut encoder = RowEncoder::for_relation(relation);
+    if returning && encoder.has_generated {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("INSERT ... RETURNING into \"{}\", which has generated columns, is not supported yet", table.name),
+        ));
+    }
+    let definition = table_ddl::read(table.relid)?;
+    let targets: Vec<(i64, String, Vec<i32>)> = table
+        .shards
+        .iter()
+        .map(|s| (s.shard_id, definition.shard_name(s.shard_id, &quote::ident), s.placements.clone()))
+        .collect();
+    let mut writer = ShardWriter::new(&targets, &encoder.names)?;
+    let mut spool = if table.method == Method::Reference { Some(open_spool()?) } else { None };
+    let distribution = match (table.method, table.distribution_attnum, table.distribution_kind) {
+        (Method::Hash, Some(attnum), Some(kind)) => Some(((attnum - 1) as usize, kind)),
+        (Method::Hash, _, _) => return Err(ShardingError::internal("hash table without a distribution column")),
+        _ => None,
+    };
+
+    let dest = (*query_desc).dest;
+    if returning {
+        if let Some(startup) = (*dest).rStartup {
+            startup(dest, pg_sys::CmdType::CMD_INSERT as i32, (*query_desc).tupDesc);
+        }
+    }
+    let context = pg_sys::MakePerTupleExprContext(estate);
+    let mut row = Vec::with_capacity(256);
+    let mut rows: u64 = 0;
+    loop {
+        pg_sys::MemoryContextReset((*context).ecxt_per_tuple_memory);
+        let slot = pg_sys::ExecProcNode(subplan);
+        if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
+            break;
+        }
+        pg_sys::slot_getallattrs(slot);
+        if (*(*slot).tts_tupleDescriptor).natts as usize != natts {
+            return Err(ShardingError::internal("the INSERT plan does not produce whole rows of the table"));
+        }
+        let values = std::slice::from_raw_parts((*slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
+        let previous = pg_sys::MemoryContextSwitchTo((*context).ecxt_per_tuple_memory);
+        row.clear();
+        encoder.encode(values, nulls, &mut row);
+        let shard_id = match distribution {
+            Some((index, kind)) => {
+                if nulls[index] {
+                    pg_sys::MemoryContextSwitchTo(previous);
+                    return Err(ShardingError::new(
+                        PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                        format!(
+                            "null value in distribution column \"{}\" of relation \"{}\"",
+                            table.distribution_column.clone().unwrap_or_default(),
+                            table.name
+                        ),
+                    ));
+                }
+                let hash = routing::hash_datum(values[index], kind);
+                table
+                    .shard_for_hash(hash)
+                    .ok_or_else(|| ShardingError::internal(format!("no shard owns hash value {hash}")))?
+                    .shard_id
+            }
+            None => table.shards[0].shard_id,
+        };
+        pg_sys::MemoryContextSwitchTo(previous);
+        writer.push(shard_id, &row)?;
+        if let Some(spool) = spool.as_mut() {
+            spool.file.write_all(&row).map_err(|e| ShardingError::internal(format!("spool write failed: {e}")))?;
+        }
+        if returning {
+            let projection = (*result).ri_projectReturning;
+            let expression_context = (*projection).pi_exprContext;
+            (*expression_context).ecxt_scantuple = slot;
+            (*expression_context).ecxt_outertuple = slot;
+            let output = pg_sys::ExecProject(projection);
+            if let Some(receive) = (*dest).receiveSlot {
+                receive(output, dest);
+            }
+        }
+        rows += 1;
+    }
+    writer.finish()?;
+    if let Some(spool) = spool.as_mut() {
+        spool.file.flush().map_err(|e| ShardingError::internal(format!("spool flush failed: {e}")))?;
+        load_local_copy(relation, &spool.path, &encoder.names)?;
+    }
+    (*estate).es_processed = rows;
+    if returning {
+        if let Some(shutdown) = (*dest).rShutdown {
+            shutdown(dest);
+        }
+    }
+    Ok(())
+}
