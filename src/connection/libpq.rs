@@ -300,6 +300,35 @@ impl RemoteConnection {
         let guard = ResultGuard(result);
         guard.rows()
     }
+
+    /// `query`, also returning how many rows the command affected (its tag's count).
+    pub fn query_counted(&self, sql: &str, params: &[Option<&str>]) -> Result<(RemoteRows, u64), RemoteError> {
+        let sql = cstring(sql)?;
+        let owned: Vec<Option<CString>> = params.iter().map(|p| p.map(cstring).transpose()).collect::<Result<_, _>>()?;
+        let value_ptrs: Vec<*const c_char> =
+            owned.iter().map(|p| p.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())).collect();
+        let count = i32::try_from(value_ptrs.len()).map_err(|_| RemoteError::local("too many query parameters"))?;
+        // SAFETY: as in `query`; PQcmdTuples points into the result, copied before it is cleared.
+        unsafe {
+            let result = pq::PQexecParams(
+                self.conn.as_ptr(),
+                sql.as_ptr(),
+                count,
+                std::ptr::null(),
+                value_ptrs.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            );
+            let Some(result) = NonNull::new(result) else {
+                return Err(RemoteError::local(self.last_error()));
+            };
+            let guard = ResultGuard(result);
+            let rows = guard.rows()?;
+            let affected = CStr::from_ptr(pq::PQcmdTuples(guard.0.as_ptr())).to_string_lossy().parse().unwrap_or(0);
+            Ok((rows, affected))
+        }
+    }
 }
 
 impl Drop for RemoteConnection {

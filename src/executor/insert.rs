@@ -62,6 +62,12 @@ pub unsafe extern "C-unwind" fn pg_sharding_executor_run(
 
 unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) -> Result<()> {
     let estate = (*query_desc).estate;
+    let plan = (*(*query_desc).plannedstmt).planTree.cast::<pg_sys::ModifyTable>();
+    if (*plan).onConflictAction != pg_sys::OnConflictAction::ONCONFLICT_NONE {
+        // The shard decides what a conflict does: rows go as INSERT ... ON CONFLICT statements.
+        (*estate).es_processed = super::on_conflict::run(query_desc, table)?;
+        return Ok(());
+    }
     let modify = (*query_desc).planstate.cast::<pg_sys::ModifyTableState>();
     let subplan = (*modify).ps.lefttree;
     let result = (*modify).resultRelInfo;

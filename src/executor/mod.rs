@@ -2,3 +2,4 @@
 //! (src/hooks_c/hooks.c) and hands over only the plans this module claims.
 
 pub mod insert;
+mod on_conflict;

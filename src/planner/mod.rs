@@ -34,8 +34,8 @@ unsafe fn scanned_relations(planned: *mut pg_sys::PlannedStmt) -> Vec<(usize, pg
         .collect()
 }
 
-/// The range table index written by a plain INSERT plan (no ON CONFLICT, no data-modifying
-/// CTE), if this plan is one.
+/// The range table index written by an INSERT plan (without data-modifying CTEs), if this plan
+/// is one.
 pub unsafe fn insert_target(planned: *mut pg_sys::PlannedStmt) -> Option<usize> {
     if (*planned).commandType != pg_sys::CmdType::CMD_INSERT || (*planned).hasModifyingCTE {
         return None;
@@ -63,16 +63,14 @@ unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<
         }
         let Some(table) = cache::table_unless_reentrant(relid)? else { continue };
         if Some(index) == insert_into {
-            let plan = (*planned).planTree;
-            if (*plan).type_ == pg_sys::NodeTag::T_ModifyTable
-                && (*plan.cast::<pg_sys::ModifyTable>()).onConflictAction != pg_sys::OnConflictAction::ONCONFLICT_NONE
-            {
-                return Err(ShardingError::new(
-                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    format!("INSERT ... ON CONFLICT into distributed table \"{}\" is not supported yet", table.name),
-                )
-                .hint("Insert without ON CONFLICT; conflicts on the shards' unique keys then raise an error."));
-            }
+            continue;
+        }
+        // ON CONFLICT DO UPDATE's `excluded` is a second entry for the target table.
+        let plan = (*planned).planTree;
+        if insert_into.is_some()
+            && (*plan).type_ == pg_sys::NodeTag::T_ModifyTable
+            && (*plan.cast::<pg_sys::ModifyTable>()).exclRelRTI as usize == index
+        {
             continue;
         }
         let is_written = written.contains(&index) || (*planned).hasModifyingCTE;

@@ -29,12 +29,13 @@ fn ports_free(base: u16, count: u16) -> bool {
     (base..=base + count).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
 }
 
-/// A base port with `count` free ports after it. Spread by process id and a counter so that
+/// A base port with `count` free ports after it, below Linux's ephemeral range (32768 and up:
+/// client sockets take ports there at any moment). Spread by process id and a counter so that
 /// parallel tests (and parallel test processes) do not pick the same range.
 fn free_port_range(count: u16) -> u16 {
     let seed = std::process::id() * 7919 + CLUSTERS_STARTED.fetch_add(1, Ordering::SeqCst) * 16;
     for attempt in 0..500u32 {
-        let base = 20000 + ((seed + attempt * 16) % 40000) as u16;
+        let base = 20000 + ((seed + attempt * 16) % 12000) as u16;
         if ports_free(base, count) {
             return base;
         }
@@ -64,6 +65,19 @@ impl Cluster {
     /// Starts a coordinator and `workers` workers, with pg_sharding created everywhere and the
     /// workers registered. Extra postgresql.conf settings go in `settings` as "name=value".
     pub fn start_with(workers: usize, settings: &[&str]) -> Cluster {
+        // A port found free can still be taken before the server binds it: try another range.
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Cluster::try_start(workers, settings) {
+                Ok(cluster) => return cluster,
+                Err(message) if message.contains("Address already in use") => last_error = message,
+                Err(message) => panic!("{message}"),
+            }
+        }
+        panic!("{last_error}");
+    }
+
+    fn try_start(workers: usize, settings: &[&str]) -> Result<Cluster, String> {
         let port = free_port_range(workers as u16);
         let dir = std::env::temp_dir().join(format!("pgsh-{}-{port}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
@@ -87,10 +101,8 @@ impl Cluster {
             args.push("--set");
             args.push(setting);
         }
-        if let Err(message) = run_script(&args) {
-            panic!("{message}");
-        }
-        cluster
+        run_script(&args)?;
+        Ok(cluster)
     }
 
     pub fn start(workers: usize) -> Cluster {

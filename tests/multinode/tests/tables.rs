@@ -471,13 +471,14 @@ fn insert_routes_rows_with_coordinator_defaults_and_returning() {
         ("INSERT INTO orders (id, customer) VALUES (3000, 'ok'), (NULL, 'no id')", "23502"),
         ("INSERT INTO orders (id, customer) VALUES (3001, 'ok'), (3002, NULL)", "23502"),
         ("INSERT INTO orders (id, customer) SELECT 4000 + g, 'dup' FROM generate_series(1, 50) g UNION ALL SELECT 1000, 'dup'", "23505"),
-        ("INSERT INTO orders (id, customer) VALUES (5000, 'x') ON CONFLICT DO NOTHING", "0A000"),
     ] {
         let (got, message, ..) = expect_error(&mut c, sql);
         assert_eq!(got, code, "{sql}: {message}");
     }
     c.batch_execute("BEGIN; INSERT INTO orders (id, customer) VALUES (6000, 'rolled back'); ROLLBACK;").unwrap();
     assert_eq!(all_rows(&mut c, "orders").len(), before, "failed and rolled-back inserts left nothing");
+    let inserted = c.execute("INSERT INTO orders (id, customer) VALUES (5000, 'x'), (1000, 'exists') ON CONFLICT DO NOTHING", &[]).unwrap();
+    assert_eq!(inserted, 1, "the existing key is skipped, the new one inserted");
 
     // Reference tables: every copy, the coordinator's included; and INSERT ... SELECT from one.
     c.batch_execute("CREATE TABLE tags (k int PRIMARY KEY, v text); SELECT create_reference_table('tags');").unwrap();
@@ -490,4 +491,50 @@ fn insert_routes_rows_with_coordinator_defaults_and_returning() {
     }
     let copied = c.execute("INSERT INTO orders (id, customer) SELECT 7000 + k, v FROM tags", &[]).unwrap();
     assert_eq!(copied, 2);
+}
+
+#[test]
+fn insert_on_conflict_matches_a_single_server() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    // The same statements on a distributed table and on a plain table of the coordinator.
+    c.batch_execute(
+        "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL, hits int DEFAULT 0, note text);
+         CREATE UNIQUE INDEX kv_k_note ON kv (k, note) WHERE note IS NOT NULL;
+         SELECT create_distributed_table('kv', 'k', shard_count => 4);
+         CREATE TABLE kv_plain (k int PRIMARY KEY, v int NOT NULL, hits int DEFAULT 0, note text);
+         CREATE UNIQUE INDEX kv_plain_k_note ON kv_plain (k, note) WHERE note IS NOT NULL;",
+    )
+    .unwrap();
+    let statements = [
+        "INSERT INTO {t} (k, v) VALUES (1, 10), (2, 20), (7, 70), (8, 80) RETURNING k",
+        "INSERT INTO {t} (k, v) VALUES (8, 11), (3, 30), (1, 12), (9, 90) ON CONFLICT DO NOTHING RETURNING k, v",
+        "INSERT INTO {t} AS t (k, v) VALUES (1, 100), (9, 1), (2, 200), (4, 40), (7, 7) ON CONFLICT (k) DO UPDATE SET v = t.v + excluded.v, hits = t.hits + 1 WHERE t.k <> 2 RETURNING k, v, hits",
+        "INSERT INTO {t} (k, v) VALUES (1, 5) ON CONFLICT ON CONSTRAINT {t}_pkey DO UPDATE SET note = 'c' || excluded.v RETURNING *",
+        "INSERT INTO {t} (k, v, note) VALUES (1, 6, 'c5') ON CONFLICT (k, note) WHERE note IS NOT NULL DO UPDATE SET hits = 99 RETURNING *",
+        "INSERT INTO {t} (k, v) SELECT g, g FROM generate_series(1, 500) g ON CONFLICT (k) DO UPDATE SET hits = {t}.hits + 1",
+    ];
+    for statement in statements {
+        let text = |rows: Vec<postgres::Row>| -> Vec<String> {
+            rows.iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| match r.try_get::<_, Option<i32>>(i) {
+                            Ok(value) => format!("{value:?}"),
+                            Err(_) => format!("{:?}", r.try_get::<_, Option<String>>(i).unwrap()),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("|")
+                })
+                .collect()
+        };
+        let distributed = c.query(&statement.replace("{t}", "kv"), &[]).unwrap();
+        let plain = c.query(&statement.replace("{t}", "kv_plain"), &[]).unwrap();
+        assert_eq!(text(distributed), text(plain), "RETURNING of: {statement}");
+    }
+    let distributed = all_rows(&mut c, "kv");
+    let plain = all_rows(&mut c, "kv_plain");
+    assert_eq!(distributed, plain, "final contents");
+    let (code, ..) = expect_error(&mut c, "INSERT INTO kv (k, v) VALUES (NULL, 1) ON CONFLICT DO NOTHING");
+    assert_eq!(code, "23502");
 }

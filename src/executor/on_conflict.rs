@@ -1,0 +1,382 @@
+//! INSERT ... ON CONFLICT into a hash-distributed table: the shard decides.
+//!
+//! Rows are computed on the coordinator as for any INSERT, then sent per shard as
+//! `INSERT INTO <shard> AS <name> (<columns>) VALUES ($1, ...), ... ON CONFLICT ... RETURNING ...`
+//! with the values as parameters. The ON CONFLICT action, its WHERE and the RETURNING list are
+//! deparsed from the planned ModifyTable by PostgreSQL's ruleutils (as EXPLAIN does), so they
+//! print `<name>.column` and `excluded.column`, and the shard is given exactly that name. The
+//! conflict target comes from the catalog: the shard's copy of the arbiter constraint, or the
+//! arbiter index's columns. RETURNING rows come back from the shard (for DO UPDATE they are the
+//! updated rows) and are converted with the columns' input functions; with RETURNING, rows
+//! travel in input order (runs of consecutive rows of one shard), so the returned rows keep it.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use sharding_core::table_def::shard_object_name;
+
+use crate::catalog::cache;
+use crate::catalog::nodes::Node;
+use crate::catalog::tables::{DistributedTable, Method};
+use crate::commands::utility::list_pointers;
+use crate::deparse::{quote, table as table_ddl};
+use crate::error::{Result, ShardingError};
+use crate::routing;
+use crate::transaction::remote;
+
+/// Rows per statement sent to a shard (and never more than PostgreSQL's 65535 parameters).
+const BATCH_ROWS: usize = 1000;
+
+fn unsupported(message: impl Into<String>) -> ShardingError {
+    ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, message)
+}
+
+unsafe fn cstr(text: *const std::ffi::c_char) -> String {
+    CStr::from_ptr(text).to_string_lossy().into_owned()
+}
+
+/// The deparsed pieces of the statement every shard gets.
+struct ShardStatement {
+    alias: String,
+    columns: Vec<String>,
+    /// "ON CONFLICT ..." (conflict target filled in per shard from `target`).
+    target: ConflictTarget,
+    action: String,
+    returning: Option<String>,
+}
+
+enum ConflictTarget {
+    None,
+    Constraint(String),
+    Columns { columns: Vec<String>, predicate: Option<String> },
+}
+
+impl ShardStatement {
+    fn sql(&self, schema: &str, table: &str, shard_id: i64, rows: usize) -> String {
+        let width = self.columns.len();
+        let values: Vec<String> = (0..rows)
+            .map(|row| {
+                let params: Vec<String> = (1..=width).map(|i| format!("${}", row * width + i)).collect();
+                format!("({})", params.join(", "))
+            })
+            .collect();
+        let target = match &self.target {
+            ConflictTarget::None => String::new(),
+            ConflictTarget::Constraint(name) => {
+                format!(" ON CONSTRAINT {}", quote::ident(&shard_object_name(name, shard_id)))
+            }
+            ConflictTarget::Columns { columns, predicate } => {
+                let list: Vec<String> = columns.iter().map(|c| quote::ident(c)).collect();
+                let mut sql = format!(" ({})", list.join(", "));
+                if let Some(predicate) = predicate {
+                    sql.push_str(&format!(" WHERE {predicate}"));
+                }
+                sql
+            }
+        };
+        let mut sql = format!(
+            "INSERT INTO {} AS {} ({}) VALUES {} ON CONFLICT{target} {}",
+            quote::qualified(schema, &shard_object_name(table, shard_id)),
+            quote::ident(&self.alias),
+            self.columns.iter().map(|c| quote::ident(c)).collect::<Vec<_>>().join(", "),
+            values.join(", "),
+            self.action,
+        );
+        if let Some(returning) = &self.returning {
+            sql.push_str(&format!(" RETURNING {returning}"));
+        }
+        sql
+    }
+}
+
+/// Deparses the ON CONFLICT action and RETURNING of `modify` for the shards.
+unsafe fn shard_statement(
+    query_desc: *mut pg_sys::QueryDesc,
+    modify: *mut pg_sys::ModifyTable,
+    table: &DistributedTable,
+    relation: pg_sys::Relation,
+    columns: Vec<String>,
+) -> Result<ShardStatement> {
+    let planned = (*query_desc).plannedstmt;
+    let rtable = (*planned).rtable;
+    let result_index = crate::planner::insert_target(planned).unwrap_or(1);
+    let everything = pg_sys::bms_add_range(std::ptr::null_mut(), 1, (*rtable).length);
+    let names = pg_sys::select_rtable_names_for_explain(rtable, everything);
+    let context = pg_sys::deparse_context_for_plan_tree(planned, names);
+    let context = pg_sys::set_deparse_context_plan(context, modify.cast(), std::ptr::null_mut());
+    let deparse = |node: *mut pg_sys::Node| cstr(pg_sys::deparse_expression(node, context, true, false));
+    let alias = list_pointers::<std::ffi::c_char>(names)
+        .get(result_index - 1)
+        .filter(|name| !name.is_null())
+        .map(|name| cstr(*name))
+        .unwrap_or_else(|| table.name.clone());
+
+    let action = match (*modify).onConflictAction {
+        pg_sys::OnConflictAction::ONCONFLICT_NOTHING => "DO NOTHING".to_string(),
+        _ => {
+            let descriptor = (*relation).rd_att;
+            let mut assignments = Vec::new();
+            // Since PostgreSQL 14 an entry's resno is its position in the list; the column it
+            // assigns is the matching element of onConflictCols.
+            let targets: Vec<usize> = {
+                let list = (*modify).onConflictCols;
+                if list.is_null() {
+                    Vec::new()
+                } else {
+                    (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).int_value as usize).collect()
+                }
+            };
+            let entries = list_pointers::<pg_sys::TargetEntry>((*modify).onConflictSet);
+            if entries.len() != targets.len() {
+                return Err(ShardingError::internal("ON CONFLICT SET list and its target columns differ in length"));
+            }
+            for (entry, attnum) in entries.into_iter().zip(targets) {
+                if (*entry).resjunk {
+                    continue;
+                }
+                let attribute = (*descriptor).attrs.as_ptr().add(attnum - 1);
+                if (*attribute).attisdropped || (*attribute).attgenerated != 0 {
+                    continue;
+                }
+                let name = cstr((*attribute).attname.data.as_ptr());
+                assignments.push(format!("{} = {}", quote::ident(&name), deparse((*entry).expr.cast())));
+            }
+            let mut action = format!("DO UPDATE SET {}", assignments.join(", "));
+            let condition = (*modify).onConflictWhere;
+            if !condition.is_null() {
+                let condition = pg_sys::make_ands_explicit(condition.cast());
+                action.push_str(&format!(" WHERE {}", deparse(condition.cast())));
+            }
+            action
+        }
+    };
+
+    let returning = if (*planned).hasReturning {
+        let lists = list_pointers::<pg_sys::List>((*modify).returningLists);
+        let entries = list_pointers::<pg_sys::TargetEntry>(lists.first().copied().unwrap_or(std::ptr::null_mut()));
+        Some(entries.iter().map(|e| deparse((**e).expr.cast())).collect::<Vec<_>>().join(", "))
+    } else {
+        None
+    };
+
+    Ok(ShardStatement { alias, columns, target: conflict_target(modify, table)?, action, returning })
+}
+
+/// The conflict target on the shards, from the arbiter index(es) PostgreSQL inferred.
+unsafe fn conflict_target(modify: *mut pg_sys::ModifyTable, table: &DistributedTable) -> Result<ConflictTarget> {
+    let arbiters: Vec<pg_sys::Oid> = {
+        let list = (*modify).arbiterIndexes;
+        if list.is_null() {
+            Vec::new()
+        } else {
+            (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).oid_value).collect()
+        }
+    };
+    let Some(first) = arbiters.first() else { return Ok(ConflictTarget::None) };
+    let definition = table_ddl::read(table.relid)?;
+    let index_name = cstr(pg_sys::get_rel_name(*first));
+    if let Some(constraint) = definition.constraints.iter().find(|c| c.name == index_name && matches!(c.kind, 'p' | 'u')) {
+        if arbiters.len() == 1 {
+            return Ok(ConflictTarget::Constraint(constraint.name.clone()));
+        }
+        return Ok(ConflictTarget::Columns { columns: column_names(&definition, &constraint.columns)?, predicate: None });
+    }
+    let index = definition
+        .indexes
+        .iter()
+        .find(|i| i.name == index_name)
+        .ok_or_else(|| ShardingError::internal(format!("arbiter index {index_name} is not in the table definition")))?;
+    let keys = &index.columns[..index.key_count.min(index.columns.len())];
+    if keys.contains(&0) {
+        return Err(unsupported(format!("ON CONFLICT on the expression index \"{index_name}\" is not supported yet")));
+    }
+    Ok(ConflictTarget::Columns { columns: column_names(&definition, keys)?, predicate: index.predicate.clone() })
+}
+
+fn column_names(definition: &table_ddl::TableDefinition, attnums: &[i16]) -> Result<Vec<String>> {
+    attnums
+        .iter()
+        .map(|attnum| {
+            definition
+                .columns
+                .iter()
+                .find(|c| c.attnum == *attnum)
+                .map(|c| c.name.clone())
+                .ok_or_else(|| ShardingError::internal(format!("no column {attnum}")))
+        })
+        .collect()
+}
+
+/// Output slot for RETURNING rows received as text.
+struct Returning {
+    slot: *mut pg_sys::TupleTableSlot,
+    inputs: Vec<(pg_sys::FmgrInfo, pg_sys::Oid, i32)>,
+    dest: *mut pg_sys::DestReceiver,
+}
+
+impl Returning {
+    unsafe fn new(query_desc: *mut pg_sys::QueryDesc) -> Returning {
+        let descriptor = (*query_desc).tupDesc;
+        let mut inputs = Vec::new();
+        for index in 0..(*descriptor).natts as usize {
+            let attribute = (*descriptor).attrs.as_ptr().add(index);
+            let (mut input_oid, mut io_param) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+            pg_sys::getTypeInputInfo((*attribute).atttypid, &mut input_oid, &mut io_param);
+            let mut input = std::mem::zeroed::<pg_sys::FmgrInfo>();
+            pg_sys::fmgr_info(input_oid, &mut input);
+            inputs.push((input, io_param, (*attribute).atttypmod));
+        }
+        let slot = pg_sys::MakeSingleTupleTableSlot(descriptor, &pg_sys::TTSOpsVirtual);
+        Returning { slot, inputs, dest: (*query_desc).dest }
+    }
+
+    unsafe fn send(&mut self, rows: &crate::connection::RemoteRows) -> Result<()> {
+        for row in &rows.rows {
+            pg_sys::ExecClearTuple(self.slot);
+            for (index, (input, io_param, typmod)) in self.inputs.iter_mut().enumerate() {
+                let value = row.get(index).cloned().flatten();
+                let text = value.map(|v| CString::new(v).map_err(|_| ShardingError::internal("NUL in a returned value"))).transpose()?;
+                let pointer = text.as_ref().map_or(std::ptr::null_mut(), |t| t.as_ptr().cast_mut());
+                *(*self.slot).tts_values.add(index) = pg_sys::InputFunctionCall(input, pointer, *io_param, *typmod);
+                *(*self.slot).tts_isnull.add(index) = text.is_none();
+            }
+            pg_sys::ExecStoreVirtualTuple(self.slot);
+            if let Some(receive) = (*self.dest).receiveSlot {
+                receive(self.slot, self.dest);
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Pending {
+    node: Node,
+    rows: Vec<Vec<Option<String>>>,
+}
+
+/// Runs an INSERT ... ON CONFLICT whose ModifyTable is `modify`; returns the rows affected.
+pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) -> Result<u64> {
+    if table.method == Method::Reference {
+        return Err(unsupported(format!(
+            "INSERT ... ON CONFLICT into reference table \"{}\" is not supported yet",
+            table.name
+        )));
+    }
+    let planned = (*query_desc).plannedstmt;
+    let modify = (*planned).planTree.cast::<pg_sys::ModifyTable>();
+    let estate = (*query_desc).estate;
+    let state = (*query_desc).planstate.cast::<pg_sys::ModifyTableState>();
+    let subplan = (*state).ps.lefttree;
+    let relation = (*(*state).resultRelInfo).ri_RelationDesc;
+    let natts = (*(*relation).rd_att).natts as usize;
+
+    // Columns sent: all stored ones, with their output functions.
+    let mut columns: Vec<(usize, String, pg_sys::FmgrInfo)> = Vec::new();
+    for index in 0..natts {
+        let attribute = (*(*relation).rd_att).attrs.as_ptr().add(index);
+        if (*attribute).attisdropped || (*attribute).attgenerated != 0 {
+            continue;
+        }
+        let (mut output_oid, mut is_varlena) = (pg_sys::InvalidOid, false);
+        pg_sys::getTypeOutputInfo((*attribute).atttypid, &mut output_oid, &mut is_varlena);
+        let mut output = std::mem::zeroed::<pg_sys::FmgrInfo>();
+        pg_sys::fmgr_info(output_oid, &mut output);
+        columns.push((index, cstr((*attribute).attname.data.as_ptr()), output));
+    }
+    let statement = shard_statement(query_desc, modify, table, relation, columns.iter().map(|c| c.1.clone()).collect())?;
+    let batch_rows = BATCH_ROWS.min(65535 / columns.len().max(1));
+    let (distribution_index, kind) = match (table.distribution_attnum, table.distribution_kind) {
+        (Some(attnum), Some(kind)) => ((attnum - 1) as usize, kind),
+        _ => return Err(ShardingError::internal("hash table without a distribution column")),
+    };
+    let nodes = cache::nodes()?;
+    let definition = table_ddl::read(table.relid)?;
+
+    let returning = (*planned).hasReturning;
+    let mut output = if returning { Some(Returning::new(query_desc)) } else { None };
+    if let Some(output) = &output {
+        if let Some(startup) = (*output.dest).rStartup {
+            startup(output.dest, pg_sys::CmdType::CMD_INSERT as i32, (*query_desc).tupDesc);
+        }
+    }
+
+    let mut pending: BTreeMap<i64, Pending> = BTreeMap::new();
+    let mut affected: u64 = 0;
+    let context = pg_sys::MakePerTupleExprContext(estate);
+    let flush = |shard_id: i64, batch: Pending, output: &mut Option<Returning>| -> Result<u64> {
+        let sql = statement.sql(&definition.schema, &definition.name, shard_id, batch.rows.len());
+        let params: Vec<Option<&str>> = batch.rows.iter().flat_map(|r| r.iter().map(|v| v.as_deref())).collect();
+        let connection = remote::in_transaction(&batch.node)?;
+        let result = connection.query_counted(&sql, &params).map_err(|e| remote::remote_error(&batch.node, e))?;
+        if let Some(output) = output.as_mut() {
+            output.send(&result.0)?;
+        }
+        Ok(result.1)
+    };
+    loop {
+        pg_sys::MemoryContextReset((*context).ecxt_per_tuple_memory);
+        let slot = pg_sys::ExecProcNode(subplan);
+        if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
+            break;
+        }
+        pg_sys::slot_getallattrs(slot);
+        if (*(*slot).tts_tupleDescriptor).natts as usize != natts {
+            return Err(ShardingError::internal("the INSERT plan does not produce whole rows of the table"));
+        }
+        let values = std::slice::from_raw_parts((*slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
+        if nulls[distribution_index] {
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                format!(
+                    "null value in distribution column \"{}\" of relation \"{}\"",
+                    table.distribution_column.clone().unwrap_or_default(),
+                    table.name
+                ),
+            ));
+        }
+        let previous = pg_sys::MemoryContextSwitchTo((*context).ecxt_per_tuple_memory);
+        let hash = routing::hash_datum(values[distribution_index], kind);
+        let row: Vec<Option<String>> = columns
+            .iter_mut()
+            .map(|(index, _, output)| {
+                (!nulls[*index]).then(|| cstr(pg_sys::OutputFunctionCall(output, values[*index])))
+            })
+            .collect();
+        pg_sys::MemoryContextSwitchTo(previous);
+        let shard = table
+            .shard_for_hash(hash)
+            .ok_or_else(|| ShardingError::internal(format!("no shard owns hash value {hash}")))?;
+        let node_id = *shard.placements.first().ok_or_else(|| ShardingError::internal("shard without placement"))?;
+        let node = nodes
+            .iter()
+            .find(|n| n.node_id == node_id)
+            .cloned()
+            .ok_or_else(|| ShardingError::internal(format!("unknown node {node_id}")))?;
+        // RETURNING rows must come back in input order (clients match them to their rows by
+        // position): then only consecutive rows of one shard travel together.
+        if output.is_some() && pending.keys().any(|id| *id != shard.shard_id) {
+            for (shard_id, batch) in std::mem::take(&mut pending) {
+                affected += flush(shard_id, batch, &mut output)?;
+            }
+        }
+        let entry = pending.entry(shard.shard_id).or_insert_with(|| Pending { node, rows: Vec::new() });
+        entry.rows.push(row);
+        if entry.rows.len() >= batch_rows {
+            let batch = pending.remove(&shard.shard_id).expect("just filled");
+            affected += flush(shard.shard_id, batch, &mut output)?;
+        }
+    }
+    for (shard_id, batch) in std::mem::take(&mut pending) {
+        affected += flush(shard_id, batch, &mut output)?;
+    }
+    if let Some(output) = output {
+        if let Some(shutdown) = (*output.dest).rShutdown {
+            shutdown(output.dest);
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(output.slot);
+    }
+    Ok(affected)
+}
