@@ -136,6 +136,33 @@ fn sqlstate_code(code: &str) -> Option<PgSqlErrorCode> {
     Some(PgSqlErrorCode::from(packed))
 }
 
+/// With writes open on several nodes, checks that each one still answers before any is told to
+/// COMMIT: a node that died during the transaction then aborts it everywhere, instead of being
+/// found only after the others committed. (What remains, a node failing during the COMMIT round
+/// itself, is what two-phase commit closes.)
+fn verify_before_commit() {
+    let open: Vec<(Rc<RemoteConnection>, String)> = SESSIONS.with(|s| {
+        s.borrow()
+            .values()
+            .filter(|session| session.in_transaction)
+            .map(|session| (session.connection.clone(), session.label.clone()))
+            .collect()
+    });
+    if open.len() < 2 {
+        return;
+    }
+    for (connection, label) in open {
+        if let Err(error) = connection.exec("SELECT 1") {
+            ShardingError::new(
+                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+                format!("node {label} failed before commit; the transaction was rolled back on every node"),
+            )
+            .detail(error.to_string())
+            .raise();
+        }
+    }
+}
+
 fn finish_all(command: &str, raise: bool) {
     let open: Vec<(i32, Rc<RemoteConnection>, String)> = SESSIONS.with(|s| {
         s.borrow_mut()
@@ -192,6 +219,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
                 )
                 .raise();
             }
+            verify_before_commit();
             finish_all("COMMIT", true);
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {

@@ -538,3 +538,68 @@ fn insert_on_conflict_matches_a_single_server() {
     let (code, ..) = expect_error(&mut c, "INSERT INTO kv (k, v) VALUES (NULL, 1) ON CONFLICT DO NOTHING");
     assert_eq!(code, "23502");
 }
+
+#[test]
+fn copy_from_files_and_binary_input() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE src (id bigint, label text, amount numeric(10,2), at timestamptz, raw bytea);
+         INSERT INTO src SELECT g, 'label ' || g, g / 7.0, timestamptz '2026-01-01 00:00+00' + g * interval '1 hour',
+                                decode(md5(g::text), 'hex')
+           FROM generate_series(1, 3000) g;
+         CREATE TABLE dst (LIKE src);
+         SELECT create_distributed_table('dst', 'id', shard_count => 6);",
+    )
+    .unwrap();
+    let expected = sorted_lines(&copy_out(&mut c, "COPY src TO STDOUT").unwrap());
+
+    // Binary input: every type round-trips.
+    let binary = copy_out(&mut c, "COPY src TO STDOUT (FORMAT binary)").unwrap();
+    assert_eq!(copy_in(&mut c, "COPY dst FROM STDIN (FORMAT binary)", &binary).unwrap(), 3000);
+    assert_eq!(all_rows(&mut c, "dst"), expected);
+
+    // A server-side file (csv with a header), read by the coordinator.
+    c.batch_execute("TRUNCATE dst").unwrap();
+    let dir = std::env::temp_dir().join(format!("pgsh-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rows.csv");
+    let csv = copy_out(&mut c, "COPY src TO STDOUT (FORMAT csv, HEADER)").unwrap();
+    std::fs::write(&path, csv).unwrap();
+    std::process::Command::new("chmod").args(["-R", "a+rX", &dir.to_string_lossy()]).status().unwrap();
+    let loaded = c.execute(&format!("COPY dst FROM '{}' (FORMAT csv, HEADER)", path.display()), &[]).unwrap();
+    assert_eq!(loaded, 3000);
+    assert_eq!(all_rows(&mut c, "dst"), expected);
+
+    // A file with one bad row loads nothing.
+    c.batch_execute("TRUNCATE dst").unwrap();
+    let mut bad = std::fs::read_to_string(&path).unwrap();
+    bad = bad.replacen("\n1500,", "\nnot-a-number,", 1);
+    std::fs::write(&path, bad).unwrap();
+    let (code, ..) = expect_error(&mut c, &format!("COPY dst FROM '{}' (FORMAT csv, HEADER)", path.display()));
+    assert_eq!(code, "22P02");
+    assert_eq!(all_rows(&mut c, "dst").len(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_worker_lost_before_commit_aborts_the_write_on_every_node() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute("CREATE TABLE t (id int, v text); SELECT create_distributed_table('t', 'id', shard_count => 4);").unwrap();
+    let mut data = Vec::new();
+    for id in 1..=200 {
+        data.extend_from_slice(format!("{id}\trow {id}\n").as_bytes());
+    }
+    c.batch_execute("BEGIN").unwrap();
+    copy_in(&mut c, "COPY t FROM STDIN", &data).unwrap();
+    cluster.kill_worker(2);
+    let error = c.batch_execute("COMMIT").unwrap_err();
+    assert_eq!(pg_sharding_multinode::sqlstate(&error), "08006");
+    cluster.start_worker(2);
+    let mut c = cluster.coordinator();
+    assert_eq!(all_rows(&mut c, "t").len(), 0, "no node kept the rows of the failed transaction");
+    // The next transaction works with fresh connections.
+    copy_in(&mut c, "COPY t FROM STDIN", &data).unwrap();
+    assert_eq!(all_rows(&mut c, "t").len(), 200);
+}
