@@ -188,18 +188,31 @@ pub unsafe fn distributed_by_oid(relid: pg_sys::Oid) -> Result<Option<Rc<Distrib
     cache::table_unless_reentrant(relid)
 }
 
-pub unsafe fn distributed_by_rangevar(relation: *mut pg_sys::RangeVar) -> Result<Option<Rc<DistributedTable>>> {
+/// The relation a RangeVar names, InvalidOid when it does not exist (no lock taken: the
+/// statement itself locks what it changes).
+pub unsafe fn relid_of(relation: *mut pg_sys::RangeVar) -> pg_sys::Oid {
     if relation.is_null() {
-        return Ok(None);
+        return pg_sys::InvalidOid;
     }
-    let relid = pg_sys::RangeVarGetRelidExtended(
+    pg_sys::RangeVarGetRelidExtended(
         relation,
         pg_sys::NoLock as pg_sys::LOCKMODE,
         pg_sys::RVROption::RVR_MISSING_OK,
         None,
         std::ptr::null_mut(),
-    );
-    distributed_by_oid(relid)
+    )
+}
+
+/// Elements of a PostgreSQL integer List.
+pub unsafe fn int_list(list: *mut pg_sys::List) -> Vec<i32> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).int_value).collect()
+}
+
+pub unsafe fn distributed_by_rangevar(relation: *mut pg_sys::RangeVar) -> Result<Option<Rc<DistributedTable>>> {
+    distributed_by_oid(relid_of(relation))
 }
 
 fn one(table: Option<Rc<DistributedTable>>) -> Vec<Rc<DistributedTable>> {
@@ -232,17 +245,7 @@ unsafe fn rename_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTa
     match (*statement).renameType {
         OBJECT_TABLE | OBJECT_COLUMN | OBJECT_TABCONSTRAINT => Ok(one(distributed_by_rangevar((*statement).relation)?)),
         OBJECT_INDEX => {
-            let relation = (*statement).relation;
-            if relation.is_null() {
-                return Ok(Vec::new());
-            }
-            let index = pg_sys::RangeVarGetRelidExtended(
-                relation,
-                pg_sys::NoLock as pg_sys::LOCKMODE,
-                pg_sys::RVROption::RVR_MISSING_OK,
-                None,
-                std::ptr::null_mut(),
-            );
+            let index = relid_of((*statement).relation);
             if index == pg_sys::InvalidOid {
                 return Ok(Vec::new());
             }
@@ -264,14 +267,7 @@ unsafe fn drop_index_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<Distribut
     }
     let mut found: Vec<Rc<DistributedTable>> = Vec::new();
     for names in list_pointers::<pg_sys::List>((*statement).objects) {
-        let relation = pg_sys::makeRangeVarFromNameList(names);
-        let index = pg_sys::RangeVarGetRelidExtended(
-            relation,
-            pg_sys::NoLock as pg_sys::LOCKMODE,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        );
+        let index = relid_of(pg_sys::makeRangeVarFromNameList(names));
         if index == pg_sys::InvalidOid {
             continue;
         }

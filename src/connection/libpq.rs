@@ -268,37 +268,7 @@ impl RemoteConnection {
 
     /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).
     pub fn query(&self, sql: &str, params: &[Option<&str>]) -> Result<RemoteRows, RemoteError> {
-        let sql = cstring(sql)?;
-        let owned: Vec<Option<CString>> = params
-            .iter()
-            .map(|p| p.map(cstring).transpose())
-            .collect::<Result<_, _>>()?;
-        let value_ptrs: Vec<*const c_char> = owned
-            .iter()
-            .map(|p| p.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
-            .collect();
-        let count = i32::try_from(value_ptrs.len())
-            .map_err(|_| RemoteError::local("too many query parameters"))?;
-
-        // SAFETY: all pointers are valid for the call; NULL types/lengths/formats mean
-        // "infer types, text format"; the result is cleared by ResultGuard.
-        let result = unsafe {
-            pq::PQexecParams(
-                self.conn.as_ptr(),
-                sql.as_ptr(),
-                count,
-                std::ptr::null(),
-                value_ptrs.as_ptr(),
-                std::ptr::null(),
-                std::ptr::null(),
-                0,
-            )
-        };
-        let Some(result) = NonNull::new(result) else {
-            return Err(RemoteError::local(self.last_error()));
-        };
-        let guard = ResultGuard(result);
-        guard.rows()
+        self.query_counted(sql, params).map(|(rows, _)| rows)
     }
 
     /// `query`, also returning how many rows the command affected (its tag's count).

@@ -186,33 +186,15 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
                 }
             }
             row.push(b'\n');
-            match distribution {
-                Some((index, kind)) => {
-                    if nulls[index] {
-                        pg_sys::MemoryContextSwitchTo(previous);
-                        return Err(ShardingError::new(
-                            PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-                            format!(
-                                "null value in distribution column \"{}\" of relation \"{}\"",
-                                table.distribution_column.clone().unwrap_or_default(),
-                                table.name
-                            ),
-                        ));
-                    }
-                    let hash = routing::hash_datum(values[index], kind);
-                    let shard = table.shard_for_hash(hash).ok_or_else(|| {
-                        ShardingError::internal(format!("no shard owns hash value {hash}"))
-                    })?;
-                    writer.push(shard.shard_id, &row)?;
-                }
-                None => {
-                    writer.push(table.shards[0].shard_id, &row)?;
-                    if let Some(spool) = spool.as_mut() {
-                        spool.file.write_all(&row).map_err(|e| ShardingError::internal(format!("spool write failed: {e}")))?;
-                    }
-                }
-            }
+            let shard_id = match distribution {
+                Some((index, kind)) => routing::shard_for_value(table, (!nulls[index]).then(|| values[index]), kind),
+                None => Ok(table.shards[0].shard_id),
+            };
             pg_sys::MemoryContextSwitchTo(previous);
+            writer.push(shard_id?, &row)?;
+            if let Some(spool) = spool.as_mut() {
+                spool.file.write_all(&row).map_err(|e| ShardingError::internal(format!("spool write failed: {e}")))?;
+            }
             rows += 1;
         }
         Ok(())
@@ -339,24 +321,11 @@ unsafe fn copy_raw_rows(
         match distribution_input.as_mut() {
             Some((position, kind, input, io_param)) => {
                 let field = *fields.add(*position);
-                if field.is_null() {
-                    return Err(ShardingError::new(
-                        PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-                        format!(
-                            "null value in distribution column \"{}\" of relation \"{}\"",
-                            table.distribution_column.clone().unwrap_or_default(),
-                            table.name
-                        ),
-                    ));
-                }
                 let previous = pg_sys::MemoryContextSwitchTo((*expression_context).ecxt_per_tuple_memory);
-                let datum = pg_sys::InputFunctionCall(input, field, *io_param, -1);
-                let hash = routing::hash_datum(datum, *kind);
+                let value = (!field.is_null()).then(|| pg_sys::InputFunctionCall(input, field, *io_param, -1));
+                let shard_id = routing::shard_for_value(table, value, *kind);
                 pg_sys::MemoryContextSwitchTo(previous);
-                let shard = table
-                    .shard_for_hash(hash)
-                    .ok_or_else(|| ShardingError::internal(format!("no shard owns hash value {hash}")))?;
-                writer.push(shard.shard_id, &row)?;
+                writer.push(shard_id?, &row)?;
             }
             None => {
                 writer.push(table.shards[0].shard_id, &row)?;

@@ -105,44 +105,16 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
     let context = pg_sys::MakePerTupleExprContext(estate);
     let mut row = Vec::with_capacity(256);
     let mut rows: u64 = 0;
-    loop {
-        pg_sys::MemoryContextReset((*context).ecxt_per_tuple_memory);
-        let slot = pg_sys::ExecProcNode(subplan);
-        if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
-            break;
-        }
-        pg_sys::slot_getallattrs(slot);
-        if (*(*slot).tts_tupleDescriptor).natts as usize != natts {
-            return Err(ShardingError::internal("the INSERT plan does not produce whole rows of the table"));
-        }
-        let values = std::slice::from_raw_parts((*slot).tts_values, natts);
-        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
+    while let Some((slot, values, nulls)) = super::next_insert_row(subplan, context, natts)? {
         let previous = pg_sys::MemoryContextSwitchTo((*context).ecxt_per_tuple_memory);
         row.clear();
         encoder.encode(values, nulls, &mut row);
         let shard_id = match distribution {
-            Some((index, kind)) => {
-                if nulls[index] {
-                    pg_sys::MemoryContextSwitchTo(previous);
-                    return Err(ShardingError::new(
-                        PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-                        format!(
-                            "null value in distribution column \"{}\" of relation \"{}\"",
-                            table.distribution_column.clone().unwrap_or_default(),
-                            table.name
-                        ),
-                    ));
-                }
-                let hash = routing::hash_datum(values[index], kind);
-                table
-                    .shard_for_hash(hash)
-                    .ok_or_else(|| ShardingError::internal(format!("no shard owns hash value {hash}")))?
-                    .shard_id
-            }
-            None => table.shards[0].shard_id,
+            Some((index, kind)) => routing::shard_for_value(table, (!nulls[index]).then(|| values[index]), kind),
+            None => Ok(table.shards[0].shard_id),
         };
         pg_sys::MemoryContextSwitchTo(previous);
-        writer.push(shard_id, &row)?;
+        writer.push(shard_id?, &row)?;
         if let Some(spool) = spool.as_mut() {
             spool.file.write_all(&row).map_err(|e| ShardingError::internal(format!("spool write failed: {e}")))?;
         }

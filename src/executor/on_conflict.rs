@@ -120,14 +120,8 @@ unsafe fn shard_statement(
             let mut assignments = Vec::new();
             // Since PostgreSQL 14 an entry's resno is its position in the list; the column it
             // assigns is the matching element of onConflictCols.
-            let targets: Vec<usize> = {
-                let list = (*modify).onConflictCols;
-                if list.is_null() {
-                    Vec::new()
-                } else {
-                    (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).int_value as usize).collect()
-                }
-            };
+            let targets: Vec<usize> =
+                crate::commands::utility::int_list((*modify).onConflictCols).into_iter().map(|a| a as usize).collect();
             let entries = list_pointers::<pg_sys::TargetEntry>((*modify).onConflictSet);
             if entries.len() != targets.len() {
                 return Err(ShardingError::internal("ON CONFLICT SET list and its target columns differ in length"));
@@ -315,30 +309,13 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
         }
         Ok(result.1)
     };
-    loop {
-        pg_sys::MemoryContextReset((*context).ecxt_per_tuple_memory);
-        let slot = pg_sys::ExecProcNode(subplan);
-        if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
-            break;
-        }
-        pg_sys::slot_getallattrs(slot);
-        if (*(*slot).tts_tupleDescriptor).natts as usize != natts {
-            return Err(ShardingError::internal("the INSERT plan does not produce whole rows of the table"));
-        }
-        let values = std::slice::from_raw_parts((*slot).tts_values, natts);
-        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
-        if nulls[distribution_index] {
-            return Err(ShardingError::new(
-                PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-                format!(
-                    "null value in distribution column \"{}\" of relation \"{}\"",
-                    table.distribution_column.clone().unwrap_or_default(),
-                    table.name
-                ),
-            ));
-        }
+    while let Some((_slot, values, nulls)) = super::next_insert_row(subplan, context, natts)? {
         let previous = pg_sys::MemoryContextSwitchTo((*context).ecxt_per_tuple_memory);
-        let hash = routing::hash_datum(values[distribution_index], kind);
+        let shard_id = routing::shard_for_value(
+            table,
+            (!nulls[distribution_index]).then(|| values[distribution_index]),
+            kind,
+        );
         let row: Vec<Option<String>> = columns
             .iter_mut()
             .map(|(index, _, output)| {
@@ -346,9 +323,12 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
             })
             .collect();
         pg_sys::MemoryContextSwitchTo(previous);
+        let shard_id = shard_id?;
         let shard = table
-            .shard_for_hash(hash)
-            .ok_or_else(|| ShardingError::internal(format!("no shard owns hash value {hash}")))?;
+            .shards
+            .iter()
+            .find(|s| s.shard_id == shard_id)
+            .ok_or_else(|| ShardingError::internal(format!("no shard {shard_id}")))?;
         let node_id = *shard.placements.first().ok_or_else(|| ShardingError::internal("shard without placement"))?;
         let node = nodes
             .iter()

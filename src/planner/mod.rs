@@ -49,14 +49,8 @@ pub unsafe fn insert_target(planned: *mut pg_sys::PlannedStmt) -> Option<usize> 
 
 unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<()> {
     let insert_into = insert_target(planned);
-    let written: Vec<usize> = {
-        let list = (*planned).resultRelations;
-        if list.is_null() {
-            Vec::new()
-        } else {
-            (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).int_value as usize).collect()
-        }
-    };
+    let written: Vec<usize> =
+        crate::commands::utility::int_list((*planned).resultRelations).into_iter().map(|i| i as usize).collect();
     for (index, relid) in scanned_relations(planned) {
         if relid.to_u32() < pg_sys::FirstNormalObjectId {
             continue;

@@ -102,6 +102,32 @@ pub unsafe fn hash_datum(datum: pg_sys::Datum, kind: DistKind) -> i32 {
     }
 }
 
+/// The shard of a row whose distribution column holds `value` (`None` for NULL, which no
+/// shard accepts: SQLSTATE 23502 naming the column).
+///
+/// SAFETY: `value` must be a valid datum of a type of `kind`.
+pub unsafe fn shard_for_value(
+    table: &crate::catalog::tables::DistributedTable,
+    value: Option<pg_sys::Datum>,
+    kind: DistKind,
+) -> crate::error::Result<i64> {
+    let Some(value) = value else {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+            format!(
+                "null value in distribution column \"{}\" of relation \"{}\"",
+                table.distribution_column.clone().unwrap_or_default(),
+                table.name
+            ),
+        ));
+    };
+    let hash = hash_datum(value, kind);
+    table
+        .shard_for_hash(hash)
+        .map(|shard| shard.shard_id)
+        .ok_or_else(|| ShardingError::internal(format!("no shard of {} owns hash value {hash}", table.name)))
+}
+
 /// `sharding.hash_value(anyelement)`: the shard hash of a value (NULL for NULL).
 #[pg_extern(name = "hash_value", immutable, parallel_safe)]
 fn hash_value_of(value: pgrx::AnyElement) -> i32 {
