@@ -32,7 +32,7 @@ struct LocalTable {
 fn check_local_table(relid: pg_sys::Oid) -> Result<LocalTable> {
     let row = Spi::connect(|client| -> Result<Option<(String, String, String, bool, bool, String)>> {
         let mut rows = client.select(
-            "SELECT c.relkind::text, c.relpersistence::text, c.oid::regclass::text, c.relispartition,
+            "SELECT c.relkind::text, c.relpersistence::text, c.oid::regclass::text, c.relispartition OR c.relrowsecurity,
                     c.relhassubclass OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid),
                     COALESCE((SELECT string_agg(t.tgname::text, ', ') FROM pg_catalog.pg_trigger t
                                WHERE t.tgrelid = c.oid AND NOT t.tgisinternal), '')
@@ -63,7 +63,7 @@ fn check_local_table(relid: pg_sys::Oid) -> Result<LocalTable> {
         ShardingError::new(ERRCODE_FEATURE_NOT_SUPPORTED, format!("cannot distribute {display}: {what}"))
     };
     if relkind == "p" || is_partition {
-        return Err(unsupported("partitioned tables and partitions are not supported yet"));
+        return Err(unsupported("partitioned tables, partitions and tables with row-level security are not supported yet"));
     }
     if relkind != "r" {
         return Err(ShardingError::new(ERRCODE_WRONG_OBJECT_TYPE, format!("{display} is not a table")));

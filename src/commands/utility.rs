@@ -114,12 +114,14 @@ const OPERATIONS: &[Operation] = &[
 
 /// The operation and targets for a statement, when it touches distributed tables.
 unsafe fn ours(pstmt: *mut pg_sys::PlannedStmt) -> Result<Option<(&'static Operation, Vec<Rc<DistributedTable>>)>> {
-    if !cache::extension_active() {
-        return Ok(None);
-    }
+    // The statement kind first: ROLLBACK in a failed transaction block comes here too, and no
+    // catalog may be read then.
     let statement = (*pstmt).utilityStmt;
     let tag = (*statement).type_;
     let Some(operation) = OPERATIONS.iter().find(|op| op.tag == tag) else { return Ok(None) };
+    if !pg_sys::IsTransactionState() || !cache::extension_active() {
+        return Ok(None);
+    }
     let targets = (operation.targets)(statement)?;
     Ok((!targets.is_empty()).then_some((operation, targets)))
 }
@@ -517,7 +519,7 @@ unsafe extern "C-unwind" fn object_access(
     arg: *mut std::ffi::c_void,
 ) {
     if let Some(previous) = *std::ptr::addr_of!(PREVIOUS_OBJECT_ACCESS) {
-        previous(access, class_id, object_id, sub_id, arg);
+        pg_sys::ffi::pg_guard_ffi_boundary(|| previous(access, class_id, object_id, sub_id, arg));
     }
     if access == pg_sys::ObjectAccessType::OAT_DROP
         && class_id == pg_sys::RelationRelationId

@@ -1,8 +1,11 @@
 //! A small safe wrapper over libpq (pq-sys): connect, run a statement with text parameters,
 //! copy the result out. Every `unsafe` FFI call of this crate into libpq is in this file.
 //!
-//! Calls are blocking but bounded by `connect_timeout`; the executor will use libpq's
-//! non-blocking interface for parallel work.
+//! Calls are blocking: connection set-up is bounded by `connect_timeout`, and a peer that dies
+//! or becomes unreachable mid-command by TCP keepalives and `tcp_user_timeout` (about 30 s), but
+//! a worker that is alive and merely slow (or blocked on a lock) is waited for, and the wait
+//! cannot be cancelled. The query engine moves to libpq's non-blocking interface with latch
+//! waits (interruptible, parallel); until then this is a known limitation.
 
 use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
@@ -86,6 +89,14 @@ impl RemoteConnection {
             ("connect_timeout", params.connect_timeout_s.max(1).to_string()),
             ("application_name", "pg_sharding".to_string()),
             ("client_encoding", params.client_encoding.to_string()),
+            // A worker that dies or becomes unreachable is noticed within about half a minute,
+            // also in the middle of a command (calls block until then: see the note in the
+            // module documentation).
+            ("keepalives", "1".to_string()),
+            ("keepalives_idle", "10".to_string()),
+            ("keepalives_interval", "5".to_string()),
+            ("keepalives_count", "3".to_string()),
+            ("tcp_user_timeout", "30000".to_string()),
         ];
         let keywords: Vec<CString> =
             pairs.iter().map(|(k, _)| cstring(k)).collect::<Result<_, _>>()?;
@@ -182,12 +193,15 @@ impl RemoteConnection {
         }
     }
 
-    /// True while a sent command has not finished (reads what has arrived, never blocks).
-    pub fn is_busy(&self) -> bool {
+    /// True while a sent command has not finished (reads what has arrived, never blocks); an
+    /// error when the connection failed.
+    pub fn is_busy(&self) -> Result<bool, RemoteError> {
         // SAFETY: valid connection; PQconsumeInput only reads what the socket already holds.
         unsafe {
-            pq::PQconsumeInput(self.conn.as_ptr());
-            pq::PQisBusy(self.conn.as_ptr()) == 1
+            if pq::PQconsumeInput(self.conn.as_ptr()) != 1 {
+                return Err(RemoteError::local(self.last_error()));
+            }
+            Ok(pq::PQisBusy(self.conn.as_ptr()) == 1)
         }
     }
 

@@ -72,7 +72,8 @@ pub(crate) fn open_spool() -> Result<Spool> {
     let _ = std::fs::create_dir_all(&dir);
     // SAFETY: MyProcPid is a plain int.
     let pid = unsafe { *std::ptr::addr_of!(pg_sys::MyProcPid) };
-    let path = dir.join(format!("pg_sharding_copy_{pid}_{}", std::time::SystemTime::now()
+    // Named like PostgreSQL's own temporary files, so a restart after a crash removes it.
+    let path = dir.join(format!("pgsql_tmp_pg_sharding_copy_{pid}_{}", std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)));
     let file = std::fs::File::create(&path)
         .map_err(|e| ShardingError::internal(format!("could not create {}: {e}", path.display())))?;
@@ -155,6 +156,7 @@ pub unsafe fn copy_from(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, ta
         Some(order) => copy_raw_rows(
             copy_state,
             expression_context,
+            distribution.map_or(-1, |(index, _)| (*(*descriptor).attrs.as_ptr().add(index)).atttypmod),
             order,
             &columns,
             &column_names,
@@ -262,6 +264,9 @@ unsafe fn raw_fields_apply(statement: *mut pg_sys::CopyStmt, column_names: &[Str
 unsafe fn copy_raw_rows(
     copy_state: pg_sys::CopyFromState,
     expression_context: *mut pg_sys::ExprContext,
+    // The column's typmod: numeric(10,2) stores 1.005 as 1.01, and the hash must be of the
+    // value stored, so the field is read as the column reads it.
+    distribution_typmod: i32,
     order: &[usize],
     columns: &[OutputColumn],
     names: &[String],
@@ -322,7 +327,8 @@ unsafe fn copy_raw_rows(
             Some((position, kind, input, io_param)) => {
                 let field = *fields.add(*position);
                 let previous = pg_sys::MemoryContextSwitchTo((*expression_context).ecxt_per_tuple_memory);
-                let value = (!field.is_null()).then(|| pg_sys::InputFunctionCall(input, field, *io_param, -1));
+                let value =
+                    (!field.is_null()).then(|| pg_sys::InputFunctionCall(input, field, *io_param, distribution_typmod));
                 let shard_id = routing::shard_for_value(table, value, *kind);
                 pg_sys::MemoryContextSwitchTo(previous);
                 writer.push(shard_id?, &row)?;
@@ -348,6 +354,13 @@ pub(crate) unsafe fn load_local_copy(relation: pg_sys::Relation, path: &std::pat
         let name = std::ffi::CString::new(name.as_str()).map_err(|_| ShardingError::internal("column name contains NUL"))?;
         names = pg_sys::lappend(names, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
     }
+    // The spool holds text in the database encoding, whatever the client's encoding is.
+    let encoding = pg_sys::makeDefElem(
+        c"encoding".as_ptr().cast_mut(),
+        pg_sys::makeString(pg_sys::pstrdup(pg_sys::GetDatabaseEncodingName())).cast(),
+        -1,
+    );
+    let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
     let parse_state = parse_state_for(relation, std::ptr::null());
     let copy_state = pg_sys::BeginCopyFrom(
         parse_state,
@@ -357,7 +370,7 @@ pub(crate) unsafe fn load_local_copy(relation: pg_sys::Relation, path: &std::pat
         false,
         None,
         names,
-        std::ptr::null_mut(),
+        options,
     );
     pg_sys::CopyFrom(copy_state);
     pg_sys::EndCopyFrom(copy_state);

@@ -26,6 +26,12 @@ pub fn run_copy(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<
         }
         check_privileges(statement, &targets[0])?;
         if (*statement).is_from {
+            // The checks DoCopy makes before writing.
+            pg_sys::PreventCommandIfReadOnly(c"COPY FROM".as_ptr());
+            pg_sys::PreventCommandIfParallelMode(c"COPY FROM".as_ptr());
+            pg_sys::PreventCommandDuringRecovery(c"COPY FROM".as_ptr());
+        }
+        if (*statement).is_from {
             from::copy_from(call, statement, &targets[0])
         } else {
             to::copy_to(call, statement, &targets[0])

@@ -101,7 +101,9 @@ impl ShardWriter {
 /// True when a placement node of `target` is still busy with an earlier batch.
 fn any_busy(target: &Target, in_flight: &HashMap<i32, Node>) -> Result<bool> {
     for node in &target.nodes {
-        if in_flight.contains_key(&node.node_id) && remote::in_transaction(node)?.is_busy() {
+        if in_flight.contains_key(&node.node_id)
+            && remote::in_transaction(node)?.is_busy().map_err(|e| remote::remote_error(node, e))?
+        {
             return Ok(true);
         }
     }

@@ -125,7 +125,15 @@ pub unsafe fn copy_to(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, tabl
         let connection = remote::in_transaction(node)?;
         rows += connection
             .copy_out(&sql, |chunk| {
-                send_message(b'd', chunk);
+                // Workers send the database encoding; the client gets its own. libpq hands over
+                // one whole row per chunk, so no character is ever split.
+                let converted = pg_sys::pg_server_to_client(chunk.as_ptr().cast(), chunk.len() as i32);
+                if converted.cast_const() == chunk.as_ptr().cast() {
+                    send_message(b'd', chunk);
+                } else {
+                    send_message(b'd', CStr::from_ptr(converted).to_bytes());
+                    pg_sys::pfree(converted.cast());
+                }
                 Ok(())
             })
             .map_err(|e| remote::remote_error(node, e))?;

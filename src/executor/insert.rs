@@ -99,7 +99,7 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
     let dest = (*query_desc).dest;
     if returning {
         if let Some(startup) = (*dest).rStartup {
-            startup(dest, pg_sys::CmdType::CMD_INSERT as i32, (*query_desc).tupDesc);
+            pg_sys::ffi::pg_guard_ffi_boundary(|| startup(dest, pg_sys::CmdType::CMD_INSERT as i32, (*query_desc).tupDesc));
         }
     }
     let context = pg_sys::MakePerTupleExprContext(estate);
@@ -121,11 +121,13 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
         if returning {
             let projection = (*result).ri_projectReturning;
             let expression_context = (*projection).pi_exprContext;
+            // As ModifyTable does per row: without it RETURNING's memory grows with the rows.
+            pg_sys::MemoryContextReset((*expression_context).ecxt_per_tuple_memory);
             (*expression_context).ecxt_scantuple = slot;
             (*expression_context).ecxt_outertuple = slot;
             let output = pg_sys::ExecProject(projection);
             if let Some(receive) = (*dest).receiveSlot {
-                receive(output, dest);
+                pg_sys::ffi::pg_guard_ffi_boundary(|| receive(output, dest));
             }
         }
         rows += 1;
@@ -138,7 +140,7 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
     (*estate).es_processed = rows;
     if returning {
         if let Some(shutdown) = (*dest).rShutdown {
-            shutdown(dest);
+            pg_sys::ffi::pg_guard_ffi_boundary(|| shutdown(dest));
         }
     }
     Ok(())

@@ -206,6 +206,8 @@ fn column_names(definition: &table_ddl::TableDefinition, attnums: &[i16]) -> Res
 /// Output slot for RETURNING rows received as text.
 struct Returning {
     slot: *mut pg_sys::TupleTableSlot,
+    /// Holds one returned row's values; reset for every row.
+    memory: pg_sys::MemoryContext,
     inputs: Vec<(pg_sys::FmgrInfo, pg_sys::Oid, i32)>,
     dest: *mut pg_sys::DestReceiver,
 }
@@ -223,22 +225,39 @@ impl Returning {
             inputs.push((input, io_param, (*attribute).atttypmod));
         }
         let slot = pg_sys::MakeSingleTupleTableSlot(descriptor, &pg_sys::TTSOpsVirtual);
-        Returning { slot, inputs, dest: (*query_desc).dest }
+        let memory = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"pg_sharding RETURNING row".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        Returning { slot, inputs, dest: (*query_desc).dest, memory }
     }
 
     unsafe fn send(&mut self, rows: &crate::connection::RemoteRows) -> Result<()> {
         for row in &rows.rows {
             pg_sys::ExecClearTuple(self.slot);
+            pg_sys::MemoryContextReset(self.memory);
+            let previous = pg_sys::MemoryContextSwitchTo(self.memory);
             for (index, (input, io_param, typmod)) in self.inputs.iter_mut().enumerate() {
                 let value = row.get(index).cloned().flatten();
-                let text = value.map(|v| CString::new(v).map_err(|_| ShardingError::internal("NUL in a returned value"))).transpose()?;
+                let text = match value.map(CString::new).transpose() {
+                    Ok(text) => text,
+                    Err(_) => {
+                        pg_sys::MemoryContextSwitchTo(previous);
+                        return Err(ShardingError::internal("NUL in a returned value"));
+                    }
+                };
                 let pointer = text.as_ref().map_or(std::ptr::null_mut(), |t| t.as_ptr().cast_mut());
                 *(*self.slot).tts_values.add(index) = pg_sys::InputFunctionCall(input, pointer, *io_param, *typmod);
                 *(*self.slot).tts_isnull.add(index) = text.is_none();
             }
+            pg_sys::MemoryContextSwitchTo(previous);
             pg_sys::ExecStoreVirtualTuple(self.slot);
             if let Some(receive) = (*self.dest).receiveSlot {
-                receive(self.slot, self.dest);
+                let (slot, dest) = (self.slot, self.dest);
+                pg_sys::ffi::pg_guard_ffi_boundary(|| receive(slot, dest));
             }
         }
         Ok(())
@@ -292,7 +311,8 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
     let mut output = if returning { Some(Returning::new(query_desc)) } else { None };
     if let Some(output) = &output {
         if let Some(startup) = (*output.dest).rStartup {
-            startup(output.dest, pg_sys::CmdType::CMD_INSERT as i32, (*query_desc).tupDesc);
+            let dest = output.dest;
+            pg_sys::ffi::pg_guard_ffi_boundary(|| startup(dest, pg_sys::CmdType::CMD_INSERT as i32, (*query_desc).tupDesc));
         }
     }
 
@@ -354,9 +374,11 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
     }
     if let Some(output) = output {
         if let Some(shutdown) = (*output.dest).rShutdown {
-            shutdown(output.dest);
+            let dest = output.dest;
+            pg_sys::ffi::pg_guard_ffi_boundary(|| shutdown(dest));
         }
         pg_sys::ExecDropSingleTupleTableSlot(output.slot);
+        pg_sys::MemoryContextDelete(output.memory);
     }
     Ok(affected)
 }

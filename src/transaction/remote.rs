@@ -66,19 +66,26 @@ pub fn in_transaction(node: &Node) -> Result<Rc<RemoteConnection>> {
             "a rolled-back subtransaction wrote to worker nodes; roll back the transaction",
         ));
     }
+    // A connection that broke while it held this transaction's work must not be replaced by a
+    // new one: the work it did is gone, and carrying on would commit without it.
     let existing = SESSIONS.with(|s| {
         let mut sessions = s.borrow_mut();
         match sessions.get(&node.node_id) {
             Some(session) if session.connection.is_ok() => {
-                Some((session.connection.clone(), session.in_transaction))
+                Ok(Some((session.connection.clone(), session.in_transaction)))
             }
+            Some(session) if session.in_transaction => Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+                format!("lost the connection to node {} during the transaction", session.label),
+            )
+            .hint("The transaction is rolled back on every node; run it again.")),
             Some(_) => {
                 sessions.remove(&node.node_id);
-                None
+                Ok(None)
             }
-            None => None,
+            None => Ok(None),
         }
-    });
+    })?;
     let (connection, open) = match existing {
         Some(found) => found,
         None => (Rc::new(connection::connect_to_node(&node.host, node.port)?), false),

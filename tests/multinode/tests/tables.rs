@@ -603,3 +603,66 @@ fn a_worker_lost_before_commit_aborts_the_write_on_every_node() {
     copy_in(&mut c, "COPY t FROM STDIN", &data).unwrap();
     assert_eq!(all_rows(&mut c, "t").len(), 200);
 }
+
+fn psql(cluster: &Cluster, encoding: &str, sql: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-c", sql])
+        .env("PGCLIENTENCODING", encoding)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (output.status.success(), output.stdout, String::from_utf8_lossy(&output.stderr).to_string())
+}
+
+#[test]
+fn values_are_hashed_as_stored_and_text_crosses_encodings() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute("CREATE TABLE prices (p numeric(10,2), note text); SELECT create_distributed_table('prices', 'p', shard_count => 8);").unwrap();
+    // 1.005 is stored as 1.01: the row must be in the shard of 1.01, by COPY and by INSERT.
+    copy_in(&mut c, "COPY prices FROM STDIN", b"1.005\tcopy\n").unwrap();
+    c.execute("INSERT INTO prices VALUES (2.005, 'insert')", &[]).unwrap();
+    for (stored, note) in [("1.01", "copy"), ("2.01", "insert")] {
+        let shard: i64 = c.query_one(&format!("SELECT sharding.shard_for_value('prices', {stored}::numeric)"), &[]).unwrap().get(0);
+        let placement = cluster.placements("prices").into_iter().find(|p| p.shard_id == shard).unwrap();
+        let found: String = cluster
+            .connect_port(placement.port)
+            .query_one(&format!("SELECT note FROM {} WHERE p = {stored}", placement.shard_name), &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(found, note);
+    }
+
+    // A LATIN1 client: COPY into a reference table (coordinator copy and worker copies) and
+    // back out of a distributed table, byte for byte.
+    c.batch_execute("CREATE TABLE words (w text PRIMARY KEY); SELECT create_reference_table('words');
+                     CREATE TABLE dwords (w text); SELECT create_distributed_table('dwords', 'w');").unwrap();
+    let latin1 = b"caf\xe9\nna\xefve\n";
+    for table in ["words", "dwords"] {
+        let (ok, _, error) = psql(&cluster, "LATIN1", &format!("COPY {table} FROM STDIN"), latin1);
+        assert!(ok, "{error}");
+    }
+    let local: Vec<String> = c.query("SELECT w FROM words ORDER BY w", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(local, vec!["café".to_string(), "naïve".to_string()]);
+    for placement in cluster.placements("words") {
+        let copy: Vec<String> = cluster.connect_port(placement.port).query(&format!("SELECT w FROM {} ORDER BY w", placement.shard_name), &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(copy, local);
+    }
+    let (ok, out, error) = psql(&cluster, "LATIN1", "COPY dwords TO STDOUT", b"");
+    assert!(ok, "{error}");
+    let mut lines: Vec<&[u8]> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    lines.sort();
+    assert_eq!(lines, vec![&b"caf\xe9"[..], &b"na\xefve"[..]]);
+
+    // COPY FROM refuses a read-only transaction, as PostgreSQL does; a failed block rolls back.
+    let (code, ..) = expect_error(&mut c, "BEGIN READ ONLY; COPY dwords FROM STDIN");
+    assert_eq!(code, "25006");
+    c.batch_execute("ROLLBACK").unwrap();
+    let _ = c.batch_execute("BEGIN; SELECT 1/0");
+    c.batch_execute("ROLLBACK").unwrap();
+}
