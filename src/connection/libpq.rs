@@ -1,16 +1,19 @@
 //! A small safe wrapper over libpq (pq-sys): connect, run a statement with text parameters,
 //! copy the result out. Every `unsafe` FFI call of this crate into libpq is in this file.
 //!
-//! Calls are blocking: connection set-up is bounded by `connect_timeout`, and a peer that dies
-//! or becomes unreachable mid-command by TCP keepalives and `tcp_user_timeout` (about 30 s), but
-//! a worker that is alive and merely slow (or blocked on a lock) is waited for, and the wait
-//! cannot be cancelled. The query engine moves to libpq's non-blocking interface with latch
-//! waits (interruptible, parallel); until then this is a known limitation.
+//! Connections are in libpq's non-blocking mode, and every wait for a node is a wait on this
+//! backend's latch and the connection's socket: query cancel, statement_timeout and
+//! pg_terminate_backend interrupt it (CHECK_FOR_INTERRUPTS raises the ERROR, which aborts the
+//! transaction; the abort then cancels the node's command), and postmaster death ends it.
+//! Connection set-up is bounded by `connect_timeout`; a peer that dies or becomes unreachable
+//! is noticed through TCP keepalives and `tcp_user_timeout`.
 
 use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
 use std::ptr::NonNull;
+use std::time::{Duration, Instant};
 
+use pgrx::pg_sys;
 use pq_sys as pq;
 
 pub struct ConnectParams<'a> {
@@ -118,6 +121,10 @@ impl RemoteConnection {
         if status != pq::ConnStatusType::CONNECTION_OK {
             return Err(RemoteError::local(connection.last_error()));
         }
+        // SAFETY: valid connection.
+        if unsafe { pq::PQsetnonblocking(connection.conn.as_ptr(), 1) } != 0 {
+            return Err(RemoteError::local(connection.last_error()));
+        }
         Ok(connection)
     }
 
@@ -132,30 +139,109 @@ impl RemoteConnection {
         unsafe { pq::PQstatus(self.conn.as_ptr()) == pq::ConnStatusType::CONNECTION_OK }
     }
 
+    /// Waits until the socket has `events` (WL_SOCKET_*), the latch is set, or `deadline`
+    /// passes. Interrupts are served: a cancel or timeout raises its ERROR from here.
+    fn wait(&self, events: u32, deadline: Option<Instant>) -> Result<(), RemoteError> {
+        let timeout_ms: i64 = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(RemoteError::local("timed out waiting for the node"));
+                }
+                left.as_millis().max(1) as i64
+            }
+        };
+        let mut flags = events | pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
+        if deadline.is_some() {
+            flags |= pg_sys::WL_TIMEOUT;
+        }
+        // SAFETY: MyLatch is this backend's latch; the socket belongs to this connection.
+        let fired = unsafe {
+            let socket = pq::PQsocket(self.conn.as_ptr());
+            if socket < 0 {
+                return Err(RemoteError::local(self.last_error()));
+            }
+            pg_sys::WaitLatchOrSocket(
+                *std::ptr::addr_of!(pg_sys::MyLatch),
+                flags as i32,
+                socket,
+                timeout_ms as _,
+                pg_sys::PG_WAIT_EXTENSION,
+            )
+        } as u32;
+        if fired & pg_sys::WL_LATCH_SET != 0 {
+            // SAFETY: resetting our own latch, then serving interrupts (may raise an ERROR).
+            unsafe { pg_sys::ResetLatch(*std::ptr::addr_of!(pg_sys::MyLatch)) };
+            pgrx::check_for_interrupts!();
+        }
+        if fired & pg_sys::WL_TIMEOUT != 0 && fired & (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE) == 0 {
+            return Err(RemoteError::local("timed out waiting for the node"));
+        }
+        Ok(())
+    }
+
+    /// Sends everything libpq has queued, waiting (interruptibly) while the socket is full.
+    fn flush(&self, deadline: Option<Instant>) -> Result<(), RemoteError> {
+        loop {
+            // SAFETY: valid connection in non-blocking mode.
+            match unsafe { pq::PQflush(self.conn.as_ptr()) } {
+                0 => return Ok(()),
+                1 => {
+                    self.wait(pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE, deadline)?;
+                    // Read what arrived, so a node that is talking back does not block on us.
+                    // SAFETY: valid connection.
+                    if unsafe { pq::PQconsumeInput(self.conn.as_ptr()) } != 1 {
+                        return Err(RemoteError::local(self.last_error()));
+                    }
+                }
+                _ => return Err(RemoteError::local(self.last_error())),
+            }
+        }
+    }
+
+    /// The next result of the command in progress (`None` when it is complete), waiting
+    /// interruptibly for the node.
+    fn next_result(&self, deadline: Option<Instant>) -> Result<Option<ResultGuard>, RemoteError> {
+        loop {
+            // SAFETY: valid connection; PQgetResult does not block once PQisBusy is false.
+            unsafe {
+                if pq::PQconsumeInput(self.conn.as_ptr()) != 1 {
+                    return Err(RemoteError::local(self.last_error()));
+                }
+                if pq::PQisBusy(self.conn.as_ptr()) == 0 {
+                    return Ok(NonNull::new(pq::PQgetResult(self.conn.as_ptr())).map(ResultGuard));
+                }
+            }
+            self.wait(pg_sys::WL_SOCKET_READABLE, deadline)?;
+        }
+    }
+
+    fn send_query(&self, sql: &CStr) -> Result<(), RemoteError> {
+        // SAFETY: valid connection and NUL-terminated text.
+        if unsafe { pq::PQsendQuery(self.conn.as_ptr(), sql.as_ptr()) } != 1 {
+            return Err(RemoteError::local(self.last_error()));
+        }
+        self.flush(None)
+    }
+
     /// Runs one or more statements given as text (simple query protocol), no parameters.
     /// Fails with the first error; results of the last statement are returned.
     pub fn exec(&self, sql: &str) -> Result<RemoteRows, RemoteError> {
-        let sql = cstring(sql)?;
-        // SAFETY: valid connection and NUL-terminated text; results are drained and cleared.
-        unsafe {
-            if pq::PQsendQuery(self.conn.as_ptr(), sql.as_ptr()) != 1 {
-                return Err(RemoteError::local(self.last_error()));
-            }
-        }
+        self.send_query(&cstring(sql)?)?;
         self.drain_results()
     }
 
     /// Reads every pending result; the first error wins, the last rows are returned.
     pub fn drain_results(&self) -> Result<RemoteRows, RemoteError> {
-        let mut outcome: Result<RemoteRows, RemoteError> = Ok(RemoteRows::default());
-        loop {
-            // SAFETY: valid connection; each result is owned by a guard and cleared.
-            let result = unsafe { pq::PQgetResult(self.conn.as_ptr()) };
-            let Some(result) = NonNull::new(result) else { break };
-            let guard = ResultGuard(result);
-            let rows = guard.rows();
+        self.drain_results_until(None).map(|(rows, _)| rows)
+    }
+
+    fn drain_results_until(&self, deadline: Option<Instant>) -> Result<(RemoteRows, u64), RemoteError> {
+        let mut outcome: Result<(RemoteRows, u64), RemoteError> = Ok((RemoteRows::default(), 0));
+        while let Some(guard) = self.next_result(deadline)? {
             if outcome.is_ok() {
-                outcome = rows;
+                outcome = guard.rows().map(|rows| (rows, guard.affected()));
             }
         }
         if outcome.is_ok() && !self.is_ok() {
@@ -166,30 +252,43 @@ impl RemoteConnection {
 
     /// Starts `COPY ... FROM STDIN`; rows are then sent with `copy_data` and closed with `copy_end`.
     pub fn copy_start(&self, sql: &str) -> Result<(), RemoteError> {
-        let sql = cstring(sql)?;
-        // SAFETY: valid connection; the single result is cleared by the guard.
-        unsafe {
-            let result = pq::PQexec(self.conn.as_ptr(), sql.as_ptr());
-            let Some(result) = NonNull::new(result) else {
-                return Err(RemoteError::local(self.last_error()));
-            };
-            let guard = ResultGuard(result);
-            if pq::PQresultStatus(guard.0.as_ptr()) == pq::ExecStatusType::PGRES_COPY_IN {
-                return Ok(());
-            }
-            guard.rows().map(|_| ()).and(Err(RemoteError::local("the node did not enter COPY mode")))
+        self.send_query(&cstring(sql)?)?;
+        let Some(guard) = self.next_result(None)? else {
+            return Err(RemoteError::local("the node did not answer the COPY"));
+        };
+        // SAFETY: valid result.
+        if unsafe { pq::PQresultStatus(guard.0.as_ptr()) } == pq::ExecStatusType::PGRES_COPY_IN {
+            return Ok(());
         }
+        let error = guard.rows().err();
+        drop(guard);
+        let _ = self.drain_results();
+        Err(error.unwrap_or_else(|| RemoteError::local("the node did not enter COPY mode")))
     }
 
     /// Sends COPY data (any number of whole or partial rows).
     pub fn copy_data(&self, data: &[u8]) -> Result<(), RemoteError> {
         let length = i32::try_from(data.len()).map_err(|_| RemoteError::local("COPY chunk too large"))?;
-        // SAFETY: valid connection in COPY IN state; libpq copies the buffer before returning.
-        let sent = unsafe { pq::PQputCopyData(self.conn.as_ptr(), data.as_ptr().cast(), length) };
-        if sent == 1 {
-            Ok(())
-        } else {
-            Err(RemoteError::local(self.last_error()))
+        loop {
+            // SAFETY: valid connection in COPY IN state; libpq copies the buffer when it queues it.
+            match unsafe { pq::PQputCopyData(self.conn.as_ptr(), data.as_ptr().cast(), length) } {
+                1 => return self.flush(None),
+                0 => self.wait(pg_sys::WL_SOCKET_WRITEABLE, None)?,
+                _ => return Err(RemoteError::local(self.last_error())),
+            }
+        }
+    }
+
+    fn put_copy_end(&self, error: Option<&str>, deadline: Option<Instant>) -> Result<(), RemoteError> {
+        let message = error.map(cstring).transpose()?;
+        let message_ptr = message.as_ref().map_or(std::ptr::null(), |m| m.as_ptr());
+        loop {
+            // SAFETY: valid connection in COPY IN state; message is NULL or NUL-terminated.
+            match unsafe { pq::PQputCopyEnd(self.conn.as_ptr(), message_ptr) } {
+                1 => return self.flush(deadline),
+                0 => self.wait(pg_sys::WL_SOCKET_WRITEABLE, deadline)?,
+                _ => return Err(RemoteError::local(self.last_error())),
+            }
         }
     }
 
@@ -208,23 +307,12 @@ impl RemoteConnection {
     /// Ends COPY without waiting for the node to finish: collect the outcome later with
     /// `drain_results` (before anything else is sent on this connection).
     pub fn copy_end_async(&self) -> Result<(), RemoteError> {
-        // SAFETY: valid connection in COPY IN state.
-        if unsafe { pq::PQputCopyEnd(self.conn.as_ptr(), std::ptr::null()) } == 1 {
-            Ok(())
-        } else {
-            Err(RemoteError::local(self.last_error()))
-        }
+        self.put_copy_end(None, None)
     }
 
     /// Ends COPY (or aborts it with `error`), and returns the command's outcome.
     pub fn copy_end(&self, error: Option<&str>) -> Result<RemoteRows, RemoteError> {
-        let message = error.map(cstring).transpose()?;
-        let message_ptr = message.as_ref().map_or(std::ptr::null(), |m| m.as_ptr());
-        // SAFETY: valid connection in COPY IN state; message is NULL or NUL-terminated.
-        let ended = unsafe { pq::PQputCopyEnd(self.conn.as_ptr(), message_ptr) };
-        if ended != 1 {
-            return Err(RemoteError::local(self.last_error()));
-        }
+        self.put_copy_end(error, None)?;
         self.drain_results()
     }
 
@@ -235,49 +323,81 @@ impl RemoteConnection {
         sql: &str,
         mut sink: impl FnMut(&[u8]) -> Result<(), RemoteError>,
     ) -> Result<u64, RemoteError> {
-        let sql = cstring(sql)?;
-        // SAFETY: valid connection; every buffer from PQgetCopyData is freed with PQfreemem
-        // after being copied by `sink`; results are cleared by their guards.
-        unsafe {
-            let result = pq::PQexec(self.conn.as_ptr(), sql.as_ptr());
-            let Some(result) = NonNull::new(result) else {
-                return Err(RemoteError::local(self.last_error()));
-            };
-            let guard = ResultGuard(result);
-            if pq::PQresultStatus(guard.0.as_ptr()) != pq::ExecStatusType::PGRES_COPY_OUT {
-                return guard.rows().and(Err(RemoteError::local("the node did not start COPY TO STDOUT")));
-            }
+        self.send_query(&cstring(sql)?)?;
+        let Some(guard) = self.next_result(None)? else {
+            return Err(RemoteError::local("the node did not answer the COPY"));
+        };
+        // SAFETY: valid result.
+        if unsafe { pq::PQresultStatus(guard.0.as_ptr()) } != pq::ExecStatusType::PGRES_COPY_OUT {
+            let error = guard.rows().err();
             drop(guard);
-            let mut sink_error = None;
-            loop {
-                let mut buffer: *mut c_char = std::ptr::null_mut();
-                let length = pq::PQgetCopyData(self.conn.as_ptr(), &mut buffer, 0);
-                if length > 0 {
-                    let chunk = std::slice::from_raw_parts(buffer as *const u8, length as usize);
-                    if sink_error.is_none() {
-                        if let Err(error) = sink(chunk) {
-                            sink_error = Some(error);
-                        }
+            let _ = self.drain_results();
+            return Err(error.unwrap_or_else(|| RemoteError::local("the node did not start COPY TO STDOUT")));
+        }
+        drop(guard);
+        let mut sink_error = None;
+        loop {
+            let mut buffer: *mut c_char = std::ptr::null_mut();
+            // SAFETY: valid connection in COPY OUT state; async mode never blocks; every buffer
+            // is freed with PQfreemem after `sink` copied it.
+            let length = unsafe { pq::PQgetCopyData(self.conn.as_ptr(), &mut buffer, 1) };
+            if length > 0 {
+                let chunk = unsafe { std::slice::from_raw_parts(buffer as *const u8, length as usize) };
+                if sink_error.is_none() {
+                    if let Err(error) = sink(chunk) {
+                        sink_error = Some(error);
                     }
-                    pq::PQfreemem(buffer.cast());
-                } else {
-                    break;
                 }
-            }
-            let mut rows = 0u64;
-            loop {
-                let result = pq::PQgetResult(self.conn.as_ptr());
-                let Some(result) = NonNull::new(result) else { break };
-                let guard = ResultGuard(result);
-                guard.rows()?;
-                let tuples = CStr::from_ptr(pq::PQcmdTuples(guard.0.as_ptr())).to_string_lossy();
-                rows = tuples.parse().unwrap_or(rows);
-            }
-            match sink_error {
-                Some(error) => Err(error),
-                None => Ok(rows),
+                unsafe { pq::PQfreemem(buffer.cast()) };
+            } else if length == 0 {
+                self.wait(pg_sys::WL_SOCKET_READABLE, None)?;
+                // SAFETY: valid connection.
+                if unsafe { pq::PQconsumeInput(self.conn.as_ptr()) } != 1 {
+                    return Err(RemoteError::local(self.last_error()));
+                }
+            } else {
+                break;
             }
         }
+        let (_, rows) = self.drain_results_until(None)?;
+        match sink_error {
+            Some(error) => Err(error),
+            None => Ok(rows),
+        }
+    }
+
+    /// Brings the connection back to idle after the local transaction failed, within
+    /// `timeout`: ends an open COPY, cancels a running command, reads what is left, and rolls
+    /// back. False when that did not work (the caller then closes the connection, which makes
+    /// the node roll back by itself).
+    pub fn abort_and_rollback(&self, timeout: Duration) -> bool {
+        let deadline = Some(Instant::now() + timeout);
+        // SAFETY: valid connection; the cancel object is freed exactly once.
+        unsafe {
+            if pq::PQtransactionStatus(self.conn.as_ptr()) == pq::PGTransactionStatusType::PQTRANS_ACTIVE {
+                // Ends a COPY FROM STDIN in progress (an error for anything else, ignored).
+                let _ = self.put_copy_end(Some("pg_sharding: the coordinator's transaction was aborted"), deadline);
+                let cancel = pq::PQgetCancel(self.conn.as_ptr());
+                if !cancel.is_null() {
+                    let mut error = [0 as c_char; 256];
+                    pq::PQcancel(cancel, error.as_mut_ptr(), error.len() as i32);
+                    pq::PQfreeCancel(cancel);
+                }
+            }
+        }
+        loop {
+            match self.next_result(deadline) {
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(_) => return false,
+            }
+        }
+        let Ok(rollback) = cstring("ROLLBACK") else { return false };
+        // SAFETY: valid, idle connection.
+        if unsafe { pq::PQsendQuery(self.conn.as_ptr(), rollback.as_ptr()) } != 1 || self.flush(deadline).is_err() {
+            return false;
+        }
+        self.drain_results_until(deadline).is_ok()
     }
 
     /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).
@@ -292,9 +412,10 @@ impl RemoteConnection {
         let value_ptrs: Vec<*const c_char> =
             owned.iter().map(|p| p.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())).collect();
         let count = i32::try_from(value_ptrs.len()).map_err(|_| RemoteError::local("too many query parameters"))?;
-        // SAFETY: as in `query`; PQcmdTuples points into the result, copied before it is cleared.
-        unsafe {
-            let result = pq::PQexecParams(
+        // SAFETY: all pointers are valid for the call (libpq copies the parameters); NULL
+        // types/lengths/formats mean "infer types, text format".
+        let sent = unsafe {
+            pq::PQsendQueryParams(
                 self.conn.as_ptr(),
                 sql.as_ptr(),
                 count,
@@ -303,15 +424,13 @@ impl RemoteConnection {
                 std::ptr::null(),
                 std::ptr::null(),
                 0,
-            );
-            let Some(result) = NonNull::new(result) else {
-                return Err(RemoteError::local(self.last_error()));
-            };
-            let guard = ResultGuard(result);
-            let rows = guard.rows()?;
-            let affected = CStr::from_ptr(pq::PQcmdTuples(guard.0.as_ptr())).to_string_lossy().parse().unwrap_or(0);
-            Ok((rows, affected))
+            )
+        };
+        if sent != 1 {
+            return Err(RemoteError::local(self.last_error()));
         }
+        self.flush(None)?;
+        self.drain_results_until(None)
     }
 }
 
@@ -325,6 +444,12 @@ impl Drop for RemoteConnection {
 struct ResultGuard(NonNull<pq::PGresult>);
 
 impl ResultGuard {
+    /// Rows the command affected, from its tag (0 when it has none).
+    fn affected(&self) -> u64 {
+        // SAFETY: valid result; the tag is copied at once.
+        unsafe { CStr::from_ptr(pq::PQcmdTuples(self.0.as_ptr())).to_string_lossy().parse().unwrap_or(0) }
+    }
+
     fn rows(&self) -> Result<RemoteRows, RemoteError> {
         let res = self.0.as_ptr();
         // SAFETY: res is a valid PGresult until Drop; every returned pointer is copied at once.

@@ -192,10 +192,16 @@ fn finish_all(command: &str, raise: bool) {
             });
             continue;
         }
+        if !raise {
+            // Abort: stop whatever the node is still doing for us, then roll back; a node that
+            // does not manage within the time is disconnected and rolls back by itself.
+            if !connection.abort_and_rollback(std::time::Duration::from_secs(5)) {
+                SESSIONS.with(|s| s.borrow_mut().remove(&node_id));
+            }
+            continue;
+        }
         if let Err(error) = connection.exec(command) {
-            // On abort, a connection that cannot roll back (say, caught inside COPY) is closed:
-            // the worker then rolls back by itself.
-            if !raise || !connection.is_ok() {
+            if !connection.is_ok() {
                 SESSIONS.with(|s| s.borrow_mut().remove(&node_id));
             }
             if raise {

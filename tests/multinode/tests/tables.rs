@@ -666,3 +666,39 @@ fn values_are_hashed_as_stored_and_text_crosses_encodings() {
     let _ = c.batch_execute("BEGIN; SELECT 1/0");
     c.batch_execute("ROLLBACK").unwrap();
 }
+
+#[test]
+fn waits_for_workers_can_be_cancelled() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute("CREATE TABLE locked (id int, v text); SELECT create_distributed_table('locked', 'id', shard_count => 2);").unwrap();
+    // Another session on a worker holds a lock on a shard: the coordinator's write must wait.
+    let placement = cluster.placements("locked").remove(0);
+    let mut holder = cluster.connect_port(placement.port);
+    holder.batch_execute(&format!("BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", placement.shard_name)).unwrap();
+
+    let mut data = Vec::new();
+    for id in 1..=1000 {
+        data.extend_from_slice(format!("{id}\tv{id}\n").as_bytes());
+    }
+    c.batch_execute("SET statement_timeout = '1500ms'").unwrap();
+    let started = std::time::Instant::now();
+    let error = copy_in(&mut c, "COPY locked FROM STDIN", &data).unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(pg_sharding_multinode::sqlstate(&error), "57014", "{error:?}");
+    assert!(waited < std::time::Duration::from_secs(10), "the timeout ended the wait ({waited:?})");
+    c.batch_execute("RESET statement_timeout").unwrap();
+
+    // The worker is not left running our COPY; once the lock goes, nothing was written.
+    let mut worker = cluster.connect_port(placement.port);
+    let active: i64 = scalar(
+        &mut worker,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_sharding' AND state = 'active'",
+    );
+    assert_eq!(active, 0);
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(all_rows(&mut c, "locked").len(), 0);
+    // And the next transaction works.
+    copy_in(&mut c, "COPY locked FROM STDIN", &data).unwrap();
+    assert_eq!(all_rows(&mut c, "locked").len(), 1000);
+}
