@@ -65,7 +65,13 @@ impl RemoteRows {
 
 pub struct RemoteConnection {
     conn: NonNull<pq::PGconn>,
+    /// Latch, postmaster death and this connection's socket, made once (on the first wait)
+    /// instead of per wait; freed with the connection.
+    events: std::cell::Cell<*mut pg_sys::WaitEventSet>,
 }
+
+/// Position of the socket in a connection's WaitEventSet (after the latch and postmaster death).
+const SOCKET_EVENT: i32 = 2;
 
 fn cstring(value: &str) -> Result<CString, RemoteError> {
     CString::new(value).map_err(|_| RemoteError::local(format!("value contains a NUL byte: {value:?}")))
@@ -115,7 +121,7 @@ impl RemoteConnection {
         let raw = unsafe { pq::PQconnectdbParams(keyword_ptrs.as_ptr(), value_ptrs.as_ptr(), 0) };
         let conn = NonNull::new(raw)
             .ok_or_else(|| RemoteError::local("libpq could not allocate a connection"))?;
-        let connection = RemoteConnection { conn };
+        let connection = RemoteConnection { conn, events: std::cell::Cell::new(std::ptr::null_mut()) };
         // SAFETY: conn is a valid PGconn until Drop.
         let status = unsafe { pq::PQstatus(connection.conn.as_ptr()) };
         if status != pq::ConnStatusType::CONNECTION_OK {
@@ -152,24 +158,32 @@ impl RemoteConnection {
                 left.as_millis().max(1) as i64
             }
         };
-        let mut flags = events | pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
-        if deadline.is_some() {
-            flags |= pg_sys::WL_TIMEOUT;
-        }
-        // SAFETY: MyLatch is this backend's latch; the socket belongs to this connection.
+        // SAFETY: the set lives in TopMemoryContext until Drop; MyLatch is this backend's latch
+        // and the socket belongs to this connection for its whole life.
         let fired = unsafe {
             let socket = pq::PQsocket(self.conn.as_ptr());
             if socket < 0 {
                 return Err(RemoteError::local(self.last_error()));
             }
-            pg_sys::WaitLatchOrSocket(
-                *std::ptr::addr_of!(pg_sys::MyLatch),
-                flags as i32,
-                socket,
-                timeout_ms as _,
-                pg_sys::PG_WAIT_EXTENSION,
-            )
-        } as u32;
+            let mut set = self.events.get();
+            if set.is_null() {
+                set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+                let latch = *std::ptr::addr_of!(pg_sys::MyLatch);
+                pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET, pg_sys::PGINVALID_SOCKET, latch, std::ptr::null_mut());
+                pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH, pg_sys::PGINVALID_SOCKET, std::ptr::null_mut(), std::ptr::null_mut());
+                pg_sys::AddWaitEventToSet(set, events, socket, std::ptr::null_mut(), std::ptr::null_mut());
+                self.events.set(set);
+            } else {
+                pg_sys::ModifyWaitEvent(set, SOCKET_EVENT, events, std::ptr::null_mut());
+            }
+            let mut occurred = std::mem::zeroed::<pg_sys::WaitEvent>();
+            let count = pg_sys::WaitEventSetWait(set, timeout_ms as _, &mut occurred, 1, pg_sys::PG_WAIT_EXTENSION);
+            if count == 0 {
+                pg_sys::WL_TIMEOUT
+            } else {
+                occurred.events
+            }
+        };
         if fired & pg_sys::WL_LATCH_SET != 0 {
             // SAFETY: resetting our own latch, then serving interrupts (may raise an ERROR).
             unsafe { pg_sys::ResetLatch(*std::ptr::addr_of!(pg_sys::MyLatch)) };
@@ -436,6 +450,11 @@ impl RemoteConnection {
 
 impl Drop for RemoteConnection {
     fn drop(&mut self) {
+        let set = self.events.get();
+        if !set.is_null() {
+            // SAFETY: created by this connection, freed once.
+            unsafe { pg_sys::FreeWaitEventSet(set) };
+        }
         // SAFETY: conn came from PQconnectdbParams and is finished exactly once.
         unsafe { pq::PQfinish(self.conn.as_ptr()) }
     }
