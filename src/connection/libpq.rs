@@ -99,8 +99,7 @@ impl RemoteConnection {
             ("application_name", "pg_sharding".to_string()),
             ("client_encoding", params.client_encoding.to_string()),
             // A worker that dies or becomes unreachable is noticed within about half a minute,
-            // also in the middle of a command (calls block until then: see the note in the
-            // module documentation).
+            // also in the middle of a command.
             ("keepalives", "1".to_string()),
             ("keepalives_idle", "10".to_string()),
             ("keepalives_interval", "5".to_string()),
@@ -118,14 +117,58 @@ impl RemoteConnection {
 
         // SAFETY: both arrays are NULL-terminated and outlive the call; expand_dbname = 0 keeps
         // dbname from being parsed as a connection string.
-        let raw = unsafe { pq::PQconnectdbParams(keyword_ptrs.as_ptr(), value_ptrs.as_ptr(), 0) };
+        let raw = unsafe { pq::PQconnectStartParams(keyword_ptrs.as_ptr(), value_ptrs.as_ptr(), 0) };
         let conn = NonNull::new(raw)
             .ok_or_else(|| RemoteError::local("libpq could not allocate a connection"))?;
+        // Owned from here on: an interrupt during the handshake still finishes the connection.
         let connection = RemoteConnection { conn, events: std::cell::Cell::new(std::ptr::null_mut()) };
+        // connect_timeout does not apply to PQconnectPoll: the deadline is ours.
+        let deadline = Instant::now() + Duration::from_secs(params.connect_timeout_s.max(1) as u64);
         // SAFETY: conn is a valid PGconn until Drop.
-        let status = unsafe { pq::PQstatus(connection.conn.as_ptr()) };
-        if status != pq::ConnStatusType::CONNECTION_OK {
+        if unsafe { pq::PQstatus(connection.conn.as_ptr()) } == pq::ConnStatusType::CONNECTION_BAD {
             return Err(RemoteError::local(connection.last_error()));
+        }
+        let mut waiting_for = pg_sys::WL_SOCKET_WRITEABLE;
+        loop {
+            // The socket can change while libpq tries the host's addresses: a one-off wait.
+            // SAFETY: valid connection; MyLatch is this backend's latch.
+            let fired = unsafe {
+                let socket = pq::PQsocket(connection.conn.as_ptr());
+                if socket < 0 {
+                    return Err(RemoteError::local(connection.last_error()));
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(RemoteError::local(format!(
+                        "timeout expired after {} s connecting to {}:{}",
+                        params.connect_timeout_s.max(1),
+                        params.host,
+                        params.port
+                    )));
+                }
+                pg_sys::WaitLatchOrSocket(
+                    *std::ptr::addr_of!(pg_sys::MyLatch),
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH | pg_sys::WL_TIMEOUT | waiting_for) as i32,
+                    socket,
+                    left.as_millis().max(1) as _,
+                    pg_sys::PG_WAIT_EXTENSION,
+                ) as u32
+            };
+            if fired & pg_sys::WL_LATCH_SET != 0 {
+                // SAFETY: resetting our own latch, then serving interrupts (may raise an ERROR).
+                unsafe { pg_sys::ResetLatch(*std::ptr::addr_of!(pg_sys::MyLatch)) };
+                pgrx::check_for_interrupts!();
+            }
+            if fired & waiting_for == 0 {
+                continue;
+            }
+            // SAFETY: valid connection in the middle of its handshake.
+            match unsafe { pq::PQconnectPoll(connection.conn.as_ptr()) } {
+                pq::PostgresPollingStatusType::PGRES_POLLING_OK => break,
+                pq::PostgresPollingStatusType::PGRES_POLLING_READING => waiting_for = pg_sys::WL_SOCKET_READABLE,
+                pq::PostgresPollingStatusType::PGRES_POLLING_WRITING => waiting_for = pg_sys::WL_SOCKET_WRITEABLE,
+                _ => return Err(RemoteError::local(connection.last_error())),
+            }
         }
         // SAFETY: valid connection.
         if unsafe { pq::PQsetnonblocking(connection.conn.as_ptr(), 1) } != 0 {

@@ -260,3 +260,28 @@ fn create_extension_requires_preloading() {
     let installed: i64 = scalar(&mut w, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_sharding'");
     assert_eq!(installed, 0);
 }
+
+#[test]
+fn connecting_to_a_silent_server_is_bounded_and_cancellable() {
+    let cluster = Cluster::start(1);
+    let mut c = cluster.coordinator();
+    // A socket that completes the TCP handshake (the kernel does) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port() as i32;
+
+    c.batch_execute("SET sharding.node_connect_timeout = 1").unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, _, detail) = expect_error(&mut c, &format!("SELECT sharding.add_node('127.0.0.1', {port})"));
+    assert_eq!(code, "08001");
+    assert!(detail.contains("timeout"), "{detail}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+
+    c.batch_execute("SET sharding.node_connect_timeout = 60; SET statement_timeout = '700ms'").unwrap();
+    let started = std::time::Instant::now();
+    let (code, ..) = expect_error(&mut c, &format!("SELECT sharding.add_node('127.0.0.1', {port})"));
+    assert_eq!(code, "57014", "statement_timeout interrupts the connection attempt");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    c.batch_execute("RESET statement_timeout").unwrap();
+    assert_eq!(node_count(&mut c), 1);
+    drop(silent);
+}
