@@ -189,6 +189,14 @@ unsafe fn conflict_target(modify: *mut pg_sys::ModifyTable, table: &DistributedT
     Ok(ConflictTarget::Columns { columns: column_names(&definition, keys)?, predicate: index.predicate.clone() })
 }
 
+/// Positions in `columns` (the sent columns) of the attributes `attnums`.
+fn positions_of(columns: &[(usize, String, pg_sys::FmgrInfo)], attnums: &[i16]) -> Vec<usize> {
+    attnums
+        .iter()
+        .filter_map(|attnum| columns.iter().position(|(index, _, _)| *index as i16 == attnum - 1))
+        .collect()
+}
+
 fn column_names(definition: &table_ddl::TableDefinition, attnums: &[i16]) -> Result<Vec<String>> {
     attnums
         .iter()
@@ -299,6 +307,23 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
         columns.push((index, cstr((*attribute).attname.data.as_ptr()), output));
     }
     let statement = shard_statement(query_desc, modify, table, relation, columns.iter().map(|c| c.1.clone()).collect())?;
+    // PostgreSQL refuses a DO UPDATE that would touch one row twice. Within one statement sent
+    // to a shard the shard does the same; across batches the coordinator must, so it keeps a
+    // fingerprint of each row's conflict key (16 bytes a row) and raises the same error.
+    let duplicate_check: Option<Vec<usize>> = match (&statement.target, (*modify).onConflictAction) {
+        (_, pg_sys::OnConflictAction::ONCONFLICT_NOTHING) => None,
+        (ConflictTarget::Constraint(name), _) => {
+            let definition = table_ddl::read(table.relid)?;
+            let attnums = definition.constraints.iter().find(|c| &c.name == name).map(|c| c.columns.clone()).unwrap_or_default();
+            Some(positions_of(&columns, &attnums))
+        }
+        (ConflictTarget::Columns { columns: names, predicate: None }, _) => {
+            Some(names.iter().filter_map(|n| columns.iter().position(|c| &c.1 == n)).collect())
+        }
+        // A partial index only conflicts for rows its predicate accepts: the shard decides.
+        _ => None,
+    };
+    let mut seen_keys: std::collections::HashSet<u128> = std::collections::HashSet::new();
     let batch_rows = BATCH_ROWS.min(65535 / columns.len().max(1));
     let (distribution_index, kind) = match (table.distribution_attnum, table.distribution_kind) {
         (Some(attnum), Some(kind)) => ((attnum - 1) as usize, kind),
@@ -360,6 +385,19 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
         if output.is_some() && pending.keys().any(|id| *id != shard.shard_id) {
             for (shard_id, batch) in std::mem::take(&mut pending) {
                 affected += flush(shard_id, batch, &mut output)?;
+            }
+        }
+        if let Some(positions) = &duplicate_check {
+            let parts: Option<Vec<&[u8]>> = positions.iter().map(|p| row[*p].as_deref().map(str::as_bytes)).collect();
+            // A NULL in the key never conflicts.
+            if let Some(parts) = parts {
+                if !seen_keys.insert(sharding_core::hash::key_fingerprint(parts)) {
+                    return Err(ShardingError::new(
+                        PgSqlErrorCode::ERRCODE_CARDINALITY_VIOLATION,
+                        "ON CONFLICT DO UPDATE command cannot affect row a second time",
+                    )
+                    .hint("Ensure that no rows proposed for insertion within the same command have duplicate constrained values."));
+                }
             }
         }
         let entry = pending.entry(shard.shard_id).or_insert_with(|| Pending { node, rows: Vec::new() });

@@ -17,7 +17,7 @@
 //! Equal values of one family hash equally whatever their type: 1::int2, 1::int8 and 1.00::numeric
 //! agree, and so do 'a'::text and 'a'::varchar.
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 /// A distribution value reduced to what its hash depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,9 +110,28 @@ fn format_integer(value: i64, buffer: &mut [u8; 20]) -> &[u8] {
     &buffer[start..]
 }
 
+/// A 128-bit fingerprint of a tuple of values (each given by its bytes), for detecting repeated
+/// keys without keeping the keys: lengths are part of it, so ("ab", "c") and ("a", "bc") differ.
+pub fn key_fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u128 {
+    let mut buffer = Vec::with_capacity(64);
+    for part in parts {
+        buffer.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        buffer.extend_from_slice(part);
+    }
+    xxh3_128(&buffer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_fingerprints_separate_parts() {
+        let a = key_fingerprint([&b"ab"[..], b"c"]);
+        let b = key_fingerprint([&b"a"[..], b"bc"]);
+        assert_ne!(a, b);
+        assert_eq!(a, key_fingerprint([&b"ab"[..], b"c"]));
+    }
 
     #[test]
     fn integers_format_like_numerics() {

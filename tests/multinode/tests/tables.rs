@@ -537,6 +537,25 @@ fn insert_on_conflict_matches_a_single_server() {
     assert_eq!(distributed, plain, "final contents");
     let (code, ..) = expect_error(&mut c, "INSERT INTO kv (k, v) VALUES (NULL, 1) ON CONFLICT DO NOTHING");
     assert_eq!(code, "23502");
+
+    // The same key twice in one DO UPDATE statement, in different batches sent to one shard:
+    // refused as PostgreSQL refuses it, and nothing changes.
+    c.batch_execute(
+        "CREATE TABLE one (k int PRIMARY KEY, n int); SELECT create_distributed_table('one', 'k', shard_count => 1);
+         CREATE TABLE one_plain (k int PRIMARY KEY, n int);",
+    )
+    .unwrap();
+    for table in ["one", "one_plain"] {
+        let (code, ..) = expect_error(
+            &mut c,
+            &format!(
+                "INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 2499) g UNION ALL SELECT 1, 1
+                 ON CONFLICT (k) DO UPDATE SET n = {table}.n + 1"
+            ),
+        );
+        assert_eq!(code, "21000", "{table}");
+    }
+    assert_eq!(all_rows(&mut c, "one").len(), 0);
 }
 
 #[test]
