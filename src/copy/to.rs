@@ -84,6 +84,8 @@ pub unsafe fn copy_to(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, tabl
     if *std::ptr::addr_of!(pg_sys::whereToSendOutput) != pg_sys::CommandDest::DestRemote {
         return Err(unsupported("COPY TO STDOUT from a distributed table needs a client connection"));
     }
+    // As COPY of a plain table: DDL (TRUNCATE, DROP, ALTER) waits until the rows are out.
+    pg_sys::LockRelationOid(table.relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
     let definition = table_ddl::read(table.relid)?;
     let (options, header) = copy_options(statement)?;
     let columns: Vec<String> = if (*statement).attlist.is_null() {

@@ -123,6 +123,8 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
             let expression_context = (*projection).pi_exprContext;
             // As ModifyTable does per row: without it RETURNING's memory grows with the rows.
             pg_sys::MemoryContextReset((*expression_context).ecxt_per_tuple_memory);
+            // RETURNING tableoid names the table, as for a local insert.
+            (*slot).tts_tableOid = table.relid;
             (*expression_context).ecxt_scantuple = slot;
             (*expression_context).ecxt_outertuple = slot;
             let output = pg_sys::ExecProject(projection);

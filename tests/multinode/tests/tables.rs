@@ -440,11 +440,16 @@ fn insert_routes_rows_with_coordinator_defaults_and_returning() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(returned, vec![(2000, "R1".to_string()), (2001, "R2".to_string())]);
+    let table_name: String = c
+        .query_one("INSERT INTO orders (id, customer) VALUES (2002, 'r3') RETURNING tableoid::regclass::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(table_name, "orders");
     let bulk = c.execute("INSERT INTO orders (id, customer) SELECT 10000 + g, 'bulk' FROM generate_series(1, 5000) g", &[]).unwrap();
     assert_eq!(bulk, 5000);
 
     let rows = all_rows(&mut c, "orders");
-    assert_eq!(rows.len(), 1 + 1 + 8 + 3 + 2 + 5000);
+    assert_eq!(rows.len(), 1 + 1 + 8 + 3 + 3 + 5000);
     assert!(rows.contains(&"1001\tb\t\\N".to_string()), "explicit NULL kept");
     assert!(rows.contains(&"1002\tc\t1.50".to_string()), "DEFAULT evaluated");
     // Sequence values were taken once, on the coordinator: ids 1..10 with no gaps or repeats.
