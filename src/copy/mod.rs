@@ -1,7 +1,8 @@
 //! COPY on distributed and reference tables: FROM routes rows to shards, TO gathers them.
 
 pub mod encode;
-pub(crate) mod from;
+mod from;
+pub mod router;
 pub mod shard_writer;
 mod to;
 

@@ -11,17 +11,13 @@ use std::rc::Rc;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::io::Write;
 
 use crate::catalog::cache;
-use crate::catalog::tables::{DistributedTable, Method};
+use crate::catalog::tables::DistributedTable;
 use crate::commands::utility::list_pointers;
 use crate::copy::encode::RowEncoder;
-use crate::copy::from::{load_local_copy, open_spool};
-use crate::copy::shard_writer::ShardWriter;
-use crate::deparse::{quote, table as table_ddl};
+use crate::copy::router::RowRouter;
 use crate::error::{OrRaise, Result, ShardingError};
-use crate::routing;
 
 /// The distributed table a plan inserts into, when this module runs it.
 unsafe fn target(query_desc: *mut pg_sys::QueryDesc) -> Result<Option<Rc<DistributedTable>>> {
@@ -75,27 +71,13 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
     let natts = (*(*relation).rd_att).natts as usize;
     let returning = (*(*query_desc).plannedstmt).hasReturning;
 
-    let mut encoder = RowEncoder::for_relation(relation);
-    if returning && encoder.has_generated {
+    let mut router = RowRouter::new(table, RowEncoder::for_relation(relation), None)?;
+    if returning && router.has_generated_columns() {
         return Err(ShardingError::new(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!("INSERT ... RETURNING into \"{}\", which has generated columns, is not supported yet", table.name),
         ));
     }
-    let definition = table_ddl::read(table.relid)?;
-    let targets: Vec<(i64, String, Vec<i32>)> = table
-        .shards
-        .iter()
-        .map(|s| (s.shard_id, definition.shard_name(s.shard_id, &quote::ident), s.placements.clone()))
-        .collect();
-    let mut writer = ShardWriter::new(&targets, &encoder.names)?;
-    let mut spool = if table.method == Method::Reference { Some(open_spool()?) } else { None };
-    let distribution = match (table.method, table.distribution_attnum, table.distribution_kind) {
-        (Method::Hash, Some(attnum), Some(kind)) => Some(((attnum - 1) as usize, kind)),
-        (Method::Hash, _, _) => return Err(ShardingError::internal("hash table without a distribution column")),
-        _ => None,
-    };
-
     let dest = (*query_desc).dest;
     if returning {
         if let Some(startup) = (*dest).rStartup {
@@ -103,21 +85,8 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
         }
     }
     let context = pg_sys::MakePerTupleExprContext(estate);
-    let mut row = Vec::with_capacity(256);
-    let mut rows: u64 = 0;
     while let Some((slot, values, nulls)) = super::next_insert_row(subplan, context, natts)? {
-        let previous = pg_sys::MemoryContextSwitchTo((*context).ecxt_per_tuple_memory);
-        row.clear();
-        encoder.encode(values, nulls, &mut row);
-        let shard_id = match distribution {
-            Some((index, kind)) => routing::shard_for_value(table, (!nulls[index]).then(|| values[index]), kind),
-            None => Ok(table.shards[0].shard_id),
-        };
-        pg_sys::MemoryContextSwitchTo(previous);
-        writer.push(shard_id?, &row)?;
-        if let Some(spool) = spool.as_mut() {
-            spool.file.write_all(&row).map_err(|e| ShardingError::internal(format!("spool write failed: {e}")))?;
-        }
+        router.route_tuple(values, nulls, (*context).ecxt_per_tuple_memory)?;
         if returning {
             let projection = (*result).ri_projectReturning;
             let expression_context = (*projection).pi_exprContext;
@@ -132,14 +101,8 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
                 pg_sys::ffi::pg_guard_ffi_boundary(|| receive(output, dest));
             }
         }
-        rows += 1;
     }
-    writer.finish()?;
-    if let Some(spool) = spool.as_mut() {
-        spool.file.flush().map_err(|e| ShardingError::internal(format!("spool flush failed: {e}")))?;
-        load_local_copy(relation, &spool.path, &encoder.names)?;
-    }
-    (*estate).es_processed = rows;
+    (*estate).es_processed = router.finish(relation)?;
     if returning {
         if let Some(shutdown) = (*dest).rShutdown {
             pg_sys::ffi::pg_guard_ffi_boundary(|| shutdown(dest));
