@@ -451,6 +451,7 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
         colocation_id: group,
         shards: shards.clone(),
     };
+    super::grants::sync_shards(&routing_table, &[])?;
     send_local_rows(&definition, &shards, Some(attnum), Some(&routing_table))?;
     // Rows now live in the shards; the coordinator's table stays as the empty shell queries name.
     Spi::run(&format!("TRUNCATE ONLY {}", quote::qualified(&definition.schema, &definition.name)))?;
@@ -483,6 +484,21 @@ pub(super) fn create_reference_table_impl(relid: pg_sys::Oid) -> Result<()> {
     };
     let shards = vec![shard];
     create_shards_on_workers(&definition, &shards, &nodes)?;
+    super::grants::sync_shards(
+        &DistributedTable {
+            relid,
+            schema: definition.schema.clone(),
+            name: definition.name.clone(),
+            method: Method::Reference,
+            distribution_attnum: None,
+            distribution_column: None,
+            distribution_type: pg_sys::InvalidOid,
+            distribution_kind: None,
+            colocation_id: None,
+            shards: shards.clone(),
+        },
+        &[],
+    )?;
     // The coordinator's own table keeps its rows: it is the coordinator's placement.
     send_local_rows(&definition, &shards, None, None)?;
     catalog::as_catalog_owner(|| {
@@ -563,6 +579,7 @@ pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
         );
         remote::execute(node, &sql)?;
         let target = Shard { placements: vec![node.node_id], ..shard.clone() };
+        super::grants::sync_shards(&DistributedTable { shards: vec![target.clone()], ..(*table).clone() }, &[])?;
         send_local_rows(&definition, &[target], None, None)?;
         catalog::as_catalog_owner(|| tables::insert_placement(shard.shard_id, node.node_id))?;
     }

@@ -2,6 +2,7 @@
 //! typed errors of the layers below into PostgreSQL errors at this boundary.
 
 pub mod distribute;
+pub mod grants;
 pub mod node;
 pub mod utility;
 

@@ -104,6 +104,7 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_RenameStmt, targets: rename_targets, check: check_rename, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_IndexStmt, targets: index_targets, check: check_index, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_DropStmt, targets: drop_index_targets, check: no_check, run: run_definition_change },
+    Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: grant_targets, check: check_grant, run: run_grant },
     // Statements that would change the coordinator's table alone: refused.
     Operation { tag: pg_sys::NodeTag::T_CreateTrigStmt, targets: trigger_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_RuleStmt, targets: rule_targets, check: refuse, run: never },
@@ -282,6 +283,41 @@ unsafe fn drop_index_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<Distribut
     Ok(found)
 }
 
+unsafe fn grant_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::GrantStmt>();
+    if (*statement).objtype != pg_sys::ObjectType::OBJECT_TABLE {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    if (*statement).targtype == pg_sys::GrantTargetType::ACL_TARGET_OBJECT {
+        for relation in list_pointers::<pg_sys::RangeVar>((*statement).objects) {
+            found.extend(distributed_by_rangevar(relation)?);
+        }
+    } else if (*statement).targtype == pg_sys::GrantTargetType::ACL_TARGET_ALL_IN_SCHEMA {
+        // GRANT ... ON ALL TABLES IN SCHEMA s: the distributed tables of those schemas.
+        for schema in list_pointers::<pg_sys::String>((*statement).objects) {
+            let schema = CStr::from_ptr((*schema).sval).to_string_lossy().into_owned();
+            let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
+                client
+                    .select(
+                        "SELECT t.logicalrelid::oid FROM sharding.dist_table t
+                           JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
+                           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                          WHERE n.nspname = $1",
+                        None,
+                        &[schema.as_str().into()],
+                    )?
+                    .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
+                    .collect()
+            })?;
+            for relid in relids {
+                found.extend(distributed_by_oid(relid)?);
+            }
+        }
+    }
+    Ok(found)
+}
+
 unsafe fn trigger_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
     Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::CreateTrigStmt>()).relation)?))
 }
@@ -352,6 +388,16 @@ unsafe fn check_alter_table(node: *mut pg_sys::Node, _targets: &[Rc<DistributedT
     Ok(())
 }
 
+unsafe fn check_grant(node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable>]) -> Result<()> {
+    for privilege in list_pointers::<pg_sys::AccessPriv>((*node.cast::<pg_sys::GrantStmt>()).privileges) {
+        if !(*privilege).cols.is_null() {
+            return Err(unsupported("column privileges on distributed tables are not supported yet")
+                .hint("Grant the privilege on the whole table."));
+        }
+    }
+    Ok(())
+}
+
 unsafe fn check_rename(_node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable>]) -> Result<()> {
     Ok(())
 }
@@ -400,6 +446,16 @@ fn run_truncate(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<
     }
     for (node, names) in per_node.values() {
         remote::execute(node, &format!("TRUNCATE {}", names.join(", ")))?;
+    }
+    Ok(())
+}
+
+fn run_grant(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let before: Vec<Vec<String>> =
+        targets.iter().map(|t| super::grants::acl_roles(t.relid)).collect::<Result<_>>()?;
+    call.run_standard();
+    for (table, roles) in targets.iter().zip(before) {
+        super::grants::sync_shards(table, &roles)?;
     }
     Ok(())
 }

@@ -726,3 +726,58 @@ fn waits_for_workers_can_be_cancelled() {
     copy_in(&mut c, "COPY locked FROM STDIN", &data).unwrap();
     assert_eq!(all_rows(&mut c, "locked").len(), 1000);
 }
+
+#[test]
+fn privileges_follow_the_table_to_its_shards() {
+    let cluster = Cluster::start(2);
+    // Roles are per server: the application role exists on every node.
+    for port in [cluster.port, cluster.worker_port(1), cluster.worker_port(2)] {
+        cluster.connect_port(port).batch_execute("CREATE ROLE app LOGIN").unwrap();
+    }
+    let mut admin = cluster.coordinator();
+    admin
+        .batch_execute(
+            "CREATE TABLE events (id bigint, note text);
+             GRANT SELECT ON events TO app;
+             SELECT create_distributed_table('events', 'id', shard_count => 4);
+             GRANT USAGE ON SCHEMA sharding TO app;",
+        )
+        .unwrap();
+    let shard_privilege = |privilege: &str| -> Vec<bool> {
+        cluster
+            .placements("events")
+            .iter()
+            .map(|p| {
+                cluster
+                    .connect_port(p.port)
+                    .query_one(&format!("SELECT has_table_privilege('app', '{}', '{privilege}')", p.shard_name), &[])
+                    .unwrap()
+                    .get::<_, bool>(0)
+            })
+            .collect()
+    };
+    assert_eq!(shard_privilege("SELECT"), vec![true; 4], "grants made before distribution reach the shards");
+    assert_eq!(shard_privilege("INSERT"), vec![false; 4]);
+
+    let app_client = || {
+        pg_sharding_multinode::Client::connect(&format!("host=127.0.0.1 port={} user=app dbname=postgres", cluster.port), pg_sharding_multinode::NoTls).unwrap()
+    };
+    let mut app = app_client();
+    let (code, ..) = expect_error(&mut app, "INSERT INTO events VALUES (1, 'denied')");
+    assert_eq!(code, "42501");
+
+    admin.batch_execute("GRANT INSERT ON events TO app").unwrap();
+    assert_eq!(shard_privilege("INSERT"), vec![true; 4]);
+    let mut app = app_client();
+    app.execute("INSERT INTO events VALUES (1, 'by app'), (2, 'by app')", &[]).unwrap();
+    copy_in(&mut app, "COPY events FROM STDIN", b"3\tcopied by app\n").unwrap();
+    assert_eq!(all_rows(&mut app, "events").len(), 3);
+
+    admin.batch_execute("REVOKE INSERT ON events FROM app").unwrap();
+    assert_eq!(shard_privilege("INSERT"), vec![false; 4]);
+    assert_eq!(shard_privilege("SELECT"), vec![true; 4]);
+    admin.batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO app").unwrap();
+    assert_eq!(shard_privilege("DELETE"), vec![true; 4]);
+    let (code, ..) = expect_error(&mut admin, "GRANT SELECT (note) ON events TO app");
+    assert_eq!(code, "0A000");
+}

@@ -1,0 +1,106 @@
+//! Privileges on distributed tables follow the coordinator's table: after GRANT or REVOKE, and
+//! when a table is distributed, every shard's ACL is set to the table's ACL as the catalog holds
+//! it (aclexplode of pg_class.relacl), so no GRANT statement needs deparsing. Roles must exist
+//! on the workers too. Column privileges are not carried yet (refused in the GRANT check).
+
+use std::collections::BTreeMap;
+
+use pgrx::prelude::*;
+use sharding_core::table_def::shard_object_name;
+
+use crate::catalog::tables::DistributedTable;
+use crate::deparse::quote;
+use crate::error::Result;
+use crate::transaction::remote;
+
+/// (grantee, privilege, grantable); grantee quoted, or PUBLIC.
+type Grant = (String, String, bool);
+
+fn table_acl(relid: pg_sys::Oid) -> Result<(Vec<Grant>, String)> {
+    Spi::connect(|client| {
+        let grants = client
+            .select(
+                "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(r.rolname) END,
+                        a.privilege_type, a.is_grantable
+                   FROM pg_catalog.pg_class c
+                  CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+                   LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+                  WHERE c.oid = $1
+                  ORDER BY 1, 2",
+                None,
+                &[relid.into()],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                    row.get::<bool>(3)?.unwrap_or(false),
+                ))
+            })
+            .collect::<Result<Vec<Grant>>>()?;
+        let owner = client
+            .select(
+                "SELECT pg_catalog.quote_ident(r.rolname) FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_roles r ON r.oid = c.relowner WHERE c.oid = $1",
+                Some(1),
+                &[relid.into()],
+            )?
+            .first()
+            .get_one::<String>()?
+            .unwrap_or_default();
+        Ok((grants, owner))
+    })
+}
+
+/// The roles the table's ACL names now (quoted, PUBLIC included): call before a GRANT or
+/// REVOKE, so that roles it removes are revoked on the shards too.
+pub fn acl_roles(relid: pg_sys::Oid) -> Result<Vec<String>> {
+    let (grants, _) = table_acl(relid)?;
+    let mut roles: Vec<String> = grants.into_iter().map(|(grantee, _, _)| grantee).collect();
+    roles.dedup();
+    Ok(roles)
+}
+
+/// Sets every shard's ACL to the table's: revokes from every role named before or now (the
+/// owner keeps its rights), then grants what the table grants.
+pub fn sync_shards(table: &DistributedTable, roles_before: &[String]) -> Result<()> {
+    let (grants, owner) = table_acl(table.relid)?;
+    let mut revoke: Vec<String> =
+        roles_before.iter().cloned().chain(grants.iter().map(|(grantee, _, _)| grantee.clone())).collect();
+    revoke.sort();
+    revoke.dedup();
+    revoke.retain(|role| *role != owner);
+    let mut grouped: BTreeMap<(String, bool), Vec<String>> = BTreeMap::new();
+    for (grantee, privilege, grantable) in &grants {
+        if *grantee != owner {
+            grouped.entry((grantee.clone(), *grantable)).or_default().push(privilege.clone());
+        }
+    }
+    if revoke.is_empty() && grouped.is_empty() {
+        return Ok(());
+    }
+    let nodes = crate::catalog::cache::nodes()?;
+    let mut per_node: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for shard in &table.shards {
+        let name = quote::qualified(&table.schema, &shard_object_name(&table.name, shard.shard_id));
+        let mut statements = Vec::new();
+        if !revoke.is_empty() {
+            statements.push(format!("REVOKE ALL ON {name} FROM {}", revoke.join(", ")));
+        }
+        for ((grantee, grantable), privileges) in &grouped {
+            statements.push(format!(
+                "GRANT {} ON {name} TO {grantee}{}",
+                privileges.join(", "),
+                if *grantable { " WITH GRANT OPTION" } else { "" }
+            ));
+        }
+        for node_id in &shard.placements {
+            per_node.entry(*node_id).or_default().extend(statements.iter().cloned());
+        }
+    }
+    for (node_id, statements) in per_node {
+        let Some(node) = nodes.iter().find(|n| n.node_id == node_id) else { continue };
+        remote::execute(node, &statements.join("; "))?;
+    }
+    Ok(())
+}
