@@ -234,12 +234,17 @@ unsafe fn truncate_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<Distributed
     Ok(found)
 }
 
-unsafe fn alter_table_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
-    let statement = node.cast::<pg_sys::AlterTableStmt>();
-    if (*statement).objtype != pg_sys::ObjectType::OBJECT_TABLE {
+/// The distributed table a statement about a table names (nothing for other object types).
+unsafe fn table_target(objtype: pg_sys::ObjectType::Type, relation: *mut pg_sys::RangeVar) -> Result<Vec<Rc<DistributedTable>>> {
+    if objtype != pg_sys::ObjectType::OBJECT_TABLE {
         return Ok(Vec::new());
     }
-    Ok(one(distributed_by_rangevar((*statement).relation)?))
+    Ok(one(distributed_by_rangevar(relation)?))
+}
+
+unsafe fn alter_table_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::AlterTableStmt>();
+    table_target((*statement).objtype, (*statement).relation)
 }
 
 unsafe fn rename_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
@@ -332,10 +337,7 @@ unsafe fn policy_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTa
 
 unsafe fn set_schema_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
     let statement = node.cast::<pg_sys::AlterObjectSchemaStmt>();
-    if (*statement).objectType != pg_sys::ObjectType::OBJECT_TABLE {
-        return Ok(Vec::new());
-    }
-    Ok(one(distributed_by_rangevar((*statement).relation)?))
+    table_target((*statement).objectType, (*statement).relation)
 }
 
 unsafe fn cluster_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
