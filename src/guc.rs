@@ -8,7 +8,18 @@ pub static NODE_CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5);
 /// Default number of shards for new hash-distributed tables.
 pub static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
 
+/// EXPLAIN shows the SQL of every task instead of one.
+pub static EXPLAIN_ALL_TASKS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 pub fn define() {
+    GucRegistry::define_bool_guc(
+        c"sharding.explain_all_tasks",
+        c"EXPLAIN shows every task of a distributed plan.",
+        c"Off: one task is shown, with the count of all.",
+        &EXPLAIN_ALL_TASKS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"sharding.node_connect_timeout",
         c"Seconds to wait when connecting to a worker node.",

@@ -46,6 +46,8 @@ pub extern "C-unwind" fn _PG_init() {
     catalog::cache::register_invalidation_callback();
     transaction::remote::register_callbacks();
     commands::utility::install();
+    executor::remote_scan::register();
+    planner::scan_path::install();
 }
 
 // The in-database test tier lives in pgrx-tests/ at the top of the repository.

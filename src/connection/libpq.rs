@@ -491,6 +491,163 @@ impl RemoteConnection {
     }
 }
 
+/// What a connection running a task has for the caller right now.
+pub enum Poll {
+    /// The node has not sent the next result yet.
+    Busy,
+    /// The next result; `None` when the command is complete.
+    Ready(Option<RemoteResult>),
+}
+
+/// A parameter of a task: its type for the worker (0: let the worker infer it), and its value
+/// in text (format 0) or binary (format 1).
+pub struct TaskParam {
+    pub type_oid: u32,
+    pub value: Option<Vec<u8>>,
+    pub format: i32,
+}
+
+impl RemoteConnection {
+    /// Sends one statement with parameters and returns at once; rows then come one result at a
+    /// time (single-row mode) through `poll`. `binary` asks for binary result values.
+    pub fn send_task(&self, sql: &CStr, params: &[TaskParam], binary: bool) -> Result<(), RemoteError> {
+        let types: Vec<pq::Oid> = params.iter().map(|p| p.type_oid).collect();
+        let values: Vec<*const c_char> =
+            params.iter().map(|p| p.value.as_ref().map_or(std::ptr::null(), |v| v.as_ptr().cast())).collect();
+        let lengths: Vec<i32> = params.iter().map(|p| p.value.as_ref().map_or(0, |v| v.len() as i32)).collect();
+        let formats: Vec<i32> = params.iter().map(|p| p.format).collect();
+        let count = i32::try_from(params.len()).map_err(|_| RemoteError::local("too many query parameters"))?;
+        // SAFETY: every array has `count` entries and outlives the call (libpq copies them);
+        // text values are NUL-terminated by the caller, binary ones have their lengths.
+        unsafe {
+            if pq::PQsendQueryParams(
+                self.conn.as_ptr(),
+                sql.as_ptr(),
+                count,
+                types.as_ptr(),
+                values.as_ptr(),
+                lengths.as_ptr(),
+                formats.as_ptr(),
+                i32::from(binary),
+            ) != 1
+            {
+                return Err(RemoteError::local(self.last_error()));
+            }
+            // Rows are handed over as they arrive instead of as one result held whole.
+            pq::PQsetSingleRowMode(self.conn.as_ptr());
+        }
+        self.flush(None)
+    }
+
+    /// Reads what the node sent, without waiting.
+    pub fn poll(&self) -> Result<Poll, RemoteError> {
+        // SAFETY: valid connection; PQgetResult does not block once PQisBusy is false.
+        unsafe {
+            if pq::PQconsumeInput(self.conn.as_ptr()) != 1 {
+                return Err(RemoteError::local(self.last_error()));
+            }
+            if pq::PQisBusy(self.conn.as_ptr()) != 0 {
+                return Ok(Poll::Busy);
+            }
+            Ok(Poll::Ready(NonNull::new(pq::PQgetResult(self.conn.as_ptr())).map(|r| RemoteResult(ResultGuard(r)))))
+        }
+    }
+
+    /// Waits until the node has sent something (interruptibly).
+    pub fn wait_readable(&self) -> Result<(), RemoteError> {
+        self.wait(pg_sys::WL_SOCKET_READABLE, None)
+    }
+
+    fn socket(&self) -> i32 {
+        // SAFETY: valid connection.
+        unsafe { pq::PQsocket(self.conn.as_ptr()) }
+    }
+}
+
+/// Waits until one of `connections` has something to read, or an interrupt arrives (served
+/// here: a cancel raises its ERROR).
+pub fn wait_any_readable(connections: &[&RemoteConnection]) -> Result<(), RemoteError> {
+    if let [only] = connections {
+        return only.wait_readable();
+    }
+    struct Set(*mut pg_sys::WaitEventSet);
+    impl Drop for Set {
+        fn drop(&mut self) {
+            // SAFETY: made below, freed once (also when an interrupt unwinds through here).
+            unsafe { pg_sys::FreeWaitEventSet(self.0) }
+        }
+    }
+    // SAFETY: the set lives for this call only; every socket belongs to a live connection.
+    let fired = unsafe {
+        let set = Set(pg_sys::CreateWaitEventSet(pg_sys::CurrentMemoryContext, connections.len() as i32 + 2));
+        let latch = *std::ptr::addr_of!(pg_sys::MyLatch);
+        pg_sys::AddWaitEventToSet(set.0, pg_sys::WL_LATCH_SET, pg_sys::PGINVALID_SOCKET, latch, std::ptr::null_mut());
+        pg_sys::AddWaitEventToSet(set.0, pg_sys::WL_EXIT_ON_PM_DEATH, pg_sys::PGINVALID_SOCKET, std::ptr::null_mut(), std::ptr::null_mut());
+        for connection in connections {
+            let socket = connection.socket();
+            if socket < 0 {
+                return Err(RemoteError::local(connection.last_error()));
+            }
+            pg_sys::AddWaitEventToSet(set.0, pg_sys::WL_SOCKET_READABLE, socket, std::ptr::null_mut(), std::ptr::null_mut());
+        }
+        let mut occurred = std::mem::zeroed::<pg_sys::WaitEvent>();
+        let count = pg_sys::WaitEventSetWait(set.0, -1, &mut occurred, 1, pg_sys::PG_WAIT_EXTENSION);
+        if count == 0 { 0 } else { occurred.events }
+    };
+    if fired & pg_sys::WL_LATCH_SET != 0 {
+        // SAFETY: resetting our own latch, then serving interrupts (may raise an ERROR).
+        unsafe { pg_sys::ResetLatch(*std::ptr::addr_of!(pg_sys::MyLatch)) };
+        pgrx::check_for_interrupts!();
+    }
+    Ok(())
+}
+
+/// One result of a task: a row (single-row mode), the end of the rows, a command's
+/// completion, or an error.
+pub struct RemoteResult(ResultGuard);
+
+pub enum ResultKind {
+    Row,
+    EndOfRows,
+    Command { affected: u64 },
+    Error(RemoteError),
+}
+
+impl RemoteResult {
+    pub fn kind(&self) -> ResultKind {
+        let res = self.0 .0.as_ptr();
+        // SAFETY: valid result until drop.
+        match unsafe { pq::PQresultStatus(res) } {
+            pq::ExecStatusType::PGRES_SINGLE_TUPLE => ResultKind::Row,
+            pq::ExecStatusType::PGRES_TUPLES_OK => ResultKind::EndOfRows,
+            pq::ExecStatusType::PGRES_COMMAND_OK => ResultKind::Command { affected: self.0.affected() },
+            _ => match self.0.rows() {
+                Err(error) => ResultKind::Error(error),
+                Ok(_) => ResultKind::Error(RemoteError::local("unexpected result from the node")),
+            },
+        }
+    }
+
+    pub fn columns(&self) -> usize {
+        // SAFETY: valid result.
+        unsafe { pq::PQnfields(self.0 .0.as_ptr()).max(0) as usize }
+    }
+
+    /// The value of `column` in the (only) row; `None` for NULL. Text values are followed by a
+    /// NUL byte in libpq's buffer, binary ones too.
+    pub fn value(&self, column: usize) -> Option<&[u8]> {
+        let res = self.0 .0.as_ptr();
+        // SAFETY: row 0 exists for a PGRES_SINGLE_TUPLE result; the bytes live as long as self.
+        unsafe {
+            if pq::PQgetisnull(res, 0, column as i32) == 1 {
+                return None;
+            }
+            let length = pq::PQgetlength(res, 0, column as i32).max(0) as usize;
+            Some(std::slice::from_raw_parts(pq::PQgetvalue(res, 0, column as i32).cast::<u8>(), length))
+        }
+    }
+}
+
 impl Drop for RemoteConnection {
     fn drop(&mut self) {
         let set = self.events.get();

@@ -3,7 +3,7 @@
 
 mod libpq;
 
-pub use libpq::{ConnectParams, RemoteConnection, RemoteError, RemoteRows};
+pub use libpq::{wait_any_readable, ConnectParams, Poll, RemoteConnection, RemoteError, RemoteResult, RemoteRows, ResultKind, TaskParam};
 
 use crate::error::ShardingError;
 use pgrx::PgSqlErrorCode;

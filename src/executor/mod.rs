@@ -2,6 +2,8 @@
 //! (src/hooks_c/hooks.c) and hands over only the plans this module claims.
 
 pub mod insert;
+pub mod remote_scan;
+pub mod tasks;
 mod on_conflict;
 
 use pgrx::pg_sys;

@@ -9,6 +9,7 @@
  */
 #include "postgres.h"
 #include "executor/executor.h"
+#include "nodes/execnodes.h"
 #include "optimizer/planner.h"
 #include "tcop/utility.h"
 
@@ -18,6 +19,7 @@ extern void pg_sharding_utility_run(PlannedStmt *pstmt, const char *queryString,
 									ProcessUtilityContext context, ParamListInfo params,
 									QueryEnvironment *queryEnv, DestReceiver *dest,
 									QueryCompletion *qc);
+extern PlannedStmt *pg_sharding_plan(Query *parse);
 extern void pg_sharding_check_plan(PlannedStmt *planned);
 extern bool pg_sharding_executor_wants(QueryDesc *queryDesc);
 extern void pg_sharding_executor_run(QueryDesc *queryDesc, ScanDirection direction, uint64 count,
@@ -54,8 +56,10 @@ pg_sharding_process_utility(PlannedStmt *pstmt, const char *queryString, bool re
 static PlannedStmt *
 pg_sharding_planner(Query *parse, const char *query_string, int cursorOptions, ParamListInfo boundParams)
 {
-	PlannedStmt *planned;
+	PlannedStmt *planned = pg_sharding_plan(parse);
 
+	if (planned != NULL)
+		return planned;
 	if (previous_planner)
 		planned = previous_planner(parse, query_string, cursorOptions, boundParams);
 	else
@@ -73,6 +77,22 @@ pg_sharding_executor_run_hook(QueryDesc *queryDesc, ScanDirection direction, uin
 		previous_executor_run(queryDesc, direction, count, execute_once);
 	else
 		standard_ExecutorRun(queryDesc, direction, count, execute_once);
+}
+
+/* ShardScan's ExecCustomScan (src/executor/remote_scan.rs). */
+extern TupleTableSlot *pg_sharding_shard_scan_next(ScanState *node);
+
+static bool
+pg_sharding_shard_scan_recheck(ScanState *node, TupleTableSlot *slot)
+{
+	return true;
+}
+
+TupleTableSlot *
+pg_sharding_shard_scan_exec(CustomScanState *node)
+{
+	return ExecScan(&node->ss, (ExecScanAccessMtd) pg_sharding_shard_scan_next,
+					(ExecScanRecheckMtd) pg_sharding_shard_scan_recheck);
 }
 
 void

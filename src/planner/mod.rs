@@ -1,10 +1,14 @@
-//! Plan checks. The distributed planner is not built yet; until it is, no query may silently
-//! read or write the coordinator's empty shell of a distributed table: such a query fails with
-//! a clear error. Allowed: reading reference tables (the coordinator's copy is complete), and
-//! INSERT into a distributed or reference table whose rows come from elsewhere (the executor
-//! routes them, src/executor/insert.rs).
-//!
-//! The planner hook's entry point is in C (src/hooks_c/hooks.c); it calls this after planning.
+//! The distributed planner. The planner hook's entry point is in C (src/hooks_c/hooks.c): it
+//! asks `pg_sharding_plan` first, which returns a plan sent whole to the shards (router.rs)
+//! or NULL; then PostgreSQL plans the statement, with every scan of a distributed table
+//! replaced by a ShardScan (scan_path.rs); finally `pg_sharding_check_plan` makes sure no plan
+//! reads the coordinator's empty shell of a distributed table or writes a table in a way the
+//! extension does not route.
+
+pub mod pins;
+pub mod router;
+pub mod scan_path;
+pub mod shippable;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -12,6 +16,17 @@ use pgrx::prelude::*;
 use crate::catalog::{cache, tables::Method};
 use crate::commands::utility::list_pointers;
 use crate::error::{OrRaise, ShardingError};
+use crate::executor::remote_scan::is_shard_scan;
+
+/// Called by the C planner hook before PostgreSQL's planner: a distributed plan, or NULL.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pg_sharding_plan(parse: *mut pg_sys::Query) -> *mut pg_sys::PlannedStmt {
+    if !cache::extension_active() {
+        return std::ptr::null_mut();
+    }
+    router::plan_statement(parse).or_raise().unwrap_or(std::ptr::null_mut())
+}
 
 /// Called by the C planner hook with every plan PostgreSQL made.
 #[no_mangle]
@@ -20,18 +35,6 @@ pub unsafe extern "C-unwind" fn pg_sharding_check_plan(planned: *mut pg_sys::Pla
     if cache::extension_active() {
         check_plan(planned).or_raise();
     }
-}
-
-/// Tables the plan reads or writes, by range table index (1-based): relation entries of its
-/// flattened range table (every subquery, CTE and view included). Not `relationOids`, which
-/// also lists regclass constants.
-unsafe fn scanned_relations(planned: *mut pg_sys::PlannedStmt) -> Vec<(usize, pg_sys::Oid)> {
-    list_pointers::<pg_sys::RangeTblEntry>((*planned).rtable)
-        .into_iter()
-        .enumerate()
-        .filter(|(_, entry)| (**entry).rtekind == pg_sys::RTEKind::RTE_RELATION)
-        .map(|(i, entry)| (i + 1, (*entry).relid))
-        .collect()
 }
 
 /// The range table index written by an INSERT plan (without data-modifying CTEs), if this plan
@@ -47,37 +50,86 @@ pub unsafe fn insert_target(planned: *mut pg_sys::PlannedStmt) -> Option<usize> 
     Some((*(*result_relations).elements).int_value as usize)
 }
 
+/// Every node of a plan tree (subplans of the statement included), depth first.
+unsafe fn plan_nodes(planned: *mut pg_sys::PlannedStmt) -> Vec<*mut pg_sys::Plan> {
+    let mut out = Vec::new();
+    let mut todo: Vec<*mut pg_sys::Plan> = vec![(*planned).planTree];
+    todo.extend(list_pointers::<pg_sys::Plan>((*planned).subplans));
+    while let Some(plan) = todo.pop() {
+        if plan.is_null() {
+            continue;
+        }
+        out.push(plan);
+        todo.push((*plan).lefttree);
+        todo.push((*plan).righttree);
+        use pg_sys::NodeTag::*;
+        match (*plan).type_ {
+            T_Append => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::Append>()).appendplans)),
+            T_MergeAppend => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::MergeAppend>()).mergeplans)),
+            T_BitmapAnd => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::BitmapAnd>()).bitmapplans)),
+            T_BitmapOr => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::BitmapOr>()).bitmapplans)),
+            T_SubqueryScan => todo.push((*plan.cast::<pg_sys::SubqueryScan>()).subplan),
+            T_CustomScan => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::CustomScan>()).custom_plans)),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn unsupported(message: String) -> ShardingError {
+    ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, message)
+}
+
 unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<()> {
-    let insert_into = insert_target(planned);
-    let written: Vec<usize> =
-        crate::commands::utility::int_list((*planned).resultRelations).into_iter().map(|i| i as usize).collect();
-    for (index, relid) in scanned_relations(planned) {
-        if relid.to_u32() < pg_sys::FirstNormalObjectId {
-            continue;
+    let rtable = list_pointers::<pg_sys::RangeTblEntry>((*planned).rtable);
+    let relation_at = |index: u32| -> Option<pg_sys::Oid> {
+        let rte = *rtable.get((index as usize).checked_sub(1)?)?;
+        ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION).then(|| (*rte).relid)
+    };
+    let nodes = plan_nodes(planned);
+    let reads_shards = nodes.iter().any(|&p| is_shard_scan(p));
+    for &plan in &nodes {
+        use pg_sys::NodeTag::*;
+        match (*plan).type_ {
+            T_SeqScan | T_SampleScan | T_IndexScan | T_IndexOnlyScan | T_BitmapHeapScan | T_TidScan | T_TidRangeScan
+            | T_ForeignScan | T_CustomScan => {
+                if is_shard_scan(plan) {
+                    continue;
+                }
+                let Some(relid) = relation_at((*plan.cast::<pg_sys::Scan>()).scanrelid) else { continue };
+                if relid.to_u32() < pg_sys::FirstNormalObjectId {
+                    continue;
+                }
+                if let Some(table) = cache::table_unless_reentrant(relid)? {
+                    if table.method == Method::Hash {
+                        return Err(unsupported(format!(
+                            "this query would read the coordinator's empty copy of distributed table \"{}\"",
+                            table.name
+                        )));
+                    }
+                }
+            }
+            T_ModifyTable => {
+                let modify = plan.cast::<pg_sys::ModifyTable>();
+                for index in crate::commands::utility::int_list((*modify).resultRelations) {
+                    let Some(relid) = relation_at(index as u32) else { continue };
+                    let Some(table) = cache::table_unless_reentrant(relid)? else { continue };
+                    let is_insert = (*modify).operation == pg_sys::CmdType::CMD_INSERT;
+                    let top_level_insert = is_insert && insert_target(planned) == Some(index as usize) && (*planned).planTree == plan;
+                    if !top_level_insert {
+                        let what = if is_insert { "INSERT in a data-modifying WITH query" } else { "this UPDATE or DELETE" };
+                        return Err(unsupported(format!("{what} on {} table \"{}\" is not supported yet", table.method.as_str(), table.name)));
+                    }
+                    if reads_shards {
+                        return Err(unsupported(format!(
+                            "INSERT ... SELECT into \"{}\" reading a distributed table is not supported yet",
+                            table.name
+                        )));
+                    }
+                }
+            }
+            _ => {}
         }
-        let Some(table) = cache::table_unless_reentrant(relid)? else { continue };
-        if Some(index) == insert_into {
-            continue;
-        }
-        // ON CONFLICT DO UPDATE's `excluded` is a second entry for the target table.
-        let plan = (*planned).planTree;
-        if insert_into.is_some()
-            && (*plan).type_ == pg_sys::NodeTag::T_ModifyTable
-            && (*plan.cast::<pg_sys::ModifyTable>()).exclRelRTI as usize == index
-        {
-            continue;
-        }
-        let is_written = written.contains(&index) || (*planned).hasModifyingCTE;
-        if table.method == Method::Reference && !is_written {
-            continue;
-        }
-        let what = if table.method == Method::Reference { "writing to reference table" } else { "querying distributed table" };
-        return Err(ShardingError::new(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("{what} \"{}\" is not supported yet", table.name),
-        )
-        .detail("This release of pg_sharding creates distributed tables and loads them with COPY and INSERT; SELECT, UPDATE and DELETE on them arrive with the query engine.")
-        .hint("Use COPY or INSERT to load rows; sharding.shards lists where they are."));
     }
     Ok(())
 }

@@ -6,4 +6,6 @@ pub mod copy_text;
 pub mod hash;
 pub mod interval;
 pub mod node_check;
+pub mod pinning;
+pub mod sql_template;
 pub mod table_def;

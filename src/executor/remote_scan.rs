@@ -1,0 +1,530 @@
+//! The distributed part of a plan: a CustomScan ("ShardScan") that runs one task per shard
+//! (or shard group) on the workers and returns their rows.
+//!
+//! Two shapes share it: a scan of one distributed table (its rows, filtered and projected on
+//! the shards, for PostgreSQL's executor to join, aggregate and sort on the coordinator), and a
+//! whole statement sent to the shards (router queries, UPDATE and DELETE). The plan's facts are
+//! serialized into `custom_private`, so plans survive copying and caching; shards are pruned at
+//! execution, with the statement's parameter values.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use serde::{Deserialize, Serialize};
+use sharding_core::sql_template::{Piece, Template};
+
+use crate::catalog::{cache, tables::DistributedTable};
+use crate::connection::TaskParam;
+use crate::deparse::query::{DeparsedQuery, TransmissionSettings};
+use crate::error::{OrRaise, Result, ShardingError};
+use crate::executor::tasks::{self, Task};
+
+/// What a ShardScan does, as planned.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ShardScanPlan {
+    /// The task SQL: text pieces and relation slots (index into `relations`).
+    pub pieces: Vec<(Option<usize>, String)>,
+    pub relations: Vec<u32>,
+    /// The distributed table whose shards define the tasks (co-located tables follow it).
+    pub anchor: u32,
+    /// Shard pruning: a conjunction of disjunctions of values (indexes into `custom_exprs`;
+    /// true when the value is an array, as in `= ANY(...)`). Empty: every shard.
+    pub prune: Vec<Vec<(usize, bool)>>,
+    /// Parameters the task SQL refers to ($n); all of $1..$max are sent.
+    pub params_used: Vec<i32>,
+    pub max_param: i32,
+    /// Whether result values come back in binary (every column of a built-in type).
+    pub binary: bool,
+    /// UPDATE or DELETE: the affected counts are the statement's.
+    pub modify: bool,
+    /// A whole SELECT: even when pruning leaves no shard (a NULL key), one shard must answer,
+    /// since `count(*)` of nothing is still a row.
+    pub at_least_one: bool,
+}
+
+impl ShardScanPlan {
+    pub fn from_deparsed(deparsed: &DeparsedQuery, anchor: pg_sys::Oid) -> Self {
+        let pieces = deparsed
+            .template
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Text(text) => (None, text.clone()),
+                Piece::Relation(i) => (Some(*i), String::new()),
+            })
+            .collect();
+        Self {
+            pieces,
+            relations: deparsed.relations.iter().map(|r| r.to_u32()).collect(),
+            anchor: anchor.to_u32(),
+            ..Default::default()
+        }
+    }
+
+    fn template(&self) -> Template {
+        Template {
+            pieces: self
+                .pieces
+                .iter()
+                .map(|(slot, text)| match slot {
+                    Some(i) => Piece::Relation(*i),
+                    None => Piece::Text(text.clone()),
+                })
+                .collect(),
+        }
+    }
+}
+
+pub const SCAN_NAME: &CStr = c"ShardScan";
+
+static mut SCAN_METHODS: pg_sys::CustomScanMethods =
+    pg_sys::CustomScanMethods { CustomName: SCAN_NAME.as_ptr(), CreateCustomScanState: Some(create_state) };
+
+static mut EXEC_METHODS: pg_sys::CustomExecMethods = pg_sys::CustomExecMethods {
+    CustomName: SCAN_NAME.as_ptr(),
+    BeginCustomScan: Some(begin),
+    ExecCustomScan: Some(pg_sharding_shard_scan_exec),
+    EndCustomScan: Some(end),
+    ReScanCustomScan: Some(rescan),
+    MarkPosCustomScan: None,
+    RestrPosCustomScan: None,
+    EstimateDSMCustomScan: None,
+    InitializeDSMCustomScan: None,
+    ReInitializeDSMCustomScan: None,
+    InitializeWorkerCustomScan: None,
+    ShutdownCustomScan: None,
+    ExplainCustomScan: Some(explain),
+};
+
+pub fn register() {
+    // SAFETY: called once from _PG_init; the methods are static.
+    unsafe { pg_sys::RegisterCustomScanMethods(std::ptr::addr_of!(SCAN_METHODS)) };
+}
+
+/// A ShardScan plan node. `exprs` are the pruning values (`plan.prune` indexes them).
+pub unsafe fn make_scan(
+    plan: &ShardScanPlan,
+    exprs: Vec<*mut pg_sys::Node>,
+    scanrelid: u32,
+    targetlist: *mut pg_sys::List,
+    scan_tlist: *mut pg_sys::List,
+    quals: *mut pg_sys::List,
+) -> Result<*mut pg_sys::CustomScan> {
+    let scan: *mut pg_sys::CustomScan = pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomScan>()).cast();
+    (*scan).scan.plan.type_ = pg_sys::NodeTag::T_CustomScan;
+    (*scan).scan.scanrelid = scanrelid;
+    (*scan).scan.plan.targetlist = targetlist;
+    (*scan).scan.plan.qual = quals;
+    (*scan).custom_scan_tlist = scan_tlist;
+    (*scan).flags = pg_sys::CUSTOMPATH_SUPPORT_BACKWARD_SCAN;
+    (*scan).methods = std::ptr::addr_of!(SCAN_METHODS);
+    let json = serde_json::to_string(plan).map_err(|e| ShardingError::internal(e.to_string()))?;
+    let json = CString::new(json).map_err(|e| ShardingError::internal(e.to_string()))?;
+    (*scan).custom_private = pg_sys::lappend(std::ptr::null_mut(), pg_sys::makeString(pg_sys::pstrdup(json.as_ptr())).cast());
+    let mut list: *mut pg_sys::List = std::ptr::null_mut();
+    for expr in exprs {
+        list = pg_sys::lappend(list, expr.cast());
+    }
+    (*scan).custom_exprs = list;
+    Ok(scan)
+}
+
+unsafe fn plan_of(scan: *const pg_sys::CustomScan) -> Result<ShardScanPlan> {
+    let private = (*scan).custom_private;
+    if private.is_null() || (*private).length < 1 {
+        return Err(ShardingError::internal("ShardScan without its plan"));
+    }
+    let node = (*(*private).elements).ptr_value as *mut pg_sys::String;
+    let json = CStr::from_ptr((*node).sval).to_string_lossy();
+    serde_json::from_str(&json).map_err(|e| ShardingError::internal(e.to_string()))
+}
+
+/// Whether a plan node is a ShardScan.
+pub unsafe fn is_shard_scan(plan: *const pg_sys::Plan) -> bool {
+    !plan.is_null()
+        && (*plan).type_ == pg_sys::NodeTag::T_CustomScan
+        && (*plan.cast::<pg_sys::CustomScan>()).methods == std::ptr::addr_of!(SCAN_METHODS)
+}
+
+#[repr(C)]
+struct ShardScanState {
+    css: pg_sys::CustomScanState,
+    runtime: *mut Runtime,
+}
+
+struct Input {
+    flinfo: pg_sys::FmgrInfo,
+    ioparam: pg_sys::Oid,
+    typmod: i32,
+}
+
+struct Runtime {
+    plan: ShardScanPlan,
+    tasks: Vec<Task>,
+    /// For EXPLAIN: the shard id of each task's anchor shard.
+    task_shards: Vec<i64>,
+    params: Vec<TaskParam>,
+    store: *mut pg_sys::Tuplestorestate,
+    store_slot: *mut pg_sys::TupleTableSlot,
+    filled: bool,
+    inputs: Vec<Input>,
+    row_context: pg_sys::MemoryContext,
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn create_state(scan: *mut pg_sys::CustomScan) -> *mut pg_sys::Node {
+    let state: *mut ShardScanState = pg_sys::palloc0(std::mem::size_of::<ShardScanState>()).cast();
+    (*state).css.ss.ps.type_ = pg_sys::NodeTag::T_CustomScanState;
+    (*state).css.flags = (*scan).flags;
+    (*state).css.methods = std::ptr::addr_of!(EXEC_METHODS);
+    state.cast()
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn drop_runtime(arg: *mut std::ffi::c_void) {
+    let state = arg as *mut ShardScanState;
+    if !(*state).runtime.is_null() {
+        drop(Box::from_raw((*state).runtime));
+        (*state).runtime = std::ptr::null_mut();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *mut pg_sys::EState, eflags: i32) {
+    let state = node as *mut ShardScanState;
+    let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
+    let plan = plan_of(scan).or_raise();
+    let params = task_params(estate, &plan).or_raise();
+    let (tasks, task_shards) = plan_tasks(node, &plan).or_raise();
+
+    let slot = (*node).ss.ss_ScanTupleSlot;
+    let tupdesc = (*slot).tts_tupleDescriptor;
+    let mut inputs = Vec::new();
+    for i in 0..(*tupdesc).natts as usize {
+        let attr = (*tupdesc).attrs.as_ptr().add(i);
+        let mut function = pg_sys::InvalidOid;
+        let mut ioparam = pg_sys::InvalidOid;
+        if plan.binary {
+            pg_sys::getTypeBinaryInputInfo((*attr).atttypid, &mut function, &mut ioparam);
+        } else {
+            pg_sys::getTypeInputInfo((*attr).atttypid, &mut function, &mut ioparam);
+        }
+        let mut input = Input { flinfo: std::mem::zeroed(), ioparam, typmod: (*attr).atttypmod };
+        pg_sys::fmgr_info(function, &mut input.flinfo);
+        inputs.push(input);
+    }
+    let random_access = eflags & (pg_sys::EXEC_FLAG_BACKWARD | pg_sys::EXEC_FLAG_MARK) as i32 != 0;
+    let runtime = Runtime {
+        plan,
+        tasks,
+        task_shards,
+        params,
+        store: pg_sys::tuplestore_begin_heap(random_access, false, *std::ptr::addr_of!(pg_sys::work_mem)),
+        store_slot: pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple),
+        filled: false,
+        inputs,
+        row_context: pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"ShardScan rows".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        ),
+    };
+    (*state).runtime = Box::into_raw(Box::new(runtime));
+    // The runtime is Rust memory: freed with the executor's memory, also when an error ends
+    // the query before EndCustomScan.
+    let callback: *mut pg_sys::MemoryContextCallback =
+        pg_sys::palloc0(std::mem::size_of::<pg_sys::MemoryContextCallback>()).cast();
+    (*callback).func = Some(drop_runtime);
+    (*callback).arg = state.cast();
+    pg_sys::MemoryContextRegisterResetCallback((*estate).es_query_cxt, callback);
+}
+
+/// The statement's parameter values for the workers: built-in types in binary, others as
+/// text with the type left for the worker to infer.
+unsafe fn task_params(estate: *mut pg_sys::EState, plan: &ShardScanPlan) -> Result<Vec<TaskParam>> {
+    let list = (*estate).es_param_list_info;
+    let mut params = Vec::with_capacity(plan.max_param.max(0) as usize);
+    for id in 1..=plan.max_param {
+        let unused = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: None, format: 0 };
+        if !plan.params_used.contains(&id) || list.is_null() || id > (*list).numParams {
+            params.push(unused);
+            continue;
+        }
+        let mut workspace: pg_sys::ParamExternData = std::mem::zeroed();
+        let data: *mut pg_sys::ParamExternData = match (*list).paramFetch {
+            Some(fetch) => fetch(list, id, false, &mut workspace),
+            None => (*list).params.as_mut_ptr().add(id as usize - 1),
+        };
+        let type_oid = (*data).ptype;
+        if type_oid == pg_sys::InvalidOid {
+            params.push(unused);
+            continue;
+        }
+        let builtin = type_oid.to_u32() < pg_sys::FirstNormalObjectId;
+        let value = if (*data).isnull {
+            None
+        } else if builtin {
+            let mut send = pg_sys::InvalidOid;
+            let mut varlena = false;
+            pg_sys::getTypeBinaryOutputInfo(type_oid, &mut send, &mut varlena);
+            let bytes = pg_sys::OidSendFunctionCall(send, (*data).value);
+            let len = pgrx::varsize_any_exhdr(bytes.cast());
+            Some(std::slice::from_raw_parts(pgrx::vardata_any(bytes.cast()).cast::<u8>(), len).to_vec())
+        } else {
+            let _settings = TransmissionSettings::enter();
+            let mut output = pg_sys::InvalidOid;
+            let mut varlena = false;
+            pg_sys::getTypeOutputInfo(type_oid, &mut output, &mut varlena);
+            let text = CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, (*data).value));
+            let mut bytes = text.to_bytes().to_vec();
+            bytes.push(0);
+            Some(bytes)
+        };
+        params.push(if builtin {
+            TaskParam { type_oid: type_oid.to_u32(), value, format: 1 }
+        } else {
+            TaskParam { type_oid: 0, value, format: 0 }
+        });
+    }
+    Ok(params)
+}
+
+/// Shard indexes left after pruning with the values of this execution.
+unsafe fn pruned_indexes(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan, anchor: &DistributedTable) -> Result<Vec<usize>> {
+    let all: Vec<usize> = (0..anchor.shards.len()).collect();
+    if plan.prune.is_empty() {
+        return Ok(all);
+    }
+    let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
+    let exprs = (*scan).custom_exprs;
+    let econtext = (*node).ss.ps.ps_ExprContext;
+    let mut keep = all;
+    for disjunction in &plan.prune {
+        let mut matched: Vec<usize> = Vec::new();
+        for &(index, is_array) in disjunction {
+            let expr = (*(*exprs).elements.add(index)).ptr_value as *mut pg_sys::Expr;
+            let expr_state = pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps);
+            let mut isnull = false;
+            let value = pg_sys::ExecEvalExprSwitchContext(expr_state, econtext, &mut isnull);
+            if isnull {
+                continue;
+            }
+            let value_type = pg_sys::exprType(expr.cast());
+            let element_type = if is_array { pg_sys::get_element_type(value_type) } else { value_type };
+            let Some(kind) = crate::routing::DistKind::of_type(element_type) else {
+                // Cannot hash this value here: prune nothing for this condition.
+                matched = (0..anchor.shards.len()).collect();
+                break;
+            };
+            let mut add = |datum: pg_sys::Datum| {
+                let hash = crate::routing::hash_datum(datum, kind);
+                if let Some(position) = anchor.shards.iter().position(|s| s.interval.is_some_and(|i| i.contains(hash))) {
+                    if !matched.contains(&position) {
+                        matched.push(position);
+                    }
+                }
+            };
+            if is_array {
+                let array = pg_sys::pg_detoast_datum(value.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+                let mut typlen = 0i16;
+                let mut byval = false;
+                let mut align = 0 as std::ffi::c_char;
+                pg_sys::get_typlenbyvalalign((*array).elemtype, &mut typlen, &mut byval, &mut align);
+                let mut elements: *mut pg_sys::Datum = std::ptr::null_mut();
+                let mut nulls: *mut bool = std::ptr::null_mut();
+                let mut count = 0;
+                pg_sys::deconstruct_array(array, (*array).elemtype, typlen.into(), byval, align, &mut elements, &mut nulls, &mut count);
+                for i in 0..count as usize {
+                    if !*nulls.add(i) {
+                        add(*elements.add(i));
+                    }
+                }
+            } else {
+                add(value);
+            }
+        }
+        keep.retain(|i| matched.contains(i));
+    }
+    Ok(keep)
+}
+
+unsafe fn plan_tasks(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan) -> Result<(Vec<Task>, Vec<i64>)> {
+    let anchor = cache::table(pg_sys::Oid::from(plan.anchor))?
+        .ok_or_else(|| ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "a table of this plan is no longer distributed"))?;
+    let relations: Vec<std::rc::Rc<DistributedTable>> = plan
+        .relations
+        .iter()
+        .map(|&oid| {
+            cache::table(pg_sys::Oid::from(oid))?.ok_or_else(|| {
+                ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "a table of this plan is no longer distributed")
+            })
+        })
+        .collect::<Result<_>>()?;
+    let nodes = cache::nodes()?;
+    let template = plan.template();
+    let mut tasks = Vec::new();
+    let mut shard_ids = Vec::new();
+    let mut indexes = pruned_indexes(node, plan, &anchor)?;
+    if indexes.is_empty() && plan.at_least_one && !anchor.shards.is_empty() {
+        indexes.push(0);
+    }
+    for index in indexes {
+        let shard = &anchor.shards[index];
+        let node_id = *shard.placements.first().ok_or_else(|| {
+            ShardingError::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("shard {} has no placement", shard.shard_id))
+        })?;
+        let target = nodes
+            .iter()
+            .find(|n| n.node_id == node_id)
+            .ok_or_else(|| ShardingError::internal(format!("node {node_id} of shard {} is not registered", shard.shard_id)))?;
+        let mut failure = None;
+        let sql = template.render(|slot| {
+            let table = &relations[slot];
+            let shard = if table.method == crate::catalog::tables::Method::Reference {
+                table.shards.first()
+            } else {
+                table.shards.get(index)
+            };
+            match shard {
+                Some(shard) => crate::deparse::quote::qualified(
+                    &table.schema,
+                    &sharding_core::table_def::shard_object_name(&table.name, shard.shard_id),
+                ),
+                None => {
+                    failure = Some(ShardingError::internal(format!("{} has no shard {index}", table.name)));
+                    String::new()
+                }
+            }
+        });
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        tasks.push(Task { node: target.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))? });
+        shard_ids.push(shard.shard_id);
+    }
+    Ok((tasks, shard_ids))
+}
+
+unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Result<()> {
+    let tupdesc = (*(*node).ss.ss_ScanTupleSlot).tts_tupleDescriptor;
+    let natts = (*tupdesc).natts as usize;
+    let mut values = vec![pg_sys::Datum::from(0usize); natts];
+    let mut nulls = vec![true; natts];
+    let store = runtime.store;
+    let binary = runtime.plan.binary;
+    let row_context = runtime.row_context;
+    let inputs = &mut runtime.inputs;
+    let affected = tasks::run(&runtime.tasks, &runtime.params, binary, |result| {
+        if result.columns() != natts {
+            return Err(ShardingError::internal(format!("a task returned {} columns, expected {natts}", result.columns())));
+        }
+        pg_sys::MemoryContextReset(row_context);
+        let previous = pg_sys::MemoryContextSwitchTo(row_context);
+        for (i, input) in inputs.iter_mut().enumerate() {
+            match result.value(i) {
+                None => nulls[i] = true,
+                Some(bytes) => {
+                    nulls[i] = false;
+                    values[i] = if binary {
+                        let mut buffer = pg_sys::StringInfoData {
+                            data: bytes.as_ptr() as *mut std::ffi::c_char,
+                            len: bytes.len() as i32,
+                            maxlen: bytes.len() as i32 + 1,
+                            cursor: 0,
+                        };
+                        pg_sys::ReceiveFunctionCall(&mut input.flinfo, &mut buffer, input.ioparam, input.typmod)
+                    } else {
+                        pg_sys::InputFunctionCall(&mut input.flinfo, bytes.as_ptr() as *mut std::ffi::c_char, input.ioparam, input.typmod)
+                    };
+                }
+            }
+        }
+        pg_sys::MemoryContextSwitchTo(previous);
+        pg_sys::tuplestore_putvalues(store, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        Ok(())
+    })?;
+    if runtime.plan.modify {
+        (*(*node).ss.ps.state).es_processed += affected;
+    }
+    runtime.filled = true;
+    Ok(())
+}
+
+extern "C-unwind" {
+    /// ExecScan over `pg_sharding_shard_scan_next`, in C (src/hooks_c/hooks.c) so that an
+    /// ERROR from a task reaches PostgreSQL once, with its detail and context intact.
+    fn pg_sharding_shard_scan_exec(node: *mut pg_sys::CustomScanState) -> *mut pg_sys::TupleTableSlot;
+}
+
+/// The next row of the scan (filling it from the tasks on the first call); an empty slot at
+/// the end. Called by ExecScan, which applies the scan's quals and projection.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn pg_sharding_shard_scan_next(scan_state: *mut pg_sys::ScanState) -> *mut pg_sys::TupleTableSlot {
+    let state = scan_state as *mut ShardScanState;
+    let runtime = &mut *(*state).runtime;
+    if !runtime.filled {
+        fill(scan_state.cast(), runtime).or_raise();
+    }
+    let slot = (*scan_state).ss_ScanTupleSlot;
+    let forward = (*(*scan_state).ps.state).es_direction != pg_sys::ScanDirection::BackwardScanDirection;
+    if pg_sys::tuplestore_gettupleslot(runtime.store, forward, false, runtime.store_slot) {
+        pg_sys::ExecCopySlot(slot, runtime.store_slot)
+    } else {
+        pg_sys::ExecClearTuple(slot)
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
+    let state = node as *mut ShardScanState;
+    if !(*state).runtime.is_null() {
+        let runtime = &mut *(*state).runtime;
+        pg_sys::tuplestore_end(runtime.store);
+        pg_sys::ExecDropSingleTupleTableSlot(runtime.store_slot);
+        pg_sys::MemoryContextDelete(runtime.row_context);
+        drop(Box::from_raw((*state).runtime));
+        (*state).runtime = std::ptr::null_mut();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
+    let state = node as *mut ShardScanState;
+    if !(*state).runtime.is_null() && (*(*state).runtime).filled {
+        pg_sys::tuplestore_rescan((*(*state).runtime).store);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancestors: *mut pg_sys::List, es: *mut pg_sys::ExplainState) {
+    let state = node as *mut ShardScanState;
+    if (*state).runtime.is_null() {
+        return;
+    }
+    let runtime = &*(*state).runtime;
+    let count = runtime.tasks.len();
+    pg_sys::ExplainPropertyInteger(c"Task Count".as_ptr(), std::ptr::null(), count as i64, es);
+    let all = crate::guc::EXPLAIN_ALL_TASKS.get();
+    let shown = if all { count } else { count.min(1) };
+    let label = if all { "All".to_string() } else { format!("One of {count}") };
+    let label = CString::new(label).unwrap_or_default();
+    pg_sys::ExplainPropertyText(c"Tasks Shown".as_ptr(), label.as_ptr(), es);
+    let mut shards: Vec<String> = runtime.task_shards.iter().map(|s| s.to_string()).collect();
+    shards.dedup();
+    let shards = CString::new(shards.join(", ")).unwrap_or_default();
+    pg_sys::ExplainPropertyText(c"Shards".as_ptr(), shards.as_ptr(), es);
+    let mut nodes: Vec<String> = runtime.tasks.iter().map(|t| format!("{}:{}", t.node.host, t.node.port)).collect();
+    nodes.sort();
+    nodes.dedup();
+    let nodes = CString::new(nodes.join(", ")).unwrap_or_default();
+    pg_sys::ExplainPropertyText(c"Nodes".as_ptr(), nodes.as_ptr(), es);
+    for task in runtime.tasks.iter().take(shown) {
+        let node = CString::new(format!("{}:{}", task.node.host, task.node.port)).unwrap_or_default();
+        pg_sys::ExplainPropertyText(c"Task Node".as_ptr(), node.as_ptr(), es);
+        pg_sys::ExplainPropertyText(c"Remote SQL".as_ptr(), task.sql.as_ptr(), es);
+    }
+}

@@ -1,0 +1,85 @@
+//! Running tasks (one statement per shard or shard group) on the workers at the same time.
+//!
+//! Each node's tasks go over that node's connection of the distributed transaction (so a
+//! transaction reads its own writes), one after another; different nodes work in parallel,
+//! multiplexed in one wait loop over non-blocking libpq. Rows are handed to the caller as they
+//! arrive.
+
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::rc::Rc;
+
+use crate::catalog::nodes::Node;
+use crate::connection::{wait_any_readable, Poll, RemoteConnection, RemoteResult, ResultKind, TaskParam};
+use crate::error::Result;
+use crate::transaction::remote;
+
+pub struct Task {
+    pub node: Node,
+    pub sql: CString,
+}
+
+struct NodeQueue<'a> {
+    node: &'a Node,
+    connection: Rc<RemoteConnection>,
+    waiting: VecDeque<&'a Task>,
+    running: bool,
+}
+
+/// Runs every task; `on_row` gets each row (a single-row result). Returns the sum of the
+/// affected-row counts of the tasks' command tags. The first error (from a node or from
+/// `on_row`) ends the run; the transaction's abort then cancels what still runs.
+pub fn run(tasks: &[Task], params: &[TaskParam], binary: bool, mut on_row: impl FnMut(&RemoteResult) -> Result<()>) -> Result<u64> {
+    let mut queues: Vec<NodeQueue<'_>> = Vec::new();
+    for task in tasks {
+        match queues.iter_mut().find(|q| q.node.node_id == task.node.node_id) {
+            Some(queue) => queue.waiting.push_back(task),
+            None => queues.push(NodeQueue {
+                node: &task.node,
+                connection: remote::in_transaction(&task.node)?,
+                waiting: VecDeque::from([task]),
+                running: false,
+            }),
+        }
+    }
+    let mut affected = 0u64;
+    loop {
+        let mut progress = false;
+        for queue in queues.iter_mut() {
+            if !queue.running {
+                if let Some(task) = queue.waiting.pop_front() {
+                    queue.connection.send_task(&task.sql, params, binary).map_err(|e| remote::remote_error(queue.node, e))?;
+                    queue.running = true;
+                    progress = true;
+                }
+                continue;
+            }
+            loop {
+                match queue.connection.poll().map_err(|e| remote::remote_error(queue.node, e))? {
+                    Poll::Busy => break,
+                    Poll::Ready(None) => {
+                        queue.running = false;
+                        progress = true;
+                        break;
+                    }
+                    Poll::Ready(Some(result)) => {
+                        progress = true;
+                        match result.kind() {
+                            ResultKind::Row => on_row(&result)?,
+                            ResultKind::EndOfRows => {}
+                            ResultKind::Command { affected: n } => affected += n,
+                            ResultKind::Error(error) => return Err(remote::remote_error(queue.node, error)),
+                        }
+                    }
+                }
+            }
+        }
+        if queues.iter().all(|q| !q.running && q.waiting.is_empty()) {
+            return Ok(affected);
+        }
+        if !progress {
+            let busy: Vec<&RemoteConnection> = queues.iter().filter(|q| q.running).map(|q| &*q.connection).collect();
+            wait_any_readable(&busy).map_err(|e| remote::remote_error(queues[0].node, e))?;
+        }
+    }
+}

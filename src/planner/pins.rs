@@ -1,0 +1,102 @@
+//! Facts for shard pruning read from predicates: `distribution column = value` (a constant or
+//! a parameter, also `= ANY(array)`) and `column = column` between distribution columns.
+//!
+//! Only equality operators (those estimated with eqsel) between types whose equal values hash
+//! equally count, and only under deterministic collations: anything else prunes nothing, which
+//! is always correct.
+
+use pgrx::pg_sys;
+
+use crate::catalog::tables::DistributedTable;
+use crate::routing::DistKind;
+
+pub unsafe fn strip_relabel(mut node: *mut pg_sys::Node) -> *mut pg_sys::Node {
+    while !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_RelabelType {
+        node = (*node.cast::<pg_sys::RelabelType>()).arg.cast();
+    }
+    node
+}
+
+/// The two sides of `a = b`, when `node` is an equality.
+pub unsafe fn equality_sides(node: *mut pg_sys::Node) -> Option<(*mut pg_sys::Node, *mut pg_sys::Node)> {
+    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_OpExpr {
+        return None;
+    }
+    let op = node.cast::<pg_sys::OpExpr>();
+    if (*(*op).args).length != 2 || !is_equality((*op).opno, (*op).inputcollid) {
+        return None;
+    }
+    let args = crate::commands::utility::list_pointers::<pg_sys::Node>((*op).args);
+    Some((strip_relabel(args[0]), strip_relabel(args[1])))
+}
+
+unsafe fn is_equality(opno: pg_sys::Oid, collation: pg_sys::Oid) -> bool {
+    pg_sys::get_oprrest(opno) == pg_sys::Oid::from(pg_sys::F_EQSEL)
+        && (collation == pg_sys::InvalidOid || pg_sys::get_collation_isdeterministic(collation))
+}
+
+/// Whether values of `value_type` compared equal to a distribution column of `table` hash to
+/// the column's shard.
+pub fn hashes_like(table: &DistributedTable, value_type: pg_sys::Oid) -> bool {
+    let (Some(column), Some(value)) = (table.distribution_kind, DistKind::of_type(value_type)) else {
+        return false;
+    };
+    // timestamp = timestamptz compares after a time zone conversion: only equal types.
+    column.family() == value.family() && (column != DistKind::Timestamp || table.distribution_type == value_type)
+}
+
+/// A value a pin may use: a non-NULL constant or an external parameter.
+pub unsafe fn is_pin_value(node: *mut pg_sys::Node) -> bool {
+    match (*node).type_ {
+        pg_sys::NodeTag::T_Const => !(*node.cast::<pg_sys::Const>()).constisnull,
+        pg_sys::NodeTag::T_Param => (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_EXTERN,
+        _ => false,
+    }
+}
+
+/// For a scan of `table` as range table entry `varno`: each clause that pins the distribution
+/// column gives a disjunction of values (expression, is-array).
+pub unsafe fn scan_pins(
+    table: &DistributedTable,
+    varno: i32,
+    clauses: &[*mut pg_sys::Node],
+) -> Vec<Vec<(*mut pg_sys::Node, bool)>> {
+    let Some(attno) = table.distribution_attnum else { return Vec::new() };
+    let is_column = |node: *mut pg_sys::Node| -> bool {
+        !node.is_null()
+            && (*node).type_ == pg_sys::NodeTag::T_Var
+            && (*node.cast::<pg_sys::Var>()).varno == varno
+            && (*node.cast::<pg_sys::Var>()).varattno == attno
+            && (*node.cast::<pg_sys::Var>()).varlevelsup == 0
+    };
+    let mut pins = Vec::new();
+    for &clause in clauses {
+        if let Some((left, right)) = equality_sides(clause) {
+            for (column, value) in [(left, right), (right, left)] {
+                if is_column(column) && is_pin_value(value) && hashes_like(table, pg_sys::exprType(value)) {
+                    pins.push(vec![(value, false)]);
+                    break;
+                }
+            }
+            continue;
+        }
+        if (*clause).type_ == pg_sys::NodeTag::T_ScalarArrayOpExpr {
+            let saop = clause.cast::<pg_sys::ScalarArrayOpExpr>();
+            if !(*saop).useOr || !is_equality((*saop).opno, (*saop).inputcollid) {
+                continue;
+            }
+            let args = crate::commands::utility::list_pointers::<pg_sys::Node>((*saop).args);
+            if args.len() != 2 || !is_column(strip_relabel(args[0])) {
+                continue;
+            }
+            let array = strip_relabel(args[1]);
+            if is_pin_value(array) {
+                let element = pg_sys::get_element_type(pg_sys::exprType(array));
+                if element != pg_sys::InvalidOid && hashes_like(table, element) {
+                    pins.push(vec![(array, true)]);
+                }
+            }
+        }
+    }
+    pins
+}

@@ -1,0 +1,379 @@
+//! Statements sent whole to the shards: SELECTs pinned to one shard group (router queries),
+//! and UPDATE/DELETE of a distributed table (one shard when pinned, every shard otherwise).
+//!
+//! The analysis walks every query level of the statement (subqueries, CTEs, sublinks) and
+//! records the tables it reads and the equalities its predicates guarantee (pins.rs,
+//! sharding_core::pinning). A statement qualifies when every distributed table in it lies in
+//! one equivalence class of distribution columns that holds a value: every row any part of the
+//! statement can see then lives in that value's shard group, so running the whole statement
+//! there gives exactly the single-server answer.
+
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use sharding_core::pinning::Pinning;
+
+use crate::catalog::{cache, tables::DistributedTable, tables::Method};
+use crate::commands::utility::list_pointers;
+use crate::deparse::query::deparse_query;
+use crate::error::{Result, ShardingError};
+use crate::executor::remote_scan::{make_scan, ShardScanPlan};
+use crate::planner::pins::{equality_sides, hashes_like, is_pin_value, strip_relabel};
+use crate::planner::scan_path::collect_params;
+use crate::planner::shippable;
+
+/// A distribution column occurrence: (query level id, range table index, attribute number).
+type Key = (usize, u32, i16);
+
+#[derive(Default)]
+struct Analysis {
+    pinning: Pinning<Key, usize>,
+    values: Vec<*mut pg_sys::Node>,
+    dist_keys: Vec<Key>,
+    tables: Vec<Rc<DistributedTable>>,
+    /// Some relation is neither distributed nor a reference table: it lives only here.
+    local: bool,
+    next_level: usize,
+    /// Query levels being analysed, innermost last: (level id, query).
+    stack: Vec<(usize, *mut pg_sys::Query)>,
+    failure: Option<ShardingError>,
+}
+
+impl Analysis {
+    unsafe fn query(&mut self, query: *mut pg_sys::Query) -> Result<()> {
+        let level = self.next_level;
+        self.next_level += 1;
+        self.stack.push((level, query));
+        for (i, rte) in list_pointers::<pg_sys::RangeTblEntry>((*query).rtable).into_iter().enumerate() {
+            match (*rte).rtekind {
+                pg_sys::RTEKind::RTE_RELATION => {
+                    if (*rte).relkind == pg_sys::RELKIND_VIEW as std::ffi::c_char {
+                        continue; // kept for permission checks only; its query is expanded
+                    }
+                    match cache::table_unless_reentrant((*rte).relid)? {
+                        Some(table) if table.method == Method::Hash => {
+                            let attno = table.distribution_attnum.unwrap_or(0);
+                            self.dist_keys.push((level, (i + 1) as u32, attno));
+                            if !self.tables.iter().any(|t| t.relid == table.relid) {
+                                self.tables.push(table);
+                            }
+                        }
+                        Some(_) => {}
+                        None => self.local = true,
+                    }
+                }
+                pg_sys::RTEKind::RTE_SUBQUERY => self.query((*rte).subquery)?,
+                _ => {}
+            }
+        }
+        for cte in list_pointers::<pg_sys::CommonTableExpr>((*query).cteList) {
+            self.query((*cte).ctequery.cast())?;
+        }
+        // Sublinks anywhere in this level's expressions.
+        #[pgrx::pg_guard]
+        unsafe extern "C-unwind" fn sublinks(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+            if node.is_null() {
+                return false;
+            }
+            let analysis = &mut *(context as *mut Analysis);
+            if (*node).type_ == pg_sys::NodeTag::T_SubLink {
+                let sublink = node.cast::<pg_sys::SubLink>();
+                if let Err(error) = analysis.query((*sublink).subselect.cast()) {
+                    analysis.failure = Some(error);
+                    return true;
+                }
+                return sublinks((*sublink).testexpr, context);
+            }
+            if (*node).type_ == pg_sys::NodeTag::T_Query {
+                return false;
+            }
+            pg_sys::expression_tree_walker(node, Some(sublinks), context)
+        }
+        let flags = (pg_sys::QTW_IGNORE_RT_SUBQUERIES | pg_sys::QTW_IGNORE_CTE_SUBQUERIES) as i32;
+        pg_sys::query_tree_walker(query, Some(sublinks), (self as *mut Analysis).cast(), flags);
+        if let Some(error) = self.failure.take() {
+            return Err(error);
+        }
+        self.predicates((*query).jointree.cast(), true);
+        self.stack.pop();
+        Ok(())
+    }
+
+    /// Records the facts of a join tree's conditions. `top`: the rows of this subtree reach
+    /// the level's output unchanged (only inner joins above), so value pins hold for them.
+    unsafe fn predicates(&mut self, node: *mut pg_sys::Node, top: bool) {
+        if node.is_null() {
+            return;
+        }
+        match (*node).type_ {
+            pg_sys::NodeTag::T_FromExpr => {
+                let from = node.cast::<pg_sys::FromExpr>();
+                self.conjuncts((*from).quals, top);
+                for item in list_pointers::<pg_sys::Node>((*from).fromlist) {
+                    self.predicates(item, top);
+                }
+            }
+            pg_sys::NodeTag::T_JoinExpr => {
+                let join = node.cast::<pg_sys::JoinExpr>();
+                use pg_sys::JoinType::*;
+                let inner = (*join).jointype == JOIN_INNER;
+                self.conjuncts((*join).quals, top && inner);
+                let (left_top, right_top) = match (*join).jointype {
+                    JOIN_INNER => (top, top),
+                    JOIN_LEFT => (top, false),
+                    JOIN_RIGHT => (false, top),
+                    _ => (false, false),
+                };
+                self.predicates((*join).larg, left_top);
+                self.predicates((*join).rarg, right_top);
+            }
+            _ => {}
+        }
+    }
+
+    unsafe fn conjuncts(&mut self, node: *mut pg_sys::Node, pins_hold: bool) {
+        if node.is_null() {
+            return;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_BoolExpr
+            && (*node.cast::<pg_sys::BoolExpr>()).boolop == pg_sys::BoolExprType::AND_EXPR
+        {
+            for arg in list_pointers::<pg_sys::Node>((*node.cast::<pg_sys::BoolExpr>()).args) {
+                self.conjuncts(arg, pins_hold);
+            }
+            return;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_List {
+            for arg in list_pointers::<pg_sys::Node>(node.cast()) {
+                self.conjuncts(arg, pins_hold);
+            }
+            return;
+        }
+        let Some((left, right)) = equality_sides(node) else { return };
+        match (self.key_of(left), self.key_of(right)) {
+            (Some((a, _)), Some((b, _))) => self.pinning.equal(&a, &b),
+            (Some((key, table)), None) | (None, Some((key, table))) if pins_hold => {
+                let value = if self.key_of(left).is_some() { right } else { left };
+                if is_pin_value(value) && hashes_like(&table, pg_sys::exprType(value)) {
+                    self.values.push(value);
+                    self.pinning.pin(&key, self.values.len() - 1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The distribution column a Var stands for (following join aliases), with its table.
+    unsafe fn key_of(&self, node: *mut pg_sys::Node) -> Option<(Key, Rc<DistributedTable>)> {
+        let node = strip_relabel(node);
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_Var {
+            return None;
+        }
+        let var = node.cast::<pg_sys::Var>();
+        let depth = (*var).varlevelsup as usize;
+        if depth >= self.stack.len() || (*var).varattno <= 0 {
+            return None;
+        }
+        let (level, query) = self.stack[self.stack.len() - 1 - depth];
+        let rtes = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable);
+        let rte = *rtes.get((*var).varno as usize - 1)?;
+        match (*rte).rtekind {
+            pg_sys::RTEKind::RTE_RELATION => {
+                let table = cache::table_unless_reentrant((*rte).relid).ok()??;
+                (table.method == Method::Hash && table.distribution_attnum == Some((*var).varattno))
+                    .then(|| ((level, (*var).varno as u32, (*var).varattno), table))
+            }
+            pg_sys::RTEKind::RTE_JOIN => {
+                let aliases = list_pointers::<pg_sys::Node>((*rte).joinaliasvars);
+                let target = strip_relabel(*aliases.get((*var).varattno as usize - 1)?);
+                if target.is_null() || (*target).type_ != pg_sys::NodeTag::T_Var {
+                    return None;
+                }
+                // Join alias Vars are of the same level as the join.
+                let mut inner = *target.cast::<pg_sys::Var>();
+                inner.varlevelsup = (*var).varlevelsup;
+                self.key_of((&mut inner as *mut pg_sys::Var).cast())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Output columns of a statement: the non-junk entries of `list`.
+unsafe fn output_columns(list: *mut pg_sys::List) -> Vec<*mut pg_sys::TargetEntry> {
+    list_pointers::<pg_sys::TargetEntry>(list).into_iter().filter(|e| !(**e).resjunk).collect()
+}
+
+/// Whether values of this type can come back from a worker (as text or binary).
+unsafe fn receivable(type_oid: pg_sys::Oid) -> bool {
+    type_oid != pg_sys::RECORDOID && pg_sys::get_typtype(type_oid) != pg_sys::TYPTYPE_PSEUDO as std::ffi::c_char
+}
+
+fn unsupported(message: impl Into<String>) -> ShardingError {
+    ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, message)
+}
+
+/// A plan for `parse` sent whole to the shards, `None` when PostgreSQL's planner (with
+/// ShardScans for the distributed tables) should plan it.
+pub unsafe fn plan_statement(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::PlannedStmt>> {
+    use pg_sys::CmdType::*;
+    let command = (*parse).commandType;
+    if !matches!(command, CMD_SELECT | CMD_UPDATE | CMD_DELETE) || !(*parse).utilityStmt.is_null() {
+        return Ok(None);
+    }
+    let mut analysis = Analysis::default();
+    analysis.query(parse)?;
+    if analysis.tables.is_empty() {
+        return Ok(None);
+    }
+    let modify = command != CMD_SELECT;
+    let target: Option<Rc<DistributedTable>> = if modify {
+        let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+        let rte = rtes[(*parse).resultRelation as usize - 1];
+        match cache::table_unless_reentrant((*rte).relid)? {
+            Some(table) if table.method == Method::Hash => Some(table),
+            Some(table) => {
+                return Err(unsupported(format!(
+                    "UPDATE and DELETE on reference table \"{}\" are not supported yet",
+                    table.name
+                )))
+            }
+            None => return Ok(None), // a local table: PostgreSQL's plan, reading through ShardScans
+        }
+    } else {
+        None
+    };
+
+    let colocated = analysis.tables.iter().all(|t| t.colocation_id.is_some() && t.colocation_id == analysis.tables[0].colocation_id);
+    let keys = analysis.dist_keys.clone();
+    let pinned = if colocated && !analysis.local { analysis.pinning.single_group(&keys) } else { None };
+    let statement_ships = shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true });
+    let outputs = output_columns(if modify { (*parse).returningList } else { (*parse).targetList });
+    let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));
+
+    if !modify {
+        if pinned.is_none() || !statement_ships || !outputs_receivable || (*parse).hasModifyingCTE {
+            return Ok(None);
+        }
+    } else {
+        let table = target.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        if analysis.local {
+            return Err(unsupported(format!(
+                "UPDATE or DELETE of distributed table \"{table}\" reading tables that are neither distributed nor reference tables is not supported"
+            )));
+        }
+        if pinned.is_none() && keys.len() > 1 {
+            return Err(unsupported(format!(
+                "UPDATE or DELETE of distributed table \"{table}\" reading other distributed tables needs every table filtered to one shard group"
+            ))
+            .hint("Join the tables on their distribution columns and filter one of them with a single value."));
+        }
+        if !statement_ships {
+            return Err(unsupported(format!(
+                "UPDATE or DELETE of distributed table \"{table}\" with functions that are not immutable or not built in is not supported yet"
+            ))
+            .detail("now(), random(), nextval() and user-defined functions would be evaluated on the workers."));
+        }
+        if !outputs_receivable {
+            return Err(unsupported("RETURNING of anonymous records from a distributed table is not supported"));
+        }
+        if (*parse).hasModifyingCTE {
+            return Err(unsupported("data-modifying WITH queries on distributed tables are not supported yet"));
+        }
+        if let Some(table) = &target {
+            let attno = table.distribution_attnum.unwrap_or(0);
+            if command == CMD_UPDATE && list_pointers::<pg_sys::TargetEntry>((*parse).targetList).iter().any(|e| (**e).resno == attno && !(**e).resjunk) {
+                return Err(unsupported(format!(
+                    "cannot change the distribution column \"{}\" of \"{}\"",
+                    table.distribution_column.clone().unwrap_or_default(),
+                    table.name
+                ))
+                .detail("The row would have to move to another shard.")
+                .hint("DELETE the row and INSERT it with the new value."));
+            }
+        }
+    }
+
+    let deparsed = deparse_query(parse)?;
+    let anchor = target.clone().unwrap_or_else(|| analysis.tables[0].clone());
+    let mut plan = ShardScanPlan::from_deparsed(&deparsed, anchor.relid);
+    let mut exprs = Vec::new();
+    if let Some(values) = &pinned {
+        // Any one value names the group (several must all be equal for a row to exist).
+        exprs.push(pg_sys::copyObjectImpl(analysis.values[values[0]].cast()).cast::<pg_sys::Node>());
+        plan.prune = vec![vec![(0, false)]];
+    }
+    let mut params_used = Vec::new();
+    collect_params(parse.cast(), &mut params_used);
+    plan.max_param = params_used.iter().copied().max().unwrap_or(0);
+    plan.params_used = params_used;
+    plan.binary = outputs.iter().all(|e| pg_sys::exprType((**e).expr.cast()).to_u32() < pg_sys::FirstNormalObjectId);
+    plan.modify = modify;
+    plan.at_least_one = !modify;
+    Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
+}
+
+/// The PlannedStmt around a ShardScan that returns `outputs`.
+unsafe fn planned_statement(
+    parse: *mut pg_sys::Query,
+    plan: &ShardScanPlan,
+    exprs: Vec<*mut pg_sys::Node>,
+    outputs: &[*mut pg_sys::TargetEntry],
+) -> Result<*mut pg_sys::PlannedStmt> {
+    // Range table: every relation of the statement, so permissions are checked and cached
+    // plans are locked and invalidated as for PostgreSQL's own plans; then one entry naming
+    // the scan's output columns.
+    let mut rtable: *mut pg_sys::List = std::ptr::null_mut();
+    let mut relation_oids: *mut pg_sys::List = std::ptr::null_mut();
+    crate::deparse::query::for_each_rte(parse, &mut |rte| {
+        if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
+            let copy: *mut pg_sys::RangeTblEntry = pg_sys::copyObjectImpl(rte.cast()).cast();
+            rtable = pg_sys::lappend(rtable, copy.cast());
+            relation_oids = pg_sys::lappend_oid(relation_oids, (*rte).relid);
+        }
+    });
+    let mut colnames: *mut pg_sys::List = std::ptr::null_mut();
+    for &entry in outputs {
+        let name = if (*entry).resname.is_null() { c"?column?".as_ptr() } else { (*entry).resname.cast_const() };
+        colnames = pg_sys::lappend(colnames, pg_sys::makeString(pg_sys::pstrdup(name)).cast());
+    }
+    let dummy: *mut pg_sys::RangeTblEntry = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast();
+    (*dummy).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+    (*dummy).rtekind = pg_sys::RTEKind::RTE_FUNCTION;
+    (*dummy).eref = pg_sys::makeAlias(c"shard_scan".as_ptr(), colnames);
+    (*dummy).inFromCl = true;
+    rtable = pg_sys::lappend(rtable, dummy.cast());
+    let dummy_index = (*rtable).length;
+
+    let mut scan_tlist: *mut pg_sys::List = std::ptr::null_mut();
+    let mut tlist: *mut pg_sys::List = std::ptr::null_mut();
+    for (i, &entry) in outputs.iter().enumerate() {
+        let expr = (*entry).expr.cast::<pg_sys::Node>();
+        let (typ, typmod, collation) = (pg_sys::exprType(expr), pg_sys::exprTypmod(expr), pg_sys::exprCollation(expr));
+        let resno = (i + 1) as i16;
+        let name = if (*entry).resname.is_null() { std::ptr::null_mut() } else { pg_sys::pstrdup((*entry).resname) };
+        let scan_var = pg_sys::makeVar(dummy_index, resno, typ, typmod, collation, 0);
+        scan_tlist = pg_sys::lappend(scan_tlist, pg_sys::makeTargetEntry(scan_var.cast(), resno, name, false).cast());
+        let out_var = pg_sys::makeVar(pg_sys::INDEX_VAR, resno, typ, typmod, collation, 0);
+        tlist = pg_sys::lappend(tlist, pg_sys::makeTargetEntry(out_var.cast(), resno, name, false).cast());
+    }
+    let scan = make_scan(plan, exprs, 0, tlist, scan_tlist, std::ptr::null_mut())?;
+    (*scan).scan.plan.startup_cost = 100.0;
+    (*scan).scan.plan.total_cost = 100.0;
+    (*scan).scan.plan.plan_rows = 1.0;
+    (*scan).scan.plan.plan_width = 32;
+
+    let stmt: *mut pg_sys::PlannedStmt = pg_sys::palloc0(std::mem::size_of::<pg_sys::PlannedStmt>()).cast();
+    (*stmt).type_ = pg_sys::NodeTag::T_PlannedStmt;
+    (*stmt).commandType = (*parse).commandType;
+    (*stmt).queryId = (*parse).queryId;
+    (*stmt).hasReturning = !(*parse).returningList.is_null();
+    (*stmt).canSetTag = (*parse).canSetTag;
+    (*stmt).planTree = scan.cast();
+    (*stmt).rtable = rtable;
+    (*stmt).relationOids = relation_oids;
+    (*stmt).stmt_location = (*parse).stmt_location;
+    (*stmt).stmt_len = (*parse).stmt_len;
+    Ok(stmt)
+}

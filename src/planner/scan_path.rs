@@ -1,0 +1,226 @@
+//! Scans of distributed tables inside plans PostgreSQL's planner makes.
+//!
+//! When a statement cannot be sent whole to the shards, the planner plans it as usual and this
+//! hook replaces every scan of a distributed table by a ShardScan: the shards filter (with the
+//! clauses that mean the same there, see shippable.rs) and project the rows, pruned to the
+//! shards the clauses allow, and the coordinator's executor does the rest (joins with anything,
+//! aggregates, window functions, sorting) exactly as on a single server.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::catalog::{cache, tables::Method};
+use crate::commands::utility::list_pointers;
+use crate::deparse::query::deparse_scan;
+use crate::error::{OrRaise, Result, ShardingError};
+use crate::executor::remote_scan::{make_scan, ShardScanPlan};
+use crate::planner::{pins, shippable};
+
+static mut PREVIOUS_HOOK: pg_sys::set_rel_pathlist_hook_type = None;
+
+static PATH_NAME: &CStr = c"ShardScan";
+
+static mut PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMethods {
+    CustomName: PATH_NAME.as_ptr(),
+    PlanCustomPath: Some(plan_path),
+    ReparameterizeCustomPathByChild: None,
+};
+
+pub fn install() {
+    // SAFETY: called once from _PG_init while preloading.
+    unsafe {
+        PREVIOUS_HOOK = pg_sys::set_rel_pathlist_hook;
+        pg_sys::set_rel_pathlist_hook = Some(set_rel_pathlist);
+    }
+}
+
+extern "C-unwind" {
+    fn ChangeVarNodes(node: *mut pg_sys::Node, rt_index: i32, new_index: i32, sublevels_up: i32);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn set_rel_pathlist(
+    root: *mut pg_sys::PlannerInfo,
+    rel: *mut pg_sys::RelOptInfo,
+    rti: pg_sys::Index,
+    rte: *mut pg_sys::RangeTblEntry,
+) {
+    if let Some(previous) = PREVIOUS_HOOK {
+        previous(root, rel, rti, rte);
+    }
+    if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
+        || (*rel).reloptkind != pg_sys::RelOptKind::RELOPT_BASEREL
+        || !cache::extension_active()
+    {
+        return;
+    }
+    let Some(table) = cache::table_unless_reentrant((*rte).relid).or_raise() else { return };
+    if table.method != Method::Hash {
+        return;
+    }
+    for mark in list_pointers::<pg_sys::PlanRowMark>((*root).rowMarks) {
+        if (*mark).rti == rti {
+            ShardingError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("row locks on distributed table \"{}\" are supported only when the statement targets one shard", table.name),
+            )
+            .detail("This covers SELECT ... FOR UPDATE/SHARE and UPDATE/DELETE of other tables reading it.")
+            .hint(format!("Filter on the distribution column \"{}\" with one value.", table.distribution_column.clone().unwrap_or_default()))
+            .raise();
+        }
+    }
+    let path: *mut pg_sys::CustomPath = pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomPath>()).cast();
+    (*path).path.type_ = pg_sys::NodeTag::T_CustomPath;
+    (*path).path.pathtype = pg_sys::NodeTag::T_CustomScan;
+    (*path).path.parent = rel;
+    (*path).path.pathtarget = (*rel).reltarget;
+    (*path).path.rows = (*rel).rows;
+    // Shards work in parallel: a scan costs about what one shard's part costs, plus a round
+    // trip; the figures only steer join order and methods.
+    let shards = table.shards.len().max(1) as f64;
+    (*path).path.startup_cost = 100.0;
+    (*path).path.total_cost = 100.0 + (*rel).rows * (*std::ptr::addr_of!(pg_sys::cpu_tuple_cost)) * (1.0 + 2.0 / shards);
+    (*path).flags = pg_sys::CUSTOMPATH_SUPPORT_BACKWARD_SCAN;
+    (*path).methods = std::ptr::addr_of!(PATH_METHODS);
+    // The coordinator's own (empty) table must never be scanned, nor in parallel workers.
+    (*rel).pathlist = std::ptr::null_mut();
+    (*rel).partial_pathlist = std::ptr::null_mut();
+    (*rel).consider_parallel = false;
+    pg_sys::add_path(rel, path.cast());
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn plan_path(
+    root: *mut pg_sys::PlannerInfo,
+    rel: *mut pg_sys::RelOptInfo,
+    _best_path: *mut pg_sys::CustomPath,
+    tlist: *mut pg_sys::List,
+    clauses: *mut pg_sys::List,
+    _custom_plans: *mut pg_sys::List,
+) -> *mut pg_sys::Plan {
+    build_scan(root, rel, tlist, clauses).or_raise().cast()
+}
+
+unsafe fn build_scan(
+    root: *mut pg_sys::PlannerInfo,
+    rel: *mut pg_sys::RelOptInfo,
+    tlist: *mut pg_sys::List,
+    clauses: *mut pg_sys::List,
+) -> Result<*mut pg_sys::CustomScan> {
+    let rti = (*rel).relid;
+    let rte_relid = (**(*root).simple_rte_array.add(rti as usize)).relid;
+    let table = cache::table(rte_relid)?.ok_or_else(|| ShardingError::internal("ShardScan of a table that is not distributed"))?;
+
+    let mut remote: Vec<*mut pg_sys::Node> = Vec::new();
+    let mut local: *mut pg_sys::List = std::ptr::null_mut();
+    for info in list_pointers::<pg_sys::RestrictInfo>(clauses) {
+        if (*info).pseudoconstant {
+            continue;
+        }
+        let clause = (*info).clause.cast::<pg_sys::Node>();
+        if shippable::shippable(clause, shippable::Rules { whole_statement: false }) {
+            remote.push(clause);
+        } else {
+            local = pg_sys::lappend(local, clause.cast());
+        }
+    }
+
+    // Columns the coordinator needs: those of the output and of the clauses kept here.
+    let mut attrs: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+    pg_sys::pull_varattnos((*(*rel).reltarget).exprs.cast(), rti, &mut attrs);
+    pg_sys::pull_varattnos(local.cast(), rti, &mut attrs);
+    let offset = pg_sys::FirstLowInvalidHeapAttributeNumber;
+    let mut attnos: Vec<i16> = Vec::new();
+    let mut member = -1;
+    loop {
+        member = pg_sys::bms_next_member(attrs, member);
+        if member < 0 {
+            break;
+        }
+        let attno = (member + offset) as i16;
+        if attno <= 0 {
+            let what = if attno == 0 { "whole-row references to" } else { "system columns of" };
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("{what} distributed table \"{}\" are not supported in this query", table.name),
+            )
+            .hint("Name the columns instead, or filter on the distribution column with one value."));
+        }
+        attnos.push(attno);
+    }
+
+    if attnos.is_empty() {
+        // Only the row count matters (count(*)): fetch the narrowest thing every row has.
+        attnos.push(table.distribution_attnum.unwrap_or(1));
+    }
+    let relation = pg_sys::RelationIdGetRelation(rte_relid);
+    if relation.is_null() {
+        return Err(ShardingError::internal("could not open a distributed table"));
+    }
+    let tupdesc = (*relation).rd_att;
+    let mut names = Vec::new();
+    let mut scan_tlist: *mut pg_sys::List = std::ptr::null_mut();
+    let mut binary = true;
+    for (i, &attno) in attnos.iter().enumerate() {
+        let attr = (*tupdesc).attrs.as_ptr().add(attno as usize - 1);
+        names.push(CStr::from_ptr((*attr).attname.data.as_ptr()).to_string_lossy().into_owned());
+        binary &= (*attr).atttypid.to_u32() < pg_sys::FirstNormalObjectId;
+        let var = pg_sys::makeVar(rti as i32, attno, (*attr).atttypid, (*attr).atttypmod, (*attr).attcollation, 0);
+        let entry = pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, std::ptr::null_mut(), false);
+        scan_tlist = pg_sys::lappend(scan_tlist, entry.cast());
+    }
+    pg_sys::RelationClose(relation);
+
+    let pins = pins::scan_pins(&table, rti as i32, &remote);
+    let mut exprs = Vec::new();
+    let mut prune = Vec::new();
+    for disjunction in pins {
+        let mut indexes = Vec::new();
+        for (value, is_array) in disjunction {
+            indexes.push((exprs.len(), is_array));
+            exprs.push(pg_sys::copyObjectImpl(value.cast()).cast::<pg_sys::Node>());
+        }
+        prune.push(indexes);
+    }
+
+    let mut renumbered = Vec::new();
+    let mut params_used = Vec::new();
+    for &clause in &remote {
+        let copy: *mut pg_sys::Node = pg_sys::copyObjectImpl(clause.cast()).cast();
+        ChangeVarNodes(copy, rti as i32, 1, 0);
+        collect_params(copy, &mut params_used);
+        renumbered.push(copy);
+    }
+    let deparsed = deparse_scan(rte_relid, &names, &renumbered)?;
+    let mut plan = ShardScanPlan::from_deparsed(&deparsed, rte_relid);
+    plan.prune = prune;
+    plan.binary = binary;
+    plan.max_param = params_used.iter().copied().max().unwrap_or(0);
+    plan.params_used = params_used;
+    make_scan(&plan, exprs, rti, tlist, scan_tlist, local)
+}
+
+/// Ids of the external parameters (`$n`) in `node`.
+pub unsafe fn collect_params(node: *mut pg_sys::Node, ids: &mut Vec<i32>) {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let ids = &mut *(context as *mut Vec<i32>);
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Param => {
+                let param = node.cast::<pg_sys::Param>();
+                if (*param).paramkind == pg_sys::ParamKind::PARAM_EXTERN && !ids.contains(&(*param).paramid) {
+                    ids.push((*param).paramid);
+                }
+                false
+            }
+            pg_sys::NodeTag::T_Query => pg_sys::query_tree_walker(node.cast(), Some(walker), context, 0),
+            _ => pg_sys::expression_tree_walker(node, Some(walker), context),
+        }
+    }
+    walker(node, (ids as *mut Vec<i32>).cast());
+}

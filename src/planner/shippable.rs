@@ -1,0 +1,88 @@
+//! Whether an expression (or a whole statement) means the same on a worker as on the
+//! coordinator, so that it may be sent there.
+//!
+//! Sent: built-in functions, operators, types and collations that give the same result
+//! wherever they run (immutable). Kept on the coordinator: anything user-defined (it may not
+//! exist on the workers), anything stable or volatile (now(), random(), nextval(): the worker
+//! would give another value), system columns (a shard's ctid is not the table's), and
+//! executor-internal parameters.
+
+use pgrx::pg_sys;
+
+fn builtin(oid: pg_sys::Oid) -> bool {
+    oid.to_u32() < pg_sys::FirstNormalObjectId
+}
+
+#[derive(Clone, Copy)]
+pub struct Rules {
+    /// Vars of outer query levels and of other relations are allowed (whole statements); a
+    /// scan's quals may only use the scanned relation.
+    pub whole_statement: bool,
+}
+
+#[pgrx::pg_guard]
+
+unsafe extern "C-unwind" fn user_defined_function(func: pg_sys::Oid, _context: *mut std::ffi::c_void) -> bool {
+    !builtin(func)
+}
+
+#[pgrx::pg_guard]
+
+unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    let rules = *(context as *const Rules);
+    use pg_sys::NodeTag::*;
+    let unshippable = match (*node).type_ {
+        T_Query => {
+            return pg_sys::query_tree_walker(node.cast(), Some(walker), context, 0);
+        }
+        T_Var => {
+            let var = node.cast::<pg_sys::Var>();
+            (*var).varattno < 0 || (!rules.whole_statement && (*var).varlevelsup != 0)
+        }
+        T_Const => !builtin_type((*node.cast::<pg_sys::Const>()).consttype),
+        T_Param => {
+            let param = node.cast::<pg_sys::Param>();
+            (*param).paramkind != pg_sys::ParamKind::PARAM_EXTERN
+        }
+        T_NextValueExpr | T_CurrentOfExpr | T_SubPlan | T_AlternativeSubPlan | T_PlaceHolderVar | T_SetToDefault => true,
+        T_SubLink => !rules.whole_statement,
+        _ => false,
+    };
+    if unshippable {
+        return true;
+    }
+    if pg_sys::check_functions_in_node(node, Some(user_defined_function), std::ptr::null_mut()) {
+        return true;
+    }
+    // Collations named by the expression must exist on the workers too.
+    let (output, input) = match (*node).type_ {
+        T_FuncExpr | T_OpExpr | T_DistinctExpr | T_NullIfExpr | T_ScalarArrayOpExpr | T_Aggref | T_WindowFunc
+        | T_MinMaxExpr => (true, true),
+        T_Var | T_Const | T_Param | T_RelabelType | T_CaseExpr | T_CoerceViaIO | T_CollateExpr | T_ArrayExpr => {
+            (true, false)
+        }
+        _ => (false, false),
+    };
+    if (output && !builtin(pg_sys::exprCollation(node))) || (input && !builtin(pg_sys::exprInputCollation(node))) {
+        return true;
+    }
+    pg_sys::expression_tree_walker(node, Some(walker), context)
+}
+
+/// Types the workers know by the same OID: built-in ones. (Values of other types are sent as
+/// text, but expressions built on them are kept on the coordinator.)
+fn builtin_type(type_oid: pg_sys::Oid) -> bool {
+    builtin(type_oid)
+}
+
+/// Whether `node` may be evaluated on a worker.
+pub unsafe fn shippable(node: *mut pg_sys::Node, rules: Rules) -> bool {
+    if pg_sys::contain_mutable_functions(node) {
+        return false;
+    }
+    let mut rules = rules;
+    !walker(node, (&mut rules as *mut Rules).cast())
+}
