@@ -200,6 +200,29 @@ impl Analysis {
     }
 }
 
+/// When the distribution columns are pinned in separate classes (no join between them), the
+/// statement still runs on one shard group if every class is pinned by constants that all fall
+/// into the same shard: then the first of them names it.
+unsafe fn same_shard_constants(analysis: &mut Analysis, keys: &[Key]) -> Option<Vec<usize>> {
+    let per_key = analysis.pinning.values_per_key(keys)?;
+    let anchor = analysis.tables.first()?.clone();
+    let mut shard = None;
+    for value in per_key.iter().flatten() {
+        let node = analysis.values[*value];
+        if (*node).type_ != pg_sys::NodeTag::T_Const {
+            return None;
+        }
+        let constant = node.cast::<pg_sys::Const>();
+        let kind = crate::routing::DistKind::of_type((*constant).consttype)?;
+        let hash = crate::routing::hash_datum((*constant).constvalue, kind);
+        let index = anchor.shards.iter().position(|s| s.interval.is_some_and(|i| i.contains(hash)))?;
+        if *shard.get_or_insert(index) != index {
+            return None;
+        }
+    }
+    Some(vec![per_key[0][0]])
+}
+
 /// Output columns of a statement: the non-junk entries of `list`.
 unsafe fn output_columns(list: *mut pg_sys::List) -> Vec<*mut pg_sys::TargetEntry> {
     list_pointers::<pg_sys::TargetEntry>(list).into_iter().filter(|e| !(**e).resjunk).collect()
@@ -247,7 +270,11 @@ pub unsafe fn plan_statement(parse: *mut pg_sys::Query) -> Result<Option<*mut pg
 
     let colocated = analysis.tables.iter().all(|t| t.colocation_id.is_some() && t.colocation_id == analysis.tables[0].colocation_id);
     let keys = analysis.dist_keys.clone();
-    let pinned = if colocated && !analysis.local { analysis.pinning.single_group(&keys) } else { None };
+    let pinned = if colocated && !analysis.local {
+        analysis.pinning.single_group(&keys).or_else(|| same_shard_constants(&mut analysis, &keys))
+    } else {
+        None
+    };
     let statement_ships = shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true });
     let outputs = output_columns(if modify { (*parse).returningList } else { (*parse).targetList });
     let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));

@@ -51,7 +51,10 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
         previous(root, rel, rti, rte);
     }
     if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
-        || (*rel).reloptkind != pg_sys::RelOptKind::RELOPT_BASEREL
+        || !matches!(
+            (*rel).reloptkind,
+            pg_sys::RelOptKind::RELOPT_BASEREL | pg_sys::RelOptKind::RELOPT_OTHER_MEMBER_REL
+        )
         || !cache::extension_active()
     {
         return;
@@ -59,6 +62,13 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
     let Some(table) = cache::table_unless_reentrant((*rte).relid).or_raise() else { return };
     if table.method != Method::Hash {
         return;
+    }
+    if !(*rte).tablesample.is_null() {
+        ShardingError::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("TABLESAMPLE on distributed table \"{}\" is not supported", table.name),
+        )
+        .raise();
     }
     for mark in list_pointers::<pg_sys::PlanRowMark>((*root).rowMarks) {
         if (*mark).rti == rti {

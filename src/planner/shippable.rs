@@ -2,10 +2,12 @@
 //! coordinator, so that it may be sent there.
 //!
 //! Sent: built-in functions, operators, types and collations that give the same result
-//! wherever they run (immutable). Kept on the coordinator: anything user-defined (it may not
-//! exist on the workers), anything stable or volatile (now(), random(), nextval(): the worker
-//! would give another value), system columns (a shard's ctid is not the table's), and
-//! executor-internal parameters.
+//! wherever they run: immutable ones, and stable ones that depend only on the settings workers
+//! get from the coordinator (time zone, date style, ...). Kept on the coordinator: anything
+//! user-defined (it may not exist on the workers), volatile functions, stable ones that read
+//! the clock, the session or the catalogs (now(), current_setting(), to_regclass(), ...),
+//! object identifiers (a regclass names a coordinator table), system columns (a shard's ctid is
+//! not the table's), and executor-internal parameters.
 
 use pgrx::pg_sys;
 
@@ -23,7 +25,42 @@ pub struct Rules {
 #[pgrx::pg_guard]
 
 unsafe extern "C-unwind" fn user_defined_function(func: pg_sys::Oid, _context: *mut std::ffi::c_void) -> bool {
-    !builtin(func)
+    if !builtin(func) {
+        return true;
+    }
+    match pg_sys::func_volatile(func) as u8 {
+        b'i' => false,
+        b'v' => true,
+        // Stable built-ins give the same result on a worker when they depend only on the
+        // settings the worker gets from us (time zone, date style, ...). Those that read the
+        // clock, the session or the catalogs do not.
+        _ => {
+            let name = std::ffi::CStr::from_ptr(pg_sys::get_func_name(func)).to_string_lossy();
+            ["now", "transaction_timestamp", "statement_timestamp", "version", "timeofday"].contains(&name.as_ref())
+                || ["pg_", "has_", "to_reg", "current_", "inet_", "txid_", "session_", "obj_description", "col_description"]
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix))
+        }
+    }
+}
+
+/// Object identifier types: a value names a coordinator object by OID.
+fn names_local_object(type_oid: pg_sys::Oid) -> bool {
+    [
+        pg_sys::REGCLASSOID,
+        pg_sys::REGTYPEOID,
+        pg_sys::REGPROCOID,
+        pg_sys::REGPROCEDUREOID,
+        pg_sys::REGOPEROID,
+        pg_sys::REGOPERATOROID,
+        pg_sys::REGNAMESPACEOID,
+        pg_sys::REGROLEOID,
+        pg_sys::REGCONFIGOID,
+        pg_sys::REGDICTIONARYOID,
+        pg_sys::REGCOLLATIONOID,
+        pg_sys::OIDOID,
+    ]
+    .contains(&type_oid)
 }
 
 #[pgrx::pg_guard]
@@ -42,12 +79,17 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::f
             let var = node.cast::<pg_sys::Var>();
             (*var).varattno < 0 || (!rules.whole_statement && (*var).varlevelsup != 0)
         }
-        T_Const => !builtin_type((*node.cast::<pg_sys::Const>()).consttype),
+        T_Const => {
+            let type_oid = (*node.cast::<pg_sys::Const>()).consttype;
+            !builtin_type(type_oid) || names_local_object(type_oid)
+        }
         T_Param => {
             let param = node.cast::<pg_sys::Param>();
-            (*param).paramkind != pg_sys::ParamKind::PARAM_EXTERN
+            // A sublink's own parameters (`x IN (SELECT ...)`) travel with the statement.
+            !((*param).paramkind == pg_sys::ParamKind::PARAM_EXTERN
+                || (rules.whole_statement && (*param).paramkind == pg_sys::ParamKind::PARAM_SUBLINK))
         }
-        T_NextValueExpr | T_CurrentOfExpr | T_SubPlan | T_AlternativeSubPlan | T_PlaceHolderVar | T_SetToDefault => true,
+        T_SQLValueFunction | T_NextValueExpr | T_CurrentOfExpr | T_SubPlan | T_AlternativeSubPlan | T_PlaceHolderVar | T_SetToDefault => true,
         T_SubLink => !rules.whole_statement,
         _ => false,
     };
@@ -80,7 +122,7 @@ fn builtin_type(type_oid: pg_sys::Oid) -> bool {
 
 /// Whether `node` may be evaluated on a worker.
 pub unsafe fn shippable(node: *mut pg_sys::Node, rules: Rules) -> bool {
-    if pg_sys::contain_mutable_functions(node) {
+    if pg_sys::contain_volatile_functions(node) {
         return false;
     }
     let mut rules = rules;

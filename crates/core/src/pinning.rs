@@ -77,6 +77,24 @@ impl<K: Eq + Hash + Clone, V: Clone> Pinning<K, V> {
     }
 }
 
+impl<K: Eq + Hash + Clone, V: Clone> Pinning<K, V> {
+    /// The values of each key's class, when every key's class holds at least one.
+    pub fn values_per_key(&mut self, keys: &[K]) -> Option<Vec<Vec<V>>> {
+        let values: Vec<(usize, V)> = self.values.clone();
+        let mut out = Vec::new();
+        for key in keys {
+            let id = self.id(key);
+            let root = self.root(id);
+            let mine: Vec<V> = values.iter().filter(|(v, _)| self.root(*v) == root).map(|(_, v)| v.clone()).collect();
+            if mine.is_empty() {
+                return None;
+            }
+            out.push(mine);
+        }
+        Some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +132,15 @@ mod tests {
         p.equal(&"a.id", &"b.id");
         p.pin(&"b.id", 2);
         assert_eq!(p.single_group(&["a.id", "b.id"]), Some(vec![1, 2]));
+    }
+
+    #[test]
+    fn values_per_key_needs_every_key_pinned() {
+        let mut p: Pinning<&str, i32> = Pinning::default();
+        p.pin(&"a.id", 1);
+        p.pin(&"b.id", 2);
+        assert_eq!(p.values_per_key(&["a.id", "b.id"]), Some(vec![vec![1], vec![2]]));
+        assert_eq!(p.values_per_key(&["a.id", "c.id"]), None);
     }
 
     #[test]

@@ -1,0 +1,10 @@
+-- Shapes refused with SQLSTATE 0A000 (documented in docs/limitations.md); the local side is
+-- not consulted.
+SELECT ctid FROM users;
+SELECT u FROM users u;
+SELECT * FROM users FOR UPDATE;
+SELECT * FROM users TABLESAMPLE SYSTEM (10);
+UPDATE users SET id = id + 1 WHERE id = 5;
+DELETE FROM orders WHERE user_id IN (SELECT id FROM users WHERE region IS NULL);
+UPDATE regions SET label = 'x' WHERE code = 'eu';
+INSERT INTO orders SELECT id + 1000, id, 1, 'new', NULL FROM users;

@@ -1,0 +1,289 @@
+//! The query engine on real servers: the differential suite (every query in
+//! tests/multinode/differential/ against distributed tables and against plain local copies of
+//! the same rows, compared), pruning seen through EXPLAIN, prepared statements over the
+//! extended protocol, session settings, cancellation and unreachable workers.
+
+use pg_sharding_multinode::{expect_error, scalar, Client, Cluster};
+use postgres::SimpleQueryMessage;
+
+const SCHEMA: &str = include_str!("../differential/schema.sql");
+const DISTRIBUTE: &str = include_str!("../differential/distribute.sql");
+const DATA: &str = include_str!("../differential/data.sql");
+const QUERIES: &str = include_str!("../differential/queries.sql");
+const DML: &str = include_str!("../differential/dml.sql");
+const UNSUPPORTED: &str = include_str!("../differential/unsupported.sql");
+
+const TABLES: &[&str] = &["users", "orders", "items", "events", "regions", "\"MixedCase\"", "accounts"];
+
+/// Statements of a one-statement-per-line file (comments and blank lines skipped).
+fn lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("--"))
+        .map(|l| l.trim_end_matches(';').to_string())
+        .collect()
+}
+
+type Rows = Vec<Vec<Option<String>>>;
+
+/// Rows (as text) and the affected count of the last command.
+fn run(client: &mut Client, sql: &str) -> Result<(Rows, u64), postgres::Error> {
+    let mut rows = Vec::new();
+    let mut affected = 0;
+    for message in client.simple_query(sql)? {
+        match message {
+            SimpleQueryMessage::Row(row) => {
+                rows.push((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect());
+            }
+            SimpleQueryMessage::CommandComplete(n) => affected = n,
+            _ => {}
+        }
+    }
+    Ok((rows, affected))
+}
+
+/// Whether the statement's final clause fixes the row order.
+fn ordered(sql: &str) -> bool {
+    let upper = sql.to_uppercase();
+    match (upper.rfind("ORDER BY"), upper.rfind(')')) {
+        (Some(order), Some(paren)) => order > paren,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+fn load(dist: &mut Client, local: &mut Client) {
+    for (client, s, s2) in [(&mut *dist, "d", "d2"), (&mut *local, "l", "l2")] {
+        client.batch_execute(&SCHEMA.replace("@s2", s2).replace("@s", s)).unwrap();
+        if s == "d" {
+            client.batch_execute(DISTRIBUTE).unwrap();
+        }
+        client.batch_execute(&DATA.replace("@s2", s2).replace("@s", s)).unwrap();
+    }
+    dist.batch_execute("SET search_path = d, d2").unwrap();
+    local.batch_execute("SET search_path = l, l2").unwrap();
+}
+
+fn compare(dist: &mut Client, local: &mut Client, sql: &str) -> Result<(), String> {
+    let expected = run(local, sql).map_err(|e| format!("local side failed: {e}"))?;
+    let got = run(dist, sql).map_err(|e| {
+        let code = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+        let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+        format!("distributed side failed: {code} {message}")
+    })?;
+    let (mut expected_rows, mut got_rows) = (expected.0, got.0);
+    if !ordered(sql) {
+        expected_rows.sort();
+        got_rows.sort();
+    }
+    if expected_rows != got_rows {
+        let show = |rows: &Rows| rows.iter().take(5).map(|r| format!("{r:?}")).collect::<Vec<_>>().join("\n    ");
+        return Err(format!(
+            "rows differ: {} expected, {} returned\n  expected: {}\n  returned: {}",
+            expected_rows.len(),
+            got_rows.len(),
+            show(&expected_rows),
+            show(&got_rows)
+        ));
+    }
+    if expected.1 != got.1 {
+        return Err(format!("affected rows differ: {} expected, {} returned", expected.1, got.1));
+    }
+    Ok(())
+}
+
+#[test]
+fn distributed_queries_return_what_a_single_server_returns() {
+    let cluster = Cluster::start(2);
+    let mut dist = cluster.coordinator();
+    let mut local = cluster.coordinator();
+    load(&mut dist, &mut local);
+
+    let mut failures = Vec::new();
+    let queries = lines(QUERIES);
+    assert!(queries.len() >= 150, "the suite has {} queries", queries.len());
+    for sql in &queries {
+        if let Err(problem) = compare(&mut dist, &mut local, sql) {
+            failures.push(format!("{sql}\n  {problem}"));
+        }
+    }
+    // Session settings that change how values print must apply on the workers too.
+    for setting in [
+        "SET TimeZone = 'Asia/Tokyo'",
+        "SET DateStyle = 'SQL, DMY'",
+        "SET IntervalStyle = 'sql_standard'",
+        "SET extra_float_digits = -2",
+    ] {
+        for sql in [setting] {
+            run(&mut dist, sql).unwrap();
+            run(&mut local, sql).unwrap();
+        }
+        for sql in [
+            "SELECT e.id, at, created, at - TIMESTAMPTZ '2024-01-01 00:00:00+00' FROM events e JOIN users u ON u.id = e.id WHERE e.id = 7",
+            "SELECT id, at::text, (at - interval '1 day')::text FROM events WHERE id = 9",
+            "SELECT id, score::float8 / 7, (score::float8 / 7)::text FROM users WHERE id = 11",
+            "SELECT id, at::text FROM events WHERE at < TIMESTAMPTZ '2024-01-01 12:00:00+09'",
+            "SELECT round(sum(score::float8 / 7)::numeric, 8) FROM users",
+        ] {
+            if let Err(problem) = compare(&mut dist, &mut local, sql) {
+                failures.push(format!("[{setting}] {sql}\n  {problem}"));
+            }
+        }
+        run(&mut dist, "RESET ALL; SET search_path = d, d2").unwrap();
+        run(&mut local, "RESET ALL; SET search_path = l, l2").unwrap();
+    }
+
+    let dml = lines(DML);
+    let mut diverged: Vec<&str> = Vec::new();
+    for sql in &dml {
+        if let Err(problem) = compare(&mut dist, &mut local, sql) {
+            failures.push(format!("{sql}\n  {problem}"));
+        }
+        for table in TABLES {
+            let check = format!("SELECT * FROM {table}");
+            if diverged.contains(table) {
+                continue;
+            }
+            if let Err(problem) = compare(&mut dist, &mut local, &check) {
+                failures.push(format!("after {sql}: {table}\n  {problem}"));
+                diverged.push(table);
+            }
+        }
+    }
+
+    for sql in lines(UNSUPPORTED) {
+        match run(&mut dist, &sql) {
+            Ok(_) => failures.push(format!("{sql}\n  expected SQLSTATE 0A000, it ran")),
+            Err(e) => {
+                let code = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+                if code != "0A000" {
+                    failures.push(format!("{sql}\n  expected SQLSTATE 0A000, got {code}: {e}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} statements differ:\n\n{}",
+        failures.len(),
+        queries.len() + dml.len(),
+        failures.join("\n\n")
+    );
+}
+
+fn explain(client: &mut Client, sql: &str) -> String {
+    let (rows, _) = run(client, &format!("EXPLAIN {sql}")).unwrap();
+    rows.into_iter().map(|r| r[0].clone().unwrap_or_default()).collect::<Vec<_>>().join("\n")
+}
+
+fn task_count(plan: &str) -> Vec<i64> {
+    plan.lines()
+        .filter_map(|l| l.trim().strip_prefix("Task Count: "))
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE kv (k bigint PRIMARY KEY, v text);
+         SELECT create_distributed_table('kv', 'k');
+         INSERT INTO kv SELECT g, 'v' || g FROM generate_series(1, 1000) g;",
+    )
+    .unwrap();
+    let shard_of = |c: &mut Client, k: i64| -> i64 { scalar(c, &format!("SELECT sharding.shard_for_value('kv', {k}::bigint)")) };
+
+    let plan = explain(&mut c, "SELECT v FROM kv WHERE k = 5");
+    assert_eq!(task_count(&plan), vec![1], "{plan}");
+    assert!(plan.contains(&format!("Shards: {}", shard_of(&mut c, 5))), "{plan}");
+    assert!(plan.contains(&format!("kv_{}", shard_of(&mut c, 5))), "{plan}");
+    assert_eq!(task_count(&explain(&mut c, "SELECT count(*) FROM kv")), vec![32]);
+    let in_list = task_count(&explain(&mut c, "SELECT v FROM kv WHERE k IN (1, 2, 3)"))[0];
+    assert!((1..=3).contains(&in_list), "IN list of 3 keys touched {in_list} shards");
+    assert_eq!(task_count(&explain(&mut c, "UPDATE kv SET v = 'x' WHERE k = 7")), vec![1]);
+    assert_eq!(task_count(&explain(&mut c, "DELETE FROM kv WHERE v = 'nothing'")), vec![32]);
+
+    // Generic plans (forced): the shard is chosen at execution from the bound value.
+    c.batch_execute("SET plan_cache_mode = force_generic_plan; PREPARE get(bigint) AS SELECT v FROM kv WHERE k = $1").unwrap();
+    for k in [5i64, 6, 700] {
+        let plan = explain(&mut c, &format!("EXECUTE get({k})"));
+        assert_eq!(task_count(&plan), vec![1], "{plan}");
+        assert!(plan.contains(&format!("Shards: {}", shard_of(&mut c, k))), "{plan}");
+        let v: String = scalar(&mut c, &format!("EXECUTE get({k})"));
+        assert_eq!(v, format!("v{k}"));
+    }
+
+    // The extended protocol with parameters, many times (custom then generic plans).
+    let mut fresh = cluster.coordinator();
+    let statement = fresh.prepare("SELECT v FROM kv WHERE k = $1").unwrap();
+    for k in 1..=20i64 {
+        let rows = fresh.query(&statement, &[&k]).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, String>(0), format!("v{k}"));
+    }
+    let update = fresh.prepare("UPDATE kv SET v = $2 WHERE k = $1").unwrap();
+    for k in 1..=10i64 {
+        assert_eq!(fresh.execute(&update, &[&k, &format!("new{k}")]).unwrap(), 1);
+    }
+    let changed: i64 = scalar(&mut fresh, "SELECT count(*) FROM kv WHERE v LIKE 'new%'");
+    assert_eq!(changed, 10);
+    // A NULL key matches nothing, and an aggregate over nothing is still one row.
+    let rows = fresh.query("SELECT count(*) FROM kv WHERE k = $1", &[&None::<i64>]).unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 0);
+}
+
+#[test]
+fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v int);
+         SELECT create_distributed_table('t', 'id');
+         INSERT INTO t SELECT g, g FROM generate_series(1, 100) g;",
+    )
+    .unwrap();
+    let shard: i64 = scalar(&mut c, "SELECT sharding.shard_for_value('t', 1)");
+    let node_port: i32 = scalar(
+        &mut c,
+        &format!("SELECT n.port FROM sharding.dist_placement p JOIN sharding.dist_node n USING (node_id) WHERE p.shard_id = {shard}"),
+    );
+    let worker = (node_port as u16 - cluster.worker_port(1) + 1) as usize;
+
+    // A lock on one shard holds the multi-shard scan; statement_timeout ends it everywhere.
+    let mut holder = cluster.worker(worker);
+    holder.batch_execute(&format!("BEGIN; LOCK TABLE t_{shard} IN ACCESS EXCLUSIVE MODE")).unwrap();
+    c.batch_execute("SET statement_timeout = '500ms'").unwrap();
+    let (code, _, _, _) = expect_error(&mut c, "SELECT count(*) FROM t");
+    assert_eq!(code, "57014");
+    let (code, _, _, _) = expect_error(&mut c, "UPDATE t SET v = v + 1");
+    assert_eq!(code, "57014");
+    let mut w = cluster.worker(worker);
+    let mut left = i64::MAX;
+    for _ in 0..50 {
+        left = scalar(&mut w, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_sharding' AND state = 'active'");
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(left, 0, "the worker still runs the cancelled statement");
+    holder.batch_execute("ROLLBACK").unwrap();
+    c.batch_execute("RESET statement_timeout").unwrap();
+    let total: i64 = scalar(&mut c, "SELECT sum(v) FROM t");
+    assert_eq!(total, 5050, "the cancelled UPDATE changed nothing");
+
+    // A stopped worker: a clear error naming it; shards elsewhere still answer.
+    let other = if worker == 1 { 2 } else { 1 };
+    cluster.stop_worker(other);
+    let (code, message, detail, _) = expect_error(&mut c, "SELECT count(*) FROM t");
+    let port = cluster.worker_port(other).to_string();
+    assert!(code.starts_with("08"), "{code} {message}");
+    assert!(message.contains(&port) || detail.contains(&port), "{message} / {detail}");
+    let v: i32 = scalar(&mut c, "SELECT v FROM t WHERE id = 1");
+    assert_eq!(v, 1);
+    cluster.start_worker(other);
+    let count: i64 = scalar(&mut c, "SELECT count(*) FROM t");
+    assert_eq!(count, 100);
+}
