@@ -10,28 +10,64 @@ use pgrx::pg_sys;
 
 use crate::error::{Result, ShardingError};
 
-/// A complete new row of an INSERT plan: the next tuple of the ModifyTable's subplan, with the
-/// per-row memory of `context` reset first. `None` when the subplan is done.
-///
-/// SAFETY: `subplan` must be the initialized subplan of an INSERT into a relation of `natts`
-/// attributes; the slices live until the next call.
-pub(crate) unsafe fn next_insert_row<'a>(
+/// The rows an INSERT inserts: its subplan's, read as they come, or first all gathered into a
+/// tuplestore when the subplan reads shards itself (its tasks use the same worker connections
+/// the inserted rows are streamed over, so they must be done first).
+pub(crate) struct InsertRows {
     subplan: *mut pg_sys::PlanState,
-    context: *mut pg_sys::ExprContext,
-    natts: usize,
-) -> Result<Option<(*mut pg_sys::TupleTableSlot, &'a [pg_sys::Datum], &'a [bool])>> {
-    pg_sys::MemoryContextReset((*context).ecxt_per_tuple_memory);
-    let slot = pg_sys::ExecProcNode(subplan);
-    if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
-        return Ok(None);
+    store: *mut pg_sys::Tuplestorestate,
+    slot: *mut pg_sys::TupleTableSlot,
+}
+
+impl InsertRows {
+    /// SAFETY: `subplan` is the initialized subplan of an INSERT plan `planned`.
+    pub(crate) unsafe fn new(subplan: *mut pg_sys::PlanState, planned: *mut pg_sys::PlannedStmt) -> Self {
+        let mut rows = Self { subplan, store: std::ptr::null_mut(), slot: std::ptr::null_mut() };
+        if crate::planner::reads_shards(planned) {
+            rows.store = pg_sys::tuplestore_begin_heap(false, false, *std::ptr::addr_of!(pg_sys::work_mem));
+            loop {
+                let slot = pg_sys::ExecProcNode(subplan);
+                if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
+                    break;
+                }
+                pg_sys::tuplestore_puttupleslot(rows.store, slot);
+                rows.slot = slot;
+            }
+            if !rows.slot.is_null() {
+                rows.slot = pg_sys::MakeSingleTupleTableSlot((*rows.slot).tts_tupleDescriptor, &pg_sys::TTSOpsMinimalTuple);
+            }
+        }
+        rows
     }
-    pg_sys::slot_getallattrs(slot);
-    if (*(*slot).tts_tupleDescriptor).natts as usize != natts {
-        return Err(ShardingError::internal("the INSERT plan does not produce whole rows of the table"));
+
+    /// The next complete new row, with the per-row memory of `context` reset first; `None`
+    /// when done. The slices live until the next call.
+    ///
+    /// SAFETY: the target relation has `natts` attributes.
+    pub(crate) unsafe fn next<'a>(
+        &mut self,
+        context: *mut pg_sys::ExprContext,
+        natts: usize,
+    ) -> Result<Option<(*mut pg_sys::TupleTableSlot, &'a [pg_sys::Datum], &'a [bool])>> {
+        pg_sys::MemoryContextReset((*context).ecxt_per_tuple_memory);
+        let slot = if self.store.is_null() {
+            pg_sys::ExecProcNode(self.subplan)
+        } else if !self.slot.is_null() && pg_sys::tuplestore_gettupleslot(self.store, true, false, self.slot) {
+            self.slot
+        } else {
+            std::ptr::null_mut()
+        };
+        if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
+            return Ok(None);
+        }
+        pg_sys::slot_getallattrs(slot);
+        if (*(*slot).tts_tupleDescriptor).natts as usize != natts {
+            return Err(ShardingError::internal("the INSERT plan does not produce whole rows of the table"));
+        }
+        Ok(Some((
+            slot,
+            std::slice::from_raw_parts((*slot).tts_values, natts),
+            std::slice::from_raw_parts((*slot).tts_isnull, natts),
+        )))
     }
-    Ok(Some((
-        slot,
-        std::slice::from_raw_parts((*slot).tts_values, natts),
-        std::slice::from_raw_parts((*slot).tts_isnull, natts),
-    )))
 }

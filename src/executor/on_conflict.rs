@@ -354,7 +354,8 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
         }
         Ok(result.1)
     };
-    while let Some((_slot, values, nulls)) = super::next_insert_row(subplan, context, natts)? {
+    let mut rows = super::InsertRows::new(subplan, (*query_desc).plannedstmt);
+    while let Some((_slot, values, nulls)) = rows.next(context, natts)? {
         let previous = pg_sys::MemoryContextSwitchTo((*context).ecxt_per_tuple_memory);
         let shard_id = routing::shard_for_value(
             table,

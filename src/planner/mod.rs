@@ -76,6 +76,11 @@ unsafe fn plan_nodes(planned: *mut pg_sys::PlannedStmt) -> Vec<*mut pg_sys::Plan
     out
 }
 
+/// Whether a plan runs tasks on the workers (has a ShardScan anywhere).
+pub unsafe fn reads_shards(planned: *mut pg_sys::PlannedStmt) -> bool {
+    plan_nodes(planned).iter().any(|&p| is_shard_scan(p))
+}
+
 fn unsupported(message: String) -> ShardingError {
     ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, message)
 }
@@ -87,7 +92,6 @@ unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<
         ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION).then(|| (*rte).relid)
     };
     let nodes = plan_nodes(planned);
-    let reads_shards = nodes.iter().any(|&p| is_shard_scan(p));
     for &plan in &nodes {
         use pg_sys::NodeTag::*;
         match (*plan).type_ {
@@ -119,12 +123,6 @@ unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<
                     if !top_level_insert {
                         let what = if is_insert { "INSERT in a data-modifying WITH query" } else { "this UPDATE or DELETE" };
                         return Err(unsupported(format!("{what} on {} table \"{}\" is not supported yet", table.method.as_str(), table.name)));
-                    }
-                    if reads_shards {
-                        return Err(unsupported(format!(
-                            "INSERT ... SELECT into \"{}\" reading a distributed table is not supported yet",
-                            table.name
-                        )));
                     }
                 }
             }

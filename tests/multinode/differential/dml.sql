@@ -19,5 +19,8 @@ UPDATE users SET region = NULL WHERE score > 95 RETURNING id;
 INSERT INTO users VALUES (1001, 'nouveau', 'eu', 1, '2024-05-05', false) RETURNING *;
 INSERT INTO users VALUES (1001, 'again', 'us', 2, '2024-05-06', true) ON CONFLICT (id) DO UPDATE SET score = EXCLUDED.score RETURNING id, score;
 DELETE FROM users WHERE id = 1001;
+INSERT INTO orders SELECT id + 1000, id, score, 'copied', name FROM users WHERE score > 90;
+INSERT INTO items SELECT o.id, o.user_id, 'from ' || o.status, 1 FROM orders o JOIN users u ON u.id = o.user_id WHERE u.region = 'jp' RETURNING order_id, user_id;
+INSERT INTO events SELECT id + 10000, user_id, kind, payload, at FROM events WHERE kind = 'buy';
 UPDATE users SET score = score WHERE false;
 DELETE FROM events WHERE id = -1;

@@ -7,4 +7,3 @@ SELECT * FROM users TABLESAMPLE SYSTEM (10);
 UPDATE users SET id = id + 1 WHERE id = 5;
 DELETE FROM orders WHERE user_id IN (SELECT id FROM users WHERE region IS NULL);
 UPDATE regions SET label = 'x' WHERE code = 'eu';
-INSERT INTO orders SELECT id + 1000, id, 1, 'new', NULL FROM users;
