@@ -539,6 +539,62 @@ impl RemoteConnection {
         self.flush(None)
     }
 
+    /// Like `send_task`, for a statement prepared with `prepare`.
+    pub fn send_prepared_task(&self, name: &CStr, params: &[TaskParam], binary: bool) -> Result<(), RemoteError> {
+        let values: Vec<*const c_char> =
+            params.iter().map(|p| p.value.as_ref().map_or(std::ptr::null(), |v| v.as_ptr().cast())).collect();
+        let lengths: Vec<i32> = params.iter().map(|p| p.value.as_ref().map_or(0, |v| v.len() as i32)).collect();
+        let formats: Vec<i32> = params.iter().map(|p| p.format).collect();
+        let count = i32::try_from(params.len()).map_err(|_| RemoteError::local("too many query parameters"))?;
+        // SAFETY: as in send_task.
+        unsafe {
+            if pq::PQsendQueryPrepared(
+                self.conn.as_ptr(),
+                name.as_ptr(),
+                count,
+                values.as_ptr(),
+                lengths.as_ptr(),
+                formats.as_ptr(),
+                i32::from(binary),
+            ) != 1
+            {
+                return Err(RemoteError::local(self.last_error()));
+            }
+            pq::PQsetSingleRowMode(self.conn.as_ptr());
+        }
+        self.flush(None)
+    }
+
+    /// Prepares a named statement on the node (waiting for it).
+    pub fn prepare(&self, name: &CStr, sql: &CStr, types: &[u32]) -> Result<(), RemoteError> {
+        let count = i32::try_from(types.len()).map_err(|_| RemoteError::local("too many query parameters"))?;
+        // SAFETY: valid connection, NUL-terminated strings, `count` types.
+        if unsafe { pq::PQsendPrepare(self.conn.as_ptr(), name.as_ptr(), sql.as_ptr(), count, types.as_ptr()) } != 1 {
+            return Err(RemoteError::local(self.last_error()));
+        }
+        self.flush(None)?;
+        self.drain_results().map(|_| ())
+    }
+
+    /// Checks a connection that sat idle: reads whatever the node sent meanwhile (a server
+    /// shutting down says so and closes) without waiting. False when it is no longer usable.
+    pub fn probe(&self) -> bool {
+        // SAFETY: valid connection; PQconsumeInput does not block in non-blocking mode. Twice:
+        // a closing server's last message and its end of stream may take one read each.
+        unsafe {
+            pq::PQconsumeInput(self.conn.as_ptr()) == 1
+                && pq::PQconsumeInput(self.conn.as_ptr()) == 1
+                && self.is_ok()
+                && pq::PQisBusy(self.conn.as_ptr()) == 0
+        }
+    }
+
+    /// True when the node is not running a command for us and no transaction is open.
+    pub fn is_idle(&self) -> bool {
+        // SAFETY: valid connection.
+        unsafe { pq::PQtransactionStatus(self.conn.as_ptr()) == pq::PGTransactionStatusType::PQTRANS_IDLE }
+    }
+
     /// Reads what the node sent, without waiting.
     pub fn poll(&self) -> Result<Poll, RemoteError> {
         // SAFETY: valid connection; PQgetResult does not block once PQisBusy is false.

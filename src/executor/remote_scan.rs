@@ -417,7 +417,10 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     let binary = runtime.plan.binary;
     let row_context = runtime.row_context;
     let inputs = &mut runtime.inputs;
-    let affected = tasks::run(&runtime.tasks, &runtime.params, binary, |result| {
+    // Writes, and everything inside a transaction block, belong to the distributed
+    // transaction; a read on its own runs in the nodes' autocommit.
+    let transactional = runtime.plan.modify || pg_sys::IsTransactionBlock();
+    let affected = tasks::run(&runtime.tasks, &runtime.params, binary, transactional, |result| {
         if result.columns() != natts {
             return Err(ShardingError::internal(format!("a task returned {} columns, expected {natts}", result.columns())));
         }

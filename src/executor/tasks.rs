@@ -29,14 +29,24 @@ struct NodeQueue<'a> {
 /// Runs every task; `on_row` gets each row (a single-row result). Returns the sum of the
 /// affected-row counts of the tasks' command tags. The first error (from a node or from
 /// `on_row`) ends the run; the transaction's abort then cancels what still runs.
-pub fn run(tasks: &[Task], params: &[TaskParam], binary: bool, mut on_row: impl FnMut(&RemoteResult) -> Result<()>) -> Result<u64> {
+///
+/// `transactional`: the tasks run inside the distributed transaction (writes, transaction
+/// blocks); otherwise in each node's autocommit, unless the transaction already wrote there.
+/// Tasks with parameters use statements prepared once per connection.
+pub fn run(
+    tasks: &[Task],
+    params: &[TaskParam],
+    binary: bool,
+    transactional: bool,
+    mut on_row: impl FnMut(&RemoteResult) -> Result<()>,
+) -> Result<u64> {
     let mut queues: Vec<NodeQueue<'_>> = Vec::new();
     for task in tasks {
         match queues.iter_mut().find(|q| q.node.node_id == task.node.node_id) {
             Some(queue) => queue.waiting.push_back(task),
             None => queues.push(NodeQueue {
                 node: &task.node,
-                connection: remote::in_transaction(&task.node)?,
+                connection: remote::for_statement(&task.node, transactional)?,
                 waiting: VecDeque::from([task]),
                 running: false,
             }),
@@ -48,7 +58,14 @@ pub fn run(tasks: &[Task], params: &[TaskParam], binary: bool, mut on_row: impl 
         for queue in queues.iter_mut() {
             if !queue.running {
                 if let Some(task) = queue.waiting.pop_front() {
-                    queue.connection.send_task(&task.sql, params, binary).map_err(|e| remote::remote_error(queue.node, e))?;
+                    let sent = if params.is_empty() {
+                        queue.connection.send_task(&task.sql, params, binary)
+                    } else {
+                        let types: Vec<u32> = params.iter().map(|p| p.type_oid).collect();
+                        let name = remote::prepared_statement(queue.node, &queue.connection, &task.sql, &types)?;
+                        queue.connection.send_prepared_task(&name, params, binary)
+                    };
+                    sent.map_err(|e| remote::remote_error(queue.node, e))?;
                     queue.running = true;
                     progress = true;
                 }

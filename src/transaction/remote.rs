@@ -13,7 +13,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
@@ -27,6 +27,11 @@ struct NodeSession {
     connection: Rc<RemoteConnection>,
     in_transaction: bool,
     label: String,
+    /// The values of PROPAGATED_SETTINGS last set on the node (session level); `None` when
+    /// unknown (a remote rollback may have undone them).
+    settings: Option<Vec<String>>,
+    /// Statements prepared on the node: (SQL, parameter types) -> statement name.
+    prepared: std::collections::HashMap<(String, Vec<u32>), String>,
 }
 
 thread_local! {
@@ -40,38 +45,47 @@ thread_local! {
 const PROPAGATED_SETTINGS: &[&CStr] =
     &[c"DateStyle", c"IntervalStyle", c"TimeZone", c"extra_float_digits", c"standard_conforming_strings"];
 
-fn begin_statement() -> String {
-    let mut sql = String::from("BEGIN");
-    for name in PROPAGATED_SETTINGS {
-        // SAFETY: GetConfigOption returns a pointer valid until the setting changes; copied now.
-        let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-        if value.is_null() {
-            continue;
-        }
-        let value = unsafe { CStr::from_ptr(value) }.to_string_lossy();
-        sql.push_str(&format!(
-            "; SELECT pg_catalog.set_config({}, {}, true)",
-            quote::literal(&name.to_string_lossy()),
-            quote::literal(&value)
-        ));
-    }
-    sql
+fn current_settings() -> Vec<String> {
+    PROPAGATED_SETTINGS
+        .iter()
+        .map(|name| {
+            // SAFETY: GetConfigOption returns a pointer valid until the setting changes; copied now.
+            let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+            if value.is_null() {
+                String::new()
+            } else {
+                unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned()
+            }
+        })
+        .collect()
 }
 
-/// The connection to `node`, inside a remote transaction that commits or aborts with ours.
-pub fn in_transaction(node: &Node) -> Result<Rc<RemoteConnection>> {
-    if TAINTED.with(Cell::get) {
-        return Err(ShardingError::new(
-            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
-            "a rolled-back subtransaction wrote to worker nodes; roll back the transaction",
+/// `SELECT set_config(...)` for the settings that differ from what the node has.
+fn settings_statement(known: Option<&Vec<String>>, wanted: &[String]) -> Option<String> {
+    let mut calls = Vec::new();
+    for (i, (name, value)) in PROPAGATED_SETTINGS.iter().zip(wanted).enumerate() {
+        if known.is_some_and(|k| k.get(i) == Some(value)) {
+            continue;
+        }
+        calls.push(format!(
+            "pg_catalog.set_config({}, {}, false)",
+            quote::literal(&name.to_string_lossy()),
+            quote::literal(value)
         ));
     }
-    // A connection that broke while it held this transaction's work must not be replaced by a
-    // new one: the work it did is gone, and carrying on would commit without it.
+    (!calls.is_empty()).then(|| format!("SELECT {}", calls.join(", ")))
+}
+
+/// A usable session for `node`: the existing one, or a new connection. A connection that broke
+/// while it held this transaction's work is an error: the work it did is gone, and carrying on
+/// would commit without it.
+fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
     let existing = SESSIONS.with(|s| {
         let mut sessions = s.borrow_mut();
         match sessions.get(&node.node_id) {
-            Some(session) if session.connection.is_ok() => {
+            // A cached connection is checked before reuse: a node that restarted meanwhile
+            // gets a new connection instead of failing the statement.
+            Some(session) if session.connection.is_ok() && (session.in_transaction || session.connection.probe()) => {
                 Ok(Some((session.connection.clone(), session.in_transaction)))
             }
             Some(session) if session.in_transaction => Err(ShardingError::new(
@@ -86,29 +100,132 @@ pub fn in_transaction(node: &Node) -> Result<Rc<RemoteConnection>> {
             None => Ok(None),
         }
     })?;
-    let (connection, open) = match existing {
-        Some(found) => found,
-        None => (Rc::new(connection::connect_to_node(&node.host, node.port)?), false),
-    };
-    if !open {
-        connection.exec(&begin_statement()).map_err(|error| {
-            ShardingError::new(
-                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-                format!("could not start a transaction on node {}:{}", node.host, node.port),
-            )
-            .detail(error.to_string())
-        })?;
+    if let Some(found) = existing {
+        return Ok(found);
     }
+    let connection = Rc::new(connection::connect_to_node(&node.host, node.port)?);
     SESSIONS.with(|s| {
         s.borrow_mut().insert(
             node.node_id,
             NodeSession {
                 connection: connection.clone(),
-                in_transaction: true,
+                in_transaction: false,
                 label: format!("{}:{}", node.host, node.port),
+                settings: None,
+                prepared: Default::default(),
             },
         )
     });
+    Ok((connection, false))
+}
+
+/// Brings the node's session settings in line with ours; `prefix` statements (BEGIN) go in the
+/// same round trip.
+fn sync_and_run(node: &Node, connection: &RemoteConnection, prefix: Option<&str>) -> Result<()> {
+    let wanted = current_settings();
+    let statement = SESSIONS.with(|s| {
+        s.borrow().get(&node.node_id).and_then(|session| settings_statement(session.settings.as_ref(), &wanted))
+    });
+    let sql = match (prefix, &statement) {
+        (None, None) => return Ok(()),
+        (Some(prefix), None) => prefix.to_string(),
+        (None, Some(set)) => set.clone(),
+        (Some(prefix), Some(set)) => format!("{prefix}; {set}"),
+    };
+    connection.exec(&sql).map_err(|error| {
+        ShardingError::new(
+            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            format!("could not prepare the session on node {}:{}", node.host, node.port),
+        )
+        .detail(error.to_string())
+    })?;
+    SESSIONS.with(|s| {
+        if let Some(session) = s.borrow_mut().get_mut(&node.node_id) {
+            session.settings = Some(wanted);
+            if prefix.is_some() {
+                session.in_transaction = true;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The connection to `node` for one statement's tasks. Inside the distributed transaction
+/// when it already wrote there or when `transactional`; otherwise the statement runs in the
+/// node's own autocommit (reads outside transaction blocks need no BEGIN and COMMIT).
+pub fn for_statement(node: &Node, transactional: bool) -> Result<Rc<RemoteConnection>> {
+    if transactional {
+        return in_transaction(node);
+    }
+    check_not_tainted()?;
+    let (connection, open) = session_connection(node)?;
+    if !open {
+        sync_and_run(node, &connection, None)?;
+    }
+    Ok(connection)
+}
+
+/// The name of a statement prepared on `node` for `sql` with parameters of `types`, preparing
+/// it first if this connection has not yet.
+pub fn prepared_statement(node: &Node, connection: &RemoteConnection, sql: &CStr, types: &[u32]) -> Result<CString> {
+    let key = (sql.to_string_lossy().into_owned(), types.to_vec());
+    let (known, count) = SESSIONS.with(|s| {
+        let sessions = s.borrow();
+        let session = sessions.get(&node.node_id);
+        (session.and_then(|x| x.prepared.get(&key).cloned()), session.map_or(0, |x| x.prepared.len()))
+    });
+    if let Some(name) = known {
+        return Ok(CString::new(name).unwrap_or_default());
+    }
+    if count >= MAX_PREPARED {
+        connection.exec("DEALLOCATE ALL").map_err(|e| remote_error(node, e))?;
+        SESSIONS.with(|s| {
+            if let Some(session) = s.borrow_mut().get_mut(&node.node_id) {
+                session.prepared.clear();
+            }
+        });
+    }
+    let name = format!("pgs_{}", NEXT_STATEMENT.with(|n| n.replace(n.get() + 1)));
+    let cname = CString::new(name.clone()).unwrap_or_default();
+    connection.prepare(&cname, sql, types).map_err(|e| remote_error(node, e))?;
+    SESSIONS.with(|s| {
+        if let Some(session) = s.borrow_mut().get_mut(&node.node_id) {
+            session.prepared.insert(key, name);
+        }
+    });
+    Ok(cname)
+}
+
+/// Statements kept prepared per node connection before they are all deallocated.
+const MAX_PREPARED: usize = 500;
+
+thread_local! {
+    static NEXT_STATEMENT: Cell<u64> = const { Cell::new(1) };
+}
+
+fn check_not_tainted() -> Result<()> {
+    if TAINTED.with(Cell::get) {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            "a rolled-back subtransaction wrote to worker nodes; roll back the transaction",
+        ));
+    }
+    Ok(())
+}
+
+/// The connection to `node`, inside a remote transaction that commits or aborts with ours.
+pub fn in_transaction(node: &Node) -> Result<Rc<RemoteConnection>> {
+    check_not_tainted()?;
+    let (connection, open) = session_connection(node)?;
+    if !open {
+        sync_and_run(node, &connection, Some("BEGIN")).map_err(|error| {
+            ShardingError::new(
+                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+                format!("could not start a transaction on node {}:{}", node.host, node.port),
+            )
+            .detail(error.message)
+        })?;
+    }
     Ok(connection)
 }
 
@@ -174,8 +291,13 @@ fn finish_all(command: &str, raise: bool) {
     let open: Vec<(i32, Rc<RemoteConnection>, String)> = SESSIONS.with(|s| {
         s.borrow_mut()
             .iter_mut()
-            .filter(|(_, session)| session.in_transaction)
+            // On abort, also the sessions a statement used outside the transaction: one may
+            // still be running a cancelled command.
+            .filter(|(_, session)| session.in_transaction || (!raise && !session.connection.is_idle()))
             .map(|(id, session)| {
+                if !raise {
+                    session.settings = None;
+                }
                 session.in_transaction = false;
                 (*id, session.connection.clone(), session.label.clone())
             })

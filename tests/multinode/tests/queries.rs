@@ -277,7 +277,7 @@ fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
     // A stopped worker: a clear error naming it; shards elsewhere still answer.
     let other = if worker == 1 { 2 } else { 1 };
     cluster.stop_worker(other);
-    let (code, message, detail, _) = expect_error(&mut c, "SELECT count(*) FROM t");
+    let (code, message, _, detail) = expect_error(&mut c, "SELECT count(*) FROM t");
     let port = cluster.worker_port(other).to_string();
     assert!(code.starts_with("08"), "{code} {message}");
     assert!(message.contains(&port) || detail.contains(&port), "{message} / {detail}");
