@@ -35,3 +35,13 @@ CREATE VIEW sharding.shards AS
       LEFT JOIN sharding.shard_sizes() z ON z.shard_id = s.shard_id AND z.node_id = p.node_id
      ORDER BY s.logicalrelid::text, s.shard_index, p.node_id;
 GRANT SELECT ON sharding.tables, sharding.shards TO PUBLIC;
+
+-- The row source of the coordinator's half of a split aggregation. Plans name it, and the
+-- planner replaces it by a scan of the shards' partial results; it never runs by itself.
+CREATE FUNCTION sharding.task_results(plan text) RETURNS SETOF record
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION 'sharding.task_results() is only a placeholder inside distributed plans'
+        USING ERRCODE = 'feature_not_supported';
+END
+$$;

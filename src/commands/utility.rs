@@ -207,6 +207,13 @@ pub unsafe fn relid_of(relation: *mut pg_sys::RangeVar) -> pg_sys::Oid {
 }
 
 /// Elements of a PostgreSQL integer List.
+pub unsafe fn oid_list(list: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).oid_value).collect()
+}
+
 pub unsafe fn int_list(list: *mut pg_sys::List) -> Vec<i32> {
     if list.is_null() {
         return Vec::new();

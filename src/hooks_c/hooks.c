@@ -19,7 +19,8 @@ extern void pg_sharding_utility_run(PlannedStmt *pstmt, const char *queryString,
 									ProcessUtilityContext context, ParamListInfo params,
 									QueryEnvironment *queryEnv, DestReceiver *dest,
 									QueryCompletion *qc);
-extern PlannedStmt *pg_sharding_plan(Query *parse);
+extern PlannedStmt *pg_sharding_plan(Query *parse, const char *query_string, int cursorOptions,
+									  ParamListInfo boundParams);
 extern void pg_sharding_check_plan(PlannedStmt *planned);
 extern bool pg_sharding_executor_wants(QueryDesc *queryDesc);
 extern void pg_sharding_executor_run(QueryDesc *queryDesc, ScanDirection direction, uint64 count,
@@ -56,7 +57,7 @@ pg_sharding_process_utility(PlannedStmt *pstmt, const char *queryString, bool re
 static PlannedStmt *
 pg_sharding_planner(Query *parse, const char *query_string, int cursorOptions, ParamListInfo boundParams)
 {
-	PlannedStmt *planned = pg_sharding_plan(parse);
+	PlannedStmt *planned = pg_sharding_plan(parse, query_string, cursorOptions, boundParams);
 
 	if (planned != NULL)
 		return planned;

@@ -5,6 +5,7 @@
 //! reads the coordinator's empty shell of a distributed table or writes a table in a way the
 //! extension does not route.
 
+pub mod aggregates;
 pub mod pins;
 pub mod router;
 pub mod scan_path;
@@ -21,11 +22,16 @@ use crate::executor::remote_scan::is_shard_scan;
 /// Called by the C planner hook before PostgreSQL's planner: a distributed plan, or NULL.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn pg_sharding_plan(parse: *mut pg_sys::Query) -> *mut pg_sys::PlannedStmt {
+pub unsafe extern "C-unwind" fn pg_sharding_plan(
+    parse: *mut pg_sys::Query,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> *mut pg_sys::PlannedStmt {
     if !cache::extension_active() {
         return std::ptr::null_mut();
     }
-    router::plan_statement(parse).or_raise().unwrap_or(std::ptr::null_mut())
+    router::plan_statement(parse, query_string, cursor_options, bound_params).or_raise().unwrap_or(std::ptr::null_mut())
 }
 
 /// Called by the C planner hook with every plan PostgreSQL made.

@@ -45,13 +45,27 @@ pub fn hashes_like(table: &DistributedTable, value_type: pg_sys::Oid) -> bool {
     column.family() == value.family() && (column != DistKind::Timestamp || table.distribution_type == value_type)
 }
 
-/// A value a pin may use: a non-NULL constant or an external parameter.
+/// A value a pin may use: anything the executor can compute before the scan starts, the same
+/// for every row: constants, external parameters, and non-volatile expressions of them
+/// (`(ARRAY[...])[$1]`, `$1 + 1`, `'42'::bigint`). No columns, aggregates or subqueries.
 pub unsafe fn is_pin_value(node: *mut pg_sys::Node) -> bool {
-    match (*node).type_ {
-        pg_sys::NodeTag::T_Const => !(*node.cast::<pg_sys::Const>()).constisnull,
-        pg_sys::NodeTag::T_Param => (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_EXTERN,
-        _ => false,
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn row_dependent(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        use pg_sys::NodeTag::*;
+        match (*node).type_ {
+            T_Var | T_Aggref | T_WindowFunc | T_GroupingFunc | T_SubLink | T_SubPlan | T_AlternativeSubPlan
+            | T_PlaceHolderVar | T_CurrentOfExpr | T_NextValueExpr | T_Query => true,
+            T_Param => (*node.cast::<pg_sys::Param>()).paramkind != pg_sys::ParamKind::PARAM_EXTERN,
+            _ => pg_sys::expression_tree_walker(node, Some(row_dependent), context),
+        }
     }
+    if (*node).type_ == pg_sys::NodeTag::T_Const {
+        return !(*node.cast::<pg_sys::Const>()).constisnull;
+    }
+    !row_dependent(node, std::ptr::null_mut()) && !pg_sys::contain_volatile_functions(node)
 }
 
 /// For a scan of `table` as range table entry `varno`: each clause that pins the distribution

@@ -223,6 +223,55 @@ unsafe fn same_shard_constants(analysis: &mut Analysis, keys: &[Key]) -> Option<
     Some(vec![per_key[0][0]])
 }
 
+/// Whether running the statement's joins per shard group keeps every row exactly once: no
+/// outer join may preserve rows of a side without distributed tables against a side with them
+/// (each shard group would add the same unmatched rows again).
+unsafe fn outer_joins_keep_rows_in_groups(parse: *mut pg_sys::Query, analysis: &Analysis) -> bool {
+    unsafe fn has_distributed(node: *mut pg_sys::Node, parse: *mut pg_sys::Query, analysis: &Analysis) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        match (*node).type_ {
+            pg_sys::NodeTag::T_RangeTblRef => {
+                let index = (*node.cast::<pg_sys::RangeTblRef>()).rtindex as u32;
+                analysis.dist_keys.iter().any(|(level, rti, _)| *level == 0 && *rti == index)
+            }
+            pg_sys::NodeTag::T_JoinExpr => {
+                let join = node.cast::<pg_sys::JoinExpr>();
+                has_distributed((*join).larg, parse, analysis) || has_distributed((*join).rarg, parse, analysis)
+            }
+            pg_sys::NodeTag::T_FromExpr => list_pointers::<pg_sys::Node>((*node.cast::<pg_sys::FromExpr>()).fromlist)
+                .into_iter()
+                .any(|item| has_distributed(item, parse, analysis)),
+            _ => true,
+        }
+    }
+    unsafe fn safe(node: *mut pg_sys::Node, parse: *mut pg_sys::Query, analysis: &Analysis) -> bool {
+        if node.is_null() {
+            return true;
+        }
+        match (*node).type_ {
+            pg_sys::NodeTag::T_JoinExpr => {
+                let join = node.cast::<pg_sys::JoinExpr>();
+                let (left, right) = (has_distributed((*join).larg, parse, analysis), has_distributed((*join).rarg, parse, analysis));
+                use pg_sys::JoinType::*;
+                let ok = match (*join).jointype {
+                    JOIN_INNER => true,
+                    JOIN_LEFT => left || !right,
+                    JOIN_RIGHT => right || !left,
+                    _ => left == right,
+                };
+                ok && safe((*join).larg, parse, analysis) && safe((*join).rarg, parse, analysis)
+            }
+            pg_sys::NodeTag::T_FromExpr => list_pointers::<pg_sys::Node>((*node.cast::<pg_sys::FromExpr>()).fromlist)
+                .into_iter()
+                .all(|item| safe(item, parse, analysis)),
+            _ => true,
+        }
+    }
+    safe((*parse).jointree.cast(), parse, analysis)
+}
+
 /// Output columns of a statement: the non-junk entries of `list`.
 unsafe fn output_columns(list: *mut pg_sys::List) -> Vec<*mut pg_sys::TargetEntry> {
     list_pointers::<pg_sys::TargetEntry>(list).into_iter().filter(|e| !(**e).resjunk).collect()
@@ -239,7 +288,12 @@ fn unsupported(message: impl Into<String>) -> ShardingError {
 
 /// A plan for `parse` sent whole to the shards, `None` when PostgreSQL's planner (with
 /// ShardScans for the distributed tables) should plan it.
-pub unsafe fn plan_statement(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::PlannedStmt>> {
+pub unsafe fn plan_statement(
+    parse: *mut pg_sys::Query,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> Result<Option<*mut pg_sys::PlannedStmt>> {
     use pg_sys::CmdType::*;
     let command = (*parse).commandType;
     if !matches!(command, CMD_SELECT | CMD_UPDATE | CMD_DELETE) || !(*parse).utilityStmt.is_null() {
@@ -280,6 +334,25 @@ pub unsafe fn plan_statement(parse: *mut pg_sys::Query) -> Result<Option<*mut pg
     let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));
 
     if !modify {
+        if pinned.is_none()
+            && statement_ships
+            && colocated
+            && !analysis.local
+            && analysis.pinning.connected(&keys)
+            && outer_joins_keep_rows_in_groups(parse, &analysis)
+        {
+            if let Some(coordinator) = super::aggregates::split(parse, analysis.tables[0].relid)? {
+                let planned = pg_sys::standard_planner(coordinator, query_string, cursor_options, bound_params);
+                // The original tables: permission checks, locks and invalidation of cached plans.
+                crate::deparse::query::for_each_rte(parse, &mut |rte| {
+                    if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
+                        (*planned).rtable = pg_sys::lappend((*planned).rtable, pg_sys::copyObjectImpl(rte.cast()));
+                        (*planned).relationOids = pg_sys::lappend_oid((*planned).relationOids, (*rte).relid);
+                    }
+                });
+                return Ok(Some(planned));
+            }
+        }
         if pinned.is_none() || !statement_ships || !outputs_receivable || (*parse).hasModifyingCTE {
             return Ok(None);
         }
@@ -328,7 +401,10 @@ pub unsafe fn plan_statement(parse: *mut pg_sys::Query) -> Result<Option<*mut pg
     let mut exprs = Vec::new();
     if let Some(values) = &pinned {
         // Any one value names the group (several must all be equal for a row to exist).
-        exprs.push(pg_sys::copyObjectImpl(analysis.values[values[0]].cast()).cast::<pg_sys::Node>());
+        let value = pg_sys::copyObjectImpl(analysis.values[values[0]].cast()).cast::<pg_sys::Node>();
+        // Straight from the parse tree: give operators their functions before execution.
+        pg_sys::fix_opfuncids(value);
+        exprs.push(value);
         plan.prune = vec![vec![(0, false)]];
     }
     let mut params_used = Vec::new();

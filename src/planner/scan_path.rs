@@ -16,11 +16,14 @@ use crate::commands::utility::list_pointers;
 use crate::deparse::query::deparse_scan;
 use crate::error::{OrRaise, Result, ShardingError};
 use crate::executor::remote_scan::{make_scan, ShardScanPlan};
-use crate::planner::{pins, shippable};
+use crate::planner::{aggregates, pins, shippable};
 
 static mut PREVIOUS_HOOK: pg_sys::set_rel_pathlist_hook_type = None;
 
 static PATH_NAME: &CStr = c"ShardScan";
+
+/// Rows assumed for a distributed table when planning joins around its scans.
+const ASSUMED_ROWS: f64 = 1_000_000.0;
 
 static mut PATH_METHODS: pg_sys::CustomPathMethods = pg_sys::CustomPathMethods {
     CustomName: PATH_NAME.as_ptr(),
@@ -49,6 +52,14 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
 ) {
     if let Some(previous) = PREVIOUS_HOOK {
         previous(root, rel, rti, rte);
+    }
+    if (*rte).rtekind == pg_sys::RTEKind::RTE_FUNCTION
+        && (*rel).reloptkind == pg_sys::RelOptKind::RELOPT_BASEREL
+        && cache::extension_active()
+        && aggregates::task_results_plan(rte).is_some()
+    {
+        add_path(rel, 100.0);
+        return;
     }
     if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
         || !matches!(
@@ -81,15 +92,31 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
             .raise();
         }
     }
+    // The coordinator's own table is empty, so its statistics say nothing: size the scan from
+    // an assumed table size and the selectivity of its conditions, so that joins get hash or
+    // merge plans rather than nested loops built on "one row".
+    let selectivity = pg_sys::clauselist_selectivity(
+        root,
+        (*rel).baserestrictinfo,
+        0,
+        pg_sys::JoinType::JOIN_INNER,
+        std::ptr::null_mut(),
+    );
+    (*rel).tuples = ASSUMED_ROWS;
+    (*rel).rows = (ASSUMED_ROWS * selectivity).clamp(1.0, ASSUMED_ROWS).round();
+    add_path(rel, table.shards.len().max(1) as f64);
+}
+
+/// Makes a ShardScan the only way to scan `rel`. Shards work in parallel: a scan costs about
+/// what one shard's part costs, plus a round trip; the figures only steer join order and
+/// join methods.
+unsafe fn add_path(rel: *mut pg_sys::RelOptInfo, shards: f64) {
     let path: *mut pg_sys::CustomPath = pg_sys::palloc0(std::mem::size_of::<pg_sys::CustomPath>()).cast();
     (*path).path.type_ = pg_sys::NodeTag::T_CustomPath;
     (*path).path.pathtype = pg_sys::NodeTag::T_CustomScan;
     (*path).path.parent = rel;
     (*path).path.pathtarget = (*rel).reltarget;
     (*path).path.rows = (*rel).rows;
-    // Shards work in parallel: a scan costs about what one shard's part costs, plus a round
-    // trip; the figures only steer join order and methods.
-    let shards = table.shards.len().max(1) as f64;
     (*path).path.startup_cost = 100.0;
     (*path).path.total_cost = 100.0 + (*rel).rows * (*std::ptr::addr_of!(pg_sys::cpu_tuple_cost)) * (1.0 + 2.0 / shards);
     (*path).flags = pg_sys::CUSTOMPATH_SUPPORT_BACKWARD_SCAN;
@@ -120,7 +147,11 @@ unsafe fn build_scan(
     clauses: *mut pg_sys::List,
 ) -> Result<*mut pg_sys::CustomScan> {
     let rti = (*rel).relid;
-    let rte_relid = (**(*root).simple_rte_array.add(rti as usize)).relid;
+    let rte = *(*root).simple_rte_array.add(rti as usize);
+    if let Some(plan) = aggregates::task_results_plan(rte) {
+        return results_scan(rte, rti, &plan, tlist, clauses);
+    }
+    let rte_relid = (*rte).relid;
     let table = cache::table(rte_relid)?.ok_or_else(|| ShardingError::internal("ShardScan of a table that is not distributed"))?;
 
     let mut remote: Vec<*mut pg_sys::Node> = Vec::new();
@@ -210,6 +241,33 @@ unsafe fn build_scan(
     plan.max_param = params_used.iter().copied().max().unwrap_or(0);
     plan.params_used = params_used;
     make_scan(&plan, exprs, rti, tlist, scan_tlist, local)
+}
+
+/// The ShardScan reading the tasks of a split aggregation (aggregates.rs): its columns are the
+/// function RTE's.
+unsafe fn results_scan(
+    rte: *mut pg_sys::RangeTblEntry,
+    rti: u32,
+    plan: &ShardScanPlan,
+    tlist: *mut pg_sys::List,
+    clauses: *mut pg_sys::List,
+) -> Result<*mut pg_sys::CustomScan> {
+    let function = list_pointers::<pg_sys::RangeTblFunction>((*rte).functions)[0];
+    let types = crate::commands::utility::oid_list((*function).funccoltypes);
+    let typmods = crate::commands::utility::int_list((*function).funccoltypmods);
+    let collations = crate::commands::utility::oid_list((*function).funccolcollations);
+    let mut scan_tlist: *mut pg_sys::List = std::ptr::null_mut();
+    for (i, typ) in types.iter().enumerate() {
+        let var = pg_sys::makeVar(rti as i32, (i + 1) as i16, *typ, typmods[i], collations[i], 0);
+        scan_tlist = pg_sys::lappend(scan_tlist, pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, std::ptr::null_mut(), false).cast());
+    }
+    let mut local: *mut pg_sys::List = std::ptr::null_mut();
+    for info in list_pointers::<pg_sys::RestrictInfo>(clauses) {
+        if !(*info).pseudoconstant {
+            local = pg_sys::lappend(local, (*info).clause.cast());
+        }
+    }
+    make_scan(plan, Vec::new(), 0, tlist, scan_tlist, local)
 }
 
 /// Ids of the external parameters (`$n`) in `node`.

@@ -78,6 +78,17 @@ impl<K: Eq + Hash + Clone, V: Clone> Pinning<K, V> {
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Pinning<K, V> {
+    /// Whether all `keys` lie in one class (values or not).
+    pub fn connected(&mut self, keys: &[K]) -> bool {
+        let Some(first) = keys.first() else { return false };
+        let first = self.id(first);
+        let root = self.root(first);
+        keys[1..].iter().all(|key| {
+            let id = self.id(key);
+            self.root(id) == root
+        })
+    }
+
     /// The values of each key's class, when every key's class holds at least one.
     pub fn values_per_key(&mut self, keys: &[K]) -> Option<Vec<Vec<V>>> {
         let values: Vec<(usize, V)> = self.values.clone();
@@ -141,6 +152,15 @@ mod tests {
         p.pin(&"b.id", 2);
         assert_eq!(p.values_per_key(&["a.id", "b.id"]), Some(vec![vec![1], vec![2]]));
         assert_eq!(p.values_per_key(&["a.id", "c.id"]), None);
+    }
+
+    #[test]
+    fn connected_without_values() {
+        let mut p: Pinning<&str, i32> = Pinning::default();
+        p.equal(&"a.id", &"b.id");
+        assert!(p.connected(&["a.id", "b.id"]));
+        assert!(!p.connected(&["a.id", "c.id"]));
+        assert!(!p.connected(&[]));
     }
 
     #[test]

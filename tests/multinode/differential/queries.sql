@@ -81,6 +81,22 @@ SELECT count(*) FROM (SELECT DISTINCT region FROM users) s;
 SELECT avg(amount)::numeric(10,4) FROM orders WHERE status = 'paid';
 SELECT sum(qty * 2) FROM items;
 SELECT kind, min(at), max(at) FROM events GROUP BY kind;
+-- Aggregates split into partial (shards) and final (coordinator) steps
+SELECT region, count(*) FROM users GROUP BY region HAVING sum(score) > 1000 ORDER BY count(*) DESC, region NULLS LAST;
+SELECT region, max(name), min(name COLLATE "C") FROM users GROUP BY region;
+SELECT status, avg(amount), avg(user_id), sum(user_id) FROM orders GROUP BY status;
+SELECT count(*), sum(score), avg(score), min(created), max(created) FROM users WHERE score > 1000;
+SELECT count(*) FILTER (WHERE amount > 100), sum(amount) FILTER (WHERE status = 'new') FROM orders;
+SELECT u.region, count(o.id), sum(o.amount) FROM users u LEFT JOIN orders o ON o.user_id = u.id GROUP BY u.region;
+SELECT r.label, count(u.id) FROM regions r LEFT JOIN users u ON u.region = r.code GROUP BY r.label ORDER BY r.label NULLS FIRST;
+SELECT u.flag, count(*) FROM users u JOIN orders o ON o.user_id = u.id JOIN items i ON i.user_id = o.user_id AND i.order_id = o.id GROUP BY u.flag;
+SELECT user_id, count(*) FROM orders GROUP BY user_id HAVING count(*) > 3 ORDER BY user_id LIMIT 5;
+SELECT score % 10 AS bucket, count(*), bool_and(flag) FROM users GROUP BY score % 10 ORDER BY bucket;
+SELECT region, sum(score) * 2 + count(*) AS mixed FROM users GROUP BY region;
+SELECT count(*) FROM orders o JOIN users u ON u.id = o.user_id WHERE u.region = 'eu' AND o.amount > 50;
+SELECT "select", count(*), max("Value") FROM "MixedCase" GROUP BY "select" ORDER BY "select";
+SELECT sum(balance), avg(balance), count(*) FROM accounts;
+SELECT region FROM users GROUP BY region ORDER BY region NULLS FIRST LIMIT 2 OFFSET 1;
 -- GROUPING SETS, ROLLUP, CUBE
 SELECT region, flag, count(*) FROM users GROUP BY GROUPING SETS ((region), (flag), ());
 SELECT region, flag, count(*) FROM users GROUP BY ROLLUP (region, flag);

@@ -204,6 +204,12 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     assert!((1..=3).contains(&in_list), "IN list of 3 keys touched {in_list} shards");
     assert_eq!(task_count(&explain(&mut c, "UPDATE kv SET v = 'x' WHERE k = 7")), vec![1]);
     assert_eq!(task_count(&explain(&mut c, "DELETE FROM kv WHERE v = 'nothing'")), vec![32]);
+    // Aggregates over many shards: partial aggregates on the shards, combined here.
+    let plan = explain(&mut c, "SELECT left(v, 2), count(*), avg(k) FROM kv GROUP BY 1");
+    assert_eq!(task_count(&plan), vec![32], "{plan}");
+    assert!(plan.contains("GROUP BY") && plan.contains("count(k)"), "{plan}");
+    let (rows, _) = run(&mut c, "SELECT count(*), sum(k), avg(k) FROM kv").unwrap();
+    assert_eq!(rows[0], vec![Some("1000".into()), Some("500500".into()), Some("500.5000000000000000".into())]);
 
     // Generic plans (forced): the shard is chosen at execution from the bound value.
     c.batch_execute("SET plan_cache_mode = force_generic_plan; PREPARE get(bigint) AS SELECT v FROM kv WHERE k = $1").unwrap();

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Query-engine workloads of issue 4, each measured against its baseline in the same run:
+#   - router point SELECT by id through the coordinator vs the same query sent straight to the
+#     worker's shard table (pgbench, 8 clients, -M prepared and -M simple)
+#   - single-row UPDATE by id, the same way
+#   - SELECT region, count(*), sum(amount), avg(amount) FROM users GROUP BY region
+#   - a co-located join users/orders with a filter and GROUP BY region
+#   - a join with a reference table
+#     (these three against the same query on plain tables holding all rows on one server)
+#   - planning time of a router query (EXPLAIN (SUMMARY))
+#
+#   bash benches/query_bench.sh [--users N] [--seconds S]
+#
+# Needs pg_sharding installed (make install). Starts a coordinator + 2 workers in a temporary
+# directory (32 shards) and destroys it at the end. users: N rows (default 2,000,000), orders:
+# 2N rows co-located on user_id, regions: a reference table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+users=2000000 seconds=15
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --users) users=$2; shift 2 ;;
+        --seconds) seconds=$2; shift 2 ;;
+        *) echo "usage: $0 [--users N] [--seconds S]" >&2; exit 2 ;;
+    esac
+done
+
+work=$(mktemp -d /tmp/pgs-qbench-XXXXXX)
+chmod 755 "$work"
+port=$((20000 + RANDOM % 20000))
+cleanup() { bash scripts/cluster.sh destroy --dir "$work/cluster" >/dev/null 2>&1 || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+bash scripts/cluster.sh start --port "$port" --workers 2 --dir "$work/cluster" \
+    --set shared_buffers=256MB --set max_connections=200 >/dev/null
+psql_c() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
+psql_w() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$((port + $1))" -U postgres -d postgres "${@:2}"; }
+
+echo "bench: loading $users users and $((2 * users)) orders (distributed and plain)"
+start=$(date +%s)
+psql_c <<SQL >/dev/null
+CREATE TABLE regions (code text PRIMARY KEY, label text);
+INSERT INTO regions VALUES ('eu-west', 'Europe West'), ('eu-central', 'Europe Central'), ('us-east', 'US East'),
+  ('us-west', 'US West'), ('ap-northeast', 'Tokyo'), ('ap-south', 'Mumbai');
+CREATE TABLE users_plain (id bigint PRIMARY KEY, name text, region text, amount numeric(12,2));
+CREATE TABLE orders_plain (id bigint, user_id bigint, amount numeric(12,2), status text, PRIMARY KEY (user_id, id));
+INSERT INTO users_plain SELECT g, 'user ' || g, (ARRAY['eu-west','eu-central','us-east','us-west','ap-northeast','ap-south'])[g % 6 + 1], (g::bigint * 7919 % 100000) / 100.0
+  FROM generate_series(1, $users) g;
+INSERT INTO orders_plain SELECT g, (g::bigint * 31) % $users + 1, (g::bigint * 104729 % 50000) / 100.0, (ARRAY['new','paid','shipped','returned'])[g % 4 + 1]
+  FROM generate_series(1, 2 * $users) g;
+CREATE TABLE users (LIKE users_plain INCLUDING ALL);
+CREATE TABLE orders (LIKE orders_plain INCLUDING ALL);
+SELECT create_distributed_table('users', 'id', shard_count => 32);
+SELECT create_distributed_table('orders', 'user_id', colocate_with => 'users');
+SELECT create_reference_table('regions');
+INSERT INTO users SELECT * FROM users_plain;
+INSERT INTO orders SELECT * FROM orders_plain;
+CREATE TABLE regions_plain AS SELECT * FROM regions;
+VACUUM ANALYZE users_plain, orders_plain, regions_plain;
+SQL
+for w in 1 2; do psql_w $w -c "VACUUM ANALYZE" >/dev/null; done
+echo "bench: loaded in $(( $(date +%s) - start )) s"
+
+# The direct baseline: the same statements sent straight to worker 1, on a plain table there
+# holding every user (so that any random id finds its row, as through the coordinator; an index
+# over 2M rows instead of a shard's 62,500 only makes the baseline a little slower).
+worker=1
+worker_port=$((port + worker))
+psql_c -c "\\copy users_plain TO '$work/users.tsv'" >/dev/null
+psql_w "$worker" -c "CREATE TABLE users_direct (id bigint PRIMARY KEY, name text, region text, amount numeric(12,2))" \
+    -c "\\copy users_direct FROM '$work/users.tsv'" -c "VACUUM ANALYZE users_direct" >/dev/null
+for target in coord direct; do
+    table=users; [ "$target" = direct ] && table=users_direct
+    printf '\\set id random(1, %s)\nSELECT * FROM %s WHERE id = :id;\n' "$users" "$table" > "$work/select_$target.sql"
+    printf '\\set id random(1, %s)\nUPDATE %s SET amount = amount + 1 WHERE id = :id;\n' "$users" "$table" > "$work/update_$target.sql"
+done
+
+tps() { # port mode script
+    pgbench -n -h 127.0.0.1 -p "$1" -U postgres -M "$2" -c 8 -j 2 -T "$seconds" -f "$3" postgres 2>/dev/null \
+        | awk '/^tps/ {print $3; exit}'
+}
+ratio() { echo "scale=3; $1 / $2" | bc; }
+
+echo
+echo "== router point SELECT and single-row UPDATE (pgbench, 8 clients, ${seconds}s each)"
+for mode in prepared simple; do
+    d=$(tps "$worker_port" "$mode" "$work/select_direct.sql")
+    c=$(tps "$port" "$mode" "$work/select_coord.sql")
+    printf "SELECT -M %-8s direct %8.0f tps  coordinator %8.0f tps  ratio %s\n" "$mode" "$d" "$c" "$(ratio "$c" "$d")"
+done
+d=$(tps "$worker_port" prepared "$work/update_direct.sql")
+c=$(tps "$port" prepared "$work/update_coord.sql")
+printf "UPDATE -M prepared direct %8.0f tps  coordinator %8.0f tps  ratio %s\n" "$d" "$c" "$(ratio "$c" "$d")"
+
+median_ms() { # port sql: median of 5 runs (after one warm-up), in ms
+    local p=$1 sql=$2
+    psql -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres -c "$sql" >/dev/null
+    for _ in 1 2 3 4 5; do
+        psql -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres -c '\timing on' -c "$sql" | awk '/^Time:/ {print $2}'
+    done | sort -n | sed -n 3p
+}
+echo
+echo "== analytical queries (median of 5, ms; plain = the same rows in plain tables on one server)"
+compare() { # label distributed-sql plain-sql
+    local dist plain
+    plain=$(median_ms "$port" "$3")
+    dist=$(median_ms "$port" "$2")
+    printf "%-28s plain %9.1f ms  distributed %9.1f ms  distributed/plain %s\n" "$1" "$plain" "$dist" "$(ratio "$dist" "$plain")"
+}
+compare "GROUP BY region" \
+    "SELECT region, count(*), sum(amount), avg(amount) FROM users GROUP BY region" \
+    "SELECT region, count(*), sum(amount), avg(amount) FROM users_plain GROUP BY region"
+compare "co-located join + GROUP BY" \
+    "SELECT u.region, count(*), sum(o.amount) FROM users u JOIN orders o ON o.user_id = u.id WHERE o.status = 'paid' GROUP BY u.region" \
+    "SELECT u.region, count(*), sum(o.amount) FROM users_plain u JOIN orders_plain o ON o.user_id = u.id WHERE o.status = 'paid' GROUP BY u.region"
+compare "reference-table join" \
+    "SELECT r.label, count(*) FROM users u JOIN regions r ON r.code = u.region GROUP BY r.label" \
+    "SELECT r.label, count(*) FROM users_plain u JOIN regions_plain r ON r.code = u.region GROUP BY r.label"
+
+echo
+echo "== planning time of a router query (EXPLAIN (SUMMARY) in one session, median of 50)"
+for i in $(seq 1 50); do echo "EXPLAIN (SUMMARY) SELECT * FROM users WHERE id = $i;"; done \
+    | psql_c | awk '/Planning Time/ {print $3}' | sort -n | sed -n 25p | awk '{printf "router query planning: %.3f ms\n", $1}'
