@@ -34,6 +34,16 @@ SQL
         "${coordinator[@]}" -c "COPY events FROM STDIN"
 fi
 
+if [ "$("${coordinator[@]}" -tAc "SELECT count(*) FROM sharding.tables WHERE table_name::text = 'event_items'")" = 0 ]; then
+    echo "demo: creating event_items, co-located with events"
+    "${coordinator[@]}" <<'SQL'
+CREATE TABLE IF NOT EXISTS event_items (event_id bigint NOT NULL, line int NOT NULL, qty int NOT NULL,
+                                        PRIMARY KEY (event_id, line));
+SELECT create_distributed_table('event_items', 'event_id', colocate_with => 'events');
+INSERT INTO event_items SELECT g / 2 + 1, g % 2, 1 + g % 7 FROM generate_series(0, 199999) g;
+SQL
+fi
+
 echo
 bash scripts/cluster.sh status --dir "$dir"
 echo
@@ -47,11 +57,25 @@ for w in 1 2; do
     shards=$("${worker[@]}" -c "SELECT count(*) FROM pg_tables WHERE tablename ~ '^events_[0-9]+$'")
     printf '  worker%d (127.0.0.1:%d): %s shards, %s rows\n' "$w" $((port + w)) "$shards" "$rows"
 done
+show() { # a query, its result and its plan
+    echo
+    echo "=== $1"
+    "${coordinator[@]}" -c "$2"
+    "${coordinator[@]}" -c "EXPLAIN $2"
+}
+show "A router query: one key, one shard (Task Count: 1)" \
+    "SELECT id, tenant, country, amount FROM events WHERE id = 42"
+show "A multi-shard aggregate: partial aggregates on all 32 shards, combined on the coordinator" \
+    "SELECT country, count(*), sum(amount), avg(amount)::numeric(10,2) FROM events GROUP BY country ORDER BY country"
+show "A co-located join with a reference table: joined on each shard group" \
+    "SELECT c.name, count(*), sum(i.qty) FROM events e JOIN event_items i ON i.event_id = e.id JOIN countries c ON c.code = e.country WHERE e.amount > 1000 GROUP BY c.name ORDER BY c.name"
+
 cat <<TXT
 
 Connect to the coordinator:  psql -h 127.0.0.1 -p $port -U postgres
 Workers:                     psql -h 127.0.0.1 -p $((port + 1)) -U postgres   (and $((port + 2)))
-Try:                         COPY events TO STDOUT;  SELECT * FROM sharding.shards LIMIT 5;
+Try:                         SELECT * FROM events WHERE id = 7;  UPDATE events SET amount = 0 WHERE id = 7;
+                             SELECT * FROM sharding.shards LIMIT 5;
                              SELECT sharding.shard_for_value('events', 42::bigint);
 Stop the servers:            make demo-stop      (scripts/cluster.sh stop --dir $dir)
 Remove everything:           scripts/cluster.sh destroy --dir $dir

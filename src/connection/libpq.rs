@@ -664,7 +664,8 @@ pub struct RemoteResult(ResultGuard);
 
 pub enum ResultKind {
     Row,
-    EndOfRows,
+    /// The end of a command's rows; `affected` from its tag (UPDATE ... RETURNING counts here).
+    EndOfRows { affected: u64 },
     Command { affected: u64 },
     Error(RemoteError),
 }
@@ -675,7 +676,7 @@ impl RemoteResult {
         // SAFETY: valid result until drop.
         match unsafe { pq::PQresultStatus(res) } {
             pq::ExecStatusType::PGRES_SINGLE_TUPLE => ResultKind::Row,
-            pq::ExecStatusType::PGRES_TUPLES_OK => ResultKind::EndOfRows,
+            pq::ExecStatusType::PGRES_TUPLES_OK => ResultKind::EndOfRows { affected: self.0.affected() },
             pq::ExecStatusType::PGRES_COMMAND_OK => ResultKind::Command { affected: self.0.affected() },
             _ => match self.0.rows() {
                 Err(error) => ResultKind::Error(error),

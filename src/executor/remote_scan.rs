@@ -41,6 +41,9 @@ pub struct ShardScanPlan {
     /// A whole SELECT: even when pruning leaves no shard (a NULL key), one shard must answer,
     /// since `count(*)` of nothing is still a row.
     pub at_least_one: bool,
+    /// UPDATE/DELETE of a reference table: the tasks change every worker's copy, the child plan
+    /// (`custom_plans`) the coordinator's, and their counts must agree.
+    pub reference_write: bool,
 }
 
 impl ShardScanPlan {
@@ -168,6 +171,11 @@ struct Runtime {
     store: *mut pg_sys::Tuplestorestate,
     store_slot: *mut pg_sys::TupleTableSlot,
     filled: bool,
+    /// Rows the tasks of a reference-table write changed, over all copies.
+    remote_affected: u64,
+    local_affected: u64,
+    /// How long the tasks took (EXPLAIN ANALYZE).
+    elapsed: Option<std::time::Duration>,
     inputs: Vec<Input>,
     row_context: pg_sys::MemoryContext,
 }
@@ -198,6 +206,12 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
     let params = task_params(estate, &plan).or_raise();
     let (tasks, task_shards) = plan_tasks(node, &plan).or_raise();
 
+    if plan.reference_write {
+        let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
+        let child = (*(*(*scan).custom_plans).elements).ptr_value as *mut pg_sys::Plan;
+        let child_state = pg_sys::ExecInitNode(child, estate, eflags);
+        (*node).custom_ps = pg_sys::lappend(std::ptr::null_mut(), child_state.cast());
+    }
     let slot = (*node).ss.ss_ScanTupleSlot;
     let tupdesc = (*slot).tts_tupleDescriptor;
     let mut inputs = Vec::new();
@@ -223,6 +237,9 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
         store: pg_sys::tuplestore_begin_heap(random_access, false, *std::ptr::addr_of!(pg_sys::work_mem)),
         store_slot: pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple),
         filled: false,
+        elapsed: None,
+        remote_affected: 0,
+        local_affected: 0,
         inputs,
         row_context: pg_sys::AllocSetContextCreateExtended(
             pg_sys::CurrentMemoryContext,
@@ -371,11 +388,22 @@ unsafe fn plan_tasks(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan) -
     if indexes.is_empty() && plan.at_least_one && !anchor.shards.is_empty() {
         indexes.push(0);
     }
-    for index in indexes {
+    // A write of a reference table goes to every copy; anything else to one placement.
+    let targets: Vec<(usize, i32)> = if plan.reference_write {
+        anchor.shards.first().map(|s| s.placements.iter().map(|&n| (0, n)).collect()).unwrap_or_default()
+    } else {
+        indexes
+            .into_iter()
+            .map(|index| {
+                let shard = &anchor.shards[index];
+                shard.placements.first().map(|&n| (index, n)).ok_or_else(|| {
+                    ShardingError::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("shard {} has no placement", shard.shard_id))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    for (index, node_id) in targets {
         let shard = &anchor.shards[index];
-        let node_id = *shard.placements.first().ok_or_else(|| {
-            ShardingError::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("shard {} has no placement", shard.shard_id))
-        })?;
         let target = nodes
             .iter()
             .find(|n| n.node_id == node_id)
@@ -420,6 +448,7 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     // Writes, and everything inside a transaction block, belong to the distributed
     // transaction; a read on its own runs in the nodes' autocommit.
     let transactional = runtime.plan.modify || pg_sys::IsTransactionBlock();
+    let started = std::time::Instant::now();
     let affected = tasks::run(&runtime.tasks, &runtime.params, binary, transactional, |result| {
         if result.columns() != natts {
             return Err(ShardingError::internal(format!("a task returned {} columns, expected {natts}", result.columns())));
@@ -449,10 +478,13 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
         pg_sys::tuplestore_putvalues(store, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
         Ok(())
     })?;
-    if runtime.plan.modify {
+    if runtime.plan.reference_write {
+        runtime.remote_affected = affected;
+    } else if runtime.plan.modify {
         (*(*node).ss.ps.state).es_processed += affected;
     }
     runtime.filled = true;
+    runtime.elapsed = Some(started.elapsed());
     Ok(())
 }
 
@@ -472,6 +504,9 @@ pub unsafe extern "C-unwind" fn pg_sharding_shard_scan_next(scan_state: *mut pg_
     if !runtime.filled {
         fill(scan_state.cast(), runtime).or_raise();
     }
+    if runtime.plan.reference_write {
+        return next_local_write(scan_state, runtime).or_raise();
+    }
     let slot = (*scan_state).ss_ScanTupleSlot;
     let forward = (*(*scan_state).ps.state).es_direction != pg_sys::ScanDirection::BackwardScanDirection;
     if pg_sys::tuplestore_gettupleslot(runtime.store, forward, false, runtime.store_slot) {
@@ -481,9 +516,40 @@ pub unsafe extern "C-unwind" fn pg_sharding_shard_scan_next(scan_state: *mut pg_
     }
 }
 
+/// The coordinator's half of a reference-table write: its RETURNING rows, and at the end the
+/// check that every worker's copy changed as many rows as this one.
+unsafe fn next_local_write(scan_state: *mut pg_sys::ScanState, runtime: &mut Runtime) -> Result<*mut pg_sys::TupleTableSlot> {
+    let node = scan_state.cast::<pg_sys::CustomScanState>();
+    let estate = (*scan_state).ps.state;
+    let child = (*(*(*node).custom_ps).elements).ptr_value as *mut pg_sys::PlanState;
+    let before = (*estate).es_processed;
+    let slot = pg_sys::ExecProcNode(child);
+    if !slot.is_null() && (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 == 0 {
+        runtime.local_affected += (*estate).es_processed - before;
+        return Ok(slot);
+    }
+    runtime.local_affected += (*estate).es_processed - before;
+    let copies = runtime.tasks.len() as u64;
+    if runtime.remote_affected != runtime.local_affected * copies {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            "the copies of a reference table differ: the statement changed a different number of rows on the workers",
+        )
+        .detail(format!(
+            "{} row(s) here, {} over {copies} worker copies",
+            runtime.local_affected, runtime.remote_affected
+        ))
+        .hint("The statement was rolled back everywhere. Compare the copies, or recreate the reference table."));
+    }
+    Ok(pg_sys::ExecClearTuple((*scan_state).ss_ScanTupleSlot))
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
     let state = node as *mut ShardScanState;
+    if !(*node).custom_ps.is_null() {
+        pg_sys::ExecEndNode((*(*(*node).custom_ps).elements).ptr_value as *mut pg_sys::PlanState);
+    }
     if !(*state).runtime.is_null() {
         let runtime = &mut *(*state).runtime;
         pg_sys::tuplestore_end(runtime.store);
@@ -502,6 +568,23 @@ unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
     }
 }
 
+/// The worker's EXPLAIN of a task, one line per plan line.
+fn remote_plan(task: &Task, params: &[TaskParam]) -> Result<String> {
+    let sql = format!("EXPLAIN {}", task.sql.to_string_lossy());
+    let explain = Task { node: task.node.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))? };
+    let params: Vec<TaskParam> = params.iter().map(|p| TaskParam { type_oid: p.type_oid, value: p.value.clone(), format: p.format }).collect();
+    let mut lines = Vec::new();
+    // SAFETY: called from EXPLAIN inside a transaction, like the scan itself.
+    let transactional = unsafe { pg_sys::IsTransactionBlock() };
+    tasks::run(std::slice::from_ref(&explain), &params, false, transactional, |row| {
+        if let Some(line) = row.value(0) {
+            lines.push(String::from_utf8_lossy(line).into_owned());
+        }
+        Ok(())
+    })?;
+    Ok(lines.join("\n"))
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancestors: *mut pg_sys::List, es: *mut pg_sys::ExplainState) {
     let state = node as *mut ShardScanState;
@@ -518,16 +601,31 @@ unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancesto
     pg_sys::ExplainPropertyText(c"Tasks Shown".as_ptr(), label.as_ptr(), es);
     let mut shards: Vec<String> = runtime.task_shards.iter().map(|s| s.to_string()).collect();
     shards.dedup();
-    let shards = CString::new(shards.join(", ")).unwrap_or_default();
+    let shards = if shards.len() > 4 {
+        format!("{} shards: {}, {}, ..., {}", shards.len(), shards[0], shards[1], shards[shards.len() - 1])
+    } else {
+        shards.join(", ")
+    };
+    let shards = CString::new(shards).unwrap_or_default();
     pg_sys::ExplainPropertyText(c"Shards".as_ptr(), shards.as_ptr(), es);
     let mut nodes: Vec<String> = runtime.tasks.iter().map(|t| format!("{}:{}", t.node.host, t.node.port)).collect();
     nodes.sort();
     nodes.dedup();
     let nodes = CString::new(nodes.join(", ")).unwrap_or_default();
     pg_sys::ExplainPropertyText(c"Nodes".as_ptr(), nodes.as_ptr(), es);
+    if let Some(elapsed) = runtime.elapsed {
+        pg_sys::ExplainPropertyFloat(c"Remote Execution Time".as_ptr(), c"ms".as_ptr(), elapsed.as_secs_f64() * 1000.0, 3, es);
+    }
     for task in runtime.tasks.iter().take(shown) {
         let node = CString::new(format!("{}:{}", task.node.host, task.node.port)).unwrap_or_default();
         pg_sys::ExplainPropertyText(c"Task Node".as_ptr(), node.as_ptr(), es);
         pg_sys::ExplainPropertyText(c"Remote SQL".as_ptr(), task.sql.as_ptr(), es);
+        // With VERBOSE or ANALYZE, the node's own plan for the task (EXPLAIN without ANALYZE
+        // there: the task itself already ran, and must not run twice).
+        if (*es).verbose || (*es).analyze {
+            let plan = remote_plan(task, &runtime.params).or_raise();
+            let plan = CString::new(plan).unwrap_or_default();
+            pg_sys::ExplainPropertyText(c"Remote Plan".as_ptr(), plan.as_ptr(), es);
+        }
     }
 }

@@ -83,7 +83,7 @@ pub fn run(
                         progress = true;
                         match result.kind() {
                             ResultKind::Row => on_row(&result)?,
-                            ResultKind::EndOfRows => {}
+                            ResultKind::EndOfRows { affected: n } => affected += n,
                             ResultKind::Command { affected: n } => affected += n,
                             ResultKind::Error(error) => return Err(remote::remote_error(queue.node, error)),
                         }

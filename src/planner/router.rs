@@ -301,21 +301,25 @@ pub unsafe fn plan_statement(
     }
     let mut analysis = Analysis::default();
     analysis.query(parse)?;
+    let modify = command != CMD_SELECT;
+    if modify {
+        let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+        let rte = rtes[(*parse).resultRelation as usize - 1];
+        if let Some(table) = cache::table_unless_reentrant((*rte).relid)? {
+            if table.method == Method::Reference {
+                return reference_write(parse, &analysis, &table, query_string, cursor_options, bound_params).map(Some);
+            }
+        }
+    }
     if analysis.tables.is_empty() {
         return Ok(None);
     }
-    let modify = command != CMD_SELECT;
     let target: Option<Rc<DistributedTable>> = if modify {
         let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
         let rte = rtes[(*parse).resultRelation as usize - 1];
         match cache::table_unless_reentrant((*rte).relid)? {
             Some(table) if table.method == Method::Hash => Some(table),
-            Some(table) => {
-                return Err(unsupported(format!(
-                    "UPDATE and DELETE on reference table \"{}\" are not supported yet",
-                    table.name
-                )))
-            }
+            Some(_) => return Err(ShardingError::internal("reference table writes are planned above")),
             None => return Ok(None), // a local table: PostgreSQL's plan, reading through ShardScans
         }
     } else {
@@ -415,6 +419,64 @@ pub unsafe fn plan_statement(
     plan.modify = modify;
     plan.at_least_one = !modify;
     Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
+}
+
+/// UPDATE or DELETE of a reference table: PostgreSQL's plan for the coordinator's copy, under
+/// a ShardScan that first runs the same statement on every worker's copy (in the distributed
+/// transaction) and then checks that every copy changed as many rows.
+unsafe fn reference_write(
+    parse: *mut pg_sys::Query,
+    analysis: &Analysis,
+    table: &DistributedTable,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> Result<*mut pg_sys::PlannedStmt> {
+    if !analysis.tables.is_empty() || analysis.local {
+        return Err(unsupported(format!(
+            "UPDATE or DELETE of reference table \"{}\" reading distributed or local tables is not supported",
+            table.name
+        ))
+        .detail("Every copy of a reference table must change the same way; only other reference tables exist on every node."));
+    }
+    if (*parse).hasModifyingCTE {
+        return Err(unsupported("data-modifying WITH queries on reference tables are not supported yet"));
+    }
+    if !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true }) {
+        return Err(unsupported(format!(
+            "UPDATE or DELETE of reference table \"{}\" with functions that are not immutable or not built in is not supported yet",
+            table.name
+        ))
+        .detail("Each copy would compute its own value of now(), random() or nextval()."));
+    }
+    let deparsed = deparse_query(parse)?;
+    let mut plan = ShardScanPlan::from_deparsed(&deparsed, table.relid);
+    let mut params_used = Vec::new();
+    collect_params(parse.cast(), &mut params_used);
+    plan.max_param = params_used.iter().copied().max().unwrap_or(0);
+    plan.params_used = params_used;
+    plan.modify = true;
+    plan.reference_write = true;
+
+    let planned = pg_sys::standard_planner(parse, query_string, cursor_options, bound_params);
+    let local = (*planned).planTree;
+    let mut scan_tlist: *mut pg_sys::List = std::ptr::null_mut();
+    let mut tlist: *mut pg_sys::List = std::ptr::null_mut();
+    for entry in list_pointers::<pg_sys::TargetEntry>((*local).targetlist) {
+        let expr = (*entry).expr.cast::<pg_sys::Node>();
+        let var = pg_sys::makeVar(pg_sys::INDEX_VAR, (*entry).resno, pg_sys::exprType(expr), pg_sys::exprTypmod(expr), pg_sys::exprCollation(expr), 0);
+        scan_tlist = pg_sys::lappend(scan_tlist, pg_sys::makeTargetEntry(var.cast(), (*entry).resno, (*entry).resname, false).cast());
+        let out = pg_sys::copyObjectImpl(var.cast());
+        tlist = pg_sys::lappend(tlist, pg_sys::makeTargetEntry(out.cast(), (*entry).resno, (*entry).resname, false).cast());
+    }
+    let scan = make_scan(&plan, Vec::new(), 0, tlist, scan_tlist, std::ptr::null_mut())?;
+    (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), local.cast());
+    (*scan).scan.plan.startup_cost = (*local).startup_cost;
+    (*scan).scan.plan.total_cost = (*local).total_cost + 100.0;
+    (*scan).scan.plan.plan_rows = (*local).plan_rows;
+    (*scan).scan.plan.plan_width = (*local).plan_width;
+    (*planned).planTree = scan.cast();
+    Ok(planned)
 }
 
 /// The PlannedStmt around a ShardScan that returns `outputs`.

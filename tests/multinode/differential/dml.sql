@@ -23,4 +23,8 @@ INSERT INTO orders SELECT id + 1000, id, score, 'copied', name FROM users WHERE 
 INSERT INTO items SELECT o.id, o.user_id, 'from ' || o.status, 1 FROM orders o JOIN users u ON u.id = o.user_id WHERE u.region = 'jp' RETURNING order_id, user_id;
 INSERT INTO events SELECT id + 10000, user_id, kind, payload, at FROM events WHERE kind = 'buy';
 UPDATE users SET score = score WHERE false;
+UPDATE regions SET label = upper(label) WHERE code <> 'jp' RETURNING code, label;
+INSERT INTO regions VALUES ('xx', 'Elsewhere');
+DELETE FROM regions WHERE code = 'br';
+UPDATE regions r SET label = r.label || ' (' || r2.code || ')' FROM regions r2 WHERE r2.code = r.code AND r.code = 'xx';
 DELETE FROM events WHERE id = -1;

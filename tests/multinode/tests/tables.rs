@@ -292,8 +292,24 @@ fn reference_tables_live_on_every_node() {
         let n: i64 = scalar(&mut cluster.connect_port(placement.port), &format!("SELECT count(*) FROM {}", placement.shard_name));
         assert_eq!(n, 4);
     }
+    // UPDATE and DELETE change every copy, or none.
+    assert_eq!(c.execute("UPDATE countries SET name = upper(name) WHERE code <> 'jp'", &[]).unwrap(), 3);
+    c.execute("INSERT INTO countries VALUES ('it', 'Italy')", &[]).unwrap();
+    assert_eq!(c.execute("DELETE FROM countries WHERE code = 'it'", &[]).unwrap(), 1);
+    c.execute("INSERT INTO countries VALUES ('it', 'Italy')", &[]).unwrap();
+    for placement in &placements {
+        let mut w = cluster.connect_port(placement.port);
+        let upper: i64 = scalar(&mut w, &format!("SELECT count(*) FROM {} WHERE name = upper(name)", placement.shard_name));
+        assert_eq!(upper, 3, "copy on port {}", placement.port);
+    }
+    // A copy that drifted is noticed, and nothing changes anywhere.
+    let drifted = &placements[0];
+    cluster.connect_port(drifted.port).batch_execute(&format!("DELETE FROM {} WHERE code = 'it'", drifted.shard_name)).unwrap();
     let (code, ..) = expect_error(&mut c, "UPDATE countries SET name = 'x'");
-    assert_eq!(code, "0A000", "writes to reference tables wait for the query engine");
+    assert_eq!(code, "XX001");
+    let unchanged: i64 = scalar(&mut c, "SELECT count(*) FROM countries WHERE name = 'x'");
+    assert_eq!(unchanged, 0);
+    cluster.connect_port(drifted.port).batch_execute(&format!("INSERT INTO {} VALUES ('it', 'Italy')", drifted.shard_name)).unwrap();
 
     // A node that leaves takes its copy along; a node that joins gets one.
     let w2 = cluster.worker_port(2) as i32;
@@ -305,7 +321,7 @@ fn reference_tables_live_on_every_node() {
     assert_eq!(placements.len(), 2);
     for placement in &placements {
         let n: i64 = scalar(&mut cluster.connect_port(placement.port), &format!("SELECT count(*) FROM {}", placement.shard_name));
-        assert_eq!(n, 4, "copy on port {}", placement.port);
+        assert_eq!(n, 5, "copy on port {}", placement.port);
     }
 }
 
