@@ -44,6 +44,9 @@ pub struct ShardScanPlan {
     /// UPDATE/DELETE of a reference table: the tasks change every worker's copy, the child plan
     /// (`custom_plans`) the coordinator's, and their counts must agree.
     pub reference_write: bool,
+    /// Parameters the coordinator computes when the statement runs: (parameter id, index into
+    /// `custom_exprs`) (see planner/hoist.rs).
+    pub hoisted: Vec<(i32, usize)>,
 }
 
 impl ShardScanPlan {
@@ -203,7 +206,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
     let state = node as *mut ShardScanState;
     let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
     let plan = plan_of(scan).or_raise();
-    let params = task_params(estate, &plan).or_raise();
+    let params = task_params(node, estate, &plan).or_raise();
     let (tasks, task_shards) = plan_tasks(node, &plan).or_raise();
 
     if plan.reference_write {
@@ -261,33 +264,42 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
 
 /// The statement's parameter values for the workers: built-in types in binary, others as
 /// text with the type left for the worker to infer.
-unsafe fn task_params(estate: *mut pg_sys::EState, plan: &ShardScanPlan) -> Result<Vec<TaskParam>> {
+unsafe fn task_params(node: *mut pg_sys::CustomScanState, estate: *mut pg_sys::EState, plan: &ShardScanPlan) -> Result<Vec<TaskParam>> {
     let list = (*estate).es_param_list_info;
     let mut params = Vec::with_capacity(plan.max_param.max(0) as usize);
     for id in 1..=plan.max_param {
         let unused = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: None, format: 0 };
-        if !plan.params_used.contains(&id) || list.is_null() || id > (*list).numParams {
-            params.push(unused);
-            continue;
-        }
-        let mut workspace: pg_sys::ParamExternData = std::mem::zeroed();
-        let data: *mut pg_sys::ParamExternData = match (*list).paramFetch {
-            Some(fetch) => fetch(list, id, false, &mut workspace),
-            None => (*list).params.as_mut_ptr().add(id as usize - 1),
+        let (type_oid, value, isnull) = if let Some(&(_, index)) = plan.hoisted.iter().find(|(h, _)| *h == id) {
+            let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
+            let expr = (*(*(*scan).custom_exprs).elements.add(index)).ptr_value as *mut pg_sys::Expr;
+            let state = pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps);
+            let mut isnull = false;
+            let value = pg_sys::ExecEvalExprSwitchContext(state, (*node).ss.ps.ps_ExprContext, &mut isnull);
+            (pg_sys::exprType(expr.cast()), value, isnull)
+        } else {
+            if !plan.params_used.contains(&id) || list.is_null() || id > (*list).numParams {
+                params.push(unused);
+                continue;
+            }
+            let mut workspace: pg_sys::ParamExternData = std::mem::zeroed();
+            let data: *mut pg_sys::ParamExternData = match (*list).paramFetch {
+                Some(fetch) => fetch(list, id, false, &mut workspace),
+                None => (*list).params.as_mut_ptr().add(id as usize - 1),
+            };
+            ((*data).ptype, (*data).value, (*data).isnull)
         };
-        let type_oid = (*data).ptype;
         if type_oid == pg_sys::InvalidOid {
             params.push(unused);
             continue;
         }
         let builtin = type_oid.to_u32() < pg_sys::FirstNormalObjectId;
-        let value = if (*data).isnull {
+        let value = if isnull {
             None
         } else if builtin {
             let mut send = pg_sys::InvalidOid;
             let mut varlena = false;
             pg_sys::getTypeBinaryOutputInfo(type_oid, &mut send, &mut varlena);
-            let bytes = pg_sys::OidSendFunctionCall(send, (*data).value);
+            let bytes = pg_sys::OidSendFunctionCall(send, value);
             let len = pgrx::varsize_any_exhdr(bytes.cast());
             Some(std::slice::from_raw_parts(pgrx::vardata_any(bytes.cast()).cast::<u8>(), len).to_vec())
         } else {
@@ -295,7 +307,7 @@ unsafe fn task_params(estate: *mut pg_sys::EState, plan: &ShardScanPlan) -> Resu
             let mut output = pg_sys::InvalidOid;
             let mut varlena = false;
             pg_sys::getTypeOutputInfo(type_oid, &mut output, &mut varlena);
-            let text = CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, (*data).value));
+            let text = CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, value));
             let mut bytes = text.to_bytes().to_vec();
             bytes.push(0);
             Some(bytes)

@@ -333,7 +333,15 @@ pub unsafe fn plan_statement(
     } else {
         None
     };
-    let statement_ships = shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true });
+    // Writes get the coordinator's values of now() and friends as parameters (hoist.rs).
+    let mut user_params = Vec::new();
+    collect_params(parse.cast(), &mut user_params);
+    let (shipped, hoisted) = if modify {
+        super::hoist::hoist(parse, user_params.iter().copied().max().unwrap_or(0) + 1)
+    } else {
+        (parse, Vec::new())
+    };
+    let statement_ships = shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true });
     let outputs = output_columns(if modify { (*parse).returningList } else { (*parse).targetList });
     let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));
 
@@ -375,9 +383,9 @@ pub unsafe fn plan_statement(
         }
         if !statement_ships {
             return Err(unsupported(format!(
-                "UPDATE or DELETE of distributed table \"{table}\" with functions that are not immutable or not built in is not supported yet"
+                "UPDATE or DELETE of distributed table \"{table}\" with volatile functions per row is not supported yet"
             ))
-            .detail("now(), random(), nextval() and user-defined functions would be evaluated on the workers."));
+            .detail("random(), nextval() and volatile user-defined functions would be evaluated on the workers."));
         }
         if !outputs_receivable {
             return Err(unsupported("RETURNING of anonymous records from a distributed table is not supported"));
@@ -399,7 +407,7 @@ pub unsafe fn plan_statement(
         }
     }
 
-    let deparsed = deparse_query(parse)?;
+    let deparsed = deparse_query(shipped)?;
     let anchor = target.clone().unwrap_or_else(|| analysis.tables[0].clone());
     let mut plan = ShardScanPlan::from_deparsed(&deparsed, anchor.relid);
     let mut exprs = Vec::new();
@@ -412,9 +420,13 @@ pub unsafe fn plan_statement(
         plan.prune = vec![vec![(0, false)]];
     }
     let mut params_used = Vec::new();
-    collect_params(parse.cast(), &mut params_used);
+    collect_params(shipped.cast(), &mut params_used);
     plan.max_param = params_used.iter().copied().max().unwrap_or(0);
     plan.params_used = params_used;
+    for (id, expr) in hoisted {
+        plan.hoisted.push((id, exprs.len()));
+        exprs.push(expr);
+    }
     plan.binary = outputs.iter().all(|e| pg_sys::exprType((**e).expr.cast()).to_u32() < pg_sys::FirstNormalObjectId);
     plan.modify = modify;
     plan.at_least_one = !modify;
@@ -442,19 +454,27 @@ unsafe fn reference_write(
     if (*parse).hasModifyingCTE {
         return Err(unsupported("data-modifying WITH queries on reference tables are not supported yet"));
     }
-    if !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true }) {
+    let mut user_params = Vec::new();
+    collect_params(parse.cast(), &mut user_params);
+    let (shipped, hoisted) = super::hoist::hoist(parse, user_params.iter().copied().max().unwrap_or(0) + 1);
+    if !shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true }) {
         return Err(unsupported(format!(
-            "UPDATE or DELETE of reference table \"{}\" with functions that are not immutable or not built in is not supported yet",
+            "UPDATE or DELETE of reference table \"{}\" with volatile functions is not supported",
             table.name
         ))
-        .detail("Each copy would compute its own value of now(), random() or nextval()."));
+        .detail("Each copy would compute its own value of random() or nextval()."));
     }
-    let deparsed = deparse_query(parse)?;
+    let deparsed = deparse_query(shipped)?;
     let mut plan = ShardScanPlan::from_deparsed(&deparsed, table.relid);
     let mut params_used = Vec::new();
-    collect_params(parse.cast(), &mut params_used);
+    collect_params(shipped.cast(), &mut params_used);
     plan.max_param = params_used.iter().copied().max().unwrap_or(0);
     plan.params_used = params_used;
+    let mut exprs = Vec::new();
+    for (id, expr) in hoisted {
+        plan.hoisted.push((id, exprs.len()));
+        exprs.push(expr);
+    }
     plan.modify = true;
     plan.reference_write = true;
 
@@ -469,7 +489,7 @@ unsafe fn reference_write(
         let out = pg_sys::copyObjectImpl(var.cast());
         tlist = pg_sys::lappend(tlist, pg_sys::makeTargetEntry(out.cast(), (*entry).resno, (*entry).resname, false).cast());
     }
-    let scan = make_scan(&plan, Vec::new(), 0, tlist, scan_tlist, std::ptr::null_mut())?;
+    let scan = make_scan(&plan, exprs, 0, tlist, scan_tlist, std::ptr::null_mut())?;
     (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), local.cast());
     (*scan).scan.plan.startup_cost = (*local).startup_cost;
     (*scan).scan.plan.total_cost = (*local).total_cost + 100.0;

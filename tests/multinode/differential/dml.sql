@@ -28,3 +28,7 @@ INSERT INTO regions VALUES ('xx', 'Elsewhere');
 DELETE FROM regions WHERE code = 'br';
 UPDATE regions r SET label = r.label || ' (' || r2.code || ')' FROM regions r2 WHERE r2.code = r.code AND r.code = 'xx';
 DELETE FROM events WHERE id = -1;
+UPDATE users SET created = current_date - 1, name = name || ' @' || to_char(now(), 'YYYY') WHERE id IN (3, 4) RETURNING id, created = current_date - 1;
+UPDATE orders SET note = current_setting('DateStyle') WHERE user_id = 5 AND amount > 0;
+DELETE FROM events WHERE at < now() - interval '1000 years';
+UPDATE regions SET label = label || ' ' || current_setting('IntervalStyle') WHERE code = 'eu';

@@ -7,4 +7,5 @@ SELECT * FROM users TABLESAMPLE SYSTEM (10);
 UPDATE users SET id = id + 1 WHERE id = 5;
 DELETE FROM orders WHERE user_id IN (SELECT id FROM users WHERE region IS NULL);
 UPDATE regions r SET label = 'x' WHERE EXISTS (SELECT 1 FROM users u WHERE u.region = r.code AND u.id = 1);
-UPDATE regions SET label = now()::text;
+UPDATE regions SET label = random()::text;
+UPDATE users SET score = (random() * 100)::int WHERE id = 3;
