@@ -579,14 +579,19 @@ impl RemoteConnection {
     /// Checks a connection that sat idle: reads whatever the node sent meanwhile (a server
     /// shutting down says so and closes) without waiting. False when it is no longer usable.
     pub fn probe(&self) -> bool {
-        // SAFETY: valid connection; PQconsumeInput does not block in non-blocking mode. Twice:
-        // a closing server's last message and its end of stream may take one read each.
-        unsafe {
-            pq::PQconsumeInput(self.conn.as_ptr()) == 1
-                && pq::PQconsumeInput(self.conn.as_ptr()) == 1
-                && self.is_ok()
-                && pq::PQisBusy(self.conn.as_ptr()) == 0
+        // One peek at the socket: nothing to read is the healthy case. A server that shut down
+        // has sent its last message and closed; anything at all from an idle session means it
+        // is not usable.
+        let socket = self.socket();
+        if socket < 0 || !self.is_ok() {
+            return false;
         }
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a local buffer, non-blocking.
+        let peeked = unsafe {
+            libc_recv(socket, (&mut byte as *mut u8).cast(), 1, MSG_PEEK | MSG_DONTWAIT)
+        };
+        peeked < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
     }
 
     /// True when the node is not running a command for us and no transaction is open.
@@ -715,6 +720,14 @@ impl Drop for RemoteConnection {
         // SAFETY: conn came from PQconnectdbParams and is finished exactly once.
         unsafe { pq::PQfinish(self.conn.as_ptr()) }
     }
+}
+
+const MSG_PEEK: i32 = 0x02;
+const MSG_DONTWAIT: i32 = 0x40;
+
+extern "C" {
+    #[link_name = "recv"]
+    fn libc_recv(socket: i32, buffer: *mut std::ffi::c_void, length: usize, flags: i32) -> isize;
 }
 
 struct ResultGuard(NonNull<pq::PGresult>);

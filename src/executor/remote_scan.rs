@@ -459,7 +459,12 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     let inputs = &mut runtime.inputs;
     // Writes, and everything inside a transaction block, belong to the distributed
     // transaction; a read on its own runs in the nodes' autocommit.
-    let transactional = runtime.plan.modify || pg_sys::IsTransactionBlock();
+    // A single-shard write without RETURNING outside a transaction block is atomic on its
+    // own: it commits on the worker in the same round trip (nothing can fail here after it).
+    let in_block = pg_sys::IsTransactionBlock();
+    let autocommit_write =
+        runtime.plan.modify && !runtime.plan.reference_write && runtime.tasks.len() == 1 && natts == 0 && !in_block;
+    let transactional = in_block || (runtime.plan.modify && !autocommit_write);
     let started = std::time::Instant::now();
     let affected = tasks::run(&runtime.tasks, &runtime.params, binary, transactional, |result| {
         if result.columns() != natts {
