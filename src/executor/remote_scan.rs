@@ -47,6 +47,9 @@ pub struct ShardScanPlan {
     /// Parameters the coordinator computes when the statement runs: (parameter id, index into
     /// `custom_exprs`) (see planner/hoist.rs).
     pub hoisted: Vec<(i32, usize)>,
+    /// Pruning values carried in the plan itself (nodeToString), for scans whose plan node is
+    /// built from a serialized plan (split queries): they become the `custom_exprs`.
+    pub prune_nodes: Vec<String>,
 }
 
 impl ShardScanPlan {

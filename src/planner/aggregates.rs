@@ -252,10 +252,20 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
     pg_sys::expression_tree_mutator(node, Some(std::mem::transmute(mutator)), context)
 }
 
-/// Whether the query is a single-level aggregation this module can split.
+/// The top-level AND-ed conditions of a WHERE clause.
+unsafe fn top_conjuncts(node: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
+    if node.is_null() {
+        return Vec::new();
+    }
+    if (*node).type_ == pg_sys::NodeTag::T_BoolExpr && (*node.cast::<pg_sys::BoolExpr>()).boolop == pg_sys::BoolExprType::AND_EXPR {
+        return list_pointers::<pg_sys::Node>((*node.cast::<pg_sys::BoolExpr>()).args).into_iter().flat_map(|n| top_conjuncts(n)).collect();
+    }
+    vec![node]
+}
+
+/// Whether the query is a single-level query this module can split.
 unsafe fn eligible(parse: *mut pg_sys::Query) -> bool {
     (*parse).commandType == pg_sys::CmdType::CMD_SELECT
-        && ((*parse).hasAggs || !(*parse).groupClause.is_null())
         && !(*parse).hasWindowFuncs
         && !(*parse).hasTargetSRFs
         && !(*parse).hasSubLinks
@@ -264,17 +274,40 @@ unsafe fn eligible(parse: *mut pg_sys::Query) -> bool {
         && (*parse).cteList.is_null()
         && (*parse).setOperations.is_null()
         && (*parse).groupingSets.is_null()
-        && (*parse).distinctClause.is_null()
         && (*parse).rowMarks.is_null()
-        && list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable)
-            .iter()
-            .all(|&rte| matches!((*rte).rtekind, pg_sys::RTEKind::RTE_RELATION | pg_sys::RTEKind::RTE_JOIN))
+        && list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable).iter().all(|&rte| {
+            matches!((*rte).rtekind, pg_sys::RTEKind::RTE_RELATION | pg_sys::RTEKind::RTE_JOIN) && (*rte).tablesample.is_null()
+        })
+        && !references_whole_rows_or_system_columns(parse)
+}
+
+/// Whole-row references and system columns mean something else on a shard (its row type, its
+/// ctid): such queries take the general plan, which refuses them clearly.
+unsafe fn references_whole_rows_or_system_columns(parse: *mut pg_sys::Query) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Var {
+            return (*node.cast::<pg_sys::Var>()).varattno <= 0;
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    let context = std::ptr::null_mut();
+    walker((*parse).targetList.cast(), context)
+        || walker((*parse).jointree.cast(), context)
+        || walker((*parse).havingQual, context)
 }
 
 /// The coordinator query of a split aggregation, or `None` when the query does not split.
 /// `anchor` is the distributed table whose shards define the tasks (every distributed table of
 /// the query must be co-located with it and joined on the distribution column).
-pub unsafe fn split(parse: *mut pg_sys::Query, anchor: pg_sys::Oid) -> Result<Option<*mut pg_sys::Query>> {
+pub unsafe fn split(
+    parse: *mut pg_sys::Query,
+    anchor: pg_sys::Oid,
+    distributed: &[(u32, std::rc::Rc<crate::catalog::tables::DistributedTable>)],
+) -> Result<Option<*mut pg_sys::Query>> {
     if !eligible(parse) {
         return Ok(None);
     }
@@ -292,19 +325,39 @@ pub unsafe fn split(parse: *mut pg_sys::Query, anchor: pg_sys::Oid) -> Result<Op
         unsupported: false,
     };
     split.worker_columns = split.keys.clone();
+    let aggregating = (*parse).hasAggs || !(*parse).groupClause.is_null();
 
     // The coordinator's select list and HAVING: aggregates combined, keys read from columns.
+    // Without aggregation every output column is computed on the shards.
     let context = (&mut split as *mut Split).cast();
     let mut coordinator_list: *mut pg_sys::List = std::ptr::null_mut();
-    for &entry in &entries {
+    for (i, &entry) in entries.iter().enumerate() {
         let copy: *mut pg_sys::TargetEntry = pg_sys::copyObjectImpl(entry.cast()).cast();
-        (*copy).expr = mutate((*entry).expr.cast(), context).cast();
+        if aggregating {
+            (*copy).expr = mutate((*entry).expr.cast(), context).cast();
+        } else {
+            split.worker_columns.push((*entry).expr.cast());
+            let expr = (*entry).expr.cast::<pg_sys::Node>();
+            (*copy).expr = pg_sys::makeVar(1, (i + 1) as i16, pg_sys::exprType(expr), pg_sys::exprTypmod(expr), pg_sys::exprCollation(expr), 0).cast();
+        }
         coordinator_list = pg_sys::lappend(coordinator_list, copy.cast());
     }
     let having = mutate((*parse).havingQual, context);
-    if split.unsupported {
+    // Every worker column must come back as a value the coordinator can read.
+    let readable = split.worker_columns.iter().all(|&c| {
+        let typ = pg_sys::exprType(c);
+        typ != pg_sys::RECORDOID && pg_sys::get_typtype(typ) != pg_sys::TYPTYPE_PSEUDO as std::ffi::c_char
+    });
+    if split.unsupported || !readable {
         return Ok(None);
     }
+    // ORDER BY ... LIMIT without aggregation: each shard returns only its first rows.
+    let top_n = !aggregating
+        && !(*parse).sortClause.is_null()
+        && !(*parse).limitCount.is_null()
+        && (*parse).limitOffset.is_null()
+        && (*parse).distinctClause.is_null()
+        && (*parse).limitOption == pg_sys::LimitOption::LIMIT_OPTION_COUNT;
 
     // The worker query: the original FROM and WHERE, grouped by the keys, returning the keys
     // and the partial aggregates.
@@ -313,26 +366,47 @@ pub unsafe fn split(parse: *mut pg_sys::Query, anchor: pg_sys::Oid) -> Result<Op
     for (i, &expr) in split.worker_columns.iter().enumerate() {
         let name = CString::new(format!("c{}", i + 1)).unwrap_or_default();
         let entry = pg_sys::makeTargetEntry(pg_sys::copyObjectImpl(expr.cast()).cast(), (i + 1) as i16, pg_sys::pstrdup(name.as_ptr()), false);
-        if i < key_entries.len() {
+        if aggregating && i < key_entries.len() {
             (*entry).ressortgroupref = (*key_entries[i]).ressortgroupref;
+        } else if !aggregating {
+            (*entry).ressortgroupref = (*entries[i]).ressortgroupref;
         }
         worker_list = pg_sys::lappend(worker_list, entry.cast());
     }
     (*worker).targetList = worker_list;
     (*worker).havingQual = std::ptr::null_mut();
-    (*worker).sortClause = std::ptr::null_mut();
-    (*worker).limitCount = std::ptr::null_mut();
+    (*worker).distinctClause = std::ptr::null_mut();
+    (*worker).hasDistinctOn = false;
+    if !top_n {
+        (*worker).sortClause = std::ptr::null_mut();
+        (*worker).limitCount = std::ptr::null_mut();
+    }
     (*worker).limitOffset = std::ptr::null_mut();
-    (*worker).hasAggs = split.worker_columns.len() > key_entries.len();
+    (*worker).hasAggs = aggregating && split.worker_columns.len() > key_entries.len();
     let deparsed = deparse_query(worker)?;
     let mut plan = ShardScanPlan::from_deparsed(&deparsed, anchor);
+    // Pruning by the WHERE clause's conditions on any distributed table's distribution column
+    // (co-located tables share their shard intervals).
+    let conjuncts = top_conjuncts((*(*parse).jointree).quals);
+    for (rti, table) in distributed {
+        for disjunction in crate::planner::pins::scan_pins(table, *rti as i32, &conjuncts) {
+            let mut indexes = Vec::new();
+            for (value, is_array) in disjunction {
+                let value: *mut pg_sys::Node = pg_sys::copyObjectImpl(value.cast()).cast();
+                pg_sys::fix_opfuncids(value);
+                indexes.push((plan.prune_nodes.len(), is_array));
+                plan.prune_nodes.push(std::ffi::CStr::from_ptr(pg_sys::nodeToString(value.cast())).to_string_lossy().into_owned());
+            }
+            plan.prune.push(indexes);
+        }
+    }
     let mut params_used = Vec::new();
     collect_params(worker.cast(), &mut params_used);
     plan.max_param = params_used.iter().copied().max().unwrap_or(0);
     plan.params_used = params_used;
     plan.binary = split.worker_columns.iter().all(|&c| pg_sys::exprType(c).to_u32() < pg_sys::FirstNormalObjectId);
-    // A query without GROUP BY returns one row even over no rows: every shard answers.
-    plan.at_least_one = true;
+    // An aggregate without GROUP BY returns one row even over no rows: some shard answers.
+    plan.at_least_one = aggregating;
     let json = serde_json::to_string(&plan).map_err(|e| ShardingError::internal(e.to_string()))?;
 
     // The coordinator query over the tasks' rows.
@@ -393,7 +467,9 @@ pub unsafe fn split(parse: *mut pg_sys::Query, anchor: pg_sys::Oid) -> Result<Op
     (*coordinator).limitCount = pg_sys::copyObjectImpl((*parse).limitCount.cast()).cast();
     (*coordinator).limitOffset = pg_sys::copyObjectImpl((*parse).limitOffset.cast()).cast();
     (*coordinator).limitOption = (*parse).limitOption;
-    (*coordinator).hasAggs = true;
+    (*coordinator).hasAggs = (*parse).hasAggs;
+    (*coordinator).distinctClause = pg_sys::copyObjectImpl((*parse).distinctClause.cast()).cast();
+    (*coordinator).hasDistinctOn = (*parse).hasDistinctOn;
     (*coordinator).stmt_location = (*parse).stmt_location;
     (*coordinator).stmt_len = (*parse).stmt_len;
     Ok(Some(coordinator))

@@ -353,7 +353,17 @@ pub unsafe fn plan_statement(
             && analysis.pinning.connected(&keys)
             && outer_joins_keep_rows_in_groups(parse, &analysis)
         {
-            if let Some(coordinator) = super::aggregates::split(parse, analysis.tables[0].relid)? {
+            let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+            let distributed: Vec<(u32, Rc<DistributedTable>)> = analysis
+                .dist_keys
+                .iter()
+                .filter(|(level, _, _)| *level == 0)
+                .filter_map(|&(_, rti, _)| {
+                    let relid = (*rtes[rti as usize - 1]).relid;
+                    analysis.tables.iter().find(|t| t.relid == relid).map(|t| (rti, t.clone()))
+                })
+                .collect();
+            if let Some(coordinator) = super::aggregates::split(parse, analysis.tables[0].relid, &distributed)? {
                 let planned = pg_sys::standard_planner(coordinator, query_string, cursor_options, bound_params);
                 // The original tables: permission checks, locks and invalidation of cached plans.
                 crate::deparse::query::for_each_rte(parse, &mut |rte| {

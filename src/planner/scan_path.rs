@@ -6,7 +6,7 @@
 //! shards the clauses allow, and the coordinator's executor does the rest (joins with anything,
 //! aggregates, window functions, sorting) exactly as on a single server.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -267,7 +267,15 @@ unsafe fn results_scan(
             local = pg_sys::lappend(local, (*info).clause.cast());
         }
     }
-    make_scan(plan, Vec::new(), 0, tlist, scan_tlist, local)
+    let exprs = plan
+        .prune_nodes
+        .iter()
+        .map(|text| {
+            let text = CString::new(text.as_str()).unwrap_or_default();
+            pg_sys::stringToNode(text.as_ptr()).cast::<pg_sys::Node>()
+        })
+        .collect();
+    make_scan(plan, exprs, 0, tlist, scan_tlist, local)
 }
 
 /// Ids of the external parameters (`$n`) in `node`.

@@ -131,6 +131,12 @@ SELECT u.id FROM users u WHERE u.id IN (SELECT user_id FROM orders WHERE status 
 SELECT u.id FROM users u WHERE u.id NOT IN (SELECT user_id FROM orders WHERE user_id IS NOT NULL);
 SELECT u.id, x.total FROM users u, LATERAL (SELECT sum(amount) AS total FROM orders o WHERE o.user_id = u.id) x WHERE u.score < 10;
 SELECT u.id, x.id FROM users u CROSS JOIN LATERAL (SELECT id FROM orders o WHERE o.user_id = u.id ORDER BY o.amount DESC NULLS LAST, o.id LIMIT 1) x;
+SELECT u.name, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE o.amount > 200 ORDER BY o.amount DESC, o.id LIMIT 5;
+SELECT o.id FROM orders o JOIN users u ON u.id = o.user_id WHERE u.id IN (3, 7, 11);
+SELECT DISTINCT u.region FROM users u JOIN orders o ON o.user_id = u.id WHERE o.status = 'new';
+SELECT id FROM users ORDER BY id LIMIT 0;
+SELECT score FROM users ORDER BY score FETCH FIRST 3 ROWS WITH TIES;
+SELECT u.id, o.id, r.label FROM users u LEFT JOIN orders o ON o.user_id = u.id LEFT JOIN regions r ON r.code = u.region WHERE u.score < 3;
 -- Reference tables
 SELECT r.label, count(u.id) FROM regions r LEFT JOIN users u ON u.region = r.code GROUP BY r.label;
 SELECT u.id, r.label FROM users u JOIN regions r ON r.code = u.region WHERE u.score > 80;
