@@ -105,10 +105,10 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_IndexStmt, targets: index_targets, check: check_index, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_DropStmt, targets: drop_index_targets, check: no_check, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: grant_targets, check: check_grant, run: run_grant },
-    // Statements that would change the coordinator's table alone: refused.
+    // Statements that would change the coordinator's table alone: refused. (Row-level security
+    // policies are not here: the coordinator's planner enforces them on distributed tables.)
     Operation { tag: pg_sys::NodeTag::T_CreateTrigStmt, targets: trigger_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_RuleStmt, targets: rule_targets, check: refuse, run: never },
-    Operation { tag: pg_sys::NodeTag::T_CreatePolicyStmt, targets: policy_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_AlterObjectSchemaStmt, targets: set_schema_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_ClusterStmt, targets: cluster_targets, check: refuse, run: never },
 ];
@@ -338,10 +338,6 @@ unsafe fn rule_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTabl
     Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::RuleStmt>()).relation)?))
 }
 
-unsafe fn policy_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
-    Ok(one(distributed_by_rangevar((*node.cast::<pg_sys::CreatePolicyStmt>()).table)?))
-}
-
 unsafe fn set_schema_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
     let statement = node.cast::<pg_sys::AlterObjectSchemaStmt>();
     table_target((*statement).objectType, (*statement).relation)
@@ -386,11 +382,14 @@ unsafe fn check_alter_table(node: *mut pg_sys::Node, _targets: &[Rc<DistributedT
             }
             AT_AddConstraint => check_constraint_node((*command).def.cast())?,
             AT_ColumnDefault | AT_DropNotNull | AT_SetNotNull | AT_DropColumn | AT_DropConstraint => {}
+            // Row-level security is enforced by the coordinator's planner (its policies become
+            // conditions of the plan); the shards keep none of their own.
+            AT_EnableRowSecurity | AT_DisableRowSecurity | AT_ForceRowSecurity | AT_NoForceRowSecurity => {}
             other => {
                 return Err(unsupported(format!(
                     "this ALTER TABLE subcommand (AlterTableType {other}) is not supported on distributed tables"
                 ))
-                .hint("Supported: ADD/DROP/RENAME COLUMN, ALTER COLUMN TYPE/SET DEFAULT/DROP DEFAULT/SET NOT NULL/DROP NOT NULL, ADD/DROP CONSTRAINT."))
+                .hint("Supported: ADD/DROP/RENAME COLUMN, ALTER COLUMN TYPE/SET DEFAULT/DROP DEFAULT/SET NOT NULL/DROP NOT NULL, ADD/DROP CONSTRAINT, ENABLE/DISABLE/FORCE ROW LEVEL SECURITY."))
             }
         }
     }

@@ -156,12 +156,17 @@ unsafe fn build_scan(
 
     let mut remote: Vec<*mut pg_sys::Node> = Vec::new();
     let mut local: *mut pg_sys::List = std::ptr::null_mut();
-    for info in list_pointers::<pg_sys::RestrictInfo>(clauses) {
-        if (*info).pseudoconstant {
-            continue;
-        }
+    let infos: Vec<*mut pg_sys::RestrictInfo> =
+        list_pointers::<pg_sys::RestrictInfo>(clauses).into_iter().filter(|i| !(**i).pseudoconstant).collect();
+    let ships = |info: *mut pg_sys::RestrictInfo| shippable::shippable((*info).clause.cast(), shippable::Rules { whole_statement: false });
+    // Row-level security: shards evaluate their conditions before the coordinator evaluates
+    // the rest, so a condition that could leak values may only be sent when no condition of a
+    // lower security level stays here.
+    let lowest_local = infos.iter().filter(|&&i| !ships(i)).map(|&i| (*i).security_level).min();
+    for info in infos {
         let clause = (*info).clause.cast::<pg_sys::Node>();
-        if shippable::shippable(clause, shippable::Rules { whole_statement: false }) {
+        let leak_safe = (*info).leakproof || lowest_local.is_none_or(|low| (*info).security_level <= low);
+        if ships(info) && leak_safe {
             remote.push(clause);
         } else {
             local = pg_sys::lappend(local, clause.cast());

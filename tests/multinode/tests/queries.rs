@@ -293,3 +293,34 @@ fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
     let count: i64 = scalar(&mut c, "SELECT count(*) FROM t");
     assert_eq!(count, 100);
 }
+
+#[test]
+fn row_level_security_applies_to_distributed_tables() {
+    let cluster = Cluster::start(2);
+    for worker in 1..=2 {
+        cluster.worker(worker).batch_execute("CREATE ROLE alice").unwrap();
+    }
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE ROLE alice;
+         CREATE TABLE docs (id int PRIMARY KEY, owner text, body text);
+         SELECT create_distributed_table('docs', 'id');
+         INSERT INTO docs SELECT g, CASE WHEN g % 2 = 0 THEN 'alice' ELSE 'bob' END, 'body ' || g FROM generate_series(1, 20) g;
+         ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON docs USING (owner = current_user);
+         GRANT SELECT, UPDATE ON docs TO alice;
+         SET ROLE alice;",
+    )
+    .unwrap();
+    let n: i64 = scalar(&mut c, "SELECT count(*) FROM docs");
+    assert_eq!(n, 10, "alice sees her rows only");
+    let n: i64 = scalar(&mut c, "SELECT count(*) FROM docs WHERE id = 3");
+    assert_eq!(n, 0, "a router query does not bypass the policy");
+    let (rows, _) = run(&mut c, "SELECT owner, count(*) FROM docs GROUP BY owner").unwrap();
+    assert_eq!(rows, vec![vec![Some("alice".to_string()), Some("10".to_string())]]);
+    let (code, ..) = expect_error(&mut c, "UPDATE docs SET body = 'x' WHERE id = 4");
+    assert_eq!(code, "0A000");
+    c.batch_execute("RESET ROLE").unwrap();
+    let n: i64 = scalar(&mut c, "SELECT count(*) FROM docs WHERE body = 'x'");
+    assert_eq!(n, 0);
+}
