@@ -24,6 +24,8 @@ struct NodeQueue<'a> {
     connection: Rc<RemoteConnection>,
     waiting: VecDeque<&'a Task>,
     running: bool,
+    /// A task was just sent: its answer cannot be there yet, so wait before reading.
+    just_sent: bool,
 }
 
 /// Runs every task; `on_row` gets each row (a single-row result). Returns the sum of the
@@ -49,6 +51,7 @@ pub fn run(
                 connection: remote::for_statement(&task.node, transactional)?,
                 waiting: VecDeque::from([task]),
                 running: false,
+                just_sent: false,
             }),
         }
     }
@@ -67,8 +70,12 @@ pub fn run(
                     };
                     sent.map_err(|e| remote::remote_error(queue.node, e))?;
                     queue.running = true;
+                    queue.just_sent = true;
                     progress = true;
                 }
+                continue;
+            }
+            if std::mem::take(&mut queue.just_sent) {
                 continue;
             }
             loop {

@@ -324,3 +324,59 @@ fn row_level_security_applies_to_distributed_tables() {
     let n: i64 = scalar(&mut c, "SELECT count(*) FROM docs WHERE body = 'x'");
     assert_eq!(n, 0);
 }
+
+#[test]
+fn transactions_read_their_own_writes_and_roll_back_everywhere() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE acc (id int PRIMARY KEY, balance int NOT NULL);
+         SELECT create_distributed_table('acc', 'id');
+         INSERT INTO acc SELECT g, 100 FROM generate_series(1, 50) g;",
+    )
+    .unwrap();
+    let total = |c: &mut Client| -> i64 { scalar(c, "SELECT sum(balance) FROM acc") };
+
+    // Reads inside the block see the block's writes, on every shard they touched.
+    c.batch_execute("BEGIN; UPDATE acc SET balance = balance - 30 WHERE id = 1; UPDATE acc SET balance = balance + 30 WHERE id = 2").unwrap();
+    let one: i32 = scalar(&mut c, "SELECT balance FROM acc WHERE id = 1");
+    assert_eq!(one, 70);
+    assert_eq!(total(&mut c), 5000);
+    c.batch_execute("INSERT INTO acc VALUES (51, 1)").unwrap();
+    assert_eq!(total(&mut c), 5001);
+    let n: i64 = scalar(&mut c, "SELECT count(*) FROM acc WHERE balance <> 100");
+    assert_eq!(n, 3);
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(total(&mut c), 5000);
+    let n: i64 = scalar(&mut c, "SELECT count(*) FROM acc WHERE balance <> 100");
+    assert_eq!(n, 0, "the rollback reached every node");
+
+    // Another session sees committed work only.
+    let mut other = cluster.coordinator();
+    c.batch_execute("BEGIN; UPDATE acc SET balance = 0 WHERE id <= 10").unwrap();
+    assert_eq!(total(&mut other), 5000);
+    c.batch_execute("COMMIT").unwrap();
+    assert_eq!(total(&mut other), 4000);
+
+    // A failed statement aborts the block; nothing of it stays.
+    c.batch_execute("BEGIN; UPDATE acc SET balance = balance + 1").unwrap();
+    let (code, ..) = expect_error(&mut c, "UPDATE acc SET balance = balance / 0 WHERE id = 20");
+    assert_eq!(code, "22012");
+    let (code, ..) = expect_error(&mut c, "SELECT count(*) FROM acc");
+    assert_eq!(code, "25P02");
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(total(&mut c), 4000);
+
+    // Prepared statements survive DDL on the table (their plans are rebuilt).
+    let select = c.prepare("SELECT * FROM acc WHERE id = $1").unwrap();
+    assert_eq!(c.query(&select, &[&5i32]).unwrap()[0].len(), 2);
+    c.batch_execute("ALTER TABLE acc ADD COLUMN note text DEFAULT 'n'").unwrap();
+    let rows = c.query(&select, &[&5i32]);
+    match rows {
+        // PostgreSQL itself refuses a cached plan whose result type changed.
+        Err(e) => assert_eq!(e.code().map(|c| c.code().to_string()).unwrap_or_default(), "0A000", "{e}"),
+        Ok(rows) => assert_eq!(rows[0].len(), 3),
+    }
+    let note: String = scalar(&mut c, "SELECT note FROM acc WHERE id = 5");
+    assert_eq!(note, "n");
+}
