@@ -8,10 +8,23 @@ pub static NODE_CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5);
 /// Default number of shards for new hash-distributed tables.
 pub static SHARD_COUNT: GucSetting<i32> = GucSetting::<i32>::new(32);
 
+/// Connections a backend may use per worker node for reads outside transaction blocks.
+pub static MAX_CONNECTIONS_PER_NODE: GucSetting<i32> = GucSetting::<i32>::new(2);
+
 /// EXPLAIN shows the SQL of every task instead of one.
 pub static EXPLAIN_ALL_TASKS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn define() {
+    GucRegistry::define_int_guc(
+        c"sharding.max_connections_per_node",
+        c"Connections per worker node a session may use to run one statement's tasks in parallel.",
+        c"Applies to reads outside transaction blocks; writes and everything in a transaction block use one connection per node, so that the transaction sees its own writes.",
+        &MAX_CONNECTIONS_PER_NODE,
+        1,
+        64,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"sharding.explain_all_tasks",
         c"EXPLAIN shows every task of a distributed plan.",

@@ -47,6 +47,10 @@ pub struct ShardScanPlan {
     /// Parameters the coordinator computes when the statement runs: (parameter id, index into
     /// `custom_exprs`) (see planner/hoist.rs).
     pub hoisted: Vec<(i32, usize)>,
+    /// The statement locks rows (FOR UPDATE/SHARE): the locks must live as long as the
+    /// coordinator's transaction.
+    #[serde(default)]
+    pub locks_rows: bool,
     /// Pruning values carried in the plan itself (nodeToString), for scans whose plan node is
     /// built from a serialized plan (split queries): they become the `custom_exprs`.
     pub prune_nodes: Vec<String>,
@@ -464,10 +468,14 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     // transaction; a read on its own runs in the nodes' autocommit.
     // A single-shard write without RETURNING outside a transaction block is atomic on its
     // own: it commits on the worker in the same round trip (nothing can fail here after it).
+    // Reads run in the nodes' autocommit unless the transaction already wrote on a node (then
+    // that node's session is used: the transaction reads its own writes). Remote transactions
+    // run at READ COMMITTED, so an autocommit read sees exactly what a read in them would.
+    // Writes and row locks belong to the distributed transaction.
     let in_block = pg_sys::IsTransactionBlock();
     let autocommit_write =
         runtime.plan.modify && !runtime.plan.reference_write && runtime.tasks.len() == 1 && natts == 0 && !in_block;
-    let transactional = in_block || (runtime.plan.modify && !autocommit_write);
+    let transactional = runtime.plan.locks_rows || (runtime.plan.modify && !autocommit_write);
     let started = std::time::Instant::now();
     let affected = tasks::run(&runtime.tasks, &runtime.params, binary, transactional, |result| {
         if result.columns() != natts {
@@ -594,9 +602,7 @@ fn remote_plan(task: &Task, params: &[TaskParam]) -> Result<String> {
     let explain = Task { node: task.node.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))? };
     let params: Vec<TaskParam> = params.iter().map(|p| TaskParam { type_oid: p.type_oid, value: p.value.clone(), format: p.format }).collect();
     let mut lines = Vec::new();
-    // SAFETY: called from EXPLAIN inside a transaction, like the scan itself.
-    let transactional = unsafe { pg_sys::IsTransactionBlock() };
-    tasks::run(std::slice::from_ref(&explain), &params, false, transactional, |row| {
+    tasks::run(std::slice::from_ref(&explain), &params, false, false, |row| {
         if let Some(line) = row.value(0) {
             lines.push(String::from_utf8_lossy(line).into_owned());
         }

@@ -26,6 +26,8 @@ struct NodeQueue<'a> {
     running: bool,
     /// A task was just sent: its answer cannot be there yet, so wait before reading.
     just_sent: bool,
+    /// Statements may be prepared on this connection (the node's session keeps track of them).
+    prepared: bool,
 }
 
 /// Runs every task; `on_row` gets each row (a single-row result). Returns the sum of the
@@ -43,16 +45,34 @@ pub fn run(
     mut on_row: impl FnMut(&RemoteResult) -> Result<()>,
 ) -> Result<u64> {
     let mut queues: Vec<NodeQueue<'_>> = Vec::new();
+    let mut nodes: Vec<(&Node, Vec<&Task>)> = Vec::new();
     for task in tasks {
-        match queues.iter_mut().find(|q| q.node.node_id == task.node.node_id) {
-            Some(queue) => queue.waiting.push_back(task),
-            None => queues.push(NodeQueue {
-                node: &task.node,
-                connection: remote::for_statement(&task.node, transactional)?,
-                waiting: VecDeque::from([task]),
+        match nodes.iter_mut().find(|(node, _)| node.node_id == task.node.node_id) {
+            Some((_, list)) => list.push(task),
+            None => nodes.push((&task.node, vec![task])),
+        }
+    }
+    let per_node = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
+    for (node, list) in nodes {
+        let session = remote::for_statement(node, transactional)?;
+        // Reads outside the distributed transaction may spread a node's tasks over several
+        // connections; otherwise the node's session runs them one after another.
+        let mut connections = vec![(session, true)];
+        if !transactional && !remote::in_transaction_on(node) && list.len() > 1 && per_node > 1 {
+            for extra in remote::extra_connections(node, (per_node - 1).min(list.len() - 1))? {
+                connections.push((extra, false));
+            }
+        }
+        let count = connections.len();
+        for (i, (connection, is_session)) in connections.into_iter().enumerate() {
+            queues.push(NodeQueue {
+                node,
+                connection,
+                waiting: list.iter().skip(i).step_by(count).copied().collect(),
                 running: false,
                 just_sent: false,
-            }),
+                prepared: is_session,
+            });
         }
     }
     let mut affected = 0u64;
@@ -61,7 +81,7 @@ pub fn run(
         for queue in queues.iter_mut() {
             if !queue.running {
                 if let Some(task) = queue.waiting.pop_front() {
-                    let sent = if params.is_empty() {
+                    let sent = if params.is_empty() || !queue.prepared {
                         queue.connection.send_task(&task.sql, params, binary)
                     } else {
                         let types: Vec<u32> = params.iter().map(|p| p.type_oid).collect();

@@ -36,6 +36,8 @@ struct Analysis {
     local: bool,
     /// Some relation carries row-level security quals (which the deparser does not print).
     row_security: bool,
+    /// Some level locks rows (FOR UPDATE/SHARE).
+    locks_rows: bool,
     next_level: usize,
     /// Query levels being analysed, innermost last: (level id, query).
     stack: Vec<(usize, *mut pg_sys::Query)>,
@@ -46,6 +48,9 @@ impl Analysis {
     unsafe fn query(&mut self, query: *mut pg_sys::Query) -> Result<()> {
         let level = self.next_level;
         self.next_level += 1;
+        if !(*query).rowMarks.is_null() {
+            self.locks_rows = true;
+        }
         self.stack.push((level, query));
         for (i, rte) in list_pointers::<pg_sys::RangeTblEntry>((*query).rtable).into_iter().enumerate() {
             if !(*rte).securityQuals.is_null() {
@@ -452,6 +457,7 @@ pub unsafe fn plan_statement(
     }
     plan.binary = outputs.iter().all(|e| pg_sys::exprType((**e).expr.cast()).to_u32() < pg_sys::FirstNormalObjectId);
     plan.modify = modify;
+    plan.locks_rows = analysis.locks_rows;
     plan.at_least_one = !modify;
     Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
 }

@@ -150,6 +150,11 @@ fn sync_and_run(node: &Node, connection: &RemoteConnection, prefix: Option<&str>
     Ok(())
 }
 
+/// Whether the distributed transaction has work open on `node`.
+pub fn in_transaction_on(node: &Node) -> bool {
+    SESSIONS.with(|s| s.borrow().get(&node.node_id).is_some_and(|session| session.in_transaction))
+}
+
 /// The connection to `node` for one statement's tasks. Inside the distributed transaction
 /// when it already wrote there or when `transactional`; otherwise the statement runs in the
 /// node's own autocommit (reads outside transaction blocks need no BEGIN and COMMIT).
@@ -201,6 +206,75 @@ const MAX_PREPARED: usize = 500;
 
 thread_local! {
     static NEXT_STATEMENT: Cell<u64> = const { Cell::new(1) };
+    /// Extra connections per node for parallel reads outside transaction blocks, with the
+    /// settings last set on each.
+    static POOL: RefCell<BTreeMap<i32, Vec<(Rc<RemoteConnection>, Option<Vec<String>>)>>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Up to `count` more autocommit connections to `node` for reads running in parallel with the
+/// session's own (opened on first use, kept afterwards, checked before reuse).
+pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConnection>>> {
+    let wanted = current_settings();
+    let mut out = Vec::new();
+    for slot in 0..count {
+        let existing = POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            let entries = pool.entry(node.node_id).or_default();
+            if slot < entries.len() && !(entries[slot].0.is_idle() && entries[slot].0.probe()) {
+                entries.remove(slot);
+            }
+            entries.get(slot).cloned()
+        });
+        let (connection, known) = match existing {
+            Some(found) => found,
+            None => {
+                let connection = Rc::new(connection::connect_to_node(&node.host, node.port)?);
+                POOL.with(|p| p.borrow_mut().entry(node.node_id).or_default().push((connection.clone(), None)));
+                (connection, None)
+            }
+        };
+        if let Some(statement) = settings_statement(known.as_ref(), &wanted) {
+            connection.exec(&statement).map_err(|e| remote_error(node, e))?;
+            POOL.with(|p| {
+                if let Some(entry) = p.borrow_mut().get_mut(&node.node_id).and_then(|e| e.get_mut(slot)) {
+                    entry.1 = Some(wanted.clone());
+                }
+            });
+        }
+        out.push(connection);
+    }
+    Ok(out)
+}
+
+/// After an error outside the distributed transaction (a subtransaction of a PL/pgSQL
+/// exception block, or the statement's own abort): connections still running a command for us
+/// are stopped and drained, or closed.
+fn reset_busy_autocommit_connections() {
+    let busy: Vec<(i32, Rc<RemoteConnection>)> = SESSIONS.with(|s| {
+        s.borrow()
+            .iter()
+            .filter(|(_, session)| !session.in_transaction && !session.connection.is_idle())
+            .map(|(id, session)| (*id, session.connection.clone()))
+            .collect()
+    });
+    for (node_id, connection) in busy {
+        if !connection.abort_and_rollback(std::time::Duration::from_secs(5)) {
+            SESSIONS.with(|s| s.borrow_mut().remove(&node_id));
+        }
+        SESSIONS.with(|s| {
+            if let Some(session) = s.borrow_mut().get_mut(&node_id) {
+                session.settings = None;
+            }
+        });
+    }
+    POOL.with(|p| {
+        for entries in p.borrow_mut().values_mut() {
+            entries.retain(|(connection, _)| connection.is_idle() || connection.abort_and_rollback(std::time::Duration::from_secs(5)));
+            for entry in entries.iter_mut() {
+                entry.1 = None;
+            }
+        }
+    });
 }
 
 fn check_not_tainted() -> Result<()> {
@@ -360,6 +434,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             TAINTED.with(|t| t.set(false));
             finish_all("ROLLBACK", false);
+            reset_busy_autocommit_connections();
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => TAINTED.with(|t| t.set(false)),
         XACT_EVENT_PRE_PREPARE => {
@@ -384,6 +459,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        reset_busy_autocommit_connections();
         let open = SESSIONS.with(|s| s.borrow().values().any(|session| session.in_transaction));
         if open {
             TAINTED.with(|t| t.set(true));

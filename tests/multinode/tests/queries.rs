@@ -298,7 +298,7 @@ fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
 fn row_level_security_applies_to_distributed_tables() {
     let cluster = Cluster::start(2);
     for worker in 1..=2 {
-        cluster.worker(worker).batch_execute("CREATE ROLE alice").unwrap();
+        cluster.worker(worker).batch_execute("CREATE ROLE alice LOGIN").unwrap();
     }
     let mut c = cluster.coordinator();
     c.batch_execute(
@@ -366,6 +366,18 @@ fn transactions_read_their_own_writes_and_roll_back_everywhere() {
     assert_eq!(code, "25P02");
     c.batch_execute("ROLLBACK").unwrap();
     assert_eq!(total(&mut c), 4000);
+
+    // An error caught by a PL/pgSQL exception block leaves the worker connections usable.
+    for _ in 0..3 {
+        c.batch_execute(
+            "DO $$ BEGIN
+               BEGIN PERFORM count(*) FROM acc WHERE 1 / (id - 25) > 0;
+               EXCEPTION WHEN division_by_zero THEN NULL; END;
+             END $$",
+        )
+        .unwrap();
+        assert_eq!(total(&mut c), 4000);
+    }
 
     // Prepared statements survive DDL on the table (their plans are rebuilt).
     let select = c.prepare("SELECT * FROM acc WHERE id = $1").unwrap();
