@@ -92,20 +92,21 @@ d=$(tps "$worker_port" prepared "$work/update_direct.sql")
 c=$(tps "$port" prepared "$work/update_coord.sql")
 printf "UPDATE -M prepared direct %8.0f tps  coordinator %8.0f tps  ratio %s\n" "$d" "$c" "$(ratio "$c" "$d")"
 
-median_ms() { # port sql: median of 5 runs (after one warm-up), in ms
+median_ms() { # port sql: median of 5 runs in one session (after one warm-up), in ms
     local p=$1 sql=$2
-    psql -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres -c "$sql" >/dev/null
-    for _ in 1 2 3 4 5; do
-        psql -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres -c '\timing on' -c "$sql" | awk '/^Time:/ {print $2}'
-    done | sort -n | sed -n 3p
+    { echo '\timing on'; for _ in 1 2 3 4 5 6; do echo "$sql;"; done; } |
+        psql -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres | awk '/^Time:/ {print $2}' |
+        tail -n 5 | sort -n | sed -n 3p
 }
 echo
-echo "== analytical queries (median of 5, ms; plain = the same rows in plain tables on one server)"
-compare() { # label distributed-sql plain-sql
-    local dist plain
+echo "== analytical queries (median of 5 in one session after a warm-up, ms; plain = the same rows in plain tables on one server)"
+compare() { # label distributed-sql plain-sql; the distributed query with 1 and with 2 connections per node
+    local one two plain
     plain=$(median_ms "$port" "$3")
-    dist=$(median_ms "$port" "$2")
-    printf "%-28s plain %9.1f ms  distributed %9.1f ms  distributed/plain %s\n" "$1" "$plain" "$dist" "$(ratio "$dist" "$plain")"
+    one=$(PGOPTIONS="-c sharding.max_connections_per_node=1" median_ms "$port" "$2")
+    two=$(PGOPTIONS="-c sharding.max_connections_per_node=2" median_ms "$port" "$2")
+    printf "%-28s plain %8.1f ms  distributed %8.1f ms (ratio %s), with 2 connections/node %8.1f ms (ratio %s)\n" \
+        "$1" "$plain" "$one" "$(ratio "$one" "$plain")" "$two" "$(ratio "$two" "$plain")"
 }
 compare "GROUP BY region" \
     "SELECT region, count(*), sum(amount), avg(amount) FROM users GROUP BY region" \
