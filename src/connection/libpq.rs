@@ -507,59 +507,75 @@ pub struct TaskParam {
     pub format: i32,
 }
 
+/// libpq's parallel arrays for a task's parameters (pointers into `params`).
+struct ParamArrays {
+    types: Vec<pq::Oid>,
+    values: Vec<*const c_char>,
+    lengths: Vec<i32>,
+    formats: Vec<i32>,
+    count: i32,
+}
+
+impl ParamArrays {
+    fn new(params: &[TaskParam]) -> Result<Self, RemoteError> {
+        Ok(Self {
+            types: params.iter().map(|p| p.type_oid).collect(),
+            values: params.iter().map(|p| p.value.as_ref().map_or(std::ptr::null(), |v| v.as_ptr().cast())).collect(),
+            lengths: params.iter().map(|p| p.value.as_ref().map_or(0, |v| v.len() as i32)).collect(),
+            formats: params.iter().map(|p| p.format).collect(),
+            count: i32::try_from(params.len()).map_err(|_| RemoteError::local("too many query parameters"))?,
+        })
+    }
+}
+
+/// A statement to run as a task: its text, or the name it was prepared under.
+enum Statement<'a> {
+    Text(&'a CStr),
+    Prepared(&'a CStr),
+}
+
 impl RemoteConnection {
     /// Sends one statement with parameters and returns at once; rows then come one result at a
     /// time (single-row mode) through `poll`. `binary` asks for binary result values.
     pub fn send_task(&self, sql: &CStr, params: &[TaskParam], binary: bool) -> Result<(), RemoteError> {
-        let types: Vec<pq::Oid> = params.iter().map(|p| p.type_oid).collect();
-        let values: Vec<*const c_char> =
-            params.iter().map(|p| p.value.as_ref().map_or(std::ptr::null(), |v| v.as_ptr().cast())).collect();
-        let lengths: Vec<i32> = params.iter().map(|p| p.value.as_ref().map_or(0, |v| v.len() as i32)).collect();
-        let formats: Vec<i32> = params.iter().map(|p| p.format).collect();
-        let count = i32::try_from(params.len()).map_err(|_| RemoteError::local("too many query parameters"))?;
-        // SAFETY: every array has `count` entries and outlives the call (libpq copies them);
-        // text values are NUL-terminated by the caller, binary ones have their lengths.
-        unsafe {
-            if pq::PQsendQueryParams(
-                self.conn.as_ptr(),
-                sql.as_ptr(),
-                count,
-                types.as_ptr(),
-                values.as_ptr(),
-                lengths.as_ptr(),
-                formats.as_ptr(),
-                i32::from(binary),
-            ) != 1
-            {
-                return Err(RemoteError::local(self.last_error()));
-            }
-            // Rows are handed over as they arrive instead of as one result held whole.
-            pq::PQsetSingleRowMode(self.conn.as_ptr());
-        }
-        self.flush(None)
+        self.send_statement(Statement::Text(sql), params, binary)
     }
 
     /// Like `send_task`, for a statement prepared with `prepare`.
     pub fn send_prepared_task(&self, name: &CStr, params: &[TaskParam], binary: bool) -> Result<(), RemoteError> {
-        let values: Vec<*const c_char> =
-            params.iter().map(|p| p.value.as_ref().map_or(std::ptr::null(), |v| v.as_ptr().cast())).collect();
-        let lengths: Vec<i32> = params.iter().map(|p| p.value.as_ref().map_or(0, |v| v.len() as i32)).collect();
-        let formats: Vec<i32> = params.iter().map(|p| p.format).collect();
-        let count = i32::try_from(params.len()).map_err(|_| RemoteError::local("too many query parameters"))?;
-        // SAFETY: as in send_task.
+        self.send_statement(Statement::Prepared(name), params, binary)
+    }
+
+    fn send_statement(&self, statement: Statement<'_>, params: &[TaskParam], binary: bool) -> Result<(), RemoteError> {
+        let arrays = ParamArrays::new(params)?;
+        // SAFETY: every array has `count` entries and outlives the call (libpq copies them);
+        // text values are NUL-terminated by the caller, binary ones have their lengths.
         unsafe {
-            if pq::PQsendQueryPrepared(
-                self.conn.as_ptr(),
-                name.as_ptr(),
-                count,
-                values.as_ptr(),
-                lengths.as_ptr(),
-                formats.as_ptr(),
-                i32::from(binary),
-            ) != 1
-            {
+            let sent = match statement {
+                Statement::Text(sql) => pq::PQsendQueryParams(
+                    self.conn.as_ptr(),
+                    sql.as_ptr(),
+                    arrays.count,
+                    arrays.types.as_ptr(),
+                    arrays.values.as_ptr(),
+                    arrays.lengths.as_ptr(),
+                    arrays.formats.as_ptr(),
+                    i32::from(binary),
+                ),
+                Statement::Prepared(name) => pq::PQsendQueryPrepared(
+                    self.conn.as_ptr(),
+                    name.as_ptr(),
+                    arrays.count,
+                    arrays.values.as_ptr(),
+                    arrays.lengths.as_ptr(),
+                    arrays.formats.as_ptr(),
+                    i32::from(binary),
+                ),
+            };
+            if sent != 1 {
                 return Err(RemoteError::local(self.last_error()));
             }
+            // Rows are handed over as they arrive instead of as one result held whole.
             pq::PQsetSingleRowMode(self.conn.as_ptr());
         }
         self.flush(None)

@@ -60,23 +60,23 @@ pub unsafe fn insert_target(planned: *mut pg_sys::PlannedStmt) -> Option<usize> 
 /// Every node of a plan tree (subplans of the statement included), depth first.
 unsafe fn plan_nodes(planned: *mut pg_sys::PlannedStmt) -> Vec<*mut pg_sys::Plan> {
     let mut out = Vec::new();
-    let mut todo: Vec<*mut pg_sys::Plan> = vec![(*planned).planTree];
-    todo.extend(list_pointers::<pg_sys::Plan>((*planned).subplans));
-    while let Some(plan) = todo.pop() {
+    let mut pending: Vec<*mut pg_sys::Plan> = vec![(*planned).planTree];
+    pending.extend(list_pointers::<pg_sys::Plan>((*planned).subplans));
+    while let Some(plan) = pending.pop() {
         if plan.is_null() {
             continue;
         }
         out.push(plan);
-        todo.push((*plan).lefttree);
-        todo.push((*plan).righttree);
+        pending.push((*plan).lefttree);
+        pending.push((*plan).righttree);
         use pg_sys::NodeTag::*;
         match (*plan).type_ {
-            T_Append => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::Append>()).appendplans)),
-            T_MergeAppend => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::MergeAppend>()).mergeplans)),
-            T_BitmapAnd => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::BitmapAnd>()).bitmapplans)),
-            T_BitmapOr => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::BitmapOr>()).bitmapplans)),
-            T_SubqueryScan => todo.push((*plan.cast::<pg_sys::SubqueryScan>()).subplan),
-            T_CustomScan => todo.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::CustomScan>()).custom_plans)),
+            T_Append => pending.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::Append>()).appendplans)),
+            T_MergeAppend => pending.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::MergeAppend>()).mergeplans)),
+            T_BitmapAnd => pending.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::BitmapAnd>()).bitmapplans)),
+            T_BitmapOr => pending.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::BitmapOr>()).bitmapplans)),
+            T_SubqueryScan => pending.push((*plan.cast::<pg_sys::SubqueryScan>()).subplan),
+            T_CustomScan => pending.extend(list_pointers::<pg_sys::Plan>((*plan.cast::<pg_sys::CustomScan>()).custom_plans)),
             _ => {}
         }
     }
