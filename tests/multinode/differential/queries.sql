@@ -166,6 +166,11 @@ WITH RECURSIVE chain(code, depth) AS (SELECT code, 1 FROM regions WHERE code = '
 WITH RECURSIVE nums(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM nums WHERE n < 5) SELECT n, (SELECT count(*) FROM users WHERE id = n) FROM nums;
 SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM orders);
 SELECT id FROM users WHERE score = (SELECT max(score) FROM users);
+WITH users AS (SELECT * FROM regions) SELECT count(*) FROM users;
+WITH orders AS (SELECT * FROM orders WHERE amount > 100) SELECT count(*), max(amount) FROM orders;
+WITH o AS (SELECT user_id, amount FROM orders WHERE user_id = 14) SELECT u.name, o.amount FROM users u JOIN o ON o.user_id = u.id WHERE u.id = 14;
+SELECT * FROM users AS "Users" WHERE "Users".id = 9;
+SELECT x.id FROM users x JOIN users y ON y.id = x.id WHERE x.id = 10;
 -- Set operations
 SELECT id FROM users WHERE score < 5 UNION SELECT user_id FROM orders WHERE amount > 240;
 SELECT region FROM users UNION ALL SELECT code FROM regions;
