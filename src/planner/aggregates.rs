@@ -268,7 +268,6 @@ unsafe fn eligible(parse: *mut pg_sys::Query) -> bool {
     (*parse).commandType == pg_sys::CmdType::CMD_SELECT
         && !(*parse).hasWindowFuncs
         && !(*parse).hasTargetSRFs
-        && !(*parse).hasSubLinks
         && !(*parse).hasModifyingCTE
         && !(*parse).hasForUpdate
         && (*parse).cteList.is_null()
@@ -291,6 +290,9 @@ unsafe fn references_whole_rows_or_system_columns(parse: *mut pg_sys::Query) -> 
         }
         if (*node).type_ == pg_sys::NodeTag::T_Var {
             return (*node.cast::<pg_sys::Var>()).varattno <= 0;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Query {
+            return pg_sys::query_tree_walker(node.cast(), Some(walker), context, 0);
         }
         pg_sys::expression_tree_walker(node, Some(walker), context)
     }

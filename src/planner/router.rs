@@ -89,10 +89,12 @@ impl Analysis {
             let analysis = &mut *(context as *mut Analysis);
             if (*node).type_ == pg_sys::NodeTag::T_SubLink {
                 let sublink = node.cast::<pg_sys::SubLink>();
+                let inner_level = analysis.next_level;
                 if let Err(error) = analysis.query((*sublink).subselect.cast()) {
                     analysis.failure = Some(error);
                     return true;
                 }
+                analysis.in_sublink_edge(sublink, inner_level);
                 return sublinks((*sublink).testexpr, context);
             }
             if (*node).type_ == pg_sys::NodeTag::T_Query {
@@ -108,6 +110,32 @@ impl Analysis {
         self.predicates((*query).jointree.cast(), true);
         self.stack.pop();
         Ok(())
+    }
+
+    /// `x IN (SELECT y ...)` with distribution columns on both sides: for every row the test
+    /// can be true for, x = y, like a join condition.
+    unsafe fn in_sublink_edge(&mut self, sublink: *mut pg_sys::SubLink, inner_level: usize) {
+        if (*sublink).subLinkType != pg_sys::SubLinkType::ANY_SUBLINK {
+            return;
+        }
+        let Some((outer, inner)) = equality_sides((*sublink).testexpr) else { return };
+        let (outer, param) = if (*inner).type_ == pg_sys::NodeTag::T_Param { (outer, inner) } else { (inner, outer) };
+        if (*param).type_ != pg_sys::NodeTag::T_Param
+            || (*param.cast::<pg_sys::Param>()).paramkind != pg_sys::ParamKind::PARAM_SUBLINK
+            || (*param.cast::<pg_sys::Param>()).paramid != 1
+        {
+            return;
+        }
+        let Some((outer_key, _)) = self.key_of(outer) else { return };
+        let query = (*sublink).subselect.cast::<pg_sys::Query>();
+        let Some(&first) = list_pointers::<pg_sys::TargetEntry>((*query).targetList).first() else { return };
+        // The subquery's column, resolved at its own level.
+        self.stack.push((inner_level, query));
+        let inner_key = self.key_of((*first).expr.cast());
+        self.stack.pop();
+        if let Some((inner_key, _)) = inner_key {
+            self.pinning.equal(&outer_key, &inner_key);
+        }
     }
 
     /// Records the facts of a join tree's conditions. `top`: the rows of this subtree reach
@@ -369,6 +397,9 @@ pub unsafe fn plan_statement(
             && colocated
             && !analysis.local
             && analysis.pinning.connected(&keys)
+            // Each output row must come from exactly one shard group: a distributed table in
+            // the top level's FROM, and no outer join repeating other rows per group.
+            && analysis.dist_keys.iter().any(|(level, _, _)| *level == 0)
             && outer_joins_keep_rows_in_groups(parse, &analysis)
         {
             let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
@@ -403,11 +434,13 @@ pub unsafe fn plan_statement(
                 "UPDATE or DELETE of distributed table \"{table}\" reading tables that are neither distributed nor reference tables is not supported"
             )));
         }
-        if pinned.is_none() && keys.len() > 1 {
+        // Several distributed tables: fine when pinned to one shard group, or when they are all
+        // joined on their distribution columns (then each shard group runs the statement).
+        if pinned.is_none() && keys.len() > 1 && !(colocated && analysis.pinning.connected(&keys)) {
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" reading other distributed tables needs every table filtered to one shard group"
             ))
-            .hint("Join the tables on their distribution columns and filter one of them with a single value."));
+            .hint("Join the tables on their distribution columns (co-located tables), or filter them with a single value."));
         }
         if !statement_ships {
             return Err(unsupported(format!(

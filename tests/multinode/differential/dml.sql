@@ -15,6 +15,10 @@ UPDATE users u SET flag = true FROM orders o WHERE o.user_id = u.id AND u.id = 1
 DELETE FROM orders o USING regions r WHERE r.code = 'br' AND o.note = r.code;
 DELETE FROM orders WHERE user_id = 99 AND id IN (SELECT order_id FROM items WHERE user_id = 99 AND qty > 4);
 UPDATE accounts SET balance = balance - 10 WHERE owner = 5;
+DELETE FROM orders WHERE user_id IN (SELECT id FROM users WHERE region IS NULL) RETURNING user_id, id;
+UPDATE orders o SET note = u.name FROM users u WHERE u.id = o.user_id AND u.score > 90;
+UPDATE users u SET score = (SELECT count(*) FROM orders o WHERE o.user_id = u.id) WHERE u.flag;
+DELETE FROM items i WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.user_id = i.user_id AND o.id = i.order_id);
 UPDATE users SET region = NULL WHERE score > 95 RETURNING id;
 INSERT INTO users VALUES (1001, 'nouveau', 'eu', 1, '2024-05-05', false) RETURNING *;
 INSERT INTO users VALUES (1001, 'again', 'us', 2, '2024-05-06', true) ON CONFLICT (id) DO UPDATE SET score = EXCLUDED.score RETURNING id, score;

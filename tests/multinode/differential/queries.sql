@@ -171,6 +171,9 @@ WITH orders AS (SELECT * FROM orders WHERE amount > 100) SELECT count(*), max(am
 WITH o AS (SELECT user_id, amount FROM orders WHERE user_id = 14) SELECT u.name, o.amount FROM users u JOIN o ON o.user_id = u.id WHERE u.id = 14;
 SELECT * FROM users AS "Users" WHERE "Users".id = 9;
 SELECT x.id FROM users x JOIN users y ON y.id = x.id WHERE x.id = 10;
+SELECT count(*) FROM users WHERE id IN (SELECT user_id FROM orders WHERE amount > 100);
+SELECT region, count(*) FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.status = 'paid') GROUP BY region;
+SELECT u.id FROM users u WHERE u.score > 90 AND u.id NOT IN (SELECT user_id FROM orders WHERE user_id IS NOT NULL AND status = 'new') ORDER BY u.id;
 -- Set operations
 SELECT id FROM users WHERE score < 5 UNION SELECT user_id FROM orders WHERE amount > 240;
 SELECT region FROM users UNION ALL SELECT code FROM regions;
