@@ -334,6 +334,9 @@ pub unsafe fn plan_statement(
 ) -> Result<Option<*mut pg_sys::PlannedStmt>> {
     use pg_sys::CmdType::*;
     let command = (*parse).commandType;
+    if command == CMD_INSERT && (*parse).utilityStmt.is_null() {
+        return insert_select(parse);
+    }
     if !matches!(command, CMD_SELECT | CMD_UPDATE | CMD_DELETE) || !(*parse).utilityStmt.is_null() {
         return Ok(None);
     }
@@ -493,6 +496,101 @@ pub unsafe fn plan_statement(
     plan.locks_rows = analysis.locks_rows;
     plan.at_least_one = !modify;
     Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
+}
+
+/// `INSERT INTO t SELECT ... FROM s ...` between co-located tables, with the SELECT's rows for
+/// t's distribution column coming from s's: each shard group inserts its own rows, on the
+/// worker. Anything else (`None`) goes through the coordinator (executor/insert.rs).
+unsafe fn insert_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::PlannedStmt>> {
+    use pg_sys::CmdType::*;
+    if !(*parse).onConflict.is_null() || (*parse).hasModifyingCTE || !(*parse).cteList.is_null() {
+        return Ok(None);
+    }
+    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+    let target_rte = rtes[(*parse).resultRelation as usize - 1];
+    let Some(target) = cache::table_unless_reentrant((*target_rte).relid)? else { return Ok(None) };
+    if target.method != Method::Hash {
+        return Ok(None);
+    }
+    // Exactly one source: the SELECT, as a subquery entry.
+    let sources: Vec<(usize, *mut pg_sys::RangeTblEntry)> = rtes
+        .iter()
+        .enumerate()
+        .filter(|(_, rte)| (***rte).rtekind == pg_sys::RTEKind::RTE_SUBQUERY)
+        .map(|(i, rte)| (i + 1, *rte))
+        .collect();
+    let [(source_index, source)] = sources.as_slice() else { return Ok(None) };
+    let select = (**source).subquery;
+    // Per shard group, the SELECT must produce exactly its share of the rows: no step that
+    // looks at rows of several groups together.
+    if (*select).hasAggs
+        || !(*select).groupClause.is_null()
+        || !(*select).distinctClause.is_null()
+        || !(*select).limitCount.is_null()
+        || !(*select).limitOffset.is_null()
+        || (*select).hasWindowFuncs
+        || (*select).hasTargetSRFs
+        || !(*select).setOperations.is_null()
+        || !(*select).cteList.is_null()
+        || (*select).hasForUpdate
+    {
+        return Ok(None);
+    }
+    let mut analysis = Analysis::default();
+    analysis.query(parse)?;
+    if analysis.local || analysis.row_security || analysis.tables.iter().any(|t| t.colocation_id != target.colocation_id) {
+        return Ok(None);
+    }
+    // The target's distribution column takes the source's: an edge between them.
+    let attno = target.distribution_attnum.unwrap_or(0);
+    let Some(entry) = list_pointers::<pg_sys::TargetEntry>((*parse).targetList).into_iter().find(|e| (**e).resno == attno) else {
+        return Ok(None);
+    };
+    let value = strip_relabel((*entry).expr.cast());
+    if value.is_null()
+        || (*value).type_ != pg_sys::NodeTag::T_Var
+        || (*value.cast::<pg_sys::Var>()).varno as usize != *source_index
+    {
+        return Ok(None);
+    }
+    let column = (*value.cast::<pg_sys::Var>()).varattno;
+    let Some(source_entry) = list_pointers::<pg_sys::TargetEntry>((*select).targetList).into_iter().find(|e| (**e).resno == column) else {
+        return Ok(None);
+    };
+    // The SELECT was analysed as level 1 (the INSERT itself is level 0).
+    analysis.stack.push((1, select));
+    let source_key = analysis.key_of((*source_entry).expr.cast());
+    analysis.stack.pop();
+    let Some((source_key, _)) = source_key else { return Ok(None) };
+    let target_key = (0usize, (*parse).resultRelation as u32, attno);
+    analysis.pinning.equal(&target_key, &source_key);
+    let keys = analysis.dist_keys.clone();
+    let source_top: Vec<(usize, u32, i16)> = keys.iter().copied().filter(|(level, _, _)| *level == 1).collect();
+    if source_top.is_empty()
+        || !analysis.pinning.connected(&keys)
+        || !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true })
+    {
+        return Ok(None);
+    }
+    let mut source_analysis = Analysis::default();
+    source_analysis.query(select)?;
+    if !outer_joins_keep_rows_in_groups(select, &source_analysis) {
+        return Ok(None);
+    }
+    let outputs = output_columns((*parse).returningList);
+    if !outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast()))) {
+        return Ok(None);
+    }
+    let deparsed = deparse_query(parse)?;
+    let mut plan = ShardScanPlan::from_deparsed(&deparsed, target.relid);
+    let mut params_used = Vec::new();
+    collect_params(parse.cast(), &mut params_used);
+    plan.max_param = params_used.iter().copied().max().unwrap_or(0);
+    plan.params_used = params_used;
+    plan.binary = outputs.iter().all(|e| pg_sys::exprType((**e).expr.cast()).to_u32() < pg_sys::FirstNormalObjectId);
+    plan.modify = true;
+    debug_assert!((*parse).commandType == CMD_INSERT);
+    Ok(Some(planned_statement(parse, &plan, Vec::new(), &outputs)?))
 }
 
 /// UPDATE or DELETE of a reference table: PostgreSQL's plan for the coordinator's copy, under
