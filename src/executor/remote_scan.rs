@@ -277,8 +277,7 @@ unsafe fn task_params(node: *mut pg_sys::CustomScanState, estate: *mut pg_sys::E
     for id in 1..=plan.max_param {
         let unused = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: None, format: 0 };
         let (type_oid, value, isnull) = if let Some(&(_, index)) = plan.hoisted.iter().find(|(h, _)| *h == id) {
-            let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
-            let expr = (*(*(*scan).custom_exprs).elements.add(index)).ptr_value as *mut pg_sys::Expr;
+            let expr = plan_expr(node, index)?;
             let state = pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps);
             let mut isnull = false;
             let value = pg_sys::ExecEvalExprSwitchContext(state, (*node).ss.ps.ps_ExprContext, &mut isnull);
@@ -328,20 +327,28 @@ unsafe fn task_params(node: *mut pg_sys::CustomScanState, estate: *mut pg_sys::E
     Ok(params)
 }
 
+/// The plan's `index`th expression (pruning values, hoisted parameters).
+unsafe fn plan_expr(node: *mut pg_sys::CustomScanState, index: usize) -> Result<*mut pg_sys::Expr> {
+    let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
+    let exprs = (*scan).custom_exprs;
+    if exprs.is_null() || index >= (*exprs).length as usize {
+        return Err(ShardingError::internal("a ShardScan plan refers to an expression it does not carry"));
+    }
+    Ok((*(*exprs).elements.add(index)).ptr_value as *mut pg_sys::Expr)
+}
+
 /// Shard indexes left after pruning with the values of this execution.
 unsafe fn pruned_indexes(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan, anchor: &DistributedTable) -> Result<Vec<usize>> {
     let all: Vec<usize> = (0..anchor.shards.len()).collect();
     if plan.prune.is_empty() {
         return Ok(all);
     }
-    let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
-    let exprs = (*scan).custom_exprs;
     let econtext = (*node).ss.ps.ps_ExprContext;
     let mut keep = all;
     for disjunction in &plan.prune {
         let mut matched: Vec<usize> = Vec::new();
         for &(index, is_array) in disjunction {
-            let expr = (*(*exprs).elements.add(index)).ptr_value as *mut pg_sys::Expr;
+            let expr = plan_expr(node, index)?;
             let expr_state = pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps);
             let mut isnull = false;
             let value = pg_sys::ExecEvalExprSwitchContext(expr_state, econtext, &mut isnull);
