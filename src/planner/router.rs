@@ -29,6 +29,11 @@ type Key = (usize, u32, i16);
 #[derive(Default)]
 struct Analysis {
     pinning: Pinning<Key, usize>,
+    /// The facts of the top query level alone. Facts found inside a subquery restrict the
+    /// subquery's rows for each outer row, never the outer rows themselves (think of
+    /// `NOT EXISTS (SELECT ... WHERE o.user_id = 5 AND o.user_id = u.id)`): the top level's
+    /// tables are judged by this one.
+    top: Pinning<Key, usize>,
     values: Vec<*mut pg_sys::Node>,
     dist_keys: Vec<Key>,
     tables: Vec<Rc<DistributedTable>>,
@@ -112,6 +117,23 @@ impl Analysis {
         Ok(())
     }
 
+    /// The values pinning every key to one shard group: the top level's keys by the top level's
+    /// own facts, the others tied to them by any facts.
+    fn pinned_group(&mut self, keys: &[Key]) -> Option<Vec<usize>> {
+        let top_keys: Vec<Key> = keys.iter().copied().filter(|(level, _, _)| *level == 0).collect();
+        if top_keys.is_empty() {
+            return self.pinning.single_group(keys);
+        }
+        let values = self.top.single_group(&top_keys)?;
+        self.pinning.connected(keys).then_some(values)
+    }
+
+    /// Whether every key lies in one class, the top level's keys by the top level's own facts.
+    fn connected(&mut self, keys: &[Key]) -> bool {
+        let top_keys: Vec<Key> = keys.iter().copied().filter(|(level, _, _)| *level == 0).collect();
+        (top_keys.len() <= 1 || self.top.connected(&top_keys)) && (keys.len() <= 1 || self.pinning.connected(keys))
+    }
+
     /// `x IN (SELECT y ...)` with distribution columns on both sides: for every row the test
     /// can be true for, x = y, like a join condition.
     unsafe fn in_sublink_edge(&mut self, sublink: *mut pg_sys::SubLink, inner_level: usize) {
@@ -190,12 +212,20 @@ impl Analysis {
         }
         let Some((left, right)) = equality_sides(node) else { return };
         match (self.key_of(left), self.key_of(right)) {
-            (Some((a, _)), Some((b, _))) => self.pinning.equal(&a, &b),
+            (Some((a, _)), Some((b, _))) => {
+                self.pinning.equal(&a, &b);
+                if self.stack.len() == 1 {
+                    self.top.equal(&a, &b);
+                }
+            }
             (Some((key, table)), None) | (None, Some((key, table))) if pins_hold => {
                 let value = if self.key_of(left).is_some() { right } else { left };
                 if is_pin_value(value) && hashes_like(&table, pg_sys::exprType(value)) {
                     self.values.push(value);
                     self.pinning.pin(&key, self.values.len() - 1);
+                    if self.stack.len() == 1 {
+                        self.top.pin(&key, self.values.len() - 1);
+                    }
                 }
             }
             _ => {}
@@ -242,7 +272,15 @@ impl Analysis {
 /// statement still runs on one shard group if every class is pinned by constants that all fall
 /// into the same shard: then the first of them names it.
 unsafe fn same_shard_constants(analysis: &mut Analysis, keys: &[Key]) -> Option<Vec<usize>> {
-    let per_key = analysis.pinning.values_per_key(keys)?;
+    let (top_keys, inner_keys): (Vec<Key>, Vec<Key>) = keys.iter().partition(|(level, _, _)| *level == 0);
+    let mut per_key = analysis.top.values_per_key(&top_keys).unwrap_or_default();
+    if per_key.len() != top_keys.len() {
+        return None;
+    }
+    per_key.extend(analysis.pinning.values_per_key(&inner_keys).unwrap_or_default());
+    if per_key.len() != keys.len() || per_key.is_empty() {
+        return None;
+    }
     let anchor = analysis.tables.first()?.clone();
     let mut shard = None;
     for value in per_key.iter().flatten() {
@@ -378,7 +416,7 @@ pub unsafe fn plan_statement(
         return Ok(None);
     }
     let pinned = if colocated && !analysis.local {
-        analysis.pinning.single_group(&keys).or_else(|| same_shard_constants(&mut analysis, &keys))
+        analysis.pinned_group(&keys).or_else(|| same_shard_constants(&mut analysis, &keys))
     } else {
         None
     };
@@ -399,7 +437,7 @@ pub unsafe fn plan_statement(
             && statement_ships
             && colocated
             && !analysis.local
-            && analysis.pinning.connected(&keys)
+            && analysis.connected(&keys)
             // Each output row must come from exactly one shard group: a distributed table in
             // the top level's FROM, and no outer join repeating other rows per group.
             && analysis.dist_keys.iter().any(|(level, _, _)| *level == 0)
@@ -439,7 +477,7 @@ pub unsafe fn plan_statement(
         }
         // Several distributed tables: fine when pinned to one shard group, or when they are all
         // joined on their distribution columns (then each shard group runs the statement).
-        if pinned.is_none() && keys.len() > 1 && !(colocated && analysis.pinning.connected(&keys)) {
+        if pinned.is_none() && keys.len() > 1 && !(colocated && analysis.connected(&keys)) {
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" reading other distributed tables needs every table filtered to one shard group"
             ))
@@ -524,6 +562,7 @@ unsafe fn insert_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys:
     // Per shard group, the SELECT must produce exactly its share of the rows: no step that
     // looks at rows of several groups together.
     if (*select).hasAggs
+        || (*select).hasSubLinks
         || !(*select).groupClause.is_null()
         || !(*select).distinctClause.is_null()
         || !(*select).limitCount.is_null()
@@ -567,7 +606,7 @@ unsafe fn insert_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys:
     let keys = analysis.dist_keys.clone();
     let source_top: Vec<(usize, u32, i16)> = keys.iter().copied().filter(|(level, _, _)| *level == 1).collect();
     if source_top.is_empty()
-        || !analysis.pinning.connected(&keys)
+        || !analysis.connected(&keys)
         || !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true })
     {
         return Ok(None);

@@ -174,6 +174,11 @@ SELECT x.id FROM users x JOIN users y ON y.id = x.id WHERE x.id = 10;
 SELECT count(*) FROM users WHERE id IN (SELECT user_id FROM orders WHERE amount > 100);
 SELECT region, count(*) FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.status = 'paid') GROUP BY region;
 SELECT u.id FROM users u WHERE u.score > 90 AND u.id NOT IN (SELECT user_id FROM orders WHERE user_id IS NOT NULL AND status = 'new') ORDER BY u.id;
+SELECT count(*) FROM users u WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.user_id = 5 AND o.user_id = u.id);
+SELECT u.id, (SELECT count(*) FROM orders o WHERE o.user_id = u.id AND o.user_id = 7) FROM users u WHERE u.id < 20;
+SELECT u.id FROM users u WHERE u.id = 7 OR NOT EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.user_id = 7);
+SELECT count(*) FROM users u, orders o WHERE o.id < 40 AND NOT EXISTS (SELECT 1 FROM items i WHERE i.user_id = u.id AND i.user_id = o.user_id);
+SELECT r.code, (SELECT count(*) FROM users u WHERE u.region = r.code AND u.id = 3) FROM regions r;
 -- Set operations
 SELECT id FROM users WHERE score < 5 UNION SELECT user_id FROM orders WHERE amount > 240;
 SELECT region FROM users UNION ALL SELECT code FROM regions;
