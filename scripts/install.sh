@@ -11,7 +11,8 @@ PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 profile=${1:-release}
 case "$profile" in
     release) flags=() ;;
-    debug) flags=(--debug) ;;
+    # The test build: debug, with the fault-injection points of the failure tests.
+    debug) flags=(--debug --features fault_injection) ;;
     *) echo "usage: $0 [release|debug]" >&2; exit 2 ;;
 esac
 

@@ -80,3 +80,12 @@ CREATE VIEW sharding.tables AS
       LEFT JOIN pg_catalog.pg_attribute a
              ON a.attrelid = t.logicalrelid AND a.attnum = t.distribution_attnum
      ORDER BY t.logicalrelid::text;
+
+-- Commit records of two-phase commit: one row per prepared remote transaction of a committed
+-- distributed transaction, written in the coordinator's own transaction (its commit is the
+-- decision). Recovery deletes the rows once their prepared transactions are resolved.
+CREATE TABLE sharding.dist_transaction (
+    gid         text    PRIMARY KEY,
+    node_id     integer NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);

@@ -17,7 +17,8 @@ REVOKE ALL ON ALL TABLES IN SCHEMA sharding FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA sharding FROM PUBLIC;
 GRANT USAGE ON SCHEMA sharding TO PUBLIC;
 GRANT SELECT ON sharding.dist_node, sharding.dist_colocation, sharding.dist_table,
-                sharding.dist_shard, sharding.dist_placement, sharding.nodes TO PUBLIC;
+                sharding.dist_shard, sharding.dist_placement, sharding.dist_transaction,
+                sharding.nodes TO PUBLIC;
 
 -- Node management is for superusers (the functions check too).
 REVOKE ALL ON FUNCTION sharding.add_node(text, integer, text) FROM PUBLIC;
@@ -45,3 +46,12 @@ BEGIN
         USING ERRCODE = 'feature_not_supported';
 END
 $$;
+
+-- Two-phase commit: in-doubt prepared transactions per node, with their age and what
+-- recovery will do with them. Recovery itself is for superusers.
+CREATE VIEW sharding.transactions AS
+    SELECT node_id, node, gid, pg_catalog.to_timestamp(prepared_epoch) AS prepared,
+           pg_catalog.now() - pg_catalog.to_timestamp(prepared_epoch) AS age, decision
+      FROM sharding.prepared_transactions();
+GRANT SELECT ON sharding.transactions TO PUBLIC;
+REVOKE ALL ON FUNCTION sharding.recover_prepared_transactions() FROM PUBLIC;

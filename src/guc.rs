@@ -14,7 +14,20 @@ pub static MAX_CONNECTIONS_PER_NODE: GucSetting<i32> = GucSetting::<i32>::new(2)
 /// EXPLAIN shows the SQL of every task instead of one.
 pub static EXPLAIN_ALL_TASKS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// Seconds between runs of the recovery of prepared transactions (0: off).
+pub static RECOVERY_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+
 pub fn define() {
+    GucRegistry::define_int_guc(
+        c"sharding.recovery_interval",
+        c"Seconds between two runs of the recovery of prepared transactions by the background worker.",
+        c"The worker also runs it when the server starts. 0 turns the background recovery off; sharding.recover_prepared_transactions() still works.",
+        &RECOVERY_INTERVAL,
+        0,
+        86400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_int_guc(
         c"sharding.max_connections_per_node",
         c"Connections per worker node a session may use to run one statement's tasks in parallel.",

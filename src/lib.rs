@@ -44,7 +44,9 @@ pub extern "C-unwind" fn _PG_init() {
     }
     guc::define();
     catalog::cache::register_invalidation_callback();
+    transaction::fault::define();
     transaction::remote::register_callbacks();
+    transaction::maintenance::register();
     commands::utility::install();
     executor::remote_scan::register();
     planner::scan_path::install();

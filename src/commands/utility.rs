@@ -131,6 +131,7 @@ unsafe fn ours(pstmt: *mut pg_sys::PlannedStmt) -> Result<Option<(&'static Opera
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn pg_sharding_utility_wants(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    note_set_local((*pstmt).utilityStmt);
     ours(pstmt).or_raise().is_some()
 }
 
@@ -154,6 +155,19 @@ pub unsafe extern "C-unwind" fn pg_sharding_utility_run(
     };
     (operation.check)(call.statement(), &targets).or_raise();
     (operation.run)(&call, &targets).or_raise();
+}
+
+/// SET LOCAL in a transaction block: the remote transactions get the value too.
+unsafe fn note_set_local(statement: *mut pg_sys::Node) {
+    if statement.is_null() || (*statement).type_ != pg_sys::NodeTag::T_VariableSetStmt || !pg_sys::IsTransactionBlock() {
+        return;
+    }
+    let set = statement.cast::<pg_sys::VariableSetStmt>();
+    use pg_sys::VariableSetKind::*;
+    if !(*set).is_local || (*set).name.is_null() || !matches!((*set).kind, VAR_SET_VALUE | VAR_SET_DEFAULT | VAR_SET_CURRENT | VAR_RESET) {
+        return;
+    }
+    crate::transaction::remote::note_local_setting(&CStr::from_ptr((*set).name).to_string_lossy());
 }
 
 unsafe fn no_check(_: *mut pg_sys::Node, _: &[Rc<DistributedTable>]) -> Result<()> {

@@ -289,6 +289,18 @@ impl RemoteConnection {
         self.drain_results()
     }
 
+    /// Sends statements as text without waiting for their results (`finish` reads them), so
+    /// that several nodes can work on them at the same time.
+    pub fn send(&self, sql: &str) -> Result<(), RemoteError> {
+        self.send_query(&cstring(sql)?)
+    }
+
+    /// Reads the results of what `send` sent, giving up at `deadline` (the connection is then
+    /// left busy: the caller closes it).
+    pub fn finish(&self, deadline: Option<Instant>) -> Result<RemoteRows, RemoteError> {
+        self.drain_results_until(deadline).map(|(rows, _)| rows)
+    }
+
     /// Reads every pending result; the first error wins, the last rows are returned.
     pub fn drain_results(&self) -> Result<RemoteRows, RemoteError> {
         self.drain_results_until(None).map(|(rows, _)| rows)
@@ -428,6 +440,12 @@ impl RemoteConnection {
     /// back. False when that did not work (the caller then closes the connection, which makes
     /// the node roll back by itself).
     pub fn abort_and_rollback(&self, timeout: Duration) -> bool {
+        self.cancel_and_run("ROLLBACK", timeout).is_ok()
+    }
+
+    /// Stops what the connection is doing (an open COPY, a running command), reads what is
+    /// left, then runs `sql`, all within `timeout`.
+    pub fn cancel_and_run(&self, sql: &str, timeout: Duration) -> Result<RemoteRows, RemoteError> {
         let deadline = Some(Instant::now() + timeout);
         // SAFETY: valid connection; the cancel object is freed exactly once.
         unsafe {
@@ -442,19 +460,14 @@ impl RemoteConnection {
                 }
             }
         }
-        loop {
-            match self.next_result(deadline) {
-                Ok(Some(_)) => continue,
-                Ok(None) => break,
-                Err(_) => return false,
-            }
-        }
-        let Ok(rollback) = cstring("ROLLBACK") else { return false };
+        while self.next_result(deadline)?.is_some() {}
+        let sql = cstring(sql)?;
         // SAFETY: valid, idle connection.
-        if unsafe { pq::PQsendQuery(self.conn.as_ptr(), rollback.as_ptr()) } != 1 || self.flush(deadline).is_err() {
-            return false;
+        if unsafe { pq::PQsendQuery(self.conn.as_ptr(), sql.as_ptr()) } != 1 {
+            return Err(RemoteError::local(self.last_error()));
         }
-        self.drain_results_until(deadline).is_ok()
+        self.flush(deadline)?;
+        self.drain_results_until(deadline).map(|(rows, _)| rows)
     }
 
     /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).
@@ -608,6 +621,12 @@ impl RemoteConnection {
             libc_recv(socket, (&mut byte as *mut u8).cast(), 1, MSG_PEEK | MSG_DONTWAIT)
         };
         peeked < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+    }
+
+    /// True while a command sent on the connection has not finished (results still to read).
+    pub fn is_running(&self) -> bool {
+        // SAFETY: valid connection.
+        unsafe { pq::PQtransactionStatus(self.conn.as_ptr()) == pq::PGTransactionStatusType::PQTRANS_ACTIVE }
     }
 
     /// True when the node is not running a command for us and no transaction is open.

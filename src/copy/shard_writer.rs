@@ -102,7 +102,7 @@ impl ShardWriter {
 fn any_busy(target: &Target, in_flight: &HashMap<i32, Node>) -> Result<bool> {
     for node in &target.nodes {
         if in_flight.contains_key(&node.node_id)
-            && remote::in_transaction(node)?.is_busy().map_err(|e| remote::remote_error(node, e))?
+            && remote::open_connection(node)?.is_busy().map_err(|e| remote::remote_error(node, e))?
         {
             return Ok(true);
         }
@@ -112,7 +112,7 @@ fn any_busy(target: &Target, in_flight: &HashMap<i32, Node>) -> Result<bool> {
 
 /// Reads the outcome of the COPY in flight on `node`'s connection.
 fn settle(node: &Node) -> Result<()> {
-    let connection = remote::in_transaction(node)?;
+    let connection = remote::open_connection(node)?;
     connection.drain_results().map(|_| ()).map_err(|e| remote::remote_error(node, e))
 }
 

@@ -124,7 +124,7 @@ pub unsafe fn copy_to(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, tabl
             columns.join(", "),
             if shard_options.is_empty() { String::new() } else { format!(" WITH ({})", shard_options.join(", ")) }
         );
-        let connection = remote::in_transaction(node)?;
+        let connection = remote::for_statement(node, remote::read_access())?;
         rows += connection
             .copy_out(&sql, |chunk| {
                 // Workers send the database encoding; the client gets its own. libpq hands over

@@ -19,6 +19,7 @@ use crate::connection::TaskParam;
 use crate::deparse::query::{DeparsedQuery, TransmissionSettings};
 use crate::error::{OrRaise, Result, ShardingError};
 use crate::executor::tasks::{self, Task};
+use crate::transaction::remote;
 
 /// What a ShardScan does, as planned.
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -471,20 +472,26 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     let binary = runtime.plan.binary;
     let row_context = runtime.row_context;
     let inputs = &mut runtime.inputs;
-    // Writes, and everything inside a transaction block, belong to the distributed
-    // transaction; a read on its own runs in the nodes' autocommit.
-    // A single-shard write without RETURNING outside a transaction block is atomic on its
-    // own: it commits on the worker in the same round trip (nothing can fail here after it).
-    // Reads run in the nodes' autocommit unless the transaction already wrote on a node (then
-    // that node's session is used: the transaction reads its own writes). Remote transactions
-    // run at READ COMMITTED, so an autocommit read sees exactly what a read in them would.
-    // Writes and row locks belong to the distributed transaction.
+    // Writes and row locks belong to the distributed transaction. A single-shard write
+    // without RETURNING outside a transaction block is atomic on its own: it commits on the
+    // worker in the same round trip (nothing can fail here after it). Reads join the remote
+    // transactions where the transaction block needs it (REPEATABLE READ and up, SET LOCAL)
+    // or where it wrote already; otherwise they run in the nodes' autocommit.
     let in_block = pg_sys::IsTransactionBlock();
-    let autocommit_write =
-        runtime.plan.modify && !runtime.plan.reference_write && runtime.tasks.len() == 1 && natts == 0 && !in_block;
-    let transactional = runtime.plan.locks_rows || (runtime.plan.modify && !autocommit_write);
+    let read_only = *std::ptr::addr_of!(pg_sys::XactReadOnly);
+    let autocommit_write = runtime.plan.modify
+        && !runtime.plan.reference_write
+        && runtime.tasks.len() == 1
+        && natts == 0
+        && !in_block
+        && !read_only;
+    let access = if runtime.plan.locks_rows || (runtime.plan.modify && !autocommit_write) {
+        remote::Access::Write
+    } else {
+        remote::read_access()
+    };
     let started = std::time::Instant::now();
-    let affected = tasks::run(&runtime.tasks, &runtime.params, binary, transactional, |result| {
+    let affected = tasks::run(&runtime.tasks, &runtime.params, binary, access, |result| {
         if result.columns() != natts {
             return Err(ShardingError::internal(format!("a task returned {} columns, expected {natts}", result.columns())));
         }
@@ -609,7 +616,7 @@ fn remote_plan(task: &Task, params: &[TaskParam]) -> Result<String> {
     let explain = Task { node: task.node.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))? };
     let params: Vec<TaskParam> = params.iter().map(|p| TaskParam { type_oid: p.type_oid, value: p.value.clone(), format: p.format }).collect();
     let mut lines = Vec::new();
-    tasks::run(std::slice::from_ref(&explain), &params, false, false, |row| {
+    tasks::run(std::slice::from_ref(&explain), &params, false, remote::read_access(), |row| {
         if let Some(line) = row.value(0) {
             lines.push(String::from_utf8_lossy(line).into_owned());
         }

@@ -34,14 +34,14 @@ struct NodeQueue<'a> {
 /// affected-row counts of the tasks' command tags. The first error (from a node or from
 /// `on_row`) ends the run; the transaction's abort then cancels what still runs.
 ///
-/// `transactional`: the tasks run inside the distributed transaction (writes, transaction
-/// blocks); otherwise in each node's autocommit, unless the transaction already wrote there.
+/// `access`: how the tasks use the nodes (see `remote::Access`): reads outside the
+/// distributed transaction may spread over several connections per node.
 /// Tasks with parameters use statements prepared once per connection.
 pub fn run(
     tasks: &[Task],
     params: &[TaskParam],
     binary: bool,
-    transactional: bool,
+    access: remote::Access,
     mut on_row: impl FnMut(&RemoteResult) -> Result<()>,
 ) -> Result<u64> {
     let mut queues: Vec<NodeQueue<'_>> = Vec::new();
@@ -54,11 +54,11 @@ pub fn run(
     }
     let per_node = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
     for (node, list) in nodes {
-        let session = remote::for_statement(node, transactional)?;
+        let session = remote::for_statement(node, access)?;
         // Reads outside the distributed transaction may spread a node's tasks over several
         // connections; otherwise the node's session runs them one after another.
         let mut connections = vec![(session, true)];
-        if !transactional && !remote::in_transaction_on(node) && list.len() > 1 && per_node > 1 {
+        if access == remote::Access::Autocommit && !remote::in_transaction_on(node) && list.len() > 1 && per_node > 1 {
             for extra in remote::extra_connections(node, (per_node - 1).min(list.len() - 1))? {
                 connections.push((extra, false));
             }

@@ -1,12 +1,14 @@
 //! Worker connections bound to the coordinator's transaction.
 //!
-//! The first use of a node inside a transaction sends BEGIN (with the session settings that
-//! change how values are read and printed); the coordinator's commit commits every open remote
-//! transaction in its pre-commit callback, and its abort rolls them back. A failed remote commit
-//! raises an ERROR there, which aborts the local transaction and rolls back the rest.
-//!
-//! Until two-phase commit lands, a failure between two remote COMMITs can leave one node
-//! committed and another not; every other failure leaves nothing behind.
+//! The first use of a node inside a transaction sends BEGIN with the coordinator's isolation
+//! level, read-only mode and SET LOCAL settings. Coordinator subtransactions (SAVEPOINT,
+//! PL/pgSQL exception blocks) become remote savepoints, created lazily on the nodes that work
+//! inside them. At commit, the remote transactions that only read are committed, a single
+//! writer (with nothing written locally) commits in one phase, and several writers commit with
+//! two-phase commit (see sharding_core::twophase): PREPARE TRANSACTION in pre-commit, commit
+//! records in the local transaction, COMMIT PREPARED after the local commit, and recovery
+//! (transaction/recovery.rs) for whatever a failure interrupted. Any error before the local
+//! commit rolls back every node.
 //!
 //! Connections stay open across transactions (one per node per backend) and are dropped when
 //! broken.
@@ -18,14 +20,39 @@ use std::rc::Rc;
 
 use pgrx::prelude::*;
 
+use std::time::{Duration, Instant};
+
+use sharding_core::subxact::{savepoint_name, Catchup, OnAbort, RemoteSavepoints, SubId};
+use sharding_core::twophase::{commit_protocol, CommitProtocol, Coordinator, Gid};
+
+use super::fault;
 use crate::catalog::nodes::Node;
 use crate::connection::{self, RemoteConnection};
 use crate::deparse::quote;
 use crate::error::{Result, ShardingError};
 
+/// Where a node's remote transaction stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No remote transaction of ours (the connection may run autocommit reads).
+    Idle,
+    /// BEGIN was sent; the distributed transaction's work on the node goes here.
+    Open,
+    /// PREPARE TRANSACTION was sent with this global id.
+    Prepared(String),
+}
+
 struct NodeSession {
     connection: Rc<RemoteConnection>,
-    in_transaction: bool,
+    phase: Phase,
+    /// The remote transaction wrote (or locked rows): it takes part in the commit decision.
+    wrote: bool,
+    savepoints: RemoteSavepoints,
+    /// LOCAL_VERSION whose SET LOCAL values the remote transaction has.
+    local_version: u64,
+    /// A savepoint rollback failed on the node: what the remote transaction holds is unknown,
+    /// so the distributed transaction can only roll back.
+    lost: bool,
     label: String,
     /// The values of PROPAGATED_SETTINGS last set on the node (session level); `None` when
     /// unknown (a remote rollback may have undone them).
@@ -34,11 +61,146 @@ struct NodeSession {
     prepared: std::collections::HashMap<(String, Vec<u32>), String>,
 }
 
+impl NodeSession {
+    /// Back to no remote transaction (after it committed or rolled back).
+    fn end_transaction(&mut self) {
+        self.phase = Phase::Idle;
+        self.wrote = false;
+        self.savepoints = RemoteSavepoints::default();
+        self.local_version = 0;
+        self.lost = false;
+    }
+}
+
 thread_local! {
     static SESSIONS: RefCell<BTreeMap<i32, NodeSession>> = const { RefCell::new(BTreeMap::new()) };
-    /// A subtransaction was rolled back after remote work: the remote side cannot follow
-    /// (until savepoints are propagated), so the whole transaction must roll back.
-    static TAINTED: Cell<bool> = const { Cell::new(false) };
+    /// The coordinator's open subtransactions, outermost first.
+    static SUBXACTS: RefCell<Vec<SubId>> = const { RefCell::new(Vec::new()) };
+    /// Settings changed with SET LOCAL in this transaction (names), propagated to the remote
+    /// transactions; LOCAL_VERSION counts the changes.
+    static LOCAL_SETTINGS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static LOCAL_VERSION: Cell<u64> = const { Cell::new(0) };
+    /// COMMIT PREPARED / ROLLBACK PREPARED statements this backend could not deliver (the
+    /// node was unreachable), by node: sent when it next connects there, so that a prepared
+    /// transaction does not hold its locks until the next recovery run.
+    static UNDELIVERED: RefCell<Vec<(i32, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Remembers a decision for a prepared transaction that could not be delivered to `node_id`.
+fn deliver_later(node_id: i32, sql: String) {
+    UNDELIVERED.with(|u| u.borrow_mut().push((node_id, sql)));
+}
+
+/// Sends this backend's undelivered decisions for `node_id` over a new connection (outside any
+/// transaction). One that fails for another reason than "already finished" stays for recovery.
+fn deliver_pending(node_id: i32, connection: &RemoteConnection) {
+    let pending: Vec<String> = UNDELIVERED.with(|u| {
+        let mut list = u.borrow_mut();
+        let (mine, rest): (Vec<_>, Vec<_>) = list.drain(..).partition(|(id, _)| *id == node_id);
+        *list = rest;
+        mine.into_iter().map(|(_, sql)| sql).collect()
+    });
+    for sql in pending {
+        if let Err(error) = connection.exec(&sql) {
+            if !connection.is_ok() {
+                deliver_later(node_id, sql);
+            } else if error.sqlstate.as_deref() != Some("42704") {
+                pgrx::log!("pg_sharding: {sql} failed: {}; left to recovery", error.message);
+            }
+        }
+    }
+}
+
+/// How a statement uses a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A read that may run in the node's own autocommit (unless the distributed transaction
+    /// is open there: then it reads inside it, and sees its writes).
+    Autocommit,
+    /// A read inside the distributed transaction (its snapshot, its settings).
+    Read,
+    /// A write, DDL or row lock: the node takes part in the commit decision.
+    Write,
+}
+
+/// How reads use the nodes: inside a transaction block at REPEATABLE READ or SERIALIZABLE, or
+/// after SET LOCAL, they join the remote transactions (one snapshot per node for the whole
+/// block, the block's settings); otherwise every read statement may run in autocommit, which
+/// sees what a READ COMMITTED statement in the remote transaction would.
+pub fn read_access() -> Access {
+    // SAFETY: plain reads of backend-local globals.
+    let (in_block, isolation) = unsafe { (pg_sys::IsTransactionBlock(), *std::ptr::addr_of!(pg_sys::XactIsoLevel)) };
+    if in_block && (isolation >= pg_sys::XACT_REPEATABLE_READ as i32 || LOCAL_VERSION.with(Cell::get) > 0) {
+        Access::Read
+    } else {
+        Access::Autocommit
+    }
+}
+
+/// Called for SET LOCAL in a transaction block: the setting goes to the remote transactions.
+pub fn note_local_setting(name: &str) {
+    let name = name.to_ascii_lowercase();
+    // Not propagated: settings synced at session level anyway, our own (coordinator-side)
+    // settings, the role (the workers' user is fixed) and the transaction's own properties
+    // (they are part of BEGIN).
+    let skipped = PROPAGATED_SETTINGS.iter().any(|s| s.to_string_lossy().eq_ignore_ascii_case(&name))
+        || name.starts_with("sharding.")
+        || matches!(name.as_str(), "role" | "session_authorization" | "transaction_isolation" | "transaction_read_only" | "transaction_deferrable");
+    if skipped {
+        return;
+    }
+    LOCAL_SETTINGS.with(|l| {
+        let mut list = l.borrow_mut();
+        if !list.contains(&name) {
+            list.push(name);
+        }
+    });
+    LOCAL_VERSION.with(|v| v.set(v.get() + 1));
+}
+
+fn setting_value(name: &CStr) -> Option<String> {
+    // SAFETY: GetConfigOption returns a pointer valid until the setting changes; copied now.
+    let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+    (!value.is_null()).then(|| unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned())
+}
+
+/// `SELECT set_config(name, value, true), ...` for the settings changed with SET LOCAL.
+fn local_settings_statement() -> Option<String> {
+    let calls: Vec<String> = LOCAL_SETTINGS.with(|l| {
+        l.borrow()
+            .iter()
+            .filter_map(|name| {
+                let cname = CString::new(name.as_str()).ok()?;
+                let value = setting_value(&cname)?;
+                Some(format!("pg_catalog.set_config({}, {}, true)", quote::literal(name), quote::literal(&value)))
+            })
+            .collect()
+    });
+    (!calls.is_empty()).then(|| format!("SELECT {}", calls.join(", ")))
+}
+
+/// BEGIN with the coordinator transaction's isolation level, read-only and deferrable modes.
+fn begin_statement() -> String {
+    // SAFETY: plain reads of backend-local globals.
+    let (isolation, read_only, deferrable) = unsafe {
+        (
+            *std::ptr::addr_of!(pg_sys::XactIsoLevel),
+            *std::ptr::addr_of!(pg_sys::XactReadOnly),
+            *std::ptr::addr_of!(pg_sys::XactDeferrable),
+        )
+    };
+    let level = if isolation >= pg_sys::XACT_SERIALIZABLE as i32 {
+        "SERIALIZABLE"
+    } else if isolation >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        "REPEATABLE READ"
+    } else {
+        "READ COMMITTED"
+    };
+    format!(
+        "BEGIN ISOLATION LEVEL {level}{}{}",
+        if read_only { " READ ONLY" } else { "" },
+        if deferrable { " DEFERRABLE" } else { "" }
+    )
 }
 
 /// Settings that change how values are parsed and printed; workers get the coordinator's.
@@ -46,18 +208,7 @@ const PROPAGATED_SETTINGS: &[&CStr] =
     &[c"DateStyle", c"IntervalStyle", c"TimeZone", c"extra_float_digits", c"standard_conforming_strings"];
 
 fn current_settings() -> Vec<String> {
-    PROPAGATED_SETTINGS
-        .iter()
-        .map(|name| {
-            // SAFETY: GetConfigOption returns a pointer valid until the setting changes; copied now.
-            let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-            if value.is_null() {
-                String::new()
-            } else {
-                unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned()
-            }
-        })
-        .collect()
+    PROPAGATED_SETTINGS.iter().map(|name| setting_value(name).unwrap_or_default()).collect()
 }
 
 /// `SELECT set_config(...)` for the settings that differ from what the node has.
@@ -76,23 +227,30 @@ fn settings_statement(known: Option<&Vec<String>>, wanted: &[String]) -> Option<
     (!calls.is_empty()).then(|| format!("SELECT {}", calls.join(", ")))
 }
 
-/// A usable session for `node`: the existing one, or a new connection. A connection that broke
-/// while it held this transaction's work is an error: the work it did is gone, and carrying on
-/// would commit without it.
+fn lost_error(label: &str) -> ShardingError {
+    ShardingError::new(
+        PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+        format!("lost the connection to node {label} during the transaction"),
+    )
+    .hint("The transaction is rolled back on every node; run it again.")
+}
+
+/// A usable session for `node`: the existing one, or a new connection; and whether the
+/// distributed transaction is open on it. A connection that broke while it held this
+/// transaction's work is an error: the work it did is gone, and carrying on would commit
+/// without it.
 fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
     let existing = SESSIONS.with(|s| {
         let mut sessions = s.borrow_mut();
         match sessions.get(&node.node_id) {
+            Some(session) if session.phase != Phase::Idle && (session.lost || !session.connection.is_ok()) => {
+                Err(lost_error(&session.label))
+            }
             // A cached connection is checked before reuse: a node that restarted meanwhile
             // gets a new connection instead of failing the statement.
-            Some(session) if session.connection.is_ok() && (session.in_transaction || session.connection.probe()) => {
-                Ok(Some((session.connection.clone(), session.in_transaction)))
+            Some(session) if session.phase == Phase::Open || (session.connection.is_ok() && session.connection.probe()) => {
+                Ok(Some((session.connection.clone(), session.phase == Phase::Open)))
             }
-            Some(session) if session.in_transaction => Err(ShardingError::new(
-                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-                format!("lost the connection to node {} during the transaction", session.label),
-            )
-            .hint("The transaction is rolled back on every node; run it again.")),
             Some(_) => {
                 sessions.remove(&node.node_id);
                 Ok(None)
@@ -104,12 +262,17 @@ fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
         return Ok(found);
     }
     let connection = Rc::new(connection::connect_to_node(&node.host, node.port)?);
+    deliver_pending(node.node_id, &connection);
     SESSIONS.with(|s| {
         s.borrow_mut().insert(
             node.node_id,
             NodeSession {
                 connection: connection.clone(),
-                in_transaction: false,
+                phase: Phase::Idle,
+                wrote: false,
+                savepoints: RemoteSavepoints::default(),
+                local_version: 0,
+                lost: false,
                 label: format!("{}:{}", node.host, node.port),
                 settings: None,
                 prepared: Default::default(),
@@ -119,55 +282,93 @@ fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
     Ok((connection, false))
 }
 
-/// Brings the node's session settings in line with ours; `prefix` statements (BEGIN) go in the
-/// same round trip.
-fn sync_and_run(node: &Node, connection: &RemoteConnection, prefix: Option<&str>) -> Result<()> {
+/// Brings the node in line before a statement runs there: BEGIN when the distributed
+/// transaction is to be opened on it (`begin`), savepoints for the coordinator's open
+/// subtransactions, the session settings and the SET LOCAL values; all in one round trip.
+fn prepare_session(node: &Node, connection: &RemoteConnection, begin: bool, in_transaction: bool) -> Result<()> {
     let wanted = current_settings();
-    let statement = SESSIONS.with(|s| {
-        s.borrow().get(&node.node_id).and_then(|session| settings_statement(session.settings.as_ref(), &wanted))
+    let version = LOCAL_VERSION.with(Cell::get);
+    let open: Vec<SubId> = SUBXACTS.with(|s| s.borrow().clone());
+    let (known, catchup, local_version) = SESSIONS.with(|s| {
+        let sessions = s.borrow();
+        let session = sessions.get(&node.node_id);
+        let catchup = match session {
+            Some(session) if in_transaction && !begin => session.savepoints.catchup(&open),
+            _ => Catchup::default(),
+        };
+        (session.and_then(|x| x.settings.clone()), catchup, session.map_or(0, |x| x.local_version))
     });
-    let sql = match (prefix, &statement) {
-        (None, None) => return Ok(()),
-        (Some(prefix), None) => prefix.to_string(),
-        (None, Some(set)) => set.clone(),
-        (Some(prefix), Some(set)) => format!("{prefix}; {set}"),
-    };
-    connection.exec(&sql).map_err(|error| {
-        ShardingError::new(
-            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-            format!("could not prepare the session on node {}:{}", node.host, node.port),
-        )
-        .detail(error.to_string())
+    let mut statements = Vec::new();
+    if begin {
+        statements.push(begin_statement());
+    }
+    if let Some(release) = catchup.release {
+        statements.push(format!("RELEASE SAVEPOINT {}", savepoint_name(release)));
+    }
+    for id in &catchup.create {
+        statements.push(format!("SAVEPOINT {}", savepoint_name(*id)));
+    }
+    statements.extend(settings_statement(known.as_ref(), &wanted));
+    if in_transaction && version != local_version {
+        statements.extend(local_settings_statement());
+    }
+    if statements.is_empty() {
+        return Ok(());
+    }
+    connection.exec(&statements.join("; ")).map_err(|error| {
+        let message = if begin {
+            format!("could not start a transaction on node {}:{}", node.host, node.port)
+        } else {
+            format!("could not prepare the session on node {}:{}", node.host, node.port)
+        };
+        ShardingError::new(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, message).detail(error.to_string())
     })?;
+    // SAFETY: plain call.
+    let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
     SESSIONS.with(|s| {
         if let Some(session) = s.borrow_mut().get_mut(&node.node_id) {
             session.settings = Some(wanted);
-            if prefix.is_some() {
-                session.in_transaction = true;
+            if begin {
+                session.phase = Phase::Open;
+                session.savepoints = RemoteSavepoints::begun_in(current);
+            } else {
+                session.savepoints.caught_up(&catchup);
+            }
+            if in_transaction {
+                session.local_version = version;
             }
         }
     });
     Ok(())
 }
 
-/// Whether the distributed transaction has work open on `node`.
+/// Whether the distributed transaction is open on `node`.
 pub fn in_transaction_on(node: &Node) -> bool {
-    SESSIONS.with(|s| s.borrow().get(&node.node_id).is_some_and(|session| session.in_transaction))
+    SESSIONS.with(|s| s.borrow().get(&node.node_id).is_some_and(|session| session.phase == Phase::Open))
 }
 
-/// The connection to `node` for one statement's tasks. Inside the distributed transaction
-/// when it already wrote there or when `transactional`; otherwise the statement runs in the
-/// node's own autocommit (reads outside transaction blocks need no BEGIN and COMMIT).
-pub fn for_statement(node: &Node, transactional: bool) -> Result<Rc<RemoteConnection>> {
-    if transactional {
-        return in_transaction(node);
-    }
-    check_not_tainted()?;
+/// The connection to `node` for one statement's tasks, used as `access` says.
+pub fn for_statement(node: &Node, access: Access) -> Result<Rc<RemoteConnection>> {
     let (connection, open) = session_connection(node)?;
-    if !open {
-        sync_and_run(node, &connection, None)?;
+    let transactional = open || access != Access::Autocommit;
+    prepare_session(node, &connection, transactional && !open, transactional)?;
+    if access == Access::Write {
+        SESSIONS.with(|s| {
+            if let Some(session) = s.borrow_mut().get_mut(&node.node_id) {
+                session.wrote = true;
+            }
+        });
     }
     Ok(connection)
+}
+
+/// The connection of the distributed transaction on `node` as it is, for reading the results
+/// of a command already sent through `for_statement` (nothing is sent).
+pub fn open_connection(node: &Node) -> Result<Rc<RemoteConnection>> {
+    SESSIONS.with(|s| match s.borrow().get(&node.node_id) {
+        Some(session) if session.phase == Phase::Open => Ok(session.connection.clone()),
+        _ => Err(ShardingError::internal(format!("no open transaction on node {}:{}", node.host, node.port))),
+    })
 }
 
 /// The name of a statement prepared on `node` for `sql` with parameters of `types`, preparing
@@ -253,12 +454,12 @@ fn reset_busy_autocommit_connections() {
     let busy: Vec<(i32, Rc<RemoteConnection>)> = SESSIONS.with(|s| {
         s.borrow()
             .iter()
-            .filter(|(_, session)| !session.in_transaction && !session.connection.is_idle())
+            .filter(|(_, session)| session.phase == Phase::Idle && !session.connection.is_idle())
             .map(|(id, session)| (*id, session.connection.clone()))
             .collect()
     });
     for (node_id, connection) in busy {
-        if !connection.abort_and_rollback(std::time::Duration::from_secs(5)) {
+        if !connection.abort_and_rollback(ABORT_TIMEOUT) {
             SESSIONS.with(|s| s.borrow_mut().remove(&node_id));
         }
         SESSIONS.with(|s| {
@@ -269,7 +470,7 @@ fn reset_busy_autocommit_connections() {
     }
     POOL.with(|p| {
         for entries in p.borrow_mut().values_mut() {
-            entries.retain(|(connection, _)| connection.is_idle() || connection.abort_and_rollback(std::time::Duration::from_secs(5)));
+            entries.retain(|(connection, _)| connection.is_idle() || connection.abort_and_rollback(ABORT_TIMEOUT));
             for entry in entries.iter_mut() {
                 entry.1 = None;
             }
@@ -277,34 +478,19 @@ fn reset_busy_autocommit_connections() {
     });
 }
 
-fn check_not_tainted() -> Result<()> {
-    if TAINTED.with(Cell::get) {
-        return Err(ShardingError::new(
-            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
-            "a rolled-back subtransaction wrote to worker nodes; roll back the transaction",
-        ));
-    }
-    Ok(())
-}
+/// How long an abort waits for a node to stop and roll back before closing the connection.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the commit of prepared transactions waits for a node before leaving the rest to
+/// recovery.
+const COMMIT_PREPARED_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The connection to `node`, inside a remote transaction that commits or aborts with ours.
+/// The connection to `node`, inside the distributed transaction, for a write.
 pub fn in_transaction(node: &Node) -> Result<Rc<RemoteConnection>> {
-    check_not_tainted()?;
-    let (connection, open) = session_connection(node)?;
-    if !open {
-        sync_and_run(node, &connection, Some("BEGIN")).map_err(|error| {
-            ShardingError::new(
-                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-                format!("could not start a transaction on node {}:{}", node.host, node.port),
-            )
-            .detail(error.message)
-        })?;
-    }
-    Ok(connection)
+    for_statement(node, Access::Write)
 }
 
-/// Runs `sql` on `node` inside the distributed transaction; a remote error becomes ours,
-/// with the worker's SQLSTATE when it sent one.
+/// Runs `sql` on `node` inside the distributed transaction (a write); a remote error becomes
+/// ours, with the worker's SQLSTATE when it sent one.
 pub fn execute(node: &Node, sql: &str) -> Result<crate::connection::RemoteRows> {
     let connection = in_transaction(node)?;
     connection.exec(sql).map_err(|error| remote_error(node, error))
@@ -312,13 +498,17 @@ pub fn execute(node: &Node, sql: &str) -> Result<crate::connection::RemoteRows> 
 
 /// A worker's error as ours: its SQLSTATE and message, with the node named in the detail.
 pub fn remote_error(node: &Node, error: crate::connection::RemoteError) -> ShardingError {
+    error_on(&format!("{}:{}", node.host, node.port), error)
+}
+
+fn error_on(label: &str, error: crate::connection::RemoteError) -> ShardingError {
     let code = error
         .sqlstate
         .as_deref()
         .and_then(sqlstate_code)
         .unwrap_or(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE);
     let context = error.context.map(|c| format!(": {c}")).unwrap_or_default();
-    ShardingError::new(code, error.message).detail(format!("on node {}:{}{context}", node.host, node.port))
+    ShardingError::new(code, error.message).detail(format!("on node {label}{context}"))
 }
 
 fn sqlstate_code(code: &str) -> Option<PgSqlErrorCode> {
@@ -334,115 +524,249 @@ fn sqlstate_code(code: &str) -> Option<PgSqlErrorCode> {
     Some(PgSqlErrorCode::from(packed))
 }
 
-/// With writes open on several nodes, checks that each one still answers before any is told to
-/// COMMIT: a node that died during the transaction then aborts it everywhere, instead of being
-/// found only after the others committed. (What remains, a node failing during the COMMIT round
-/// itself, is what two-phase commit closes.)
-fn verify_before_commit() {
-    let open: Vec<(Rc<RemoteConnection>, String)> = SESSIONS.with(|s| {
-        s.borrow()
-            .values()
-            .filter(|session| session.in_transaction)
-            .map(|session| (session.connection.clone(), session.label.clone()))
-            .collect()
-    });
-    if open.len() < 2 {
-        return;
+// ---------------------------------------------------------------------------------------------
+// Commit and abort
+
+/// A participant of the commit: (node id, connection, label).
+type Participant = (i32, Rc<RemoteConnection>, String);
+
+/// Sends one statement to every participant, then reads every answer (the nodes work at the
+/// same time). Returns the failures, by participant.
+fn run_on_all(participants: &[Participant], sql: impl Fn(i32) -> String, deadline: Option<Instant>) -> Vec<(i32, String, crate::connection::RemoteError)> {
+    let mut failures = Vec::new();
+    let mut sent = Vec::new();
+    for (node_id, connection, label) in participants {
+        match connection.send(&sql(*node_id)) {
+            Ok(()) => sent.push((*node_id, connection, label)),
+            Err(error) => failures.push((*node_id, label.clone(), error)),
+        }
     }
-    for (connection, label) in open {
-        if let Err(error) = connection.exec("SELECT 1") {
-            ShardingError::new(
-                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-                format!("node {label} failed before commit; the transaction was rolled back on every node"),
-            )
-            .detail(error.to_string())
-            .raise();
+    for (node_id, connection, label) in sent {
+        if let Err(error) = connection.finish(deadline) {
+            failures.push((node_id, label.clone(), error));
+        }
+    }
+    failures
+}
+
+fn set_phase(node_id: i32, phase: Phase) {
+    SESSIONS.with(|s| {
+        if let Some(session) = s.borrow_mut().get_mut(&node_id) {
+            if phase == Phase::Idle {
+                session.end_transaction();
+            } else {
+                session.phase = phase;
+            }
+        }
+    });
+}
+
+fn forget_broken(node_id: i32) {
+    SESSIONS.with(|s| {
+        let mut sessions = s.borrow_mut();
+        if sessions.get(&node_id).is_some_and(|session| !session.connection.is_ok() || !session.connection.is_idle()) {
+            sessions.remove(&node_id);
+        }
+    });
+}
+
+/// The coordinator's identity in global transaction ids.
+pub fn this_coordinator() -> Coordinator {
+    // SAFETY: plain reads of backend globals.
+    unsafe {
+        Coordinator {
+            system_id: pg_sys::GetSystemIdentifier(),
+            database: (*std::ptr::addr_of!(pg_sys::MyDatabaseId)).to_u32(),
         }
     }
 }
 
-fn finish_all(command: &str, raise: bool) {
-    let open: Vec<(i32, Rc<RemoteConnection>, String)> = SESSIONS.with(|s| {
+/// Pre-commit: ends every remote transaction or prepares it, so that the local commit that
+/// follows is the decision. Any failure raises an ERROR, which aborts everything.
+fn pre_commit() {
+    let open: Vec<(Participant, bool, bool)> = SESSIONS.with(|s| {
+        s.borrow()
+            .iter()
+            .filter(|(_, session)| session.phase == Phase::Open)
+            .map(|(id, session)| ((*id, session.connection.clone(), session.label.clone()), session.wrote, session.lost))
+            .collect()
+    });
+    if open.is_empty() {
+        return;
+    }
+    if let Some(((_, _, label), _, _)) = open.iter().find(|(p, _, lost)| *lost || !p.1.is_ok()) {
+        lost_error(label).raise();
+    }
+    let readers: Vec<Participant> = open.iter().filter(|(_, wrote, _)| !wrote).map(|(p, _, _)| p.clone()).collect();
+    let writers: Vec<Participant> = open.iter().filter(|(_, wrote, _)| *wrote).map(|(p, _, _)| p.clone()).collect();
+
+    // Read-only remote transactions end first; under SERIALIZABLE their commit can still
+    // fail, which then aborts the whole transaction.
+    let failures = run_on_all(&readers, |_| "COMMIT".to_string(), None);
+    for (node_id, ..) in &readers {
+        set_phase(*node_id, Phase::Idle);
+    }
+    if let Some((_, label, error)) = failures.into_iter().next() {
+        error_on(&label, error).raise();
+    }
+
+    // SAFETY: plain call.
+    let local_wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+    match commit_protocol(writers.len(), local_wrote) {
+        CommitProtocol::ReadOnly => {}
+        CommitProtocol::OnePhase => {
+            fault::point("before_commit");
+            let failures = run_on_all(&writers, |_| "COMMIT".to_string(), None);
+            set_phase(writers[0].0, Phase::Idle);
+            if let Some((_, label, error)) = failures.into_iter().next() {
+                ShardingError::new(
+                    PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+                    format!("could not commit the transaction on node {label}"),
+                )
+                .detail(error.to_string())
+                .raise();
+            }
+        }
+        CommitProtocol::TwoPhase => prepare_all(&writers),
+    }
+}
+
+/// Phase one: PREPARE TRANSACTION on every writer, then the commit records.
+fn prepare_all(writers: &[Participant]) {
+    fault::point("before_prepare");
+    let coordinator = this_coordinator();
+    // SAFETY: assigns the local transaction id (if not yet) and returns it.
+    let transaction = unsafe { pg_sys::GetTopFullTransactionId() }.value;
+    // SAFETY: plain call.
+    let started = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let gid = |node_id: i32| Gid { coordinator, transaction, started, node_id }.format();
+    for (node_id, ..) in writers {
+        // Prepared from here on for the abort path: it rolls back whatever did get prepared.
+        set_phase(*node_id, Phase::Prepared(gid(*node_id)));
+    }
+    let failures = run_on_all(writers, |node_id| format!("PREPARE TRANSACTION {}", quote::literal(&gid(node_id))), None);
+    if let Some((_, label, error)) = failures.into_iter().next() {
+        let disabled = error.message.contains("prepared transactions are disabled");
+        let mut failure = error_on(&label, error);
+        failure = failure.hint(if disabled {
+            "Two-phase commit needs max_prepared_transactions > 0 on every worker (it takes a restart)."
+        } else {
+            "The transaction was rolled back on every node."
+        });
+        failure.raise();
+    }
+    fault::point("after_prepare");
+    let records: Vec<(i32, String)> = writers.iter().map(|(node_id, ..)| (*node_id, gid(*node_id))).collect();
+    if let Err(error) = super::recovery::write_commit_records(&records) {
+        error.raise();
+    }
+    fault::point("after_commit_record");
+}
+
+/// After the local commit: COMMIT PREPARED everywhere. Nothing may raise an ERROR here (the
+/// transaction is committed); a node that does not answer is left to recovery.
+fn commit_prepared() {
+    let prepared: Vec<(Participant, String)> = SESSIONS.with(|s| {
         s.borrow_mut()
             .iter_mut()
-            // On abort, also the sessions a statement used outside the transaction: one may
-            // still be running a cancelled command.
-            .filter(|(_, session)| session.in_transaction || (!raise && !session.connection.is_idle()))
-            .map(|(id, session)| {
-                if !raise {
-                    session.settings = None;
+            .filter_map(|(id, session)| match std::mem::replace(&mut session.phase, Phase::Idle) {
+                Phase::Prepared(gid) => {
+                    session.end_transaction();
+                    Some(((*id, session.connection.clone(), session.label.clone()), gid))
                 }
-                session.in_transaction = false;
-                (*id, session.connection.clone(), session.label.clone())
+                other => {
+                    session.phase = other;
+                    None
+                }
             })
             .collect()
     });
-    let mut failure: Option<ShardingError> = None;
-    for (node_id, connection, label) in open {
-        if failure.is_some() {
-            // After one failed COMMIT the rest are rolled back by the abort that follows.
-            SESSIONS.with(|s| {
-                if let Some(session) = s.borrow_mut().get_mut(&node_id) {
-                    session.in_transaction = true;
+    if prepared.is_empty() {
+        return;
+    }
+    fault::point("before_commit_prepared");
+    let participants: Vec<Participant> = prepared.iter().map(|(p, _)| p.clone()).collect();
+    let gid_of = |node_id: i32| prepared.iter().find(|(p, _)| p.0 == node_id).map(|(_, g)| g.clone()).unwrap_or_default();
+    let deadline = Some(Instant::now() + COMMIT_PREPARED_TIMEOUT);
+    for (node_id, label, error) in run_on_all(&participants, |node_id| format!("COMMIT PREPARED {}", quote::literal(&gid_of(node_id))), deadline) {
+        deliver_later(node_id, format!("COMMIT PREPARED {}", quote::literal(&gid_of(node_id))));
+        pgrx::warning!(
+            "could not commit prepared transaction {} on node {label}: {}; the transaction is committed, and recovery will finish it on that node",
+            gid_of(node_id),
+            error.message
+        );
+        forget_broken(node_id);
+    }
+}
+
+/// Rolls back every remote transaction of the distributed transaction. Never raises: a node
+/// that does not answer is disconnected (it then rolls back by itself), a prepared
+/// transaction that cannot be rolled back now is left to recovery.
+fn abort_all() {
+    let ended: Vec<(Participant, Phase)> = SESSIONS.with(|s| {
+        s.borrow_mut()
+            .iter_mut()
+            .filter(|(_, session)| session.phase != Phase::Idle)
+            .map(|(id, session)| {
+                let phase = session.phase.clone();
+                session.end_transaction();
+                session.settings = None;
+                ((*id, session.connection.clone(), session.label.clone()), phase)
+            })
+            .collect()
+    });
+    for ((node_id, connection, _), phase) in ended {
+        let sql = match &phase {
+            Phase::Prepared(gid) => format!("ROLLBACK PREPARED {}", quote::literal(gid)),
+            _ => "ROLLBACK".to_string(),
+        };
+        let prepared = matches!(phase, Phase::Prepared(_));
+        if !connection.is_ok() {
+            SESSIONS.with(|s| s.borrow_mut().remove(&node_id));
+            if prepared {
+                deliver_later(node_id, sql);
+            }
+            continue;
+        }
+        if let Err(error) = connection.cancel_and_run(&sql, ABORT_TIMEOUT) {
+            // A PREPARE that failed left nothing to roll back (42704): fine.
+            if error.sqlstate.as_deref() != Some("42704") {
+                if prepared && !connection.is_ok() {
+                    deliver_later(node_id, sql);
                 }
-            });
-            continue;
-        }
-        if !raise {
-            // Abort: stop whatever the node is still doing for us, then roll back; a node that
-            // does not manage within the time is disconnected and rolls back by itself.
-            if !connection.abort_and_rollback(std::time::Duration::from_secs(5)) {
-                SESSIONS.with(|s| s.borrow_mut().remove(&node_id));
-            }
-            continue;
-        }
-        if let Err(error) = connection.exec(command) {
-            if !connection.is_ok() {
-                SESSIONS.with(|s| s.borrow_mut().remove(&node_id));
-            }
-            if raise {
-                failure = Some(
-                    ShardingError::new(
-                        PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-                        format!("could not commit the transaction on node {label}"),
-                    )
-                    .detail(error.to_string()),
-                );
+                forget_broken(node_id);
             }
         }
     }
-    if let Some(error) = failure {
-        error.raise();
-    }
+}
+
+/// Forgets the transaction's bookkeeping (subtransactions, SET LOCAL).
+fn end_of_transaction() {
+    SUBXACTS.with(|s| s.borrow_mut().clear());
+    LOCAL_SETTINGS.with(|l| l.borrow_mut().clear());
+    LOCAL_VERSION.with(|v| v.set(0));
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => {
-            if TAINTED.with(Cell::get) {
-                ShardingError::new(
-                    PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
-                    "a rolled-back subtransaction wrote to worker nodes; the transaction was rolled back",
-                )
-                .raise();
-            }
-            verify_before_commit();
-            finish_all("COMMIT", true);
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => pre_commit(),
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            commit_prepared();
+            end_of_transaction();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
-            TAINTED.with(|t| t.set(false));
-            finish_all("ROLLBACK", false);
+            abort_all();
             reset_busy_autocommit_connections();
+            end_of_transaction();
         }
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => TAINTED.with(|t| t.set(false)),
         XACT_EVENT_PRE_PREPARE => {
-            let open = SESSIONS.with(|s| s.borrow().values().any(|session| session.in_transaction));
+            let open = SESSIONS.with(|s| s.borrow().values().any(|session| session.phase != Phase::Idle));
             if open {
                 ShardingError::new(
                     PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    "cannot PREPARE a transaction that has written to worker nodes",
+                    "cannot PREPARE a transaction that has used worker nodes inside it",
                 )
                 .raise();
             }
@@ -451,19 +775,88 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
+/// A coordinator subtransaction rolled back: the nodes that worked inside it roll back to
+/// their savepoint for it (or whole, when their remote transaction began inside it).
+fn subtransaction_aborted(id: SubId) {
+    let actions: Vec<(i32, Rc<RemoteConnection>, OnAbort, bool)> = SESSIONS.with(|s| {
+        s.borrow_mut()
+            .iter_mut()
+            .filter(|(_, session)| session.phase == Phase::Open)
+            .map(|(node_id, session)| {
+                let action = session.savepoints.subtransaction_aborted(id);
+                (*node_id, session.connection.clone(), action, !session.connection.is_running())
+            })
+            .collect()
+    });
+    for (node_id, connection, action, idle) in actions {
+        let outcome = match action {
+            OnAbort::Nothing if idle => continue,
+            // Busy without a savepoint for this subtransaction: cannot happen, but if it does
+            // the remote transaction cannot be trusted.
+            OnAbort::Nothing => Err(()),
+            OnAbort::RollbackTransaction => {
+                let ok = connection.is_ok() && connection.abort_and_rollback(ABORT_TIMEOUT);
+                SESSIONS.with(|s| {
+                    let mut sessions = s.borrow_mut();
+                    if ok {
+                        if let Some(session) = sessions.get_mut(&node_id) {
+                            session.end_transaction();
+                            session.settings = None;
+                        }
+                    } else {
+                        // Closing the connection rolls the node back; none of its work counted.
+                        sessions.remove(&node_id);
+                    }
+                });
+                continue;
+            }
+            OnAbort::RollbackTo(savepoint) => {
+                let name = savepoint_name(savepoint);
+                connection
+                    .cancel_and_run(&format!("ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"), ABORT_TIMEOUT)
+                    .map(|_| ())
+                    .map_err(|error| {
+                        pgrx::warning!("could not roll back to a savepoint on node {node_id}: {}", error.message);
+                    })
+            }
+        };
+        SESSIONS.with(|s| {
+            if let Some(session) = s.borrow_mut().get_mut(&node_id) {
+                // The rollback undid session and SET LOCAL settings made since the savepoint.
+                session.settings = None;
+                session.local_version = 0;
+                if outcome.is_err() {
+                    session.lost = true;
+                }
+            }
+        });
+    }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn on_subxact_event(
     event: pg_sys::SubXactEvent::Type,
-    _my_subid: pg_sys::SubTransactionId,
+    my_subid: pg_sys::SubTransactionId,
     _parent_subid: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        reset_busy_autocommit_connections();
-        let open = SESSIONS.with(|s| s.borrow().values().any(|session| session.in_transaction));
-        if open {
-            TAINTED.with(|t| t.set(true));
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_START_SUB => SUBXACTS.with(|s| s.borrow_mut().push(my_subid)),
+        SUBXACT_EVENT_COMMIT_SUB => {
+            SUBXACTS.with(|s| s.borrow_mut().retain(|id| *id < my_subid));
+            SESSIONS.with(|s| {
+                for session in s.borrow_mut().values_mut().filter(|session| session.phase == Phase::Open) {
+                    session.savepoints.subtransaction_committed(my_subid);
+                }
+            });
         }
+        SUBXACT_EVENT_ABORT_SUB => {
+            SUBXACTS.with(|s| s.borrow_mut().retain(|id| *id < my_subid));
+            reset_busy_autocommit_connections();
+            subtransaction_aborted(my_subid);
+        }
+        _ => {}
     }
 }
 

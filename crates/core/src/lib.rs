@@ -8,4 +8,6 @@ pub mod interval;
 pub mod node_check;
 pub mod pinning;
 pub mod sql_template;
+pub mod subxact;
 pub mod table_def;
+pub mod twophase;

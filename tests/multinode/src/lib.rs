@@ -154,6 +154,20 @@ impl Cluster {
         self.node_command(&["node-start", &Self::node_name(worker)]);
     }
 
+    /// The server log of one node ("coordinator", "worker1", ...).
+    pub fn log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{node}.log"))).unwrap_or_default()
+    }
+
+    /// Crash of the coordinator (pg_ctl stop -m immediate).
+    pub fn kill_coordinator(&self) {
+        self.node_command(&["node-stop", "coordinator", "--mode", "immediate"]);
+    }
+
+    pub fn start_coordinator(&self) {
+        self.node_command(&["node-start", "coordinator"]);
+    }
+
     /// Restarts one worker so that postgresql.conf / ALTER SYSTEM changes take effect.
     pub fn restart_worker(&self, worker: usize) {
         self.stop_worker(worker);
