@@ -17,7 +17,21 @@ pub static EXPLAIN_ALL_TASKS: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Seconds between runs of the recovery of prepared transactions (0: off).
 pub static RECOVERY_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 
+/// Milliseconds a transaction's statement waits for the workers before it looks for a
+/// distributed deadlock (0: never).
+pub static DISTRIBUTED_DEADLOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000);
+
 pub fn define() {
+    GucRegistry::define_int_guc(
+        c"sharding.distributed_deadlock_timeout",
+        c"Milliseconds a statement of a distributed transaction waits for the workers before it looks for a distributed deadlock.",
+        c"The youngest transaction of a cycle of lock waits across nodes is cancelled with SQLSTATE 40P01. 0 turns the detection off.",
+        &DISTRIBUTED_DEADLOCK_TIMEOUT,
+        0,
+        3600 * 1000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_int_guc(
         c"sharding.recovery_interval",
         c"Seconds between two runs of the recovery of prepared transactions by the background worker.",

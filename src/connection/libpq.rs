@@ -18,6 +18,8 @@ use pq_sys as pq;
 
 pub struct ConnectParams<'a> {
     pub host: &'a str,
+    /// Names the coordinator backend that owns the connection (see `connection::owner_tag`).
+    pub application_name: &'a str,
     pub port: i32,
     pub dbname: &'a str,
     pub user: &'a str,
@@ -96,7 +98,7 @@ impl RemoteConnection {
             ("dbname", params.dbname.to_string()),
             ("user", params.user.to_string()),
             ("connect_timeout", params.connect_timeout_s.max(1).to_string()),
-            ("application_name", "pg_sharding".to_string()),
+            ("application_name", params.application_name.to_string()),
             ("client_encoding", params.client_encoding.to_string()),
             // A worker that dies or becomes unreachable is noticed within about half a minute,
             // also in the middle of a command.
@@ -191,12 +193,20 @@ impl RemoteConnection {
     /// Waits until the socket has `events` (WL_SOCKET_*), the latch is set, or `deadline`
     /// passes. Interrupts are served: a cancel or timeout raises its ERROR from here.
     fn wait(&self, events: u32, deadline: Option<Instant>) -> Result<(), RemoteError> {
+        if self.wait_events(events, deadline)? {
+            return Err(RemoteError::local("timed out waiting for the node"));
+        }
+        Ok(())
+    }
+
+    /// `wait`, telling a timeout (true) apart instead of failing.
+    fn wait_events(&self, events: u32, deadline: Option<Instant>) -> Result<bool, RemoteError> {
         let timeout_ms: i64 = match deadline {
             None => -1,
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(RemoteError::local("timed out waiting for the node"));
+                    return Ok(true);
                 }
                 left.as_millis().max(1) as i64
             }
@@ -232,10 +242,7 @@ impl RemoteConnection {
             unsafe { pg_sys::ResetLatch(*std::ptr::addr_of!(pg_sys::MyLatch)) };
             pgrx::check_for_interrupts!();
         }
-        if fired & pg_sys::WL_TIMEOUT != 0 && fired & (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE) == 0 {
-            return Err(RemoteError::local("timed out waiting for the node"));
-        }
-        Ok(())
+        Ok(fired & pg_sys::WL_TIMEOUT != 0 && fired & (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE) == 0)
     }
 
     /// Sends everything libpq has queued, waiting (interruptibly) while the socket is full.
@@ -649,10 +656,6 @@ impl RemoteConnection {
         }
     }
 
-    /// Waits until the node has sent something (interruptibly).
-    pub fn wait_readable(&self) -> Result<(), RemoteError> {
-        self.wait(pg_sys::WL_SOCKET_READABLE, None)
-    }
 
     fn socket(&self) -> i32 {
         // SAFETY: valid connection.
@@ -660,11 +663,11 @@ impl RemoteConnection {
     }
 }
 
-/// Waits until one of `connections` has something to read, or an interrupt arrives (served
-/// here: a cancel raises its ERROR).
-pub fn wait_any_readable(connections: &[&RemoteConnection]) -> Result<(), RemoteError> {
+/// Waits until one of `connections` has something to read, an interrupt arrives (served
+/// here: a cancel raises its ERROR), or `timeout` passes.
+pub fn wait_any_readable(connections: &[&RemoteConnection], timeout: Option<Duration>) -> Result<(), RemoteError> {
     if let [only] = connections {
-        return only.wait_readable();
+        return only.wait_events(pg_sys::WL_SOCKET_READABLE, timeout.map(|t| Instant::now() + t)).map(|_| ());
     }
     struct Set(*mut pg_sys::WaitEventSet);
     impl Drop for Set {
@@ -687,7 +690,8 @@ pub fn wait_any_readable(connections: &[&RemoteConnection]) -> Result<(), Remote
             pg_sys::AddWaitEventToSet(set.0, pg_sys::WL_SOCKET_READABLE, socket, std::ptr::null_mut(), std::ptr::null_mut());
         }
         let mut occurred = std::mem::zeroed::<pg_sys::WaitEvent>();
-        let count = pg_sys::WaitEventSetWait(set.0, -1, &mut occurred, 1, pg_sys::PG_WAIT_EXTENSION);
+        let timeout_ms = timeout.map_or(-1, |t| t.as_millis().max(1) as i64);
+        let count = pg_sys::WaitEventSetWait(set.0, timeout_ms as _, &mut occurred, 1, pg_sys::PG_WAIT_EXTENSION);
         if count == 0 { 0 } else { occurred.events }
     };
     if fired & pg_sys::WL_LATCH_SET != 0 {

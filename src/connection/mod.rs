@@ -26,12 +26,21 @@ fn database_encoding() -> String {
         .into_owned()
 }
 
+/// The application_name of worker connections starts with this, followed by the coordinator
+/// backend's process id: the distributed deadlock detector joins the nodes' lock waits by it.
+pub fn owner_tag_prefix() -> String {
+    // SAFETY: reads the system identifier from shared memory.
+    format!("pg_sharding:{}:", unsafe { pgrx::pg_sys::GetSystemIdentifier() })
+}
+
 /// Opens a connection to `host:port` as the current user and database, or fails with
 /// SQLSTATE 08001 and libpq's own message.
 pub fn connect_to_node(host: &str, port: i32) -> crate::error::Result<RemoteConnection> {
     let (dbname, user) = session_identity()?;
+    let application_name = format!("{}{}", owner_tag_prefix(), std::process::id());
     let params = ConnectParams {
         host,
+        application_name: &application_name,
         port,
         dbname: &dbname,
         user: &user,

@@ -76,6 +76,13 @@ pub fn run(
         }
     }
     let mut affected = 0u64;
+    // Statements of the distributed transaction (they hold and wait for row locks) look for a
+    // distributed deadlock once they have waited this long, and again after each period.
+    let deadlock_after = match crate::guc::DISTRIBUTED_DEADLOCK_TIMEOUT.get() {
+        ms if ms > 0 && access != remote::Access::Autocommit => Some(std::time::Duration::from_millis(ms as u64)),
+        _ => None,
+    };
+    let mut next_check: Option<std::time::Instant> = None;
     loop {
         let mut progress = false;
         for queue in queues.iter_mut() {
@@ -123,7 +130,19 @@ pub fn run(
         }
         if !progress {
             let busy: Vec<&RemoteConnection> = queues.iter().filter(|q| q.running).map(|q| &*q.connection).collect();
-            wait_any_readable(&busy).map_err(|e| remote::remote_error(queues[0].node, e))?;
+            let Some(period) = deadlock_after else {
+                wait_any_readable(&busy, None).map_err(|e| remote::remote_error(queues[0].node, e))?;
+                continue;
+            };
+            let due = *next_check.get_or_insert_with(|| std::time::Instant::now() + period);
+            let left = due.saturating_duration_since(std::time::Instant::now());
+            wait_any_readable(&busy, Some(left)).map_err(|e| remote::remote_error(queues[0].node, e))?;
+            if std::time::Instant::now() >= due {
+                crate::transaction::deadlock::check()?;
+                next_check = Some(std::time::Instant::now() + period);
+            }
+        } else {
+            next_check = None;
         }
     }
 }

@@ -11,3 +11,4 @@ pub mod sql_template;
 pub mod subxact;
 pub mod table_def;
 pub mod twophase;
+pub mod waitgraph;

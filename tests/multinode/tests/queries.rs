@@ -279,7 +279,7 @@ fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
     let mut w = cluster.worker(worker);
     let mut left = i64::MAX;
     for _ in 0..50 {
-        left = scalar(&mut w, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_sharding' AND state = 'active'");
+        left = scalar(&mut w, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg\\_sharding:%' AND state = 'active'");
         if left == 0 {
             break;
         }

@@ -741,7 +741,7 @@ fn waits_for_workers_can_be_cancelled() {
     let mut worker = cluster.connect_port(placement.port);
     let active: i64 = scalar(
         &mut worker,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_sharding' AND state = 'active'",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg\\_sharding:%' AND state = 'active'",
     );
     assert_eq!(active, 0);
     holder.batch_execute("ROLLBACK").unwrap();

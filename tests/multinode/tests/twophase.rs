@@ -239,6 +239,61 @@ fn savepoints_isolation_and_set_local_reach_the_workers() {
     other.batch_execute("COMMIT").unwrap();
 }
 
+#[test]
+fn a_deadlock_across_nodes_cancels_the_youngest_transaction() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE acc (id int PRIMARY KEY, balance int NOT NULL);
+         SELECT create_distributed_table('acc', 'id', shard_count => 4);
+         INSERT INTO acc SELECT g, 100 FROM generate_series(1, 40) g;",
+    )
+    .unwrap();
+    // Two accounts on different workers.
+    let on_worker = |c: &mut Client, w: usize| -> i32 {
+        scalar(
+            c,
+            &format!(
+                "SELECT min(a.id) FROM generate_series(1, 40) a(id) JOIN sharding.shards s
+                   ON s.table_name = 'acc'::regclass AND s.shard_id = sharding.shard_for_value('acc', a.id)
+                  WHERE s.port = {}",
+                cluster.worker_port(w)
+            ),
+        )
+    };
+    let (a, b) = (on_worker(&mut c, 1), on_worker(&mut c, 2));
+    for round in 0..3 {
+        let mut older = cluster.coordinator();
+        let mut younger = cluster.coordinator();
+        older.batch_execute(&format!("BEGIN; UPDATE acc SET balance = balance - 1 WHERE id = {a}")).unwrap();
+        thread::sleep(Duration::from_millis(20));
+        younger.batch_execute(&format!("BEGIN; UPDATE acc SET balance = balance - 1 WHERE id = {b}")).unwrap();
+        let started = Instant::now();
+        let waiter = thread::spawn(move || {
+            let result = older.batch_execute(&format!("UPDATE acc SET balance = balance + 1 WHERE id = {b}; COMMIT"));
+            (older, result)
+        });
+        thread::sleep(Duration::from_millis(200));
+        let (code, message, detail, _) =
+            expect_error(&mut younger, &format!("UPDATE acc SET balance = balance + 1 WHERE id = {a}"));
+        assert_eq!(code, "40P01", "round {round}: {message} {detail}");
+        assert!(message.contains("distributed deadlock"), "{message}");
+        younger.batch_execute("ROLLBACK").unwrap();
+        let (_older, result) = waiter.join().unwrap();
+        result.expect("the older transaction goes on once the younger is cancelled");
+        assert!(started.elapsed() < Duration::from_secs(15), "round {round}: took {:?}", started.elapsed());
+    }
+    let total: i64 = scalar(&mut c, "SELECT sum(balance) FROM acc");
+    assert_eq!(total, 4000);
+    let moved: Vec<i32> = c
+        .query(&format!("SELECT balance FROM acc WHERE id IN ({a}, {b}) ORDER BY id = {a} DESC"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(moved, vec![97, 103], "the older transaction's transfers all committed");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The bank-transfer workload
 
