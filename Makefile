@@ -6,7 +6,7 @@ DEMO_DIR ?= /tmp/pg_sharding/cluster
 DEMO_PORT ?= 9700
 export DEMO_DIR DEMO_PORT
 
-.PHONY: setup install demo demo-stop test unit bench clean
+.PHONY: setup install demo demo-stop test soak unit bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,13 @@ demo-stop:
 ## Every test tier (unit, in-database, multi-node), ending with a summary line.
 test: setup
 	@bash scripts/test.sh
+
+## The two-phase-commit failure tests, longer: SOAK rounds per scenario (default 100), after
+## the test build is installed (make test installs it).
+SOAK ?= 100
+soak: setup
+	@bash scripts/install.sh debug
+	PG_SHARDING_SOAK=$(SOAK) cargo test -p pg_sharding_multinode --test twophase bank_ -- --nocapture --test-threads=1
 
 ## Only the pure-logic unit tests (milliseconds, no PostgreSQL needed).
 unit:
