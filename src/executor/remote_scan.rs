@@ -519,6 +519,14 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
         pg_sys::MemoryContextSwitchTo(previous);
         pg_sys::tuplestore_putvalues(store, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
         Ok(())
+    })
+    .map_err(|error| {
+        // A single-shard write in the node's autocommit whose connection broke may have
+        // committed there: say so (08007) rather than report a failure.
+        match (&runtime.tasks[..], autocommit_write && error.code == PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE) {
+            ([task], true) => remote::unknown_outcome(&format!("{}:{}", task.node.host, task.node.port), &error.message),
+            _ => error,
+        }
     })?;
     if runtime.plan.reference_write {
         runtime.remote_affected = affected;

@@ -619,16 +619,29 @@ fn pre_commit() {
             let failures = run_on_all(&writers, |_| "COMMIT".to_string(), None);
             set_phase(writers[0].0, Phase::Idle);
             if let Some((_, label, error)) = failures.into_iter().next() {
-                ShardingError::new(
-                    PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-                    format!("could not commit the transaction on node {label}"),
-                )
-                .detail(error.to_string())
-                .raise();
+                if error.sqlstate.is_some() {
+                    // The node answered: it rolled back (a deferred constraint, a
+                    // serialization failure). A definite abort, with the node's own SQLSTATE.
+                    error_on(&label, error).raise();
+                }
+                // No answer: the node may have committed just before the connection broke.
+                unknown_outcome(&label, &error.message).raise();
             }
         }
         CommitProtocol::TwoPhase => prepare_all(&writers),
     }
+}
+
+/// The error for a commit whose outcome on a node cannot be known: the connection broke while
+/// the node committed (one-phase commit, or a single-shard write in the node's autocommit).
+/// SQLSTATE 08007, so that a client does not take it for a rollback.
+pub fn unknown_outcome(label: &str, cause: &str) -> ShardingError {
+    ShardingError::new(
+        PgSqlErrorCode::ERRCODE_TRANSACTION_RESOLUTION_UNKNOWN,
+        format!("lost the connection to node {label} while it committed: whether the transaction committed there is unknown"),
+    )
+    .detail(cause.to_string())
+    .hint("Check whether the transaction's changes are there before running it again.")
 }
 
 /// Phase one: PREPARE TRANSACTION on every writer, then the commit records.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pg_sharding_multinode::{expect_error, scalar, Client, Cluster};
+use pg_sharding_multinode::{expect_error, scalar, sqlstate, Client, Cluster};
 
 const ACCOUNTS: i32 = 40;
 const INITIAL: i64 = 1000;
@@ -240,6 +240,42 @@ fn savepoints_isolation_and_set_local_reach_the_workers() {
 }
 
 #[test]
+fn a_one_phase_commit_that_loses_its_node_reports_an_unknown_outcome() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE acc (id int PRIMARY KEY, balance int NOT NULL);
+         SELECT create_distributed_table('acc', 'id', shard_count => 4);
+         INSERT INTO acc SELECT g, 100 FROM generate_series(1, 40) g;",
+    )
+    .unwrap();
+    let id: i32 = scalar(
+        &mut c,
+        &format!(
+            "SELECT min(a.id) FROM generate_series(1, 40) a(id) JOIN sharding.shards s
+               ON s.table_name = 'acc'::regclass AND s.shard_id = sharding.shard_for_value('acc', a.id)
+              WHERE s.port = {}",
+            cluster.worker_port(2)
+        ),
+    );
+    // The node dies while the coordinator is about to COMMIT its only writer: the client must
+    // not be told "failed" (the node might have committed), but 08007.
+    let mut client = cluster.coordinator();
+    client.batch_execute("SET sharding.fault_injection = 'before_commit:pause:1000'").unwrap();
+    let pid: i32 = scalar(&mut client, "SELECT pg_backend_pid()");
+    let waiter = thread::spawn(move || {
+        let result = client.batch_execute(&format!("BEGIN; UPDATE acc SET balance = 0 WHERE id = {id}; COMMIT"));
+        result.map_err(|e| sqlstate(&e))
+    });
+    wait_paused(&mut c, pid);
+    cluster.kill_worker(2);
+    assert_eq!(waiter.join().unwrap(), Err("08007".to_string()));
+    cluster.start_worker(2);
+    let balance: i32 = scalar(&mut c, &format!("SELECT balance FROM acc WHERE id = {id}"));
+    assert_eq!(balance, 100, "the COMMIT never reached the node");
+}
+
+#[test]
 fn a_deadlock_across_nodes_cancels_the_youngest_transaction() {
     let cluster = Cluster::start(2);
     let mut c = cluster.coordinator();
@@ -409,7 +445,11 @@ impl Bank {
         );
         match client.batch_execute(&sql) {
             Ok(()) => (id, Outcome::Committed),
-            Err(error) if error.is_closed() || error.code().is_none() => (id, Outcome::Unknown),
+            // The coordinator was lost, or it lost the one node while that node committed (08007).
+            Err(error) if error.is_closed() || error.code().is_none() || sqlstate(&error) == "08007" => {
+                let _ = client.batch_execute("ROLLBACK");
+                (id, Outcome::Unknown)
+            }
             Err(_) => {
                 let _ = client.batch_execute("ROLLBACK");
                 (id, Outcome::Aborted)
@@ -636,7 +676,7 @@ fn scenario(fault: Fault) {
     total.recovered += bank.cluster.log("coordinator").matches("pg_sharding recovery: ").count() as u64;
     // The figures of the closing note.
     println!(
-        "bank {fault:?}: {} rounds in {:.1} s: attempted {}, committed {}, aborted {}, unknown (coordinator lost) {}, recovered {}",
+        "bank {fault:?}: {} rounds in {:.1} s: attempted {}, committed {}, aborted {}, unknown (08007 or coordinator lost) {}, recovered {}",
         rounds(),
         started.elapsed().as_secs_f64(),
         total.attempted,
