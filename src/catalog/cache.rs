@@ -46,13 +46,29 @@ fn drop_if_stale() {
     }
 }
 
+/// Runs a catalog load with the latest snapshot instead of the statement's: a statement that
+/// waited for a lock (behind a shard move, say) took its snapshot before the wait, and metadata
+/// read with it would be cached stale with no invalidation left to drop it. (PostgreSQL reads
+/// its own catalogs the same way, with a fresh catalog snapshot.)
+fn with_latest_snapshot<T>(load: impl FnOnce() -> crate::error::Result<T>) -> crate::error::Result<T> {
+    // SAFETY: pushed here and popped below, also when the load unwinds.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load));
+    // SAFETY: pops exactly the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    match result {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
 /// Every registered node (active or not), from the cache.
 pub fn nodes() -> crate::error::Result<Rc<Vec<Node>>> {
     drop_if_stale();
     if let Some(cached) = CACHE.with(|c| c.borrow().nodes.clone()) {
         return Ok(cached);
     }
-    let loaded = Rc::new(nodes::load_all()?);
+    let loaded = Rc::new(with_latest_snapshot(nodes::load_all)?);
     let oids = catalog_oids();
     CACHE.with(|c| {
         let mut cache = c.borrow_mut();
@@ -69,7 +85,7 @@ pub fn table(relid: pg_sys::Oid) -> crate::error::Result<Option<Rc<DistributedTa
     if let Some(cached) = CACHE.with(|c| c.borrow().tables.get(&relid).cloned()) {
         return Ok(cached);
     }
-    let loaded = tables::load(relid)?.map(Rc::new);
+    let loaded = with_latest_snapshot(|| tables::load(relid))?.map(Rc::new);
     let oids = catalog_oids();
     CACHE.with(|c| {
         let mut cache = c.borrow_mut();

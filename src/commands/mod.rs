@@ -4,6 +4,7 @@
 pub mod distribute;
 pub mod grants;
 pub mod node;
+pub mod shard_ops;
 pub mod utility;
 
 use crate::error::{Result, ShardingError};

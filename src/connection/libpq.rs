@@ -38,7 +38,7 @@ pub struct RemoteError {
 }
 
 impl RemoteError {
-    fn local(message: impl Into<String>) -> Self {
+    pub fn local(message: impl Into<String>) -> Self {
         Self { sqlstate: None, message: message.into(), context: None }
     }
 }

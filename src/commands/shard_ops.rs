@@ -1,0 +1,244 @@
+//! Shard operations: move_shard (mode block_writes) and drain_node.
+//!
+//! A move takes the shard together with the shards co-located with it (same colocation group,
+//! same shard index). In `block_writes` mode, writes through the coordinator wait on a lock of
+//! the group's tables (EXCLUSIVE: reads go on) while the rows are copied; everything happens in
+//! one distributed transaction committed with two-phase commit: the new shards and their rows
+//! on the target, the catalog switch, and the old shards dropped on the source. A failure at
+//! any point leaves the old placement serving and nothing on the target.
+//! Online moves (logical replication) are not built yet.
+
+use pgrx::prelude::*;
+
+use super::{require_superuser, required};
+use crate::catalog::nodes::{self, Node};
+use crate::catalog;
+use crate::deparse::quote;
+use crate::deparse::table::{self as table_ddl, shard_object_name};
+use crate::error::{OrRaise, Result, ShardingError};
+use crate::transaction::remote;
+
+/// One shard of a co-located group: (shard id, table).
+struct GroupShard {
+    shard_id: i64,
+    relid: pg_sys::Oid,
+}
+
+struct Group {
+    shards: Vec<GroupShard>,
+    source: i32,
+}
+
+/// The co-located group of `shard_id` and the node holding it.
+fn shard_group(shard_id: i64) -> Result<Group> {
+    let found = Spi::connect(|client| -> Result<Option<(String, i32, i32)>> {
+        let mut rows = client.select(
+            "SELECT t.method, s.shard_index, coalesce(t.colocation_id, -1)
+               FROM sharding.dist_shard s JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+              WHERE s.shard_id = $1",
+            Some(1),
+            &[shard_id.into()],
+        )?;
+        rows.next()
+            .map(|row| -> Result<(String, i32, i32)> {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<i32>(2)?.unwrap_or_default(),
+                    row.get::<i32>(3)?.unwrap_or_default(),
+                ))
+            })
+            .transpose()
+    })?;
+    let Some((method, index, colocation)) = found else {
+        return Err(ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("shard {shard_id} does not exist"))
+            .hint("SELECT * FROM sharding.shards lists the shards."));
+    };
+    if method != "hash" {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("shard {shard_id} belongs to a {method} table, which has a copy on every node"),
+        ));
+    }
+    let members = Spi::connect(|client| -> Result<Vec<(i64, pg_sys::Oid, i32)>> {
+        client
+            .select(
+                "SELECT s.shard_id, s.logicalrelid::oid, p.node_id
+                   FROM sharding.dist_shard s
+                   JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+                   JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+                  WHERE s.shard_index = $1 AND (t.colocation_id = $2 OR s.shard_id = $3)
+                  ORDER BY s.logicalrelid::oid",
+                None,
+                &[index.into(), colocation.into(), shard_id.into()],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                    row.get::<i32>(3)?.unwrap_or_default(),
+                ))
+            })
+            .collect()
+    })?;
+    let source = members.iter().find(|(id, ..)| *id == shard_id).map(|(.., node)| *node).ok_or_else(|| {
+        ShardingError::internal(format!("shard {shard_id} has no placement"))
+    })?;
+    if members.iter().any(|(.., node)| *node != source) {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("the shards co-located with shard {shard_id} are not all on one node"),
+        ));
+    }
+    Ok(Group { shards: members.into_iter().map(|(shard_id, relid, _)| GroupShard { shard_id, relid }).collect(), source })
+}
+
+fn active_node(node_id: i32) -> Result<Node> {
+    let node = nodes::load_all()?.into_iter().find(|n| n.node_id == node_id).ok_or_else(|| {
+        ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("node {node_id} is not registered"))
+            .hint("SELECT * FROM sharding.nodes lists the registered nodes.")
+    })?;
+    if !node.is_active {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("node {node_id} is not active"),
+        ));
+    }
+    Ok(node)
+}
+
+/// Copies one shard's rows from `source` to `target` (binary COPY streamed through the
+/// coordinator), both inside the distributed transaction.
+fn copy_rows(source: &Node, target: &Node, from: &str, to: &str, columns: &str) -> Result<u64> {
+    let reader = remote::for_statement(source, remote::Access::Read)?;
+    let writer = remote::in_transaction(target)?;
+    writer
+        .copy_start(&format!("COPY {to} ({columns}) FROM STDIN WITH (FORMAT binary)"))
+        .map_err(|e| remote::remote_error(target, e))?;
+    let mut sink_error = None;
+    let copied = reader.copy_out(&format!("COPY {from} ({columns}) TO STDOUT WITH (FORMAT binary)"), |chunk| {
+        writer.copy_data(chunk).map_err(|e| {
+            sink_error = Some(remote::remote_error(target, e));
+            crate::connection::RemoteError::local("the target node stopped taking rows")
+        })
+    });
+    if let Some(error) = sink_error {
+        return Err(error);
+    }
+    let rows = copied.map_err(|e| remote::remote_error(source, e))?;
+    writer.copy_end(None).map_err(|e| remote::remote_error(target, e))?;
+    Ok(rows)
+}
+
+fn move_group(shard_id: i64, target_id: i32) -> Result<()> {
+    // One move of a group at a time; concurrent node changes wait.
+    nodes::lock_for_change()?;
+    let group = shard_group(shard_id)?;
+    let target = active_node(target_id)?;
+    if group.source == target.node_id {
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("shard {shard_id} is already on node {target_id}"),
+        ));
+    }
+    let source = nodes::load_all()?.into_iter().find(|n| n.node_id == group.source).ok_or_else(|| {
+        ShardingError::internal(format!("the node {} of shard {shard_id} is not registered", group.source))
+    })?;
+    // Writes through the coordinator wait until the move commits; reads go on.
+    for member in &group.shards {
+        let name = catalog::read_one::<String>("SELECT $1::regclass::text", &[member.relid.into()])?.unwrap_or_default();
+        Spi::run(&format!("LOCK TABLE {name} IN EXCLUSIVE MODE"))?;
+    }
+    let mut dropped = Vec::new();
+    for member in &group.shards {
+        let definition = table_ddl::read(member.relid)?;
+        let statements = definition.shard_ddl(member.shard_id, &quote::ident);
+        remote::execute(
+            &target,
+            &format!("CREATE SCHEMA IF NOT EXISTS {}; {}", quote::ident(&definition.schema), statements.join("; ")),
+        )?;
+        let shard = quote::qualified(&definition.schema, &shard_object_name(&definition.name, member.shard_id));
+        let columns: Vec<String> =
+            definition.columns.iter().filter(|c| c.generated_sql.is_none()).map(|c| quote::ident(&c.name)).collect();
+        copy_rows(&source, &target, &shard, &shard, &columns.join(", "))?;
+        dropped.push(shard);
+    }
+    let ids: Vec<i64> = group.shards.iter().map(|s| s.shard_id).collect();
+    catalog::as_catalog_owner(|| {
+        Spi::run_with_args(
+            "UPDATE sharding.dist_placement SET node_id = $1 WHERE shard_id = ANY ($2) AND node_id = $3",
+            &[target.node_id.into(), ids.into(), source.node_id.into()],
+        )?;
+        Ok(())
+    })?;
+    remote::execute(&source, &format!("DROP TABLE {}", dropped.join(", ")))?;
+    Ok(())
+}
+
+/// Moves shard `shard_id` and the shards co-located with it to node `target_node`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn move_shard(shard_id: Option<i64>, target_node: Option<i32>, mode: default!(Option<&str>, "'online'")) {
+    (|| {
+        require_superuser("move_shard")?;
+        let shard_id = required(shard_id, "shard_id")?;
+        let target_node = required(target_node, "target_node")?;
+        match required(mode, "mode")?.trim().to_ascii_lowercase().as_str() {
+            "block_writes" => move_group(shard_id, target_node),
+            "online" => Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "online shard moves are not available yet",
+            )
+            .hint("Use mode => 'block_writes': writes to the shard's tables wait while it is copied, reads go on.")),
+            other => Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("unknown move mode \"{other}\""),
+            )
+            .hint("The modes are 'online' and 'block_writes'.")),
+        }
+    })()
+    .or_raise()
+}
+
+/// Moves every shard off the node `host:port` (mode block_writes), each group to the active
+/// node that holds the fewest shards, so that remove_node can succeed. Returns the number of
+/// shard groups moved.
+#[pg_extern(volatile, parallel_unsafe)]
+fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
+    (|| -> Result<i64> {
+        require_superuser("drain_node")?;
+        let (host, port) = (required(host, "host")?, required(port, "port")?);
+        let node = nodes::find(host, port)?.ok_or_else(|| {
+            ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("node {host}:{port} is not registered"))
+        })?;
+        let mut moved = 0;
+        loop {
+            // One shard per co-located group still on the node; the next group after each move.
+            let next = catalog::read_one::<i64>(
+                "SELECT min(s.shard_id) FROM sharding.dist_shard s
+                   JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+                   JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+                  WHERE p.node_id = $1 AND t.method = 'hash'",
+                &[node.node_id.into()],
+            )?;
+            let Some(shard_id) = next else { break };
+            let target = catalog::read_one::<i32>(
+                // A scalar subquery: one row (NULL) when there is no other node.
+                "SELECT (SELECT n.node_id FROM sharding.dist_node n
+                           LEFT JOIN sharding.dist_placement p ON p.node_id = n.node_id
+                          WHERE n.is_active AND n.node_id <> $1
+                          GROUP BY n.node_id ORDER BY count(p.shard_id), n.node_id LIMIT 1)",
+                &[node.node_id.into()],
+            )?
+            .ok_or_else(|| {
+                ShardingError::new(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("no other active node to move the shards of {host}:{port} to"),
+                )
+                .hint("Add a node first (sharding.add_node).")
+            })?;
+            move_group(shard_id, target)?;
+            moved += 1;
+        }
+        Ok(moved)
+    })()
+    .or_raise()
+}

@@ -1,0 +1,140 @@
+//! Shard operations: move_shard (block_writes) with its co-located group, under a concurrent
+//! write workload; drain_node before remove_node; errors that change nothing.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use pg_sharding_multinode::{expect_error, scalar, Client, Cluster};
+
+fn placements(c: &mut Client) -> Vec<(i64, i32)> {
+    c.query("SELECT shard_id, node_id FROM sharding.dist_placement ORDER BY shard_id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Row count and a checksum over every column (whole-row references are not supported on
+/// distributed tables).
+fn checksum(c: &mut Client, table: &str) -> (i64, i64) {
+    let columns = if table == "users" { "id || ':' || name" } else { "user_id || ':' || n || ':' || amount" };
+    let row = c
+        .query_one(&format!("SELECT count(*), coalesce(sum(hashtext({columns})), 0)::int8 FROM {table}"), &[])
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[test]
+fn move_shard_moves_the_colocated_group_while_writes_wait() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         CREATE TABLE orders (user_id int NOT NULL, n int NOT NULL, amount numeric, PRIMARY KEY (user_id, n));
+         SELECT create_distributed_table('users', 'id', shard_count => 4);
+         SELECT create_distributed_table('orders', 'user_id', colocate_with => 'users');
+         INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, 2000) g;
+         INSERT INTO orders SELECT g % 2000 + 1, g, g / 7.0 FROM generate_series(1, 6000) g;",
+    )
+    .unwrap();
+    let node = |c: &mut Client, w: usize| -> i32 {
+        scalar(c, &format!("SELECT node_id FROM sharding.dist_node WHERE port = {}", cluster.worker_port(w)))
+    };
+    let (w1, w2) = (node(&mut c, 1), node(&mut c, 2));
+    let shard: i64 = scalar(
+        &mut c,
+        &format!("SELECT min(shard_id) FROM sharding.shards WHERE table_name = 'users'::regclass AND node_id = {w1}"),
+    );
+    let index: i32 = scalar(&mut c, &format!("SELECT shard_index FROM sharding.dist_shard WHERE shard_id = {shard}"));
+    let before = placements(&mut c);
+    let (users_before, orders_before) = (checksum(&mut c, "users"), checksum(&mut c, "orders"));
+
+    // Errors change nothing.
+    for (sql, code) in [
+        (format!("SELECT sharding.move_shard({shard}, {w1}, 'block_writes')"), "22023"),
+        (format!("SELECT sharding.move_shard({shard}, {w2})"), "0A000"),
+        (format!("SELECT sharding.move_shard({shard}, {w2}, 'sideways')"), "22023"),
+        (format!("SELECT sharding.move_shard(999999, {w2}, 'block_writes')"), "42704"),
+        (format!("SELECT sharding.move_shard({shard}, 999, 'block_writes')"), "42704"),
+        (format!("SELECT sharding.move_shard(NULL, {w2}, 'block_writes')"), "22004"),
+    ] {
+        let (got, message, ..) = expect_error(&mut c, &sql);
+        assert_eq!(got, code, "{sql}: {message}");
+    }
+    c.batch_execute("CREATE ROLE mover LOGIN; SET ROLE mover").unwrap();
+    let (code, ..) = expect_error(&mut c, &format!("SELECT sharding.move_shard({shard}, {w2}, 'block_writes')"));
+    assert_eq!(code, "42501");
+    c.batch_execute("RESET ROLE").unwrap();
+    assert_eq!(placements(&mut c), before);
+
+    // A writer keeps inserting through the move: its inserts wait, none fails or is lost.
+    let stop = Arc::new(AtomicBool::new(false));
+    let inserted = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, inserted) = (stop.clone(), inserted.clone());
+        let mut w = cluster.coordinator();
+        thread::spawn(move || {
+            let mut id = 100_000;
+            while !stop.load(Ordering::SeqCst) {
+                w.batch_execute(&format!("INSERT INTO users VALUES ({id}, 'late')")).expect("an insert during the move failed");
+                inserted.fetch_add(1, Ordering::SeqCst);
+                id += 1;
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(200));
+    c.batch_execute(&format!("SELECT sharding.move_shard({shard}, {w2}, 'block_writes')")).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+
+    // The whole group moved; nothing else did.
+    let moved: Vec<i64> = c
+        .query(&format!("SELECT shard_id FROM sharding.dist_shard WHERE shard_index = {index} ORDER BY 1"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(moved.len(), 2, "users and orders shards of the group");
+    for (shard_id, node_id) in placements(&mut c) {
+        let expected = if moved.contains(&shard_id) { w2 } else { before.iter().find(|(s, _)| *s == shard_id).unwrap().1 };
+        assert_eq!(node_id, expected, "shard {shard_id}");
+    }
+    // Every row is there once: the new ones too.
+    let late = inserted.load(Ordering::SeqCst) as i64;
+    assert!(late > 0);
+    let (users_after, _) = checksum(&mut c, "users");
+    assert_eq!(users_after, users_before.0 + late);
+    let old_rows: i64 = scalar(&mut c, "SELECT count(*) FROM users WHERE id <= 2000");
+    assert_eq!(old_rows, 2000);
+    let old_sum: i64 = scalar(&mut c, "SELECT coalesce(sum(hashtext(id || ':' || name)), 0)::int8 FROM users WHERE id <= 2000");
+    assert_eq!(old_sum, users_before.1);
+    assert_eq!(checksum(&mut c, "orders"), orders_before);
+    // The shard tables left the source and exist on the target, with their constraints.
+    let on = |cluster: &Cluster, w: usize, shard: i64| -> i64 {
+        scalar(&mut cluster.worker(w), &format!("SELECT count(*) FROM pg_class WHERE relname = 'users_{shard}'"))
+    };
+    assert_eq!((on(&cluster, 1, shard), on(&cluster, 2, shard)), (0, 1));
+    let id_in_shard: i32 = scalar(
+        &mut c,
+        &format!("SELECT min(id) FROM users WHERE id <= 2000 AND sharding.shard_for_value('users', id) = {shard}"),
+    );
+    let (code, ..) = expect_error(&mut c, &format!("INSERT INTO users VALUES ({id_in_shard}, 'dup')"));
+    assert_eq!(code, "23505", "the primary key came along");
+    let joined: i64 = scalar(&mut c, "SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id");
+    assert_eq!(joined, 6000, "co-located joins still find every pair");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_transaction") > 0, true, "committed with 2PC");
+
+    // Draining worker 1 moves everything to worker 2; then it can be removed.
+    let groups: i64 = scalar(&mut c, &format!("SELECT sharding.drain_node('127.0.0.1', {})", cluster.worker_port(1)));
+    assert_eq!(groups, 1, "one group was left on worker 1");
+    let left: i64 = scalar(&mut c, &format!("SELECT count(*) FROM sharding.dist_placement WHERE node_id = {w1}"));
+    assert_eq!(left, 0);
+    c.batch_execute(&format!("SELECT sharding.remove_node('127.0.0.1', {})", cluster.worker_port(1))).unwrap();
+    assert_eq!(checksum(&mut c, "orders"), orders_before);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM users"), users_before.0 + late);
+    let (code, ..) = expect_error(&mut c, &format!("SELECT sharding.drain_node('127.0.0.1', {})", cluster.worker_port(2)));
+    assert_eq!(code, "55000", "no other node to drain to");
+}
