@@ -1,4 +1,5 @@
-//! Shard operations: move_shard (mode block_writes) and drain_node.
+//! Shard operations: move_shard (mode block_writes), drain_node, rebalance_shards and its plan
+//! (the planning itself is `sharding_core::rebalance`).
 //!
 //! A move takes the shard together with the shards co-located with it (same colocation group,
 //! same shard index). In `block_writes` mode, writes through the coordinator wait on a lock of
@@ -9,6 +10,8 @@
 //! Online moves (logical replication) are not built yet.
 
 use pgrx::prelude::*;
+use pgrx::PgRelation;
+use sharding_core::rebalance::{self, GroupPlacement, Move, Strategy};
 
 use super::{require_superuser, required};
 use crate::catalog::nodes::{self, Node};
@@ -241,4 +244,104 @@ fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
         Ok(moved)
     })()
     .or_raise()
+}
+
+/// The active nodes and every shard group of hash tables (of `table`'s colocation group when
+/// given), with its node and size in bytes (asked from the nodes).
+fn current_layout(table: Option<pg_sys::Oid>) -> Result<(Vec<i32>, Vec<GroupPlacement>)> {
+    let nodes = Spi::connect(|client| -> Result<Vec<i32>> {
+        client
+            .select("SELECT node_id FROM sharding.dist_node WHERE is_active ORDER BY node_id", None, &[])?
+            .map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default()))
+            .collect()
+    })?;
+    let groups = Spi::connect(|client| -> Result<Vec<GroupPlacement>> {
+        client
+            .select(
+                "WITH sizes AS (SELECT * FROM sharding.shard_sizes())
+                 SELECT min(s.shard_id), min(p.node_id), coalesce(sum(z.size_bytes), 0)::int8
+                   FROM sharding.dist_shard s
+                   JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+                   JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+                   LEFT JOIN sizes z ON z.shard_id = s.shard_id AND z.node_id = p.node_id
+                  WHERE t.method = 'hash'
+                    AND ($1::oid IS NULL OR t.colocation_id =
+                         (SELECT colocation_id FROM sharding.dist_table WHERE logicalrelid = $1::oid::regclass))
+                  GROUP BY t.colocation_id, s.shard_index
+                  ORDER BY 1",
+                None,
+                &[table.into()],
+            )?
+            .map(|row| {
+                Ok(GroupPlacement {
+                    shard_id: row.get::<i64>(1)?.unwrap_or_default(),
+                    node: row.get::<i32>(2)?.unwrap_or_default(),
+                    bytes: row.get::<i64>(3)?.unwrap_or_default().max(0) as u64,
+                })
+            })
+            .collect()
+    })?;
+    Ok((nodes, groups))
+}
+
+fn planned_moves(table: Option<pg_sys::Oid>, strategy: &str) -> Result<Vec<Move>> {
+    let strategy = Strategy::parse(strategy).ok_or_else(|| {
+        ShardingError::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown rebalance strategy \"{strategy}\""))
+            .hint("The strategies are 'by_shard_count' and 'by_disk_size'.")
+    })?;
+    if let Some(relid) = table {
+        if crate::catalog::cache::table(relid)?.is_none_or(|t| t.method != crate::catalog::tables::Method::Hash) {
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "only hash-distributed tables are rebalanced",
+            ));
+        }
+    }
+    let (nodes, groups) = current_layout(table)?;
+    Ok(rebalance::plan(&nodes, &groups, strategy))
+}
+
+fn move_rows(moves: Vec<Move>) -> TableIterator<'static, (i64, i32, i32, i64)> {
+    TableIterator::new(moves.into_iter().map(|m| (m.shard_id, m.from, m.to, m.bytes as i64)))
+}
+
+/// The moves `rebalance_shards` would make, without making them: one row per shard group
+/// (a shard of it, from, to, bytes), in order.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rebalance_plan(
+    table_name: default!(Option<PgRelation>, "NULL"),
+    strategy: default!(Option<&str>, "'by_shard_count'"),
+) -> TableIterator<'static, (name!(shard_id, i64), name!(from_node, i32), name!(to_node, i32), name!(bytes, i64))> {
+    move_rows(planned_moves(table_name.map(|t| t.oid()), strategy.unwrap_or("by_shard_count")).or_raise())
+}
+
+/// The Citus-compatible entry point lives in pg_catalog, callable unqualified.
+#[pg_schema]
+mod pg_catalog {
+    use super::*;
+
+    /// Moves shard groups (mode block_writes, one after another) until the active nodes hold
+    /// about the same: group counts within one (`by_shard_count`) or sizes within 10% of the
+    /// mean (`by_disk_size`). With `dry_run`, only returns the plan. Returns the moves.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn rebalance_shards(
+        table_name: default!(Option<PgRelation>, "NULL"),
+        strategy: default!(Option<&str>, "'by_shard_count'"),
+        dry_run: default!(Option<bool>, "false"),
+    ) -> TableIterator<'static, (name!(shard_id, i64), name!(from_node, i32), name!(to_node, i32), name!(bytes, i64))> {
+        let moves = (|| -> Result<Vec<Move>> {
+            if !dry_run.unwrap_or(false) {
+                require_superuser("rebalance_shards")?;
+            }
+            let moves = planned_moves(table_name.map(|t| t.oid()), strategy.unwrap_or("by_shard_count"))?;
+            if !dry_run.unwrap_or(false) {
+                for step in &moves {
+                    move_group(step.shard_id, step.to)?;
+                }
+            }
+            Ok(moves)
+        })()
+        .or_raise();
+        move_rows(moves)
+    }
 }

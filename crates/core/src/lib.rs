@@ -7,6 +7,7 @@ pub mod hash;
 pub mod interval;
 pub mod node_check;
 pub mod pinning;
+pub mod rebalance;
 pub mod sql_template;
 pub mod subxact;
 pub mod table_def;

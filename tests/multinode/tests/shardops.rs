@@ -138,3 +138,78 @@ fn move_shard_moves_the_colocated_group_while_writes_wait() {
     let (code, ..) = expect_error(&mut c, &format!("SELECT sharding.drain_node('127.0.0.1', {})", cluster.worker_port(2)));
     assert_eq!(code, "55000", "no other node to drain to");
 }
+
+#[test]
+fn rebalance_spreads_shard_groups_over_a_new_node() {
+    let cluster = Cluster::start(3);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         CREATE TABLE orders (user_id int NOT NULL, n int NOT NULL, amount numeric, PRIMARY KEY (user_id, n));
+         SELECT create_distributed_table('users', 'id', shard_count => 9);
+         SELECT create_distributed_table('orders', 'user_id', colocate_with => 'users');
+         INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, 3000) g;
+         INSERT INTO orders SELECT g % 3000 + 1, g, g / 7.0 FROM generate_series(1, 9000) g;",
+    )
+    .unwrap();
+    let (users_before, orders_before) = (checksum(&mut c, "users"), checksum(&mut c, "orders"));
+    // Worker 3 empty, as if it had just been added.
+    let drained: i64 = scalar(&mut c, &format!("SELECT sharding.drain_node('127.0.0.1', {})", cluster.worker_port(3)));
+    assert_eq!(drained, 3);
+    let per_node = |c: &mut Client| -> Vec<i64> {
+        c.query(
+            "SELECT (SELECT count(*) FROM sharding.dist_placement p
+                       JOIN sharding.dist_shard s ON s.shard_id = p.shard_id
+                      WHERE p.node_id = n.node_id AND s.logicalrelid = 'users'::regclass)
+               FROM sharding.dist_node n ORDER BY n.node_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let before = per_node(&mut c);
+    assert_eq!(before.iter().sum::<i64>(), 9);
+    assert!(before.contains(&0), "{before:?}");
+
+    let (code, ..) = expect_error(&mut c, "SELECT * FROM rebalance_shards(strategy => 'random')");
+    assert_eq!(code, "22023");
+    c.batch_execute("CREATE ROLE balancer LOGIN; SET ROLE balancer").unwrap();
+    let (code, ..) = expect_error(&mut c, "SELECT * FROM rebalance_shards()");
+    assert_eq!(code, "42501");
+    c.batch_execute("RESET ROLE").unwrap();
+
+    // The plan, and a dry run, change nothing.
+    let plan: Vec<(i64, i32)> = c
+        .query("SELECT shard_id, to_node FROM sharding.rebalance_plan()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let dry: Vec<(i64, i32)> = c
+        .query("SELECT shard_id, to_node FROM rebalance_shards(dry_run => true)", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(plan, dry);
+    assert_eq!(plan.len(), 3, "{plan:?}");
+    assert_eq!(per_node(&mut c), before);
+
+    let moved: i64 = scalar(&mut c, "SELECT count(*) FROM rebalance_shards()");
+    assert_eq!(moved, 3);
+    let after = per_node(&mut c);
+    assert_eq!(after, vec![3, 3, 3], "shard counts per node differ by at most one");
+    let colocated_apart: i64 = scalar(
+        &mut c,
+        "SELECT count(*) FROM sharding.shards u JOIN sharding.shards o
+            ON o.shard_index = u.shard_index AND o.table_name = 'orders'::regclass
+         WHERE u.table_name = 'users'::regclass AND o.node_id <> u.node_id",
+    );
+    assert_eq!(colocated_apart, 0, "co-located shards moved together");
+    assert_eq!(checksum(&mut c, "users"), users_before);
+    assert_eq!(checksum(&mut c, "orders"), orders_before);
+    let again: i64 = scalar(&mut c, "SELECT count(*) FROM rebalance_shards()");
+    assert_eq!(again, 0, "a balanced cluster needs no moves");
+}

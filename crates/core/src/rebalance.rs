@@ -1,0 +1,203 @@
+//! Rebalance planning: which shard groups to move where so that nodes hold about the same.
+//!
+//! The unit is a shard group (the shards of one index in one colocation group: they move
+//! together). Two strategies:
+//! - `ByShardCount`: node group counts end up differing by at most one; each move takes the
+//!   smallest group of the fullest node to the emptiest node (fewest bytes moved);
+//! - `ByDiskSize`: node sizes end up within 10% of the mean where moves can get them there; each
+//!   move takes, from the largest node to the smallest, the group that best evens the pair.
+//!
+//! The plan is a list of moves to run one after another; planning never reads anything.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    ByShardCount,
+    ByDiskSize,
+}
+
+impl Strategy {
+    pub fn parse(text: &str) -> Option<Strategy> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "by_shard_count" => Some(Strategy::ByShardCount),
+            "by_disk_size" => Some(Strategy::ByDiskSize),
+            _ => None,
+        }
+    }
+}
+
+/// One shard group as it is placed now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPlacement {
+    /// Any shard of the group (the move takes the others with it).
+    pub shard_id: i64,
+    pub node: i32,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub shard_id: i64,
+    pub from: i32,
+    pub to: i32,
+    pub bytes: u64,
+}
+
+/// Plans the moves. `nodes`: the nodes that may hold shards (groups on other nodes are moved
+/// off them first, as by a drain). The result is deterministic for the same input.
+pub fn plan(nodes: &[i32], groups: &[GroupPlacement], strategy: Strategy) -> Vec<Move> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    let mut on: BTreeMap<i32, Vec<GroupPlacement>> = nodes.iter().map(|n| (*n, Vec::new())).collect();
+    let mut moves = Vec::new();
+    let mut stranded: Vec<GroupPlacement> = Vec::new();
+    for group in groups {
+        match on.get_mut(&group.node) {
+            Some(list) => list.push(group.clone()),
+            None => stranded.push(group.clone()),
+        }
+    }
+    // Groups on nodes that may not hold shards go to the emptiest allowed node first.
+    stranded.sort_by_key(|g| (std::cmp::Reverse(g.bytes), g.shard_id));
+    for group in stranded {
+        let to = lightest(&on, strategy);
+        moves.push(Move { shard_id: group.shard_id, from: group.node, to, bytes: group.bytes });
+        on.get_mut(&to).expect("known node").push(GroupPlacement { node: to, ..group });
+    }
+    // Each move strictly reduces the spread, so this ends; the bound is a safety net.
+    for _ in 0..=groups.len() * nodes.len() {
+        let Some(next) = next_move(&on, strategy) else { break };
+        let list = on.get_mut(&next.from).expect("known node");
+        let at = list.iter().position(|g| g.shard_id == next.shard_id).expect("group on its node");
+        let group = list.remove(at);
+        on.get_mut(&next.to).expect("known node").push(GroupPlacement { node: next.to, ..group });
+        moves.push(next);
+    }
+    moves
+}
+
+fn load(list: &[GroupPlacement], strategy: Strategy) -> u64 {
+    match strategy {
+        Strategy::ByShardCount => list.len() as u64,
+        Strategy::ByDiskSize => list.iter().map(|g| g.bytes).sum(),
+    }
+}
+
+fn lightest(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy) -> i32 {
+    *on.iter().min_by_key(|(node, list)| (load(list, strategy), **node)).map(|(node, _)| node).expect("nodes")
+}
+
+fn heaviest(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy) -> i32 {
+    *on.iter().max_by_key(|(node, list)| (load(list, strategy), std::cmp::Reverse(**node))).map(|(node, _)| node).expect("nodes")
+}
+
+fn next_move(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy) -> Option<Move> {
+    let (from, to) = (heaviest(on, strategy), lightest(on, strategy));
+    let (high, low) = (load(&on[&from], strategy), load(&on[&to], strategy));
+    match strategy {
+        Strategy::ByShardCount => {
+            if high <= low + 1 {
+                return None;
+            }
+            let group = on[&from].iter().min_by_key(|g| (g.bytes, g.shard_id))?;
+            Some(Move { shard_id: group.shard_id, from, to, bytes: group.bytes })
+        }
+        Strategy::ByDiskSize => {
+            let total: u64 = on.values().map(|l| load(l, strategy)).sum();
+            let mean = total as f64 / on.len() as f64;
+            if mean == 0.0 || (high as f64 - mean) <= mean * 0.10 && (mean - low as f64) <= mean * 0.10 {
+                return None;
+            }
+            // The group that leaves the pair closest to even; it must shrink the gap.
+            let gap = high - low;
+            let group = on[&from]
+                .iter()
+                .filter(|g| g.bytes > 0 && g.bytes < gap)
+                .min_by_key(|g| ((gap as i128 - 2 * g.bytes as i128).unsigned_abs(), g.shard_id))?;
+            Some(Move { shard_id: group.shard_id, from, to, bytes: group.bytes })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(spec: &[(i32, u64)]) -> Vec<GroupPlacement> {
+        spec.iter().enumerate().map(|(i, (node, bytes))| GroupPlacement { shard_id: 100 + i as i64, node: *node, bytes: *bytes }).collect()
+    }
+
+    fn counts(nodes: &[i32], groups: &[GroupPlacement], moves: &[Move]) -> BTreeMap<i32, usize> {
+        let mut at: BTreeMap<i64, i32> = groups.iter().map(|g| (g.shard_id, g.node)).collect();
+        for m in moves {
+            assert_eq!(at[&m.shard_id], m.from, "a move starts where the group is");
+            at.insert(m.shard_id, m.to);
+        }
+        let mut out: BTreeMap<i32, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+        for node in at.values() {
+            *out.get_mut(node).expect("moved to an allowed node") += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn a_new_empty_node_gets_its_share() {
+        let nodes = [1, 2, 3];
+        let g = groups(&[(1, 10), (1, 20), (1, 30), (1, 40), (2, 10), (2, 20), (2, 30), (2, 40)]);
+        let moves = plan(&nodes, &g, Strategy::ByShardCount);
+        let c = counts(&nodes, &g, &moves);
+        let (min, max) = (c.values().min().unwrap(), c.values().max().unwrap());
+        assert!(max - min <= 1, "{c:?}");
+        assert_eq!(moves.len(), 2, "as few moves as possible: {moves:?}");
+        assert!(moves.iter().all(|m| m.to == 3));
+        assert!(moves.iter().all(|m| m.bytes == 10), "the smallest groups move: {moves:?}");
+    }
+
+    #[test]
+    fn a_balanced_cluster_needs_no_moves() {
+        let nodes = [1, 2];
+        let g = groups(&[(1, 5), (2, 5), (1, 5)]);
+        assert!(plan(&nodes, &g, Strategy::ByShardCount).is_empty());
+        assert!(plan(&nodes, &[], Strategy::ByShardCount).is_empty());
+        assert!(plan(&[], &g, Strategy::ByShardCount).is_empty());
+    }
+
+    #[test]
+    fn groups_on_excluded_nodes_are_moved_off() {
+        let nodes = [1, 2];
+        let g = groups(&[(3, 1), (3, 2), (3, 3), (1, 1)]);
+        let moves = plan(&nodes, &g, Strategy::ByShardCount);
+        let c = counts(&nodes, &g, &moves);
+        assert_eq!(c.values().sum::<usize>(), 4);
+        assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1, "{c:?}");
+    }
+
+    #[test]
+    fn disk_size_balances_bytes_not_counts() {
+        let nodes = [1, 2];
+        // Node 1: one huge group and small ones; node 2: small ones.
+        let g = groups(&[(1, 1000), (1, 100), (1, 100), (2, 100), (2, 100), (2, 100)]);
+        let moves = plan(&nodes, &g, Strategy::ByDiskSize);
+        let mut size: BTreeMap<i32, u64> = BTreeMap::new();
+        let mut at: BTreeMap<i64, i32> = g.iter().map(|x| (x.shard_id, x.node)).collect();
+        for m in &moves {
+            at.insert(m.shard_id, m.to);
+        }
+        for x in &g {
+            *size.entry(at[&x.shard_id]).or_default() += x.bytes;
+        }
+        // 1500 bytes in all: the huge group cannot be split, so the best is 1000 / 500.
+        assert_eq!(size[&1], 1000, "{moves:?}");
+        assert_eq!(size[&2], 500);
+        assert!(moves.iter().all(|m| m.bytes == 100), "only small groups move: {moves:?}");
+    }
+
+    #[test]
+    fn strategies_parse() {
+        assert_eq!(Strategy::parse("by_shard_count"), Some(Strategy::ByShardCount));
+        assert_eq!(Strategy::parse(" BY_DISK_SIZE "), Some(Strategy::ByDiskSize));
+        assert_eq!(Strategy::parse("random"), None);
+    }
+}
