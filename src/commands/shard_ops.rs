@@ -345,3 +345,77 @@ mod pg_catalog {
         move_rows(moves)
     }
 }
+
+/// Per shard placement of `relid` on `node`: (shard id, estimated rows, bytes), asked from the
+/// node (rows: the planner's estimate, or an exact count for a shard never analyzed).
+fn shard_figures(node: &Node, shards: &[(i64, String)]) -> Result<Vec<(i64, i64, i64)>> {
+    if shards.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<String> = shards
+        .iter()
+        .map(|(id, name)| {
+            format!(
+                "SELECT {id}::int8, CASE WHEN c.reltuples >= 0 THEN c.reltuples::int8 ELSE (SELECT count(*) FROM {name}) END,
+                        pg_catalog.pg_total_relation_size(c.oid)
+                   FROM pg_catalog.pg_class c WHERE c.oid = {}::regclass",
+                quote::literal(name)
+            )
+        })
+        .collect();
+    let connection = remote::for_statement(node, remote::read_access())?;
+    let rows = connection.exec(&parts.join(" UNION ALL ")).map_err(|e| remote::remote_error(node, e))?;
+    Ok((0..rows.rows.len())
+        .map(|i| {
+            let number = |c: usize| rows.value(i, c).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+            (number(0), number(1), number(2))
+        })
+        .collect())
+}
+
+/// How a distributed table spreads over the nodes: per active node its shard count,
+/// estimated rows and bytes, and (on every row) the coefficient of variation of rows and of
+/// bytes across the nodes (0: perfectly even).
+#[pg_extern(volatile, parallel_unsafe)]
+fn table_distribution(
+    table_name: PgRelation,
+) -> TableIterator<
+    'static,
+    (
+        name!(node_id, i32),
+        name!(node, String),
+        name!(shard_count, i64),
+        name!(rows, i64),
+        name!(bytes, i64),
+        name!(rows_cv, Option<f64>),
+        name!(bytes_cv, Option<f64>),
+    ),
+> {
+    let rows = (|| -> Result<Vec<(i32, String, i64, i64, i64, Option<f64>, Option<f64>)>> {
+        let table = crate::catalog::cache::table(table_name.oid())?.ok_or_else(|| {
+            ShardingError::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("\"{}\" is not distributed", table_name.name()))
+        })?;
+        let nodes = crate::catalog::cache::nodes()?;
+        let mut out = Vec::new();
+        for node in nodes.iter().filter(|n| n.is_active) {
+            let shards: Vec<(i64, String)> = table
+                .shards
+                .iter()
+                .filter(|s| s.placements.contains(&node.node_id))
+                .map(|s| (s.shard_id, quote::qualified(&table.schema, &shard_object_name(&table.name, s.shard_id))))
+                .collect();
+            let figures = shard_figures(node, &shards)?;
+            let (rows, bytes) = figures.iter().fold((0i64, 0i64), |(r, b), (_, rows, bytes)| (r + rows, b + bytes));
+            out.push((node.node_id, format!("{}:{}", node.host, node.port), shards.len() as i64, rows, bytes, None, None));
+        }
+        let rows_cv = rebalance::coefficient_of_variation(&out.iter().map(|r| r.3 as f64).collect::<Vec<_>>());
+        let bytes_cv = rebalance::coefficient_of_variation(&out.iter().map(|r| r.4 as f64).collect::<Vec<_>>());
+        for row in out.iter_mut() {
+            row.5 = rows_cv;
+            row.6 = bytes_cv;
+        }
+        Ok(out)
+    })()
+    .or_raise();
+    TableIterator::new(rows)
+}

@@ -201,3 +201,32 @@ mod tests {
         assert_eq!(Strategy::parse("random"), None);
     }
 }
+
+/// Coefficient of variation (standard deviation / mean, population) of per-node figures: 0
+/// when perfectly even; None without nodes or when everything is zero.
+pub fn coefficient_of_variation(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    if mean == 0.0 {
+        return None;
+    }
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
+    Some(variance.sqrt() / mean)
+}
+
+#[cfg(test)]
+mod cv_tests {
+    use super::coefficient_of_variation as cv;
+
+    #[test]
+    fn coefficient_of_variation_measures_skew() {
+        assert_eq!(cv(&[]), None);
+        assert_eq!(cv(&[0.0, 0.0]), None);
+        assert_eq!(cv(&[5.0, 5.0, 5.0]), Some(0.0));
+        // mean 2, population stddev 2: cv 1.
+        assert!((cv(&[0.0, 4.0]).unwrap() - 1.0).abs() < 1e-12);
+        assert!((cv(&[1.0, 2.0, 3.0]).unwrap() - (2.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12);
+    }
+}

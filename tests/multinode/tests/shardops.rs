@@ -172,6 +172,17 @@ fn rebalance_spreads_shard_groups_over_a_new_node() {
     let before = per_node(&mut c);
     assert_eq!(before.iter().sum::<i64>(), 9);
     assert!(before.contains(&0), "{before:?}");
+    // table_distribution shows the skew.
+    let distribution = |c: &mut Client| -> (Vec<i64>, i64, f64) {
+        let rows = c.query("SELECT shard_count, rows, rows_cv FROM sharding.table_distribution('users') ORDER BY node_id", &[]).unwrap();
+        let counts = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
+        let total = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
+        (counts, total, rows[0].get::<_, Option<f64>>(2).unwrap_or(-1.0))
+    };
+    let (counts, total, cv) = distribution(&mut c);
+    assert_eq!(counts, before);
+    assert_eq!(total, 3000, "rows per node add up to the table");
+    assert!(cv > 0.5, "one empty node out of three: cv {cv}");
 
     let (code, ..) = expect_error(&mut c, "SELECT * FROM rebalance_shards(strategy => 'random')");
     assert_eq!(code, "22023");
@@ -201,6 +212,9 @@ fn rebalance_spreads_shard_groups_over_a_new_node() {
     assert_eq!(moved, 3);
     let after = per_node(&mut c);
     assert_eq!(after, vec![3, 3, 3], "shard counts per node differ by at most one");
+    let (counts, total, cv) = distribution(&mut c);
+    assert_eq!((counts, total), (vec![3, 3, 3], 3000));
+    assert!((0.0..0.2).contains(&cv), "rows now spread evenly: cv {cv}");
     let colocated_apart: i64 = scalar(
         &mut c,
         "SELECT count(*) FROM sharding.shards u JOIN sharding.shards o
