@@ -227,3 +227,49 @@ fn rebalance_spreads_shard_groups_over_a_new_node() {
     let again: i64 = scalar(&mut c, "SELECT count(*) FROM rebalance_shards()");
     assert_eq!(again, 0, "a balanced cluster needs no moves");
 }
+
+#[test]
+fn a_move_interrupted_by_a_dead_target_leaves_the_old_placement_serving() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         SELECT create_distributed_table('users', 'id', shard_count => 4);
+         INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, 2000) g;",
+    )
+    .unwrap();
+    let node = |c: &mut Client, w: usize| -> i32 {
+        scalar(c, &format!("SELECT node_id FROM sharding.dist_node WHERE port = {}", cluster.worker_port(w)))
+    };
+    let w2 = node(&mut c, 2);
+    let shard: i64 = scalar(
+        &mut c,
+        &format!("SELECT min(shard_id) FROM sharding.shards WHERE table_name = 'users'::regclass AND node_id <> {w2}"),
+    );
+    let before = placements(&mut c);
+    let sums = checksum(&mut c, "users");
+    // The move pauses before its two-phase commit; the target dies meanwhile.
+    let mut mover = cluster.coordinator();
+    mover.batch_execute("SET sharding.fault_injection = 'before_prepare:pause:1000'").unwrap();
+    let pid: i32 = scalar(&mut mover, "SELECT pg_backend_pid()");
+    let handle = thread::spawn(move || mover.batch_execute(&format!("SELECT sharding.move_shard({shard}, {w2}, 'block_writes')")));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scalar::<i64>(&mut c, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'PgSleep'")) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the move never reached its commit");
+        thread::sleep(Duration::from_millis(10));
+    }
+    cluster.kill_worker(2);
+    assert!(handle.join().unwrap().is_err(), "the move fails");
+    cluster.start_worker(2);
+    c.batch_execute("SELECT sharding.recover_prepared_transactions()").unwrap();
+    assert_eq!(placements(&mut c), before, "the catalog still names the old placement");
+    assert_eq!(checksum(&mut c, "users"), sums, "every row is served from the old placement");
+    let leftovers: i64 =
+        scalar(&mut cluster.worker(2), &format!("SELECT count(*) FROM pg_class WHERE relname = 'users_{shard}'"));
+    assert_eq!(leftovers, 0, "nothing half-copied is left on the target");
+    // And a retry finishes the job.
+    c.batch_execute(&format!("SELECT sharding.move_shard({shard}, {w2}, 'block_writes')")).unwrap();
+    assert_eq!(checksum(&mut c, "users"), sums);
+    let now_on: i32 = scalar(&mut c, &format!("SELECT node_id FROM sharding.dist_placement WHERE shard_id = {shard}"));
+    assert_eq!(now_on, w2);
+}
