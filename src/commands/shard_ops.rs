@@ -419,3 +419,97 @@ fn table_distribution(
     .or_raise();
     TableIterator::new(rows)
 }
+
+/// Shards of hash-distributed tables larger than `threshold` times their table's mean shard
+/// size, with a suggestion: the split point (the median hash of the shard's rows, asked from
+/// its node) and the node with the least data to move it to.
+#[pg_extern(volatile, parallel_unsafe)]
+fn hot_shards(
+    threshold: default!(Option<f64>, "2.0"),
+) -> TableIterator<
+    'static,
+    (
+        name!(shard_id, i64),
+        name!(table_name, String),
+        name!(node_id, i32),
+        name!(bytes, i64),
+        name!(ratio_to_mean, f64),
+        name!(split_point, Option<i32>),
+        name!(suggested_node, Option<i32>),
+    ),
+> {
+    let rows = (|| -> Result<Vec<(i64, String, i32, i64, f64, Option<i32>, Option<i32>)>> {
+        let threshold = threshold.unwrap_or(2.0);
+        if !(threshold > 0.0) {
+            return Err(ShardingError::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "threshold must be positive"));
+        }
+        // (shard, table oid, node, bytes) for every hash shard; the mean per table.
+        let sizes = Spi::connect(|client| -> Result<Vec<(i64, pg_sys::Oid, i32, i64)>> {
+            client
+                .select(
+                    "SELECT z.shard_id, s.logicalrelid::oid, z.node_id, coalesce(z.size_bytes, 0)::int8
+                       FROM sharding.shard_sizes() z
+                       JOIN sharding.dist_shard s ON s.shard_id = z.shard_id
+                       JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+                      WHERE t.method = 'hash' ORDER BY z.shard_id",
+                    None,
+                    &[],
+                )?
+                .map(|row| {
+                    Ok((
+                        row.get::<i64>(1)?.unwrap_or_default(),
+                        row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                        row.get::<i32>(3)?.unwrap_or_default(),
+                        row.get::<i64>(4)?.unwrap_or_default(),
+                    ))
+                })
+                .collect()
+        })?;
+        let mut per_table: std::collections::BTreeMap<u32, (i64, i64)> = Default::default();
+        let mut per_node: std::collections::BTreeMap<i32, i64> = Default::default();
+        for (_, relid, node, bytes) in &sizes {
+            let entry = per_table.entry(relid.to_u32()).or_default();
+            entry.0 += bytes;
+            entry.1 += 1;
+            *per_node.entry(*node).or_default() += bytes;
+        }
+        let active: Vec<i32> = crate::catalog::cache::nodes()?.iter().filter(|n| n.is_active).map(|n| n.node_id).collect();
+        let mut out = Vec::new();
+        for (shard_id, relid, node_id, bytes) in sizes {
+            let (total, count) = per_table[&relid.to_u32()];
+            let mean = total as f64 / count.max(1) as f64;
+            if mean <= 0.0 || (bytes as f64) <= threshold * mean {
+                continue;
+            }
+            let table = crate::catalog::cache::table(relid)?
+                .ok_or_else(|| ShardingError::internal(format!("table {relid:?} vanished")))?;
+            let split_point = median_hash(&table, shard_id, node_id)?;
+            let suggested = active
+                .iter()
+                .filter(|n| **n != node_id)
+                .min_by_key(|n| (per_node.get(*n).copied().unwrap_or(0), **n))
+                .copied();
+            out.push((shard_id, format!("{}.{}", table.schema, table.name), node_id, bytes, bytes as f64 / mean, split_point, suggested));
+        }
+        Ok(out)
+    })()
+    .or_raise();
+    TableIterator::new(rows)
+}
+
+/// The median hash of a shard's rows (where a split would halve it), asked from its node.
+fn median_hash(table: &crate::catalog::tables::DistributedTable, shard_id: i64, node_id: i32) -> Result<Option<i32>> {
+    let Some(column) = &table.distribution_column else { return Ok(None) };
+    let Some(node) = crate::catalog::cache::nodes()?.iter().find(|n| n.node_id == node_id).cloned() else {
+        return Ok(None);
+    };
+    let shard = quote::qualified(&table.schema, &shard_object_name(&table.name, shard_id));
+    let connection = remote::for_statement(&node, remote::read_access())?;
+    let rows = connection
+        .exec(&format!(
+            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY sharding.hash_value({})) FROM {shard}",
+            quote::ident(column)
+        ))
+        .map_err(|e| remote::remote_error(&node, e))?;
+    Ok(rows.value(0, 0).and_then(|v| v.parse().ok()))
+}

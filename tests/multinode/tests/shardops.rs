@@ -273,3 +273,30 @@ fn a_move_interrupted_by_a_dead_target_leaves_the_old_placement_serving() {
     let now_on: i32 = scalar(&mut c, &format!("SELECT node_id FROM sharding.dist_placement WHERE shard_id = {shard}"));
     assert_eq!(now_on, w2);
 }
+
+#[test]
+fn hot_shards_names_the_oversized_shard_with_a_split_point() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE events (tenant int NOT NULL, n int NOT NULL, payload text);
+         SELECT create_distributed_table('events', 'tenant', shard_count => 4);
+         INSERT INTO events SELECT g % 40, g, repeat('x', 100) FROM generate_series(1, 400) g;
+         INSERT INTO events SELECT 7, g, repeat('y', 100) FROM generate_series(1, 20000) g;",
+    )
+    .unwrap();
+    let hot_shard: i64 = scalar(&mut c, "SELECT sharding.shard_for_value('events', 7)");
+    let rows = c.query("SELECT shard_id, node_id, ratio_to_mean, split_point, suggested_node FROM sharding.hot_shards()", &[]).unwrap();
+    assert_eq!(rows.len(), 1, "one shard is hot");
+    let (shard, node, ratio, split, suggested): (i64, i32, f64, Option<i32>, Option<i32>) =
+        (rows[0].get(0), rows[0].get(1), rows[0].get(2), rows[0].get(3), rows[0].get(4));
+    assert_eq!(shard, hot_shard);
+    assert!(ratio > 2.0, "{ratio}");
+    let hash_of_7: i32 = scalar(&mut c, "SELECT sharding.hash_value(7)");
+    assert_eq!(split, Some(hash_of_7), "most rows have tenant 7: the median hash is its hash");
+    assert!(suggested.is_some_and(|n| n != node));
+    let none: i64 = scalar(&mut c, "SELECT count(*) FROM sharding.hot_shards(100.0)");
+    assert_eq!(none, 0);
+    let (code, ..) = expect_error(&mut c, "SELECT * FROM sharding.hot_shards(0)");
+    assert_eq!(code, "22023");
+}
