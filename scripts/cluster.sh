@@ -108,6 +108,7 @@ write_config() {
         echo "unix_socket_directories = '$dir'"
         echo "shared_preload_libraries = 'pg_sharding'"
         echo "max_prepared_transactions = 100"
+        echo "wal_level = logical                 # online shard moves use logical replication"
         echo "max_connections = 200"
         echo "lc_messages = 'C'"
         echo "log_line_prefix = '%m [%p] %q%u@%d '"

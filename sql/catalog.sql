@@ -89,3 +89,12 @@ CREATE TABLE sharding.dist_transaction (
     node_id     integer NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- Old shard placements left behind by moves, dropped later (a query may still be reading one):
+-- by the next move, the maintenance worker, or sharding.cleanup_old_placements().
+CREATE TABLE sharding.dist_cleanup (
+    object_name  text    NOT NULL,
+    node_id      integer NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (object_name, node_id)
+);

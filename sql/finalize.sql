@@ -17,7 +17,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA sharding FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA sharding FROM PUBLIC;
 GRANT USAGE ON SCHEMA sharding TO PUBLIC;
 GRANT SELECT ON sharding.dist_node, sharding.dist_colocation, sharding.dist_table,
-                sharding.dist_shard, sharding.dist_placement, sharding.dist_transaction,
+                sharding.dist_shard, sharding.dist_placement, sharding.dist_transaction, sharding.dist_cleanup,
                 sharding.nodes TO PUBLIC;
 
 -- Node management is for superusers (the functions check too).

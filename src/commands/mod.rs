@@ -4,6 +4,7 @@
 pub mod distribute;
 pub mod grants;
 pub mod node;
+pub mod online_move;
 pub mod shard_ops;
 pub mod utility;
 

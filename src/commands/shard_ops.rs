@@ -132,9 +132,101 @@ fn copy_rows(source: &Node, target: &Node, from: &str, to: &str, columns: &str) 
     Ok(rows)
 }
 
-fn move_group(shard_id: i64, target_id: i32) -> Result<()> {
+/// How a move copies the rows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum MoveMode {
+    /// Logical replication; writes wait only for the final catch-up and the catalog switch.
+    Online,
+    /// Binary COPY while writes wait for the whole copy.
+    BlockWrites,
+    /// Online when the tables and the source allow it, otherwise block_writes (drain and
+    /// rebalance).
+    Auto,
+}
+
+fn lock_group(group: &Group) -> Result<()> {
+    // Writes through the coordinator wait until the move commits; reads go on.
+    for member in &group.shards {
+        let name = catalog::read_one::<String>("SELECT $1::regclass::text", &[member.relid.into()])?.unwrap_or_default();
+        Spi::run(&format!("LOCK TABLE {name} IN EXCLUSIVE MODE"))?;
+    }
+    Ok(())
+}
+
+/// The catalog switch: the placements move to the target, and the old shards are recorded for
+/// a deferred drop (a query that planned with the old placement may still read them; and the
+/// move's transaction then writes nothing on the source, which an online move of another group
+/// from the same source in the same transaction needs).
+fn switch_placements(group: &Group, source: &Node, target: &Node, old_shards: &[String]) -> Result<()> {
+    let ids: Vec<i64> = group.shards.iter().map(|s| s.shard_id).collect();
+    catalog::as_catalog_owner(|| {
+        Spi::run_with_args(
+            "UPDATE sharding.dist_placement SET node_id = $1 WHERE shard_id = ANY ($2) AND node_id = $3",
+            &[target.node_id.into(), ids.into(), source.node_id.into()],
+        )?;
+        Spi::run_with_args(
+            "INSERT INTO sharding.dist_cleanup (object_name, node_id) SELECT unnest($1::text[]), $2
+             ON CONFLICT DO NOTHING",
+            &[old_shards.to_vec().into(), source.node_id.into()],
+        )?;
+        Ok(())
+    })
+}
+
+/// Drops the old placements recorded by earlier moves, each over its own autocommit connection
+/// with a short lock_timeout: one still in use stays for the next run. Returns how many were
+/// dropped. Only records of committed moves count: those of the current transaction (a drain
+/// moving several groups) carry its start time and stay until it has committed.
+pub fn cleanup_old_placements() -> Result<i64> {
+    let pending = Spi::connect(|client| -> Result<Vec<(String, i32)>> {
+        client
+            .select("SELECT object_name, node_id FROM sharding.dist_cleanup
+              WHERE created_at < pg_catalog.transaction_timestamp() ORDER BY created_at", None, &[])?
+            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i32>(2)?.unwrap_or_default())))
+            .collect()
+    })?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let nodes = nodes::load_all()?;
+    let mut dropped = 0;
+    for (name, node_id) in pending {
+        let done = match nodes.iter().find(|n| n.node_id == node_id) {
+            // The node is gone: nothing to drop any more.
+            None => true,
+            Some(node) => crate::connection::connect_to_node(&node.host, node.port)
+                .ok()
+                .is_some_and(|c| c.exec(&format!("SET lock_timeout = '1s'; DROP TABLE IF EXISTS {name}")).is_ok()),
+        };
+        if done {
+            catalog::as_catalog_owner(|| {
+                Spi::run_with_args(
+                    "DELETE FROM sharding.dist_cleanup WHERE object_name = $1 AND node_id = $2",
+                    &[name.clone().into(), node_id.into()],
+                )?;
+                Ok(())
+            })?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
+
+/// Drops the old shard placements that moves left for later; returns how many.
+#[pg_extern(name = "cleanup_old_placements", volatile, parallel_unsafe)]
+fn cleanup_old_placements_sql() -> i64 {
+    (|| {
+        require_superuser("cleanup_old_placements")?;
+        cleanup_old_placements()
+    })()
+    .or_raise()
+}
+
+pub fn move_group(shard_id: i64, target_id: i32, mode: MoveMode) -> Result<()> {
     // One move of a group at a time; concurrent node changes wait.
     nodes::lock_for_change()?;
+    // Old placements of earlier moves go first (one may be in the way of this one).
+    cleanup_old_placements()?;
     let group = shard_group(shard_id)?;
     let target = active_node(target_id)?;
     if group.source == target.node_id {
@@ -146,11 +238,32 @@ fn move_group(shard_id: i64, target_id: i32) -> Result<()> {
     let source = nodes::load_all()?.into_iter().find(|n| n.node_id == group.source).ok_or_else(|| {
         ShardingError::internal(format!("the node {} of shard {shard_id} is not registered", group.source))
     })?;
-    // Writes through the coordinator wait until the move commits; reads go on.
-    for member in &group.shards {
-        let name = catalog::read_one::<String>("SELECT $1::regclass::text", &[member.relid.into()])?.unwrap_or_default();
-        Spi::run(&format!("LOCK TABLE {name} IN EXCLUSIVE MODE"))?;
+    let tables: Vec<pg_sys::Oid> = group.shards.iter().map(|s| s.relid).collect();
+    let online = match mode {
+        MoveMode::Online => {
+            if remote::wrote_on(&source) {
+                return Err(ShardingError::new(
+                    PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+                    format!(
+                        "an online move cannot run in a transaction that has written on node {}:{}",
+                        source.host, source.port
+                    ),
+                )
+                .hint("Run the move in its own transaction, or use mode => 'block_writes'."));
+            }
+            true
+        }
+        MoveMode::BlockWrites => false,
+        // The replication slot waits for every transaction with writes on the source to end:
+        // one of ours there would never end.
+        MoveMode::Auto => !remote::wrote_on(&source) && super::online_move::possible(&source, &tables),
+    };
+    if online {
+        return super::online_move::run(shard_id, &group.shards.iter().map(|s| (s.shard_id, s.relid)).collect::<Vec<_>>(), &source, &target, || {
+            lock_group(&group)
+        }, |old| switch_placements(&group, &source, &target, old));
     }
+    lock_group(&group)?;
     let mut dropped = Vec::new();
     for member in &group.shards {
         let definition = table_ddl::read(member.relid)?;
@@ -165,16 +278,7 @@ fn move_group(shard_id: i64, target_id: i32) -> Result<()> {
         copy_rows(&source, &target, &shard, &shard, &columns.join(", "))?;
         dropped.push(shard);
     }
-    let ids: Vec<i64> = group.shards.iter().map(|s| s.shard_id).collect();
-    catalog::as_catalog_owner(|| {
-        Spi::run_with_args(
-            "UPDATE sharding.dist_placement SET node_id = $1 WHERE shard_id = ANY ($2) AND node_id = $3",
-            &[target.node_id.into(), ids.into(), source.node_id.into()],
-        )?;
-        Ok(())
-    })?;
-    remote::execute(&source, &format!("DROP TABLE {}", dropped.join(", ")))?;
-    Ok(())
+    switch_placements(&group, &source, &target, &dropped)
 }
 
 /// Moves shard `shard_id` and the shards co-located with it to node `target_node`.
@@ -185,12 +289,8 @@ fn move_shard(shard_id: Option<i64>, target_node: Option<i32>, mode: default!(Op
         let shard_id = required(shard_id, "shard_id")?;
         let target_node = required(target_node, "target_node")?;
         match required(mode, "mode")?.trim().to_ascii_lowercase().as_str() {
-            "block_writes" => move_group(shard_id, target_node),
-            "online" => Err(ShardingError::new(
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "online shard moves are not available yet",
-            )
-            .hint("Use mode => 'block_writes': writes to the shard's tables wait while it is copied, reads go on.")),
+            "block_writes" => move_group(shard_id, target_node, MoveMode::BlockWrites),
+            "online" => move_group(shard_id, target_node, MoveMode::Online),
             other => Err(ShardingError::new(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("unknown move mode \"{other}\""),
@@ -238,7 +338,7 @@ fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
                 )
                 .hint("Add a node first (sharding.add_node).")
             })?;
-            move_group(shard_id, target)?;
+            move_group(shard_id, target, MoveMode::Auto)?;
             moved += 1;
         }
         Ok(moved)
@@ -336,7 +436,7 @@ mod pg_catalog {
             let moves = planned_moves(table_name.map(|t| t.oid()), strategy.unwrap_or("by_shard_count"))?;
             if !dry_run.unwrap_or(false) {
                 for step in &moves {
-                    move_group(step.shard_id, step.to)?;
+                    move_group(step.shard_id, step.to, MoveMode::Auto)?;
                 }
             }
             Ok(moves)

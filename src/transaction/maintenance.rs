@@ -112,6 +112,11 @@ pub extern "C-unwind" fn pg_sharding_recovery_worker(arg: pg_sys::Datum) {
         if !has_nodes {
             return;
         }
+        match crate::commands::shard_ops::cleanup_old_placements() {
+            Ok(0) => {}
+            Ok(n) => pgrx::log!("pg_sharding: dropped {n} old shard placement(s) left by moves"),
+            Err(error) => pgrx::log!("pg_sharding: cleanup of old placements failed: {}", error.message),
+        }
         match super::recovery::recover() {
             Ok(outcomes) => {
                 for outcome in outcomes.iter().filter(|o| o.action != "in progress") {

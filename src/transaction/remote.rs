@@ -342,6 +342,12 @@ fn prepare_session(node: &Node, connection: &RemoteConnection, begin: bool, in_t
     Ok(())
 }
 
+/// Whether the distributed transaction has written on `node` (its remote transaction has a
+/// transaction id there, or will).
+pub fn wrote_on(node: &Node) -> bool {
+    SESSIONS.with(|s| s.borrow().get(&node.node_id).is_some_and(|session| session.phase != Phase::Idle && session.wrote))
+}
+
 /// Whether the distributed transaction is open on `node`.
 pub fn in_transaction_on(node: &Node) -> bool {
     SESSIONS.with(|s| s.borrow().get(&node.node_id).is_some_and(|session| session.phase == Phase::Open))

@@ -54,7 +54,6 @@ fn move_shard_moves_the_colocated_group_while_writes_wait() {
     // Errors change nothing.
     for (sql, code) in [
         (format!("SELECT sharding.move_shard({shard}, {w1}, 'block_writes')"), "22023"),
-        (format!("SELECT sharding.move_shard({shard}, {w2})"), "0A000"),
         (format!("SELECT sharding.move_shard({shard}, {w2}, 'sideways')"), "22023"),
         (format!("SELECT sharding.move_shard(999999, {w2}, 'block_writes')"), "42704"),
         (format!("SELECT sharding.move_shard({shard}, 999, 'block_writes')"), "42704"),
@@ -112,6 +111,9 @@ fn move_shard_moves_the_colocated_group_while_writes_wait() {
     let old_sum: i64 = scalar(&mut c, "SELECT coalesce(sum(hashtext(id || ':' || name)), 0)::int8 FROM users WHERE id <= 2000");
     assert_eq!(old_sum, users_before.1);
     assert_eq!(checksum(&mut c, "orders"), orders_before);
+    // The old shard tables are dropped later (a query may still read them), then they are gone.
+    let cleaned: i64 = scalar(&mut c, "SELECT sharding.cleanup_old_placements()");
+    assert_eq!(cleaned, 2, "the users and orders shards of the old placement");
     // The shard tables left the source and exist on the target, with their constraints.
     let on = |cluster: &Cluster, w: usize, shard: i64| -> i64 {
         scalar(&mut cluster.worker(w), &format!("SELECT count(*) FROM pg_class WHERE relname = 'users_{shard}'"))
@@ -299,4 +301,97 @@ fn hot_shards_names_the_oversized_shard_with_a_split_point() {
     assert_eq!(none, 0);
     let (code, ..) = expect_error(&mut c, "SELECT * FROM sharding.hot_shards(0)");
     assert_eq!(code, "22023");
+}
+
+#[test]
+fn online_move_keeps_writes_flowing_and_loses_nothing() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         CREATE TABLE notes (id int NOT NULL, k int NOT NULL, body text, PRIMARY KEY (id, k));
+         CREATE TABLE bare (id int, v int);
+         SELECT create_distributed_table('items', 'id', shard_count => 4);
+         SELECT create_distributed_table('notes', 'id', colocate_with => 'items');
+         SELECT create_distributed_table('bare', 'id', colocate_with => 'items');
+         INSERT INTO items SELECT g, 0 FROM generate_series(1, 20000) g;
+         INSERT INTO notes SELECT g, 1, 'n' FROM generate_series(1, 20000) g;",
+    )
+    .unwrap();
+    let shard: i64 = scalar(&mut c, "SELECT sharding.shard_for_value('items', 1)");
+    let from: i32 = scalar(&mut c, &format!("SELECT node_id FROM sharding.dist_placement WHERE shard_id = {shard}"));
+    let to: i32 = scalar(&mut c, &format!("SELECT min(node_id) FROM sharding.dist_node WHERE node_id <> {from}"));
+    // A table without a primary key in the group: online is refused, nothing changes.
+    let (code, message, hint, _) = expect_error(&mut c, &format!("SELECT sharding.move_shard({shard}, {to})"));
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("bare") && hint.contains("block_writes"), "{message} / {hint}");
+    c.batch_execute("DROP TABLE bare").unwrap();
+
+    // Writers insert and update all along; every operation must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawn_writer = |kind: u32| {
+        let stop = stop.clone();
+        let mut w = cluster.coordinator();
+        thread::spawn(move || -> (u64, u64, Duration) {
+            let (mut ok, mut failed, mut slowest) = (0u64, 0u64, Duration::ZERO);
+            let mut n = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let sql = if kind == 0 {
+                    format!("INSERT INTO items VALUES ({}, 1)", 1_000_000 + n)
+                } else {
+                    format!("UPDATE items SET v = v + 1 WHERE id = {}", n * 7919 % 20000 + 1)
+                };
+                let started = std::time::Instant::now();
+                match w.batch_execute(&sql) {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        eprintln!("writer {kind}: {e}");
+                        failed += 1;
+                    }
+                }
+                slowest = slowest.max(started.elapsed());
+            }
+            (ok, failed, slowest)
+        })
+    };
+    let writers = vec![spawn_writer(0), spawn_writer(1)];
+    thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    c.batch_execute(&format!("SELECT sharding.move_shard({shard}, {to})")).unwrap();
+    let took = started.elapsed();
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let results: Vec<(u64, u64, Duration)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let (inserted, updated) = (results[0].0 as i64, results[1].0 as i64);
+    let failed: u64 = results.iter().map(|r| r.1).sum();
+    let stall = results.iter().map(|r| r.2).max().unwrap();
+    println!("online move: {took:?}, writes ok {inserted} inserts + {updated} updates, failed {failed}, longest write {stall:?}");
+    assert_eq!(failed, 0, "no write failed during the online move");
+
+    let now_on: i32 = scalar(&mut c, &format!("SELECT node_id FROM sharding.dist_placement WHERE shard_id = {shard}"));
+    assert_eq!(now_on, to);
+    let notes_on: i64 = scalar(
+        &mut c,
+        &format!(
+            "SELECT count(*) FROM sharding.shards WHERE table_name = 'notes'::regclass AND node_id = {to}
+                AND shard_index = (SELECT shard_index FROM sharding.dist_shard WHERE shard_id = {shard})"
+        ),
+    );
+    assert_eq!(notes_on, 1, "the co-located shard moved along");
+    let count: i64 = scalar(&mut c, "SELECT count(*) FROM items");
+    assert_eq!(count, 20000 + inserted, "no row lost or duplicated");
+    let sum: i64 = scalar(&mut c, "SELECT sum(v)::int8 FROM items");
+    assert_eq!(sum, inserted + updated, "every update counted once");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM notes"), 20000);
+    // Nothing of the replication is left on either worker.
+    for w in 1..=2 {
+        let mut worker = cluster.worker(w);
+        let left: i64 = scalar(
+            &mut worker,
+            "SELECT (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_subscription)
+                  + (SELECT count(*) FROM pg_replication_slots)",
+        );
+        assert_eq!(left, 0, "worker {w}");
+    }
 }
