@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Shard move throughput and write stall (issue 6): one ~150 MB shard group moved online
+# (logical replication) and back with block_writes, while pgbench updates random rows of the
+# table; the longest pgbench transaction during each move is the write stall a client saw.
+#
+#   bash benches/move_bench.sh [--rows N] [--clients C]
+#
+# Needs pg_sharding installed (make install). Starts a coordinator + 2 workers in a temporary
+# directory and destroys it at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rows=1700000 clients=2
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rows) rows=$2; shift 2 ;;
+        --clients) clients=$2; shift 2 ;;
+        *) echo "usage: $0 [--rows N] [--clients C]" >&2; exit 2 ;;
+    esac
+done
+work=$(mktemp -d /tmp/pgs-mbench-XXXXXX)
+chmod 755 "$work"
+port=$((20000 + RANDOM % 20000))
+cleanup() { bash scripts/cluster.sh destroy --dir "$work/cluster" >/dev/null 2>&1 || true; rm -rf "$work"; }
+trap cleanup EXIT
+bash scripts/cluster.sh start --port "$port" --workers 2 --dir "$work/cluster" --set shared_buffers=256MB >/dev/null
+psql_c() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
+
+echo "bench: loading $rows rows into a 2-shard table"
+psql_c <<SQL >/dev/null
+CREATE TABLE big (id bigint PRIMARY KEY, payload text);
+SELECT create_distributed_table('big', 'id', shard_count => 2);
+INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, $rows) g;
+SQL
+shard=$(psql_c -At -c "SELECT sharding.shard_for_value('big', 1::bigint)")
+bytes=$(psql_c -At -c "SELECT size_bytes FROM sharding.shards WHERE shard_id = $shard")
+from=$(psql_c -At -c "SELECT node_id FROM sharding.dist_placement WHERE shard_id = $shard")
+to=$(psql_c -At -c "SELECT min(node_id) FROM sharding.dist_node WHERE node_id <> $from")
+printf '\\set id random(1, %s)\nUPDATE big SET payload = payload WHERE id = :id;\n' "$rows" > "$work/update.sql"
+echo "bench: shard $shard, $((bytes / 1048576)) MB, node $from -> $to"
+
+move() { # mode target
+    local log="$work/lat_$1"
+    pgbench -n -h 127.0.0.1 -p "$port" -U postgres -c "$clients" -j 1 -T 3600 -l --log-prefix="$log" -f "$work/update.sql" postgres >/dev/null 2>&1 &
+    local bench=$!
+    sleep 3
+    local started ended
+    started=$(date +%s%N)
+    psql_c -c "SELECT sharding.move_shard($shard, $2, '$1')" >/dev/null
+    ended=$(date +%s%N)
+    sleep 2
+    kill -TERM "$bench" 2>/dev/null || true
+    wait "$bench" 2>/dev/null || true
+    local seconds stall
+    seconds=$(echo "($ended - $started) / 1000000000" | bc -l)
+    # Per-transaction log: client, transaction, latency (us), script, epoch s, us.
+    stall=$(cat "$log"* 2>/dev/null | awk -v s="$started" -v e="$ended" '{t = $5 * 1000000000 + $6 * 1000; if (t >= s && t <= e + 2000000000 && $3 > m) m = $3} END {printf "%.0f", m / 1000}')
+    printf '%-13s %8.1f s %8.1f MB/s   longest write during the move: %s ms\n' "$1" "$seconds" "$(echo "$bytes / 1048576 / $seconds" | bc -l)" "$stall"
+    rm -f "$log"*
+}
+echo "bench: mode, time, throughput, longest write"
+move online "$to"
+psql_c -c "SELECT sharding.cleanup_old_placements()" >/dev/null
+move block_writes "$from"
+count=$(psql_c -At -c "SELECT count(*) FROM big")
+[ "$count" = "$rows" ] || { echo "bench: row count changed: $count" >&2; exit 1; }
+echo "bench: $count rows, none lost"
