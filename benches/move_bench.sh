@@ -64,3 +64,18 @@ move block_writes "$from"
 count=$(psql_c -At -c "SELECT count(*) FROM big")
 [ "$count" = "$rows" ] || { echo "bench: row count changed: $count" >&2; exit 1; }
 echo "bench: $count rows, none lost"
+
+# A full rebalance onto a new node: a 12-shard table, a third worker added.
+psql_c <<SQL >/dev/null
+CREATE TABLE events (id bigint PRIMARY KEY, payload text);
+SELECT create_distributed_table('events', 'id', shard_count => 12);
+INSERT INTO events SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, $((rows / 2))) g;
+SQL
+bash scripts/cluster.sh start --port "$port" --workers 3 --dir "$work/cluster" >/dev/null
+started=$(date +%s%N)
+moves=$(psql_c -At -c "SELECT count(*) FROM rebalance_shards()")
+ended=$(date +%s%N)
+spread=$(psql_c -At -c "SELECT string_agg(shard_count::text, '/' ORDER BY node_id) FROM sharding.table_distribution('events')")
+printf 'rebalance onto a new third node: %s moves in %.1f s; events shards per node %s\n' "$moves" "$(echo "($ended - $started) / 1000000000" | bc -l)" "$spread"
+ecount=$(psql_c -At -c "SELECT count(*) FROM events")
+[ "$ecount" = "$((rows / 2))" ] || { echo "bench: events row count changed: $ecount" >&2; exit 1; }
