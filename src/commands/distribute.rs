@@ -209,7 +209,7 @@ fn create_shards_on_workers(definition: &TableDefinition, shards: &[Shard], node
     Ok(())
 }
 
-fn lock_table(relid: pg_sys::Oid, mode: &str) -> Result<()> {
+pub(super) fn lock_table(relid: pg_sys::Oid, mode: &str) -> Result<()> {
     let name = catalog::read_one::<String>("SELECT $1::regclass::text", &[relid.into()])?
         .unwrap_or_default();
     // `name` is regclass output: already quoted and qualified as needed.

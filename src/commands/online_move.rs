@@ -179,12 +179,7 @@ pub fn run(
 
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         for (definition, id) in &definitions {
-            let statements = definition.shard_ddl(*id, &quote::ident);
-            on(
-                target,
-                &tgt,
-                &format!("CREATE SCHEMA IF NOT EXISTS {}; {}", quote::ident(&definition.schema), statements.join("; ")),
-            )?;
+            on(target, &tgt, &super::shard_ops::create_shard_sql(definition, *id))?;
         }
         on(source, &src, &format!("CREATE PUBLICATION {} FOR TABLE {}", quote::ident(&name), names.join(", ")))?;
         let (dbname, user) = connection::session_identity()?;

@@ -132,6 +132,15 @@ fn copy_rows(source: &Node, target: &Node, from: &str, to: &str, columns: &str) 
     Ok(rows)
 }
 
+/// The statements that create one shard (with its schema) on a node.
+pub fn create_shard_sql(definition: &table_ddl::TableDefinition, shard_id: i64) -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {}; {}",
+        quote::ident(&definition.schema),
+        definition.shard_ddl(shard_id, &quote::ident).join("; ")
+    )
+}
+
 /// How a move copies the rows.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum MoveMode {
@@ -147,8 +156,7 @@ pub enum MoveMode {
 fn lock_group(group: &Group) -> Result<()> {
     // Writes through the coordinator wait until the move commits; reads go on.
     for member in &group.shards {
-        let name = catalog::read_one::<String>("SELECT $1::regclass::text", &[member.relid.into()])?.unwrap_or_default();
-        Spi::run(&format!("LOCK TABLE {name} IN EXCLUSIVE MODE"))?;
+        super::distribute::lock_table(member.relid, "EXCLUSIVE")?;
     }
     Ok(())
 }
@@ -267,11 +275,7 @@ pub fn move_group(shard_id: i64, target_id: i32, mode: MoveMode) -> Result<()> {
     let mut dropped = Vec::new();
     for member in &group.shards {
         let definition = table_ddl::read(member.relid)?;
-        let statements = definition.shard_ddl(member.shard_id, &quote::ident);
-        remote::execute(
-            &target,
-            &format!("CREATE SCHEMA IF NOT EXISTS {}; {}", quote::ident(&definition.schema), statements.join("; ")),
-        )?;
+        remote::execute(&target, &create_shard_sql(&definition, member.shard_id))?;
         let shard = quote::qualified(&definition.schema, &shard_object_name(&definition.name, member.shard_id));
         let columns: Vec<String> =
             definition.columns.iter().filter(|c| c.generated_sql.is_none()).map(|c| quote::ident(&c.name)).collect();

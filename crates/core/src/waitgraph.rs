@@ -41,11 +41,11 @@ pub fn victim(edges: &[(i32, i32)], me: i32, started: &BTreeMap<i32, i64>) -> Op
 /// Nodes reachable from `start` in one or more steps.
 fn reachable(next: &BTreeMap<i32, BTreeSet<i32>>, start: i32) -> BTreeSet<i32> {
     let mut seen = BTreeSet::new();
-    let mut todo: Vec<i32> = next.get(&start).map(|s| s.iter().copied().collect()).unwrap_or_default();
-    while let Some(node) = todo.pop() {
+    let mut pending: Vec<i32> = next.get(&start).map(|s| s.iter().copied().collect()).unwrap_or_default();
+    while let Some(node) = pending.pop() {
         if seen.insert(node) {
             if let Some(more) = next.get(&node) {
-                todo.extend(more.iter().copied());
+                pending.extend(more.iter().copied());
             }
         }
     }

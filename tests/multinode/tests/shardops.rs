@@ -26,19 +26,25 @@ fn checksum(c: &mut Client, table: &str) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// users (`rows` rows, `shards` shards) and orders (3 per user) co-located with it.
+fn users_and_orders(c: &mut Client, shards: i32, rows: i32) {
+    c.batch_execute(&format!(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         CREATE TABLE orders (user_id int NOT NULL, n int NOT NULL, amount numeric, PRIMARY KEY (user_id, n));
+         SELECT create_distributed_table('users', 'id', shard_count => {shards});
+         SELECT create_distributed_table('orders', 'user_id', colocate_with => 'users');
+         INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, {rows}) g;
+         INSERT INTO orders SELECT g % {rows} + 1, g, g / 7.0 FROM generate_series(1, {}) g;",
+        3 * rows
+    ))
+    .unwrap();
+}
+
 #[test]
 fn move_shard_moves_the_colocated_group_while_writes_wait() {
     let cluster = Cluster::start(2);
     let mut c = cluster.coordinator();
-    c.batch_execute(
-        "CREATE TABLE users (id int PRIMARY KEY, name text);
-         CREATE TABLE orders (user_id int NOT NULL, n int NOT NULL, amount numeric, PRIMARY KEY (user_id, n));
-         SELECT create_distributed_table('users', 'id', shard_count => 4);
-         SELECT create_distributed_table('orders', 'user_id', colocate_with => 'users');
-         INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, 2000) g;
-         INSERT INTO orders SELECT g % 2000 + 1, g, g / 7.0 FROM generate_series(1, 6000) g;",
-    )
-    .unwrap();
+    users_and_orders(&mut c, 4, 2000);
     let node = |c: &mut Client, w: usize| -> i32 {
         scalar(c, &format!("SELECT node_id FROM sharding.dist_node WHERE port = {}", cluster.worker_port(w)))
     };
@@ -145,15 +151,7 @@ fn move_shard_moves_the_colocated_group_while_writes_wait() {
 fn rebalance_spreads_shard_groups_over_a_new_node() {
     let cluster = Cluster::start(3);
     let mut c = cluster.coordinator();
-    c.batch_execute(
-        "CREATE TABLE users (id int PRIMARY KEY, name text);
-         CREATE TABLE orders (user_id int NOT NULL, n int NOT NULL, amount numeric, PRIMARY KEY (user_id, n));
-         SELECT create_distributed_table('users', 'id', shard_count => 9);
-         SELECT create_distributed_table('orders', 'user_id', colocate_with => 'users');
-         INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, 3000) g;
-         INSERT INTO orders SELECT g % 3000 + 1, g, g / 7.0 FROM generate_series(1, 9000) g;",
-    )
-    .unwrap();
+    users_and_orders(&mut c, 9, 3000);
     let (users_before, orders_before) = (checksum(&mut c, "users"), checksum(&mut c, "orders"));
     // Worker 3 empty, as if it had just been added.
     let drained: i64 = scalar(&mut c, &format!("SELECT sharding.drain_node('127.0.0.1', {})", cluster.worker_port(3)));

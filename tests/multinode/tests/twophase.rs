@@ -35,6 +35,29 @@ fn prepared_on_workers(cluster: &Cluster) -> i64 {
         .sum()
 }
 
+/// A table acc(id, balance) of `rows` accounts with balance 100, in 4 shards.
+fn accounts(c: &mut Client, rows: i32) {
+    c.batch_execute(&format!(
+        "CREATE TABLE acc (id int PRIMARY KEY, balance int NOT NULL);
+         SELECT create_distributed_table('acc', 'id', shard_count => 4);
+         INSERT INTO acc SELECT g, 100 FROM generate_series(1, {rows}) g;"
+    ))
+    .unwrap();
+}
+
+/// The smallest account id (up to `rows`) whose shard lives on worker `w`.
+fn first_account_on(c: &mut Client, cluster: &Cluster, w: usize, rows: i32) -> i32 {
+    scalar(
+        c,
+        &format!(
+            "SELECT min(a.id) FROM generate_series(1, {rows}) a(id) JOIN sharding.shards s
+               ON s.table_name = 'acc'::regclass AND s.shard_id = sharding.shard_for_value('acc', a.id)
+              WHERE s.port = {}",
+            cluster.worker_port(w)
+        ),
+    )
+}
+
 #[test]
 fn two_phase_commit_writes_records_and_recovery_resolves_prepared_transactions() {
     let cluster = Cluster::start(2);
@@ -134,12 +157,7 @@ fn two_phase_commit_writes_records_and_recovery_resolves_prepared_transactions()
 fn savepoints_isolation_and_set_local_reach_the_workers() {
     let cluster = Cluster::start(2);
     let mut c = cluster.coordinator();
-    c.batch_execute(
-        "CREATE TABLE acc (id int PRIMARY KEY, balance int NOT NULL);
-         SELECT create_distributed_table('acc', 'id', shard_count => 4);
-         INSERT INTO acc SELECT g, 100 FROM generate_series(1, 20) g;",
-    )
-    .unwrap();
+    accounts(&mut c, 20);
     let balances = |c: &mut Client| -> Vec<i32> {
         c.query("SELECT balance FROM acc WHERE id <= 5 ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect()
     };
@@ -243,21 +261,8 @@ fn savepoints_isolation_and_set_local_reach_the_workers() {
 fn a_one_phase_commit_that_loses_its_node_reports_an_unknown_outcome() {
     let cluster = Cluster::start(2);
     let mut c = cluster.coordinator();
-    c.batch_execute(
-        "CREATE TABLE acc (id int PRIMARY KEY, balance int NOT NULL);
-         SELECT create_distributed_table('acc', 'id', shard_count => 4);
-         INSERT INTO acc SELECT g, 100 FROM generate_series(1, 40) g;",
-    )
-    .unwrap();
-    let id: i32 = scalar(
-        &mut c,
-        &format!(
-            "SELECT min(a.id) FROM generate_series(1, 40) a(id) JOIN sharding.shards s
-               ON s.table_name = 'acc'::regclass AND s.shard_id = sharding.shard_for_value('acc', a.id)
-              WHERE s.port = {}",
-            cluster.worker_port(2)
-        ),
-    );
+    accounts(&mut c, 40);
+    let id = first_account_on(&mut c, &cluster, 2, 40);
     // The node dies while the coordinator is about to COMMIT its only writer: the client must
     // not be told "failed" (the node might have committed), but 08007.
     let mut client = cluster.coordinator();
@@ -279,25 +284,9 @@ fn a_one_phase_commit_that_loses_its_node_reports_an_unknown_outcome() {
 fn a_deadlock_across_nodes_cancels_the_youngest_transaction() {
     let cluster = Cluster::start(2);
     let mut c = cluster.coordinator();
-    c.batch_execute(
-        "CREATE TABLE acc (id int PRIMARY KEY, balance int NOT NULL);
-         SELECT create_distributed_table('acc', 'id', shard_count => 4);
-         INSERT INTO acc SELECT g, 100 FROM generate_series(1, 40) g;",
-    )
-    .unwrap();
+    accounts(&mut c, 40);
     // Two accounts on different workers.
-    let on_worker = |c: &mut Client, w: usize| -> i32 {
-        scalar(
-            c,
-            &format!(
-                "SELECT min(a.id) FROM generate_series(1, 40) a(id) JOIN sharding.shards s
-                   ON s.table_name = 'acc'::regclass AND s.shard_id = sharding.shard_for_value('acc', a.id)
-                  WHERE s.port = {}",
-                cluster.worker_port(w)
-            ),
-        )
-    };
-    let (a, b) = (on_worker(&mut c, 1), on_worker(&mut c, 2));
+    let (a, b) = (first_account_on(&mut c, &cluster, 1, 40), first_account_on(&mut c, &cluster, 2, 40));
     for round in 0..3 {
         let mut older = cluster.coordinator();
         let mut younger = cluster.coordinator();
