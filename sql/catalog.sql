@@ -90,11 +90,13 @@ CREATE TABLE sharding.dist_transaction (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- Old shard placements left behind by moves, dropped later (a query may still be reading one):
+-- Old shard placements left behind by moves and splits, dropped later (a query may still be reading one):
 -- by the next move, the maintenance worker, or sharding.cleanup_old_placements().
 CREATE TABLE sharding.dist_cleanup (
     object_name  text    NOT NULL,
     node_id      integer NOT NULL,
+    -- 'function': a split's trigger function (dropped with CASCADE)
+    object_type  text    NOT NULL DEFAULT 'table' CHECK (object_type IN ('table', 'function')),
     created_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (object_name, node_id)
 );

@@ -55,3 +55,30 @@ CREATE VIEW sharding.transactions AS
       FROM sharding.prepared_transactions();
 GRANT SELECT ON sharding.transactions TO PUBLIC;
 REVOKE ALL ON FUNCTION sharding.recover_prepared_transactions() FROM PUBLIC;
+
+-- Per shard placement: its size and row estimate (asked from its node) and the reads and
+-- writes this coordinator routed to it since sharding.reset_shard_stats().
+CREATE VIEW sharding.shard_stats AS
+    SELECT s.logicalrelid AS table_name, s.shard_id, p.node_id, n.host, n.port,
+           f.estimated_rows, f.size_bytes,
+           COALESCE(c.reads, 0) AS reads, COALESCE(c.writes, 0) AS writes
+      FROM sharding.dist_shard s
+      JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+      JOIN sharding.dist_node n ON n.node_id = p.node_id
+      LEFT JOIN sharding.placement_stats() f ON f.shard_id = s.shard_id AND f.node_id = p.node_id
+      LEFT JOIN sharding.shard_counters() c ON c.shard_id = s.shard_id
+     ORDER BY s.logicalrelid::text, s.shard_index, p.node_id;
+GRANT SELECT ON sharding.shard_stats TO PUBLIC;
+REVOKE ALL ON FUNCTION sharding.reset_shard_stats() FROM PUBLIC;
+
+-- Running rebalances, drains and splits: moves done and left, the move under way and how
+-- much of it has reached the target.
+CREATE VIEW sharding.rebalance_progress AS
+    SELECT o.pid, o.operation, o.started_at, pg_catalog.now() - o.started_at AS elapsed,
+           o.moves_done, o.moves_total, o.moves_total - o.moves_done AS moves_left,
+           o.bytes_done, o.bytes_total,
+           o.shard_id AS current_shard_id, o.from_node AS current_from_node, o.to_node AS current_to_node,
+           o.shard_bytes AS current_bytes, sharding.bytes_on_node(o.shard_id, o.to_node) AS current_bytes_copied,
+           pg_catalog.now() - o.move_started_at AS current_elapsed
+      FROM sharding.operations_in_progress() o;
+GRANT SELECT ON sharding.rebalance_progress TO PUBLIC;

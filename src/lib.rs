@@ -15,6 +15,7 @@ mod executor;
 mod guc;
 mod planner;
 mod routing;
+mod stats;
 mod transaction;
 
 pgrx::pg_module_magic!(name, version);
@@ -43,6 +44,7 @@ pub extern "C-unwind" fn _PG_init() {
         .raise();
     }
     guc::define();
+    stats::init();
     catalog::cache::register_invalidation_callback();
     transaction::fault::define();
     transaction::remote::register_callbacks();

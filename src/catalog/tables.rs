@@ -155,11 +155,12 @@ pub fn find_colocation_group(shard_count: i32, distribution_type: pg_sys::Oid) -
     )?)
 }
 
-/// Placement node of each shard index in a colocation group (from any member table).
-pub fn colocation_layout(colocation_id: i32) -> Result<Vec<Vec<i32>>> {
+/// Hash interval and placement nodes of each shard index in a colocation group (from any
+/// member table). The intervals are the group's own: after a split they are not even.
+pub fn colocation_layout(colocation_id: i32) -> Result<Vec<(HashInterval, Vec<i32>)>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT s.shard_index,
+            "SELECT s.min_hash, s.max_hash,
                     ARRAY(SELECT p.node_id FROM sharding.dist_placement p
                            WHERE p.shard_id = s.shard_id ORDER BY p.node_id)
                FROM sharding.dist_shard s
@@ -169,7 +170,14 @@ pub fn colocation_layout(colocation_id: i32) -> Result<Vec<Vec<i32>>> {
             None,
             &[colocation_id.into()],
         )?;
-        rows.map(|row| Ok(row.get::<Vec<i32>>(2)?.unwrap_or_default())).collect()
+        rows.map(|row| {
+            let interval = match (row.get::<i32>(1)?, row.get::<i32>(2)?) {
+                (Some(min), Some(max)) => HashInterval { min, max },
+                _ => return Err(ShardingError::internal(format!("colocation group {colocation_id} has a shard without a hash interval"))),
+            };
+            Ok((interval, row.get::<Vec<i32>>(3)?.unwrap_or_default()))
+        })
+        .collect()
     })
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 use sharding_core::copy_text;
-use sharding_core::interval::split_hash_space;
+use sharding_core::interval::{split_hash_space, HashInterval};
 
 use super::required;
 use crate::catalog::tables::{self, DistributedTable, Method, Shard};
@@ -415,21 +415,25 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
         }
     };
 
-    let layout: Vec<Vec<i32>> = match group {
+    // A new group splits the hash space evenly; a member of an existing group gets its
+    // intervals (uneven after a split) and placements.
+    let layout: Vec<(HashInterval, Vec<i32>)> = match group {
         Some(group) => tables::colocation_layout(group)?,
-        None => (0..shard_count as usize).map(|i| vec![nodes[i % nodes.len()].node_id]).collect(),
+        None => split_hash_space(shard_count as u32)
+            .map_err(|e| ShardingError::new(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()))?
+            .into_iter()
+            .enumerate()
+            .map(|(i, interval)| (interval, vec![nodes[i % nodes.len()].node_id]))
+            .collect(),
     };
-    let intervals = split_hash_space(shard_count as u32)
-        .map_err(|e| ShardingError::new(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()))?;
-    if layout.len() != intervals.len() {
+    if layout.len() != shard_count as usize {
         return Err(ShardingError::internal(format!(
-            "colocation group has {} shards, expected {}",
+            "colocation group has {} shards, expected {shard_count}",
             layout.len(),
-            intervals.len()
         )));
     }
-    let mut shards = Vec::with_capacity(intervals.len());
-    for (index, (interval, placements)) in intervals.into_iter().zip(layout).enumerate() {
+    let mut shards = Vec::with_capacity(layout.len());
+    for (index, (interval, placements)) in layout.into_iter().enumerate() {
         shards.push(Shard {
             shard_id: tables::next_shard_id()?,
             index: index as i32,
@@ -698,65 +702,108 @@ fn shard_for_value(table_name: PgRelation, value: pgrx::AnyElement) -> i64 {
     .or_raise()
 }
 
+/// Size and row estimate of one shard placement, asked from its node.
+pub struct PlacementFigures {
+    pub shard_id: i64,
+    pub node_id: i32,
+    /// `None` when the node could not be asked.
+    pub bytes: Option<i64>,
+    /// The planner's estimate, or an exact count for a shard never analyzed.
+    pub rows: Option<i64>,
+}
+
+/// Figures of every shard placement (one query per node; an unreachable node gives `None`s).
+pub fn placement_figures() -> Result<Vec<PlacementFigures>> {
+    let placements = Spi::connect(|client| -> Result<Vec<(i64, i32, String)>> {
+        client
+            .select(
+                "SELECT s.shard_id, p.node_id, n.nspname::text, c.relname::text
+                   FROM sharding.dist_shard s
+                   JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+                   JOIN pg_catalog.pg_class c ON c.oid = s.logicalrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace",
+                None,
+                &[],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    row.get::<i32>(2)?.unwrap_or_default(),
+                    quote::qualified(
+                        &row.get::<String>(3)?.unwrap_or_default(),
+                        &shard_object_name(&row.get::<String>(4)?.unwrap_or_default(), row.get::<i64>(1)?.unwrap_or_default()),
+                    ),
+                ))
+            })
+            .collect()
+    })?;
+    let nodes: Vec<Node> = cache::nodes()?.iter().cloned().collect();
+    let mut figures = Vec::with_capacity(placements.len());
+    let mut by_node: BTreeMap<i32, Vec<(i64, String)>> = BTreeMap::new();
+    for (shard_id, node_id, name) in placements {
+        by_node.entry(node_id).or_default().push((shard_id, name));
+    }
+    for (node_id, shards) in by_node {
+        let unknown = |shards: &[(i64, String)]| {
+            shards.iter().map(|(id, _)| PlacementFigures { shard_id: *id, node_id, bytes: None, rows: None }).collect::<Vec<_>>()
+        };
+        let Ok(node) = node_by_id(&nodes, node_id) else { continue };
+        let Ok(connection) = crate::connection::connect_to_node(&node.host, node.port) else {
+            figures.extend(unknown(&shards));
+            continue;
+        };
+        let names: Vec<&str> = shards.iter().map(|(_, name)| name.as_str()).collect();
+        let array = format!("{{{}}}", names.iter().map(|n| array_element(n)).collect::<Vec<_>>().join(","));
+        // A shard never analyzed has reltuples -1: counting it is exact and, being new, cheap.
+        let answer = connection.query(
+            "SELECT pg_catalog.pg_total_relation_size(c.oid),
+                    CASE WHEN c.reltuples >= 0 THEN c.reltuples::int8
+                         WHEN c.oid IS NOT NULL THEN (SELECT x FROM sharding.count_rows(c.oid) x) END
+               FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i)
+               LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(u.n)
+              ORDER BY u.i",
+            &[Some(&array)],
+        );
+        match answer {
+            Ok(result) => {
+                for (i, (shard_id, _)) in shards.iter().enumerate() {
+                    figures.push(PlacementFigures {
+                        shard_id: *shard_id,
+                        node_id,
+                        bytes: result.value(i, 0).and_then(|v| v.parse().ok()),
+                        rows: result.value(i, 1).and_then(|v| v.parse().ok()),
+                    });
+                }
+            }
+            Err(_) => figures.extend(unknown(&shards)),
+        }
+    }
+    Ok(figures)
+}
+
 /// Size in bytes of every shard placement, asked from the nodes (one query per node).
 #[pg_extern(volatile, parallel_unsafe)]
 fn shard_sizes() -> TableIterator<'static, (name!(shard_id, i64), name!(node_id, i32), name!(size_bytes, Option<i64>))> {
-    let rows = (|| -> Result<Vec<(i64, i32, Option<i64>)>> {
-        let placements = Spi::connect(|client| -> Result<Vec<(i64, i32, String)>> {
-            client
-                .select(
-                    "SELECT s.shard_id, p.node_id, n.nspname::text, c.relname::text
-                       FROM sharding.dist_shard s
-                       JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
-                       JOIN pg_catalog.pg_class c ON c.oid = s.logicalrelid
-                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace",
-                    None,
-                    &[],
-                )?
-                .map(|row| {
-                    Ok((
-                        row.get::<i64>(1)?.unwrap_or_default(),
-                        row.get::<i32>(2)?.unwrap_or_default(),
-                        quote::qualified(
-                            &row.get::<String>(3)?.unwrap_or_default(),
-                            &shard_object_name(&row.get::<String>(4)?.unwrap_or_default(), row.get::<i64>(1)?.unwrap_or_default()),
-                        ),
-                    ))
-                })
-                .collect()
-        })?;
-        let nodes: Vec<Node> = cache::nodes()?.iter().cloned().collect();
-        let mut sizes = Vec::with_capacity(placements.len());
-        let mut by_node: BTreeMap<i32, Vec<(i64, String)>> = BTreeMap::new();
-        for (shard_id, node_id, name) in placements {
-            by_node.entry(node_id).or_default().push((shard_id, name));
-        }
-        for (node_id, shards) in by_node {
-            let Ok(node) = node_by_id(&nodes, node_id) else { continue };
-            let Ok(connection) = crate::connection::connect_to_node(&node.host, node.port) else {
-                sizes.extend(shards.iter().map(|(id, _)| (*id, node_id, None)));
-                continue;
-            };
-            let names: Vec<&str> = shards.iter().map(|(_, name)| name.as_str()).collect();
-            let array = format!("{{{}}}", names.iter().map(|n| array_element(n)).collect::<Vec<_>>().join(","));
-            let answer = connection.query(
-                "SELECT pg_catalog.pg_total_relation_size(pg_catalog.to_regclass(n))
-                   FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i",
-                &[Some(&array)],
-            );
-            match answer {
-                Ok(result) => {
-                    for (i, (shard_id, _)) in shards.iter().enumerate() {
-                        sizes.push((*shard_id, node_id, result.value(i, 0).and_then(|v| v.parse().ok())));
-                    }
-                }
-                Err(_) => sizes.extend(shards.iter().map(|(id, _)| (*id, node_id, None))),
-            }
-        }
-        Ok(sizes)
-    })()
-    .or_raise();
-    TableIterator::new(rows)
+    let rows = placement_figures().or_raise();
+    TableIterator::new(rows.into_iter().map(|f| (f.shard_id, f.node_id, f.bytes)))
+}
+
+/// Estimated rows and bytes of every shard placement, asked from the nodes (backs
+/// `sharding.shard_stats`).
+#[pg_extern(volatile, parallel_unsafe)]
+fn placement_stats() -> TableIterator<
+    'static,
+    (name!(shard_id, i64), name!(node_id, i32), name!(estimated_rows, Option<i64>), name!(size_bytes, Option<i64>)),
+> {
+    let rows = placement_figures().or_raise();
+    TableIterator::new(rows.into_iter().map(|f| (f.shard_id, f.node_id, f.rows, f.bytes)))
+}
+
+/// The exact row count of a table (used on workers for shards the planner has no estimate of).
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn count_rows(relation: PgRelation) -> i64 {
+    let name = quote::qualified(&relation.namespace().to_string(), &relation.name().to_string());
+    Spi::get_one::<i64>(&format!("SELECT count(*) FROM {name}")).ok().flatten().unwrap_or(0)
 }
 
 /// One element of a text-array literal: double-quoted, with `"` and `\` escaped.

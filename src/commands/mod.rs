@@ -6,6 +6,8 @@ pub mod grants;
 pub mod node;
 pub mod online_move;
 pub mod shard_ops;
+pub mod split;
+pub mod steps;
 pub mod utility;
 
 use crate::error::{Result, ShardingError};

@@ -219,6 +219,7 @@ pub fn run(
             }
             nap();
         }
+        crate::transaction::fault::point("move_after_copy");
         // Writes wait from here until the commit; the target catches up with the source.
         block_writes()?;
         let lsn = on(source, &src, "SELECT pg_catalog.pg_current_wal_lsn()::text")?.value(0, 0).unwrap_or_default().to_string();
@@ -250,6 +251,10 @@ pub fn run(
         switch(&names)
     }));
     let failed = !matches!(attempt, Ok(Ok(())));
+    if !failed {
+        // Should the transaction not commit after all, the new shards on the target go.
+        crate::transaction::undo::on_abort(&target.host, target.port, format!("DROP TABLE IF EXISTS {}", names.join(", ")))?;
+    }
     if failed {
         if let Err(cleanup) = clear(source, target, &name, &names) {
             pgrx::warning!("the failed move of shard {shard_id} could not remove everything it made: {}", cleanup.message);

@@ -7,13 +7,13 @@
 //! one distributed transaction committed with two-phase commit: the new shards and their rows
 //! on the target, the catalog switch, and the old shards dropped on the source. A failure at
 //! any point leaves the old placement serving and nothing on the target.
-//! Online moves (logical replication) are not built yet.
+//! Online moves (logical replication) are in `online_move`; splits in `split`.
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 use sharding_core::rebalance::{self, GroupPlacement, Move, Strategy};
 
-use super::{require_superuser, required};
+use super::{require_superuser, required, steps};
 use crate::catalog::nodes::{self, Node};
 use crate::catalog;
 use crate::deparse::quote;
@@ -95,7 +95,18 @@ fn shard_group(shard_id: i64) -> Result<Group> {
     Ok(Group { shards: members.into_iter().map(|(shard_id, relid, _)| GroupShard { shard_id, relid }).collect(), source })
 }
 
-fn active_node(node_id: i32) -> Result<Node> {
+/// The co-located group of `shard_id` ((shard id, table) each) and the node holding it.
+pub struct GroupInfo {
+    pub shards: Vec<(i64, pg_sys::Oid)>,
+    pub source: i32,
+}
+
+pub fn shard_group_of(shard_id: i64) -> Result<GroupInfo> {
+    let group = shard_group(shard_id)?;
+    Ok(GroupInfo { shards: group.shards.iter().map(|s| (s.shard_id, s.relid)).collect(), source: group.source })
+}
+
+pub(super) fn active_node(node_id: i32) -> Result<Node> {
     let node = nodes::load_all()?.into_iter().find(|n| n.node_id == node_id).ok_or_else(|| {
         ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("node {node_id} is not registered"))
             .hint("SELECT * FROM sharding.nodes lists the registered nodes.")
@@ -186,11 +197,17 @@ fn switch_placements(group: &Group, source: &Node, target: &Node, old_shards: &[
 /// dropped. Only records of committed moves count: those of the current transaction (a drain
 /// moving several groups) carry its start time and stay until it has committed.
 pub fn cleanup_old_placements() -> Result<i64> {
-    let pending = Spi::connect(|client| -> Result<Vec<(String, i32)>> {
+    let pending = Spi::connect(|client| -> Result<Vec<(String, i32, String)>> {
         client
-            .select("SELECT object_name, node_id FROM sharding.dist_cleanup
-              WHERE created_at < pg_catalog.transaction_timestamp() ORDER BY created_at", None, &[])?
-            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i32>(2)?.unwrap_or_default())))
+            .select("SELECT object_name, node_id, object_type FROM sharding.dist_cleanup
+              WHERE created_at < pg_catalog.transaction_timestamp() ORDER BY created_at, object_type DESC", None, &[])?
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<i32>(2)?.unwrap_or_default(),
+                    row.get::<String>(3)?.unwrap_or_default(),
+                ))
+            })
             .collect()
     })?;
     if pending.is_empty() {
@@ -198,13 +215,19 @@ pub fn cleanup_old_placements() -> Result<i64> {
     }
     let nodes = nodes::load_all()?;
     let mut dropped = 0;
-    for (name, node_id) in pending {
+    for (name, node_id, kind) in pending {
+        // Names were quoted when recorded; a split's trigger function goes with its trigger.
+        let drop = if kind == "function" {
+            format!("DROP FUNCTION IF EXISTS {name} CASCADE")
+        } else {
+            format!("DROP TABLE IF EXISTS {name}")
+        };
         let done = match nodes.iter().find(|n| n.node_id == node_id) {
             // The node is gone: nothing to drop any more.
             None => true,
             Some(node) => crate::connection::connect_to_node(&node.host, node.port)
                 .ok()
-                .is_some_and(|c| c.exec(&format!("SET lock_timeout = '1s'; DROP TABLE IF EXISTS {name}")).is_ok()),
+                .is_some_and(|c| c.exec(&format!("SET lock_timeout = '1s'; {drop}")).is_ok()),
         };
         if done {
             catalog::as_catalog_owner(|| {
@@ -295,19 +318,20 @@ fn move_shard(shard_id: Option<i64>, target_node: Option<i32>, mode: default!(Op
         match required(mode, "mode")?.trim().to_ascii_lowercase().as_str() {
             "block_writes" => move_group(shard_id, target_node, MoveMode::BlockWrites),
             "online" => move_group(shard_id, target_node, MoveMode::Online),
+            "auto" => move_group(shard_id, target_node, MoveMode::Auto),
             other => Err(ShardingError::new(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("unknown move mode \"{other}\""),
             )
-            .hint("The modes are 'online' and 'block_writes'.")),
+            .hint("The modes are 'online', 'block_writes' and 'auto' (online where the tables allow it).")),
         }
     })()
     .or_raise()
 }
 
-/// Moves every shard off the node `host:port` (mode block_writes), each group to the active
-/// node that holds the fewest shards, so that remove_node can succeed. Returns the number of
-/// shard groups moved.
+/// Moves every shard off the node `host:port` (online where the tables allow it, each move
+/// in its own transaction: see `steps`), each group to the active node that holds the fewest
+/// shards, so that remove_node can succeed. Returns the number of shard groups moved.
 #[pg_extern(volatile, parallel_unsafe)]
 fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
     (|| -> Result<i64> {
@@ -316,9 +340,23 @@ fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
         let node = nodes::find(host, port)?.ok_or_else(|| {
             ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("node {host}:{port} is not registered"))
         })?;
+        steps::claim()?;
+        let groups = catalog::read_one::<i64>(
+            "SELECT count(DISTINCT (t.colocation_id, s.shard_index)) FROM sharding.dist_shard s
+               JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+               JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+              WHERE p.node_id = $1 AND t.method = 'hash'",
+            &[node.node_id.into()],
+        )?
+        .unwrap_or(0);
+        let progress = crate::stats::ProgressSlot::start("drain", groups as usize, 0)?;
         let mut moved = 0;
         loop {
+            if moved > groups {
+                return Err(ShardingError::internal("the drain does not see its own moves").hint("Run it outside REPEATABLE READ."));
+            }
             // One shard per co-located group still on the node; the next group after each move.
+            let (next, target) = steps::with_fresh_snapshot(|| {
             let next = catalog::read_one::<i64>(
                 "SELECT min(s.shard_id) FROM sharding.dist_shard s
                    JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
@@ -326,7 +364,7 @@ fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
                   WHERE p.node_id = $1 AND t.method = 'hash'",
                 &[node.node_id.into()],
             )?;
-            let Some(shard_id) = next else { break };
+            let Some(shard_id) = next else { return Ok((None, 0)) };
             let target = catalog::read_one::<i32>(
                 // A scalar subquery: one row (NULL) when there is no other node.
                 "SELECT (SELECT n.node_id FROM sharding.dist_node n
@@ -342,7 +380,12 @@ fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
                 )
                 .hint("Add a node first (sharding.add_node).")
             })?;
-            move_group(shard_id, target, MoveMode::Auto)?;
+            Ok((Some(shard_id), target))
+            })?;
+            let (Some(shard_id), target) = (next, target) else { break };
+            progress.moving(shard_id, node.node_id, target, 0);
+            steps::run(&format!("SELECT sharding.move_shard({shard_id}, {target}, 'auto')::text"))?;
+            progress.moved();
             moved += 1;
         }
         Ok(moved)
@@ -424,7 +467,8 @@ fn rebalance_plan(
 mod pg_catalog {
     use super::*;
 
-    /// Moves shard groups (mode block_writes, one after another) until the active nodes hold
+    /// Moves shard groups (online where the tables allow it, one after another, each in its
+    /// own transaction: see `steps`) until the active nodes hold
     /// about the same: group counts within one (`by_shard_count`) or sizes within 10% of the
     /// mean (`by_disk_size`). With `dry_run`, only returns the plan. Returns the moves.
     #[pg_extern(volatile, parallel_unsafe)]
@@ -439,8 +483,13 @@ mod pg_catalog {
             }
             let moves = planned_moves(table_name.map(|t| t.oid()), strategy.unwrap_or("by_shard_count"))?;
             if !dry_run.unwrap_or(false) {
+                steps::claim()?;
+                let bytes: u64 = moves.iter().map(|m| m.bytes).sum();
+                let progress = crate::stats::ProgressSlot::start("rebalance", moves.len(), bytes)?;
                 for step in &moves {
-                    move_group(step.shard_id, step.to, MoveMode::Auto)?;
+                    progress.moving(step.shard_id, step.from, step.to, step.bytes);
+                    steps::run(&format!("SELECT sharding.move_shard({}, {}, 'auto')::text", step.shard_id, step.to))?;
+                    progress.moved();
                 }
             }
             Ok(moves)
@@ -524,9 +573,10 @@ fn table_distribution(
     TableIterator::new(rows)
 }
 
-/// Shards of hash-distributed tables larger than `threshold` times their table's mean shard
-/// size, with a suggestion: the split point (the median hash of the shard's rows, asked from
-/// its node) and the node with the least data to move it to.
+/// Shards of hash-distributed tables whose size, or load (reads plus writes this coordinator
+/// routed to them since the last `reset_shard_stats`), is more than `threshold` times their
+/// table's mean, with a suggestion: the split point (the median hash of the shard's rows,
+/// asked from its node) and the node with the least data to move it to.
 #[pg_extern(volatile, parallel_unsafe)]
 fn hot_shards(
     threshold: default!(Option<f64>, "2.0"),
@@ -538,17 +588,20 @@ fn hot_shards(
         name!(node_id, i32),
         name!(bytes, i64),
         name!(ratio_to_mean, f64),
+        name!(load, i64),
+        name!(load_ratio_to_mean, Option<f64>),
         name!(split_point, Option<i32>),
         name!(suggested_node, Option<i32>),
     ),
 > {
-    let rows = (|| -> Result<Vec<(i64, String, i32, i64, f64, Option<i32>, Option<i32>)>> {
+    type Row = (i64, String, i32, i64, f64, i64, Option<f64>, Option<i32>, Option<i32>);
+    let rows = (|| -> Result<Vec<Row>> {
         let threshold = threshold.unwrap_or(2.0);
         if !(threshold > 0.0) {
             return Err(ShardingError::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "threshold must be positive"));
         }
-        // (shard, table oid, node, bytes) for every hash shard; the mean per table.
-        let sizes = Spi::connect(|client| -> Result<Vec<(i64, pg_sys::Oid, i32, i64)>> {
+        // (shard, table oid, node, bytes, load) for every hash shard; the means per table.
+        let sizes = Spi::connect(|client| -> Result<Vec<(i64, pg_sys::Oid, i32, i64, i64)>> {
             client
                 .select(
                     "SELECT z.shard_id, s.logicalrelid::oid, z.node_id, coalesce(z.size_bytes, 0)::int8
@@ -560,29 +613,36 @@ fn hot_shards(
                     &[],
                 )?
                 .map(|row| {
+                    let shard_id = row.get::<i64>(1)?.unwrap_or_default();
+                    let (reads, writes) = crate::stats::counts(shard_id);
                     Ok((
-                        row.get::<i64>(1)?.unwrap_or_default(),
+                        shard_id,
                         row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                         row.get::<i32>(3)?.unwrap_or_default(),
                         row.get::<i64>(4)?.unwrap_or_default(),
+                        (reads + writes) as i64,
                     ))
                 })
                 .collect()
         })?;
-        let mut per_table: std::collections::BTreeMap<u32, (i64, i64)> = Default::default();
+        let mut per_table: std::collections::BTreeMap<u32, (i64, i64, i64)> = Default::default();
         let mut per_node: std::collections::BTreeMap<i32, i64> = Default::default();
-        for (_, relid, node, bytes) in &sizes {
+        for (_, relid, node, bytes, load) in &sizes {
             let entry = per_table.entry(relid.to_u32()).or_default();
             entry.0 += bytes;
-            entry.1 += 1;
+            entry.1 += load;
+            entry.2 += 1;
             *per_node.entry(*node).or_default() += bytes;
         }
         let active: Vec<i32> = crate::catalog::cache::nodes()?.iter().filter(|n| n.is_active).map(|n| n.node_id).collect();
         let mut out = Vec::new();
-        for (shard_id, relid, node_id, bytes) in sizes {
-            let (total, count) = per_table[&relid.to_u32()];
-            let mean = total as f64 / count.max(1) as f64;
-            if mean <= 0.0 || (bytes as f64) <= threshold * mean {
+        for (shard_id, relid, node_id, bytes, load) in sizes {
+            let (total_bytes, total_load, count) = per_table[&relid.to_u32()];
+            let mean_bytes = total_bytes as f64 / count.max(1) as f64;
+            let mean_load = total_load as f64 / count.max(1) as f64;
+            let size_hot = mean_bytes > 0.0 && bytes as f64 > threshold * mean_bytes;
+            let load_hot = mean_load > 0.0 && load as f64 > threshold * mean_load;
+            if !size_hot && !load_hot {
                 continue;
             }
             let table = crate::catalog::cache::table(relid)?
@@ -593,7 +653,17 @@ fn hot_shards(
                 .filter(|n| **n != node_id)
                 .min_by_key(|n| (per_node.get(*n).copied().unwrap_or(0), **n))
                 .copied();
-            out.push((shard_id, format!("{}.{}", table.schema, table.name), node_id, bytes, bytes as f64 / mean, split_point, suggested));
+            out.push((
+                shard_id,
+                format!("{}.{}", table.schema, table.name),
+                node_id,
+                bytes,
+                if mean_bytes > 0.0 { bytes as f64 / mean_bytes } else { 0.0 },
+                load,
+                (mean_load > 0.0).then(|| load as f64 / mean_load),
+                split_point,
+                suggested,
+            ));
         }
         Ok(out)
     })()
@@ -616,4 +686,30 @@ fn median_hash(table: &crate::catalog::tables::DistributedTable, shard_id: i64, 
         ))
         .map_err(|e| remote::remote_error(&node, e))?;
     Ok(rows.value(0, 0).and_then(|v| v.parse().ok()))
+}
+
+/// Bytes the shards of `shard_id`'s group take on node `node_id` (NULL when the node cannot be
+/// asked): during a move, how much has reached the target.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn bytes_on_node(shard_id: i64, node_id: i32) -> Option<i64> {
+    let names = (|| -> Result<Vec<String>> {
+        let group = shard_group(shard_id)?;
+        group
+            .shards
+            .iter()
+            .map(|member| {
+                let table = crate::catalog::cache::table(member.relid)?
+                    .ok_or_else(|| ShardingError::internal("a table of the group is not distributed"))?;
+                Ok(quote::qualified(&table.schema, &shard_object_name(&table.name, member.shard_id)))
+            })
+            .collect()
+    })()
+    .ok()?;
+    let node = crate::catalog::cache::nodes().ok()?.iter().find(|n| n.node_id == node_id).cloned()?;
+    let connection = crate::connection::connect_to_node(&node.host, node.port).ok()?;
+    let list = names.iter().map(|n| format!("pg_catalog.to_regclass({})", quote::literal(n))).collect::<Vec<_>>().join(", ");
+    let rows = connection
+        .exec(&format!("SELECT coalesce(sum(pg_catalog.pg_total_relation_size(r)), 0)::int8 FROM unnest(ARRAY[{list}]) AS u(r) WHERE r IS NOT NULL"))
+        .ok()?;
+    rows.value(0, 0).and_then(|v| v.parse().ok())
 }

@@ -630,6 +630,19 @@ impl RemoteConnection {
         peeked < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
     }
 
+    /// Asks the server to cancel the command running on this connection (no wait).
+    pub fn cancel(&self) {
+        // SAFETY: valid connection; the cancel object is freed exactly once.
+        unsafe {
+            let cancel = pq::PQgetCancel(self.conn.as_ptr());
+            if !cancel.is_null() {
+                let mut error = [0 as c_char; 256];
+                pq::PQcancel(cancel, error.as_mut_ptr(), error.len() as i32);
+                pq::PQfreeCancel(cancel);
+            }
+        }
+    }
+
     /// True while a command sent on the connection has not finished (results still to read).
     pub fn is_running(&self) -> bool {
         // SAFETY: valid connection.

@@ -19,7 +19,7 @@ pub fn session_identity() -> crate::error::Result<(String, String)> {
 }
 
 /// The name of this database's encoding (for example UTF8), used as the workers' client encoding.
-fn database_encoding() -> String {
+pub(crate) fn database_encoding() -> String {
     // SAFETY: returns a pointer to a static encoding name.
     unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::GetDatabaseEncodingName()) }
         .to_string_lossy()

@@ -28,6 +28,8 @@ struct Target {
     nodes: Vec<Node>,
     buffer: Vec<u8>,
     flush_at: usize,
+    /// Rows sent to this shard (for the shard counters).
+    rows: u64,
 }
 
 pub struct ShardWriter {
@@ -64,6 +66,7 @@ impl ShardWriter {
                     nodes,
                     buffer: Vec::new(),
                     flush_at: FLUSH_BYTES + stagger,
+                    rows: 0,
                 },
             );
         }
@@ -77,6 +80,7 @@ impl ShardWriter {
             .get_mut(&shard_id)
             .ok_or_else(|| ShardingError::internal(format!("no COPY target for shard {shard_id}")))?;
         target.buffer.extend_from_slice(row);
+        target.rows += 1;
         self.rows += 1;
         if target.buffer.len() >= target.flush_at
             && (target.buffer.len() >= MAX_BUFFER_BYTES || !any_busy(target, &self.in_flight)?)
@@ -93,6 +97,11 @@ impl ShardWriter {
         }
         for (_, node) in std::mem::take(&mut self.in_flight) {
             settle(&node)?;
+        }
+        for (shard_id, target) in &self.targets {
+            if target.rows > 0 {
+                crate::stats::count_writes(&[*shard_id], target.rows);
+            }
         }
         Ok(self.rows)
     }

@@ -216,6 +216,13 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
     let plan = plan_of(scan).or_raise();
     let params = task_params(node, estate, &plan).or_raise();
     let (tasks, task_shards) = plan_tasks(node, &plan).or_raise();
+    if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
+        if plan.modify {
+            crate::stats::count_writes(&task_shards, 1);
+        } else {
+            crate::stats::count_reads(&task_shards);
+        }
+    }
 
     if plan.reference_write {
         let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;

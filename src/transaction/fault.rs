@@ -5,9 +5,10 @@
 //! `SET sharding.fault_injection = 'after_prepare:pause:2000'` makes the backend stop for
 //! 2000 ms when it reaches that point (shown as wait event PgSleep in pg_stat_activity, so a
 //! test can see it and kill a server meanwhile); `'...:crash'` ends the backend process
-//! abruptly, which makes the postmaster restart the coordinator as after a crash. Points:
-//! before_commit (one-phase), before_prepare, after_prepare, after_commit_record,
-//! before_commit_prepared.
+//! abruptly, which makes the postmaster restart the coordinator as after a crash; `'...:error'`
+//! raises an ERROR there. Points: before_commit (one-phase), before_prepare, after_prepare,
+//! after_commit_record, before_commit_prepared; in shard operations split_after_trigger,
+//! split_before_switch, move_after_copy.
 
 #[cfg(feature = "fault_injection")]
 mod enabled {
@@ -40,6 +41,11 @@ mod enabled {
             match parts.next() {
                 Some("pause") => pause(parts.next().and_then(|ms| ms.parse().ok()).unwrap_or(1000)),
                 Some("crash") => std::process::abort(),
+                Some("error") => crate::error::ShardingError::new(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    format!("fault injected at {name}"),
+                )
+                .raise(),
                 _ => {}
             }
         }
@@ -62,6 +68,7 @@ mod enabled {
                 );
                 pg_sys::ResetLatch(*std::ptr::addr_of!(pg_sys::MyLatch));
             }
+            pgrx::check_for_interrupts!();
         }
     }
 }

@@ -6,3 +6,4 @@ pub mod fault;
 pub mod maintenance;
 pub mod recovery;
 pub mod remote;
+pub mod undo;

@@ -507,7 +507,7 @@ pub fn remote_error(node: &Node, error: crate::connection::RemoteError) -> Shard
     error_on(&format!("{}:{}", node.host, node.port), error)
 }
 
-fn error_on(label: &str, error: crate::connection::RemoteError) -> ShardingError {
+pub fn error_on(label: &str, error: crate::connection::RemoteError) -> ShardingError {
     let code = error
         .sqlstate
         .as_deref()
@@ -773,11 +773,13 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => pre_commit(),
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             commit_prepared();
+            super::undo::forget();
             end_of_transaction();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             abort_all();
             reset_busy_autocommit_connections();
+            super::undo::run();
             end_of_transaction();
         }
         XACT_EVENT_PRE_PREPARE => {

@@ -118,3 +118,79 @@ mod tests {
         assert_eq!(find_interval(&[], 5), None);
     }
 }
+
+/// The intervals a split of `interval` at `points` gives: each point is the last hash value
+/// of a piece (Citus's convention), so points must increase strictly and lie in
+/// `[interval.min, interval.max - 1]`.
+pub fn split_interval(interval: HashInterval, points: &[i32]) -> Result<Vec<HashInterval>, SplitError> {
+    if points.is_empty() {
+        return Err(SplitError::NoPoints);
+    }
+    let mut pieces = Vec::with_capacity(points.len() + 1);
+    let mut start = interval.min;
+    for &point in points {
+        if point < start || point >= interval.max {
+            return Err(SplitError::OutOfRange { point, min: start, max: interval.max - 1 });
+        }
+        pieces.push(HashInterval { min: start, max: point });
+        start = point + 1;
+    }
+    pieces.push(HashInterval { min: start, max: interval.max });
+    Ok(pieces)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitError {
+    NoPoints,
+    /// `point` is not in `[min, max]` (the range left for it after the points before it).
+    OutOfRange { point: i32, min: i32, max: i32 },
+}
+
+impl std::fmt::Display for SplitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SplitError::NoPoints => write!(f, "at least one split point is needed"),
+            SplitError::OutOfRange { point, min, max } if min > max => {
+                write!(f, "split point {point} leaves no room: the shard's interval cannot be split there")
+            }
+            SplitError::OutOfRange { point, min, max } => {
+                write!(f, "split point {point} must be between {min} and {max} (points increase, each ends a piece)")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn split_in_two_at_a_point() {
+        let whole = HashInterval { min: -100, max: 100 };
+        assert_eq!(
+            split_interval(whole, &[0]).unwrap(),
+            vec![HashInterval { min: -100, max: 0 }, HashInterval { min: 1, max: 100 }]
+        );
+    }
+
+    #[test]
+    fn split_the_whole_space_in_three() {
+        let whole = HashInterval { min: i32::MIN, max: i32::MAX };
+        let pieces = split_interval(whole, &[-10, 10]).unwrap();
+        assert_eq!(pieces.len(), 3);
+        assert_eq!(pieces[0], HashInterval { min: i32::MIN, max: -10 });
+        assert_eq!(pieces[2], HashInterval { min: 11, max: i32::MAX });
+    }
+
+    #[test]
+    fn bad_points_are_refused() {
+        let whole = HashInterval { min: 0, max: 10 };
+        assert_eq!(split_interval(whole, &[]), Err(SplitError::NoPoints));
+        assert!(split_interval(whole, &[10]).is_err(), "the last value cannot end a piece: nothing left");
+        assert!(split_interval(whole, &[-1]).is_err());
+        assert!(split_interval(whole, &[5, 5]).is_err(), "points must increase");
+        assert!(split_interval(whole, &[6, 3]).is_err());
+        assert_eq!(split_interval(whole, &[0, 9]).unwrap().len(), 3);
+        assert!(split_interval(HashInterval { min: 3, max: 3 }, &[3]).is_err());
+    }
+}

@@ -3,6 +3,7 @@
 //! the extension crate only feeds it facts read from catalogs and remote nodes.
 
 pub mod copy_text;
+pub mod counters;
 pub mod hash;
 pub mod interval;
 pub mod node_check;
