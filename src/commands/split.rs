@@ -133,9 +133,11 @@ fn trigger_sql(member: &Member, keys: &[String]) -> String {
            END IF;
            RETURN NULL;
          END $pgs$;
+         COMMENT ON FUNCTION {function}() IS {comment};
          CREATE TRIGGER pgs_split AFTER INSERT OR UPDATE OR DELETE ON {old} FOR EACH ROW EXECUTE FUNCTION {function}();
          CREATE TRIGGER pgs_split_truncate AFTER TRUNCATE ON {old} FOR EACH STATEMENT EXECUTE FUNCTION {function}();",
         children = children.join(", "),
+        comment = quote::literal(&children.join(", ")),
         old_hash = hash_of("OLD"),
         new_hash = hash_of("NEW"),
         remove_branches = branches(&remove),
@@ -175,6 +177,30 @@ fn clear(source: &Node, members: &[Member], drop_children: bool) -> Result<()> {
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Removes what an interrupted earlier split of these shards left (a crash of the coordinator
+/// skips every cleanup): the trigger and its function, and the children the function's comment
+/// names. The old shards are still in the catalog, so no split of them ever committed and
+/// those children belong to nothing.
+fn clear_leftovers(source: &Node, members: &[Member]) -> Result<()> {
+    let connection = connection::connect_to_node(&source.host, source.port)?;
+    for member in members {
+        let comment = on(
+            source,
+            &connection,
+            &format!(
+                "SELECT pg_catalog.obj_description(pg_catalog.to_regprocedure({}), 'pg_proc')",
+                quote::literal(&format!("{}()", member.trigger_function()))
+            ),
+        )?;
+        let mut sql = clear_sql(member, false);
+        if let Some(children) = comment.value(0, 0).filter(|c| !c.is_empty()) {
+            sql.push_str(&format!("; DROP TABLE IF EXISTS {children}"));
+        }
+        on(source, &connection, &sql)?;
+    }
+    Ok(())
 }
 
 /// Creates the triggers, retrying while the old shard is busy (CREATE TRIGGER waits for the
@@ -376,7 +402,7 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
         .hint("Run the split in its own transaction, or use mode => 'block_writes'."));
     }
     // What an interrupted earlier attempt may have left on the old shards.
-    clear(&source, &members, false)?;
+    clear_leftovers(&source, &members)?;
     let connection = connection::connect_to_node(&source.host, source.port)?;
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         for member in &members {

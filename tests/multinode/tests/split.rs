@@ -332,10 +332,35 @@ fn split_errors_change_nothing_and_a_failed_split_cleans_up() {
     c.batch_execute("RESET sharding.fault_injection; RESET statement_timeout").unwrap();
     assert_eq!(catalog(&mut c), before);
     assert_no_leftovers(&cluster, 2);
-    // And the re-run succeeds.
-    c.batch_execute(&format!("SELECT sharding.split_shard({shard}, ARRAY[{}])", max - 1000)).unwrap();
+    // A crash of the coordinator after the copy: no cleanup runs, the old shard keeps serving
+    // (its trigger still fills children nobody owns).
+    let split_sql = format!("SELECT sharding.split_shard({shard}, ARRAY[{}])", max - 1000);
+    let crashing = {
+        let mut victim = cluster.coordinator();
+        let sql = split_sql.clone();
+        thread::spawn(move || {
+            victim.batch_execute("SET sharding.fault_injection = 'split_before_switch:pause:20000'").unwrap();
+            victim.batch_execute(&sql).is_err()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar::<i64>(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'") == 0 {
+        assert!(Instant::now() < deadline, "the split did not reach its pause");
+        thread::sleep(Duration::from_millis(50));
+    }
+    cluster.kill_coordinator();
+    assert!(crashing.join().unwrap(), "the crashed split reported an error");
+    cluster.start_coordinator();
+    let mut c = cluster.coordinator();
+    assert_eq!(catalog(&mut c), before);
+    c.batch_execute("UPDATE accounts SET v = v + 1 WHERE id <= 10; DELETE FROM accounts WHERE id = 5000000").unwrap();
+    let sum: i64 = scalar(&mut c, "SELECT sum(v)::int8 FROM accounts");
+    assert_eq!(sum, 2010);
+    // The re-run clears what the crash left and finishes.
+    c.batch_execute(&split_sql).unwrap();
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_shard WHERE logicalrelid = 'accounts'::regclass"), 5);
-    assert_eq!(scalar::<i64>(&mut c, "SELECT sum(v)::int8 FROM accounts"), 2007);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT sum(v)::int8 FROM accounts"), sum);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM accounts"), 2000);
     assert_no_leftovers(&cluster, 2);
 }
 
