@@ -3,6 +3,7 @@
 
 pub mod distribute;
 pub mod grants;
+pub mod leftovers;
 pub mod node;
 pub mod online_move;
 pub mod shard_ops;

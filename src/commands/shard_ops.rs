@@ -395,18 +395,18 @@ fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
 
 /// The active nodes and every shard group of hash tables (of `table`'s colocation group when
 /// given), with its node and size in bytes (asked from the nodes).
-fn current_layout(table: Option<pg_sys::Oid>) -> Result<(Vec<i32>, Vec<GroupPlacement>)> {
+fn current_layout(table: Option<pg_sys::Oid>) -> Result<(Vec<i32>, Vec<Vec<GroupPlacement>>)> {
     let nodes = Spi::connect(|client| -> Result<Vec<i32>> {
         client
             .select("SELECT node_id FROM sharding.dist_node WHERE is_active ORDER BY node_id", None, &[])?
             .map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default()))
             .collect()
     })?;
-    let groups = Spi::connect(|client| -> Result<Vec<GroupPlacement>> {
+    let groups = Spi::connect(|client| -> Result<Vec<(i32, GroupPlacement)>> {
         client
             .select(
                 "WITH sizes AS (SELECT * FROM sharding.shard_sizes())
-                 SELECT min(s.shard_id), min(p.node_id), coalesce(sum(z.size_bytes), 0)::int8
+                 SELECT min(s.shard_id), min(p.node_id), coalesce(sum(z.size_bytes), 0)::int8, coalesce(t.colocation_id, -1)
                    FROM sharding.dist_shard s
                    JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
                    JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
@@ -420,15 +420,23 @@ fn current_layout(table: Option<pg_sys::Oid>) -> Result<(Vec<i32>, Vec<GroupPlac
                 &[table.into()],
             )?
             .map(|row| {
-                Ok(GroupPlacement {
-                    shard_id: row.get::<i64>(1)?.unwrap_or_default(),
-                    node: row.get::<i32>(2)?.unwrap_or_default(),
-                    bytes: row.get::<i64>(3)?.unwrap_or_default().max(0) as u64,
-                })
+                Ok((
+                    row.get::<i32>(4)?.unwrap_or_default(),
+                    GroupPlacement {
+                        shard_id: row.get::<i64>(1)?.unwrap_or_default(),
+                        node: row.get::<i32>(2)?.unwrap_or_default(),
+                        bytes: row.get::<i64>(3)?.unwrap_or_default().max(0) as u64,
+                    },
+                ))
             })
             .collect()
     })?;
-    Ok((nodes, groups))
+    // One set per colocation group, in colocation order.
+    let mut sets: std::collections::BTreeMap<i32, Vec<GroupPlacement>> = Default::default();
+    for (colocation, group) in groups {
+        sets.entry(colocation).or_default().push(group);
+    }
+    Ok((nodes, sets.into_values().collect()))
 }
 
 fn planned_moves(table: Option<pg_sys::Oid>, strategy: &str) -> Result<Vec<Move>> {
@@ -444,8 +452,8 @@ fn planned_moves(table: Option<pg_sys::Oid>, strategy: &str) -> Result<Vec<Move>
             ));
         }
     }
-    let (nodes, groups) = current_layout(table)?;
-    Ok(rebalance::plan(&nodes, &groups, strategy))
+    let (nodes, sets) = current_layout(table)?;
+    Ok(rebalance::plan_colocated(&nodes, &sets, strategy))
 }
 
 fn move_rows(moves: Vec<Move>) -> TableIterator<'static, (i64, i32, i32, i64)> {

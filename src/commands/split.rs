@@ -11,7 +11,8 @@
 //!    serialization error instead of missing a row copied after its snapshot);
 //! 2. the existing rows are copied in chunks of pages, each chunk under FOR KEY SHARE locks
 //!    (a row deleted meanwhile is skipped, one being deleted is waited for) and inserted with
-//!    ON CONFLICT DO NOTHING (the trigger's newer copy wins).
+//!    ON CONFLICT DO NOTHING (the trigger's newer copy wins); a chunk that would wait long for
+//!    a writer gives up and runs again, smaller, rather than deadlock with it.
 //!
 //! The children are then exact copies, kept so by the trigger: writes through the coordinator
 //! wait (EXCLUSIVE lock on the tables) only while the catalog switches to the children, in the
@@ -239,31 +240,40 @@ fn copy_chunks(source: &Node, connection: &RemoteConnection, members: &[Member])
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(0);
         let mut start = 0;
+        let mut size = CHUNK_PAGES;
+        let mut failures = 0;
         while start < pages {
-            let end = start + CHUNK_PAGES;
+            let end = start + size;
             let mut ctes = vec![format!(
                 "src AS (SELECT s.* FROM ONLY {} s WHERE s.ctid >= '({start},0)'::tid AND s.ctid < '({end},0)'::tid FOR KEY SHARE OF s)",
                 member.old_name
             )];
             ctes.extend(member.routed_inserts("src", "src", "ON CONFLICT DO NOTHING"));
             let sql = format!("WITH {} SELECT count(*) FROM src", ctes.join(", "));
-            // A chunk is idempotent: one that lost a deadlock to a writer is simply run again.
-            let mut attempt = 0;
-            let rows = loop {
-                match on(source, connection, &sql) {
-                    Ok(rows) => break rows,
-                    Err(e)
-                        if attempt < 10
-                            && (e.code == PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
-                                || e.code == PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE) =>
-                    {
-                        attempt += 1;
-                    }
-                    Err(e) => return Err(e),
+            // A chunk and a writer can wait for each other (each holds a row or a new child row
+            // the other needs). The chunk gives up first (lock_timeout, well below the
+            // writers' deadlock_timeout) and is run again, smaller: it is idempotent, and the
+            // writer goes on instead of failing.
+            match on(source, connection, &sql) {
+                Ok(rows) => {
+                    copied += rows.value(0, 0).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                    start = end;
+                    size = CHUNK_PAGES;
                 }
-            };
-            copied += rows.value(0, 0).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            start = end;
+                Err(e)
+                    if failures < 200
+                        && [
+                            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+                            PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED,
+                            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                        ]
+                        .contains(&e.code) =>
+                {
+                    failures += 1;
+                    size = (size / 2).max(16);
+                }
+                Err(e) => return Err(e),
+            }
             pgrx::check_for_interrupts!();
         }
     }
@@ -412,7 +422,9 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
         }
         install_triggers(&source, &connection, &members, &keys)?;
         crate::transaction::fault::point("split_after_trigger");
+        on(&source, &connection, "SET lock_timeout = '200ms'")?;
         copy_chunks(&source, &connection, &members)?;
+        on(&source, &connection, "RESET lock_timeout")?;
         crate::transaction::fault::point("split_before_switch");
         // The children are complete and kept so by the trigger: writes wait from here to commit.
         for (_, relid) in &group.shards {

@@ -117,6 +117,11 @@ pub extern "C-unwind" fn pg_sharding_recovery_worker(arg: pg_sys::Datum) {
             Ok(n) => pgrx::log!("pg_sharding: dropped {n} old shard placement(s) left by moves"),
             Err(error) => pgrx::log!("pg_sharding: cleanup of old placements failed: {}", error.message),
         }
+        match crate::commands::leftovers::clear() {
+            Ok(0) => {}
+            Ok(n) => pgrx::log!("pg_sharding: removed {n} object(s) left by interrupted moves and splits"),
+            Err(error) => pgrx::log!("pg_sharding: cleanup after interrupted moves and splits failed: {}", error.message),
+        }
         match super::recovery::recover() {
             Ok(outcomes) => {
                 for outcome in outcomes.iter().filter(|o| o.action != "in progress") {

@@ -47,6 +47,41 @@ pub struct Move {
 /// Plans the moves. `nodes`: the nodes that may hold shards (groups on other nodes are moved
 /// off them first, as by a drain). The result is deterministic for the same input.
 pub fn plan(nodes: &[i32], groups: &[GroupPlacement], strategy: Strategy) -> Vec<Move> {
+    plan_with_base(nodes, groups, strategy, &BTreeMap::new())
+}
+
+/// Plans the moves for several colocation groups (`sets`, each the shard groups of one).
+/// `ByShardCount` balances every colocation group on its own (each table ends up within one
+/// shard of even), breaking ties towards the nodes holding fewer groups overall, so the totals
+/// even out too; `ByDiskSize` balances the node totals over all groups together.
+pub fn plan_colocated(nodes: &[i32], sets: &[Vec<GroupPlacement>], strategy: Strategy) -> Vec<Move> {
+    if strategy == Strategy::ByDiskSize {
+        let all: Vec<GroupPlacement> = sets.iter().flatten().cloned().collect();
+        return plan(nodes, &all, strategy);
+    }
+    let mut base: BTreeMap<i32, u64> = nodes.iter().map(|n| (*n, 0)).collect();
+    for group in sets.iter().flatten() {
+        if let Some(count) = base.get_mut(&group.node) {
+            *count += 1;
+        }
+    }
+    let mut moves = Vec::new();
+    for set in sets {
+        let planned = plan_with_base(nodes, set, strategy, &base);
+        for m in &planned {
+            if let Some(count) = base.get_mut(&m.from) {
+                *count -= 1;
+            }
+            *base.entry(m.to).or_default() += 1;
+        }
+        moves.extend(planned);
+    }
+    moves
+}
+
+/// `plan`, with ties between nodes of equal load broken by `base` (lower first for a target,
+/// higher first for a source).
+fn plan_with_base(nodes: &[i32], groups: &[GroupPlacement], strategy: Strategy, base: &BTreeMap<i32, u64>) -> Vec<Move> {
     if nodes.is_empty() {
         return Vec::new();
     }
@@ -62,13 +97,13 @@ pub fn plan(nodes: &[i32], groups: &[GroupPlacement], strategy: Strategy) -> Vec
     // Groups on nodes that may not hold shards go to the emptiest allowed node first.
     stranded.sort_by_key(|g| (std::cmp::Reverse(g.bytes), g.shard_id));
     for group in stranded {
-        let to = lightest(&on, strategy);
+        let to = lightest(&on, strategy, base);
         moves.push(Move { shard_id: group.shard_id, from: group.node, to, bytes: group.bytes });
         on.get_mut(&to).expect("known node").push(GroupPlacement { node: to, ..group });
     }
     // Each move strictly reduces the spread, so this ends; the bound is a safety net.
     for _ in 0..=groups.len() * nodes.len() {
-        let Some(next) = next_move(&on, strategy) else { break };
+        let Some(next) = next_move(&on, strategy, base) else { break };
         let list = on.get_mut(&next.from).expect("known node");
         let at = list.iter().position(|g| g.shard_id == next.shard_id).expect("group on its node");
         let group = list.remove(at);
@@ -85,16 +120,22 @@ fn load(list: &[GroupPlacement], strategy: Strategy) -> u64 {
     }
 }
 
-fn lightest(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy) -> i32 {
-    *on.iter().min_by_key(|(node, list)| (load(list, strategy), **node)).map(|(node, _)| node).expect("nodes")
+fn lightest(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy, base: &BTreeMap<i32, u64>) -> i32 {
+    *on.iter()
+        .min_by_key(|(node, list)| (load(list, strategy), base.get(*node).copied().unwrap_or(0), **node))
+        .map(|(node, _)| node)
+        .expect("nodes")
 }
 
-fn heaviest(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy) -> i32 {
-    *on.iter().max_by_key(|(node, list)| (load(list, strategy), std::cmp::Reverse(**node))).map(|(node, _)| node).expect("nodes")
+fn heaviest(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy, base: &BTreeMap<i32, u64>) -> i32 {
+    *on.iter()
+        .max_by_key(|(node, list)| (load(list, strategy), base.get(*node).copied().unwrap_or(0), std::cmp::Reverse(**node)))
+        .map(|(node, _)| node)
+        .expect("nodes")
 }
 
-fn next_move(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy) -> Option<Move> {
-    let (from, to) = (heaviest(on, strategy), lightest(on, strategy));
+fn next_move(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy, base: &BTreeMap<i32, u64>) -> Option<Move> {
+    let (from, to) = (heaviest(on, strategy, base), lightest(on, strategy, base));
     let (high, low) = (load(&on[&from], strategy), load(&on[&to], strategy));
     match strategy {
         Strategy::ByShardCount => {
@@ -124,6 +165,26 @@ fn next_move(on: &BTreeMap<i32, Vec<GroupPlacement>>, strategy: Strategy) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_colocation_group_is_balanced_and_the_totals_too() {
+        // A 12-shard table and a 3-shard table on nodes 1 and 2; node 3 new.
+        let twelve: Vec<GroupPlacement> =
+            (0..12).map(|i| GroupPlacement { shard_id: 100 + i, node: 1 + (i as i32 % 2), bytes: 10 }).collect();
+        let three: Vec<GroupPlacement> =
+            (0..3).map(|i| GroupPlacement { shard_id: 200 + i, node: 1 + (i as i32 % 2), bytes: 10 }).collect();
+        let sets = vec![three.clone(), twelve.clone()];
+        let moves = plan_colocated(&[1, 2, 3], &sets, Strategy::ByShardCount);
+        let all: Vec<GroupPlacement> = sets.iter().flatten().cloned().collect();
+        let per_set = |set: &[GroupPlacement]| {
+            let moved: Vec<Move> = moves.iter().filter(|m| set.iter().any(|g| g.shard_id == m.shard_id)).cloned().collect();
+            counts(&[1, 2, 3], set, &moved)
+        };
+        assert_eq!(per_set(&twelve).values().copied().collect::<Vec<_>>(), vec![4, 4, 4]);
+        assert!(per_set(&three).values().all(|c| *c == 1), "{:?}", per_set(&three));
+        assert_eq!(counts(&[1, 2, 3], &all, &moves).values().copied().collect::<Vec<_>>(), vec![5, 5, 5]);
+        assert_eq!(moves.len(), 5, "as few moves as that takes: {moves:?}");
+    }
 
     fn groups(spec: &[(i32, u64)]) -> Vec<GroupPlacement> {
         spec.iter().enumerate().map(|(i, (node, bytes))| GroupPlacement { shard_id: 100 + i as i64, node: *node, bytes: *bytes }).collect()

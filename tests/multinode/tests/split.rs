@@ -96,7 +96,7 @@ fn spawn_writer(cluster: &Cluster, k: i32, initial: i32, stop: Arc<AtomicBool>) 
             match outcome {
                 Ok(()) => state.ok += 1,
                 Err(e) => {
-                    eprintln!("writer {k}: {e}");
+                    eprintln!("writer {k}: {}", e.as_db_error().map(|d| format!("{} {}", d.code().code(), d.message())).unwrap_or(e.to_string()));
                     let _ = c.batch_execute("ROLLBACK");
                     state.failed += 1;
                 }
@@ -192,7 +192,7 @@ fn assert_no_leftovers(cluster: &Cluster, workers: usize) {
 fn split_shard_online_under_writes_keeps_every_committed_row() {
     let cluster = Cluster::start(2);
     let mut c = cluster.coordinator();
-    accounts_and_ledger(&mut c, 30000);
+    accounts_and_ledger(&mut c, 100000);
     let shard: i64 = scalar(&mut c, "SELECT sharding.shard_for_value('accounts', 1)");
     let source: i32 = scalar(&mut c, &format!("SELECT node_id FROM sharding.dist_placement WHERE shard_id = {shard}"));
     let other: i32 = scalar(&mut c, &format!("SELECT min(node_id) FROM sharding.dist_node WHERE node_id <> {source}"));
@@ -205,7 +205,7 @@ fn split_shard_online_under_writes_keeps_every_committed_row() {
 
     let mut took = Duration::ZERO;
     let mut new_ids: Vec<i64> = Vec::new();
-    let committed = under_load(&cluster, 30000, || {
+    let committed = under_load(&cluster, 100000, || {
         let started = Instant::now();
         new_ids = c
             .query_one(&format!("SELECT sharding.split_shard({shard}, {points}, ARRAY[{source}, {other}, {source}])"), &[])
@@ -356,12 +356,43 @@ fn split_errors_change_nothing_and_a_failed_split_cleans_up() {
     c.batch_execute("UPDATE accounts SET v = v + 1 WHERE id <= 10; DELETE FROM accounts WHERE id = 5000000").unwrap();
     let sum: i64 = scalar(&mut c, "SELECT sum(v)::int8 FROM accounts");
     assert_eq!(sum, 2010);
-    // The re-run clears what the crash left and finishes.
+    // The maintenance worker (or this function, which it runs) clears what the crash left.
+    c.batch_execute("SELECT sharding.clear_interrupted_operations()").unwrap();
+    assert_no_leftovers(&cluster, 2);
+    // The re-run finishes.
     c.batch_execute(&split_sql).unwrap();
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_shard WHERE logicalrelid = 'accounts'::regclass"), 5);
     assert_eq!(scalar::<i64>(&mut c, "SELECT sum(v)::int8 FROM accounts"), sum);
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM accounts"), 2000);
     assert_no_leftovers(&cluster, 2);
+
+    // The same for an online move: a crash after the initial copy leaves a subscription, a
+    // slot holding WAL on the source, a publication and the new tables.
+    let moving: i64 = scalar(&mut c, "SELECT sharding.shard_for_value('accounts', 2)");
+    let from: i32 = scalar(&mut c, &format!("SELECT node_id FROM sharding.dist_placement WHERE shard_id = {moving}"));
+    let to = 3 - from;
+    let crashing = {
+        let mut victim = cluster.coordinator();
+        thread::spawn(move || {
+            victim.batch_execute("SET sharding.fault_injection = 'move_after_copy:pause:20000'").unwrap();
+            victim.batch_execute(&format!("SELECT sharding.move_shard({moving}, {to})")).is_err()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar::<i64>(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'") == 0 {
+        assert!(Instant::now() < deadline, "the move did not reach its pause");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut source = cluster.worker(from as usize);
+    assert_eq!(scalar::<i64>(&mut source, "SELECT count(*) FROM pg_replication_slots"), 1);
+    cluster.kill_coordinator();
+    assert!(crashing.join().unwrap());
+    cluster.start_coordinator();
+    let mut c = cluster.coordinator();
+    assert_eq!(scalar::<i32>(&mut c, &format!("SELECT node_id FROM sharding.dist_placement WHERE shard_id = {moving}")), from);
+    c.batch_execute("SELECT sharding.clear_interrupted_operations()").unwrap();
+    assert_no_leftovers(&cluster, 2);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT sum(v)::int8 FROM accounts"), sum);
 }
 
 #[test]
