@@ -48,11 +48,16 @@ pub fn clear() -> Result<i64> {
         c.exec(sql).map(|rows| (0..rows.rows.len()).filter_map(|i| rows.value(i, 0).map(str::to_string)).collect()).unwrap_or_default()
     };
     // Subscriptions first, everywhere: a slot stays in use while its subscription lives.
+    let mut sync_slots: Vec<String> = Vec::new();
     for (node, c) in &connections {
         // Subscriptions of interrupted moves to this node, and the tables they were filling
         // (not the group's placement per the catalog).
-        for name in list(c, "SELECT subname::text FROM pg_catalog.pg_subscription WHERE subname LIKE 'pgs\\_move\\_%'") {
+        for entry in list(c, "SELECT subname::text || ' ' || oid::text FROM pg_catalog.pg_subscription WHERE subname LIKE 'pgs\\_move\\_%'") {
+            let (name, oid) = entry.split_once(' ').unwrap_or((entry.as_str(), ""));
+            let name = name.to_string();
+            sync_slots.push(format!("pg\\_{oid}\\_sync\\_%"));
             let ident = quote::ident(&name);
+            // Detached from its slots (the source may be gone); those are dropped by name below.
             let mut sql = format!(
                 "ALTER SUBSCRIPTION {ident} DISABLE; ALTER SUBSCRIPTION {ident} SET (slot_name = NONE); DROP SUBSCRIPTION {ident}"
             );
@@ -70,7 +75,9 @@ pub fn clear() -> Result<i64> {
         // The walsender of a dropped subscription takes a moment to let go of its slot.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            let slots = list(c, "SELECT slot_name::text || ' ' || active::text FROM pg_catalog.pg_replication_slots WHERE slot_name LIKE 'pgs\\_move\\_%'");
+            let patterns: Vec<String> = std::iter::once("pgs\\_move\\_%".to_string()).chain(sync_slots.iter().cloned()).collect();
+            let condition = patterns.iter().map(|p| format!("slot_name LIKE {}", quote::literal(p))).collect::<Vec<_>>().join(" OR ");
+            let slots = list(c, &format!("SELECT slot_name::text || ' ' || active::text FROM pg_catalog.pg_replication_slots WHERE {condition}"));
             let mut busy = false;
             for entry in slots {
                 let (name, active) = entry.split_once(' ').unwrap_or((entry.as_str(), "false"));

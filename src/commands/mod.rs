@@ -37,3 +37,75 @@ pub fn required<T>(value: Option<T>, argument: &str) -> Result<T> {
         )
     })
 }
+
+/// Runs cleanup `f` with interrupts held off: a cancel or timeout that arrives meanwhile (or
+/// is still pending from the failure being cleaned up after) waits until it is done, instead
+/// of cutting the cleanup short and leaving objects on the nodes. Remote waits still end on
+/// their own timeouts.
+pub fn uninterrupted<T>(f: impl FnOnce() -> T) -> T {
+    struct Resume;
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: undoes the increment below (RESUME_INTERRUPTS), also when unwinding.
+            unsafe {
+                let count = std::ptr::addr_of_mut!(pg_sys::InterruptHoldoffCount);
+                if *count > 0 {
+                    *count -= 1;
+                }
+            }
+        }
+    }
+    // SAFETY: HOLD_INTERRUPTS of this backend.
+    unsafe { *std::ptr::addr_of_mut!(pg_sys::InterruptHoldoffCount) += 1 };
+    let _resume = Resume;
+    f()
+}
+
+/// Takes `mode` (for example "EXCLUSIVE") on every table of `relids` without ever holding one
+/// while waiting long for the next: a writer holding the second and waiting for the first
+/// would otherwise deadlock with us, and the deadlock detector would cancel the writer. Each
+/// attempt runs in a subtransaction with a 200 ms lock_timeout; one that times out is rolled
+/// back (releasing what it took) and retried. Writers wait at most about that long per attempt.
+pub fn lock_tables_together(relids: &[pg_sys::Oid], mode: &str) -> Result<()> {
+    let previous = crate::catalog::read_one::<String>("SELECT pg_catalog.current_setting('lock_timeout')", &[])?
+        .unwrap_or_else(|| "0".to_string());
+    crate::catalog::read_one::<String>("SELECT pg_catalog.set_config('lock_timeout', '200ms', true)", &[])?;
+    let mut outcome = Ok(false);
+    for _ in 0..3000 {
+        // SAFETY: a subtransaction begun and ended here, the memory context and resource
+        // owner restored as PL/pgSQL's exception blocks do.
+        outcome = unsafe { try_in_subtransaction(|| relids.iter().try_for_each(|relid| distribute::lock_table(*relid, mode))) };
+        match outcome {
+            Ok(false) => continue,
+            _ => break,
+        }
+    }
+    crate::catalog::read_one::<String>("SELECT pg_catalog.set_config('lock_timeout', $1, true)", &[previous.into()])?;
+    match outcome? {
+        true => Ok(()),
+        false => Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            "could not lock the tables of the shard group: writers kept them busy",
+        )),
+    }
+}
+
+/// Runs `f` in a subtransaction: Ok(true) when it succeeded (kept), Ok(false) when it hit a
+/// lock timeout (rolled back), Err when it returned one (rolled back).
+unsafe fn try_in_subtransaction(f: impl FnOnce() -> Result<()>) -> Result<bool> {
+    let context = pg_sys::CurrentMemoryContext;
+    let owner = pg_sys::CurrentResourceOwner;
+    pg_sys::BeginInternalSubTransaction(std::ptr::null());
+    pg_sys::MemoryContextSwitchTo(context);
+    let outcome = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| f().map(|()| true)))
+        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| Ok(false))
+        .execute();
+    if matches!(outcome, Ok(true)) {
+        pg_sys::ReleaseCurrentSubTransaction();
+    } else {
+        pg_sys::RollbackAndReleaseCurrentSubTransaction();
+    }
+    pg_sys::MemoryContextSwitchTo(context);
+    pg_sys::CurrentResourceOwner = owner;
+    outcome
+}

@@ -104,11 +104,17 @@ fn clear(source: &Node, target: &Node, name: &str, target_tables: &[String]) -> 
     };
     let literal = quote::literal(name);
     let ident = quote::ident(name);
+    // The subscription's oid names the slots of its table synchronisation workers on the source
+    // (pg_<oid>_sync_<relid>_<sysid>), which a subscription dropped during its initial copy
+    // without reaching the source leaves behind.
+    let mut subscription_oid = None;
     match connection::connect_to_node(&target.host, target.port) {
         Ok(tgt) => {
-            let exists = on(target, &tgt, &format!("SELECT count(*) FROM pg_catalog.pg_subscription WHERE subname = {literal}"));
-            if exists.as_ref().ok().and_then(|r| r.value(0, 0).map(|v| v != "0")).unwrap_or(false) {
-                // Detach the slot first: the drop must not depend on reaching the source.
+            let found = on(target, &tgt, &format!("SELECT oid::text FROM pg_catalog.pg_subscription WHERE subname = {literal}"));
+            subscription_oid = found.ok().and_then(|r| r.value(0, 0).map(str::to_string));
+            // A plain drop also drops the slots on the source; without the source, detach them
+            // first (dropped below, by name, when the source is back).
+            if subscription_oid.is_some() && on(target, &tgt, &format!("DROP SUBSCRIPTION {ident}")).is_err() {
                 note(on(target, &tgt, &format!("ALTER SUBSCRIPTION {ident} DISABLE")));
                 note(on(target, &tgt, &format!("ALTER SUBSCRIPTION {ident} SET (slot_name = NONE)")));
                 note(on(target, &tgt, &format!("DROP SUBSCRIPTION {ident}")));
@@ -124,15 +130,19 @@ fn clear(source: &Node, target: &Node, name: &str, target_tables: &[String]) -> 
             // The slot may still be in use for a moment after the subscription went.
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
+                let slots = match &subscription_oid {
+                    Some(oid) => format!("(slot_name = {literal} OR slot_name LIKE {})", quote::literal(&format!("pg\\_{oid}\\_sync\\_%"))),
+                    None => format!("slot_name = {literal}"),
+                };
                 let dropped = on(
                     source,
                     &src,
                     &format!(
                         "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots
-                          WHERE slot_name = {literal} AND NOT active"
+                          WHERE {slots} AND NOT active"
                     ),
                 );
-                let left = on(source, &src, &format!("SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_name = {literal}"));
+                let left = on(source, &src, &format!("SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE {slots}"));
                 let gone = left.as_ref().ok().and_then(|r| r.value(0, 0).map(|v| v == "0")).unwrap_or(false);
                 if gone || Instant::now() > deadline {
                     if !gone {
@@ -256,7 +266,7 @@ pub fn run(
         crate::transaction::undo::on_abort(&target.host, target.port, format!("DROP TABLE IF EXISTS {}", names.join(", ")))?;
     }
     if failed {
-        if let Err(cleanup) = clear(source, target, &name, &names) {
+        if let Err(cleanup) = super::uninterrupted(|| clear(source, target, &name, &names)) {
             pgrx::warning!("the failed move of shard {shard_id} could not remove everything it made: {}", cleanup.message);
         }
     }

@@ -166,10 +166,7 @@ pub enum MoveMode {
 
 fn lock_group(group: &Group) -> Result<()> {
     // Writes through the coordinator wait until the move commits; reads go on.
-    for member in &group.shards {
-        super::distribute::lock_table(member.relid, "EXCLUSIVE")?;
-    }
-    Ok(())
+    super::lock_tables_together(&group.shards.iter().map(|m| m.relid).collect::<Vec<_>>(), "EXCLUSIVE")
 }
 
 /// The catalog switch: the placements move to the target, and the old shards are recorded for

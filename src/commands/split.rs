@@ -371,10 +371,9 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
         members.iter().find(|m| m.old_shard == shard_id).map(|m| m.children.iter().map(|c| c.0).collect()).unwrap_or_default()
     };
 
+    let relids: Vec<pg_sys::Oid> = group.shards.iter().map(|(_, relid)| *relid).collect();
     if !online {
-        for member in &group.shards {
-            super::distribute::lock_table(member.1, "EXCLUSIVE")?;
-        }
+        super::lock_tables_together(&relids, "EXCLUSIVE")?;
         for member in &members {
             let mut sql = Vec::new();
             for (id, _, _) in &member.children {
@@ -427,13 +426,11 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
         on(&source, &connection, "RESET lock_timeout")?;
         crate::transaction::fault::point("split_before_switch");
         // The children are complete and kept so by the trigger: writes wait from here to commit.
-        for (_, relid) in &group.shards {
-            super::distribute::lock_table(*relid, "EXCLUSIVE")?;
-        }
+        super::lock_tables_together(&relids, "EXCLUSIVE")?;
         switch_catalog(&members, &source, colocation_id)
     }));
     if !matches!(attempt, Ok(Ok(()))) {
-        if let Err(cleanup) = clear(&source, &members, true) {
+        if let Err(cleanup) = super::uninterrupted(|| clear(&source, &members, true)) {
             pgrx::warning!("the failed split of shard {shard_id} could not remove everything it made: {}", cleanup.message);
         }
     }

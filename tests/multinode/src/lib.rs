@@ -269,6 +269,22 @@ impl Cluster {
     }
 }
 
+/// How many shards of `table` each registered node holds, in node order.
+pub fn shards_per_node(client: &mut Client, table: &str) -> Vec<i64> {
+    client
+        .query(
+            "SELECT (SELECT count(*) FROM sharding.dist_placement p
+                       JOIN sharding.dist_shard s ON s.shard_id = p.shard_id
+                      WHERE p.node_id = n.node_id AND s.logicalrelid = $1::text::regclass)
+               FROM sharding.dist_node n ORDER BY n.node_id",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Sends `data` with `COPY ... FROM STDIN`; returns the row count the server reported.
 pub fn copy_in(client: &mut Client, sql: &str, data: &[u8]) -> Result<u64, Error> {
     use std::io::Write;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use pg_sharding_multinode::{expect_error, scalar, Client, Cluster};
+use pg_sharding_multinode::{expect_error, scalar, shards_per_node, Client, Cluster};
 
 fn placements(c: &mut Client) -> Vec<(i64, i32)> {
     c.query("SELECT shard_id, node_id FROM sharding.dist_placement ORDER BY shard_id", &[])
@@ -156,19 +156,7 @@ fn rebalance_spreads_shard_groups_over_a_new_node() {
     // Worker 3 empty, as if it had just been added.
     let drained: i64 = scalar(&mut c, &format!("SELECT sharding.drain_node('127.0.0.1', {})", cluster.worker_port(3)));
     assert_eq!(drained, 3);
-    let per_node = |c: &mut Client| -> Vec<i64> {
-        c.query(
-            "SELECT (SELECT count(*) FROM sharding.dist_placement p
-                       JOIN sharding.dist_shard s ON s.shard_id = p.shard_id
-                      WHERE p.node_id = n.node_id AND s.logicalrelid = 'users'::regclass)
-               FROM sharding.dist_node n ORDER BY n.node_id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-    };
+    let per_node = |c: &mut Client| shards_per_node(c, "users");
     let before = per_node(&mut c);
     assert_eq!(before.iter().sum::<i64>(), 9);
     assert!(before.contains(&0), "{before:?}");
