@@ -31,14 +31,18 @@ fn group_names(shard_id: i64) -> Result<Option<(Vec<String>, i32)>> {
 }
 
 /// Clears the leftovers on every active node; returns how many objects were removed.
-/// Does nothing (returns 0) while a move or split holds the node-change lock.
-pub fn clear() -> Result<i64> {
+/// Waits for running moves and splits (they hold the node-change lock) when `wait`; otherwise
+/// does nothing (returns 0) while one runs.
+pub fn clear(wait: bool) -> Result<i64> {
     let relid = catalog::read_one::<pg_sys::Oid>("SELECT 'sharding.dist_node'::regclass::oid", &[])?
         .unwrap_or(pg_sys::InvalidOid);
-    // SAFETY: a conditional lock on an existing relation, held to the end of the transaction.
-    let free = unsafe { pg_sys::ConditionalLockRelationOid(relid, pg_sys::ShareRowExclusiveLock as i32) };
-    if !free {
-        return Ok(0);
+    // SAFETY: a lock on an existing relation, held to the end of the transaction.
+    unsafe {
+        if wait {
+            pg_sys::LockRelationOid(relid, pg_sys::ShareRowExclusiveLock as i32);
+        } else if !pg_sys::ConditionalLockRelationOid(relid, pg_sys::ShareRowExclusiveLock as i32) {
+            return Ok(0);
+        }
     }
     let mut removed = 0;
     let active: Vec<_> = nodes::load_all()?.into_iter().filter(|n| n.is_active).collect();
@@ -124,13 +128,14 @@ pub fn clear() -> Result<i64> {
 }
 
 /// Clears what interrupted moves and splits left on the nodes (what the maintenance worker
-/// does periodically); returns how many objects were removed. Superuser only.
+/// does periodically), after waiting for running ones; returns how many objects were removed.
+/// Superuser only.
 #[pg_extern(volatile, parallel_unsafe)]
 fn clear_interrupted_operations() -> i64 {
     use crate::error::OrRaise;
     (|| {
         super::require_superuser("clear_interrupted_operations")?;
-        clear()
+        clear(true)
     })()
     .or_raise()
 }

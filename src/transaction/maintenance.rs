@@ -117,7 +117,7 @@ pub extern "C-unwind" fn pg_sharding_recovery_worker(arg: pg_sys::Datum) {
             Ok(n) => pgrx::log!("pg_sharding: dropped {n} old shard placement(s) left by moves"),
             Err(error) => pgrx::log!("pg_sharding: cleanup of old placements failed: {}", error.message),
         }
-        match crate::commands::leftovers::clear() {
+        match crate::commands::leftovers::clear(false) {
             Ok(0) => {}
             Ok(n) => pgrx::log!("pg_sharding: removed {n} object(s) left by interrupted moves and splits"),
             Err(error) => pgrx::log!("pg_sharding: cleanup after interrupted moves and splits failed: {}", error.message),
