@@ -91,21 +91,32 @@ pub fn lock_tables_together(relids: &[pg_sys::Oid], mode: &str) -> Result<()> {
 }
 
 /// Runs `f` in a subtransaction: Ok(true) when it succeeded (kept), Ok(false) when it hit a
-/// lock timeout (rolled back), Err when it returned one (rolled back).
+/// lock timeout (rolled back), Err when it returned one (rolled back). Any other ERROR rolls
+/// the subtransaction back too and is raised again, so callers that catch it are back in
+/// their own (sub)transaction.
 unsafe fn try_in_subtransaction(f: impl FnOnce() -> Result<()>) -> Result<bool> {
     let context = pg_sys::CurrentMemoryContext;
     let owner = pg_sys::CurrentResourceOwner;
     pg_sys::BeginInternalSubTransaction(std::ptr::null());
     pg_sys::MemoryContextSwitchTo(context);
-    let outcome = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| f().map(|()| true)))
-        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| Ok(false))
+    let outcome = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
+        .catch_others(Err)
         .execute();
-    if matches!(outcome, Ok(true)) {
+    if matches!(outcome, Ok(Ok(()))) {
         pg_sys::ReleaseCurrentSubTransaction();
     } else {
         pg_sys::RollbackAndReleaseCurrentSubTransaction();
     }
     pg_sys::MemoryContextSwitchTo(context);
     pg_sys::CurrentResourceOwner = owner;
-    outcome
+    match outcome {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(error)) => Err(error),
+        Err(pgrx::pg_sys::panic::CaughtError::PostgresError(report))
+            if report.sql_error_code() == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE =>
+        {
+            Ok(false)
+        }
+        Err(caught) => caught.rethrow(),
+    }
 }
