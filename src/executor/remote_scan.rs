@@ -39,6 +39,10 @@ pub struct ShardScanPlan {
     pub binary: bool,
     /// UPDATE or DELETE: the affected counts are the statement's.
     pub modify: bool,
+    /// A SELECT with a data-modifying WITH query: it writes (in the distributed transaction),
+    /// but its count is of the rows it returns.
+    #[serde(default)]
+    pub writes: bool,
     /// A whole SELECT: even when pruning leaves no shard (a NULL key), one shard must answer,
     /// since `count(*)` of nothing is still a row.
     pub at_least_one: bool,
@@ -217,7 +221,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
     let params = task_params(node, estate, &plan).or_raise();
     let (tasks, task_shards) = plan_tasks(node, &plan).or_raise();
     if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
-        if plan.modify {
+        if plan.modify || plan.writes {
             crate::stats::count_writes(&task_shards, 1);
         } else {
             crate::stats::count_reads(&task_shards);
@@ -492,7 +496,7 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
         && natts == 0
         && !in_block
         && !read_only;
-    let access = if runtime.plan.locks_rows || (runtime.plan.modify && !autocommit_write) {
+    let access = if runtime.plan.locks_rows || runtime.plan.writes || (runtime.plan.modify && !autocommit_write) {
         remote::Access::Write
     } else {
         remote::read_access()

@@ -465,8 +465,12 @@ pub unsafe fn plan_statement(
                 return Ok(Some(planned));
             }
         }
-        if pinned.is_none() || !statement_ships || !outputs_receivable || (*parse).hasModifyingCTE {
+        if pinned.is_none() || !statement_ships || !outputs_receivable {
             return Ok(None);
+        }
+        // Data-modifying WITH queries run whole on the one shard group they are pinned to.
+        if (*parse).hasModifyingCTE {
+            check_modifying_ctes(parse)?;
         }
     } else {
         let table = target.as_ref().map(|t| t.name.clone()).unwrap_or_default();
@@ -493,7 +497,11 @@ pub unsafe fn plan_statement(
             return Err(unsupported("RETURNING of anonymous records from a distributed table is not supported"));
         }
         if (*parse).hasModifyingCTE {
-            return Err(unsupported("data-modifying WITH queries on distributed tables are not supported yet"));
+            if pinned.is_none() {
+                return Err(unsupported("data-modifying WITH queries on distributed tables are supported only when the statement targets one shard group")
+                    .hint("Filter every distributed table of the statement, the WITH queries included, to one distribution column value."));
+            }
+            check_modifying_ctes(parse)?;
         }
         if let Some(table) = &target {
             let attno = table.distribution_attnum.unwrap_or(0);
@@ -531,9 +539,57 @@ pub unsafe fn plan_statement(
     }
     plan.binary = outputs.iter().all(|e| pg_sys::exprType((**e).expr.cast()).to_u32() < pg_sys::FirstNormalObjectId);
     plan.modify = modify;
+    // A SELECT with a data-modifying WITH query writes: it runs in the distributed transaction.
+    plan.writes = (*parse).hasModifyingCTE;
     plan.locks_rows = analysis.locks_rows;
     plan.at_least_one = !modify;
     Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
+}
+
+/// The data-modifying WITH queries of a statement pinned to one shard group, which then runs
+/// whole on that group: UPDATE and DELETE of hash-distributed tables (the WHERE clauses pinned
+/// them with the rest), never of the distribution column. An INSERT could add rows that belong
+/// to another shard, and reference or local tables live elsewhere: refused.
+unsafe fn check_modifying_ctes(parse: *mut pg_sys::Query) -> Result<()> {
+    use pg_sys::CmdType::*;
+    for cte in list_pointers::<pg_sys::CommonTableExpr>((*parse).cteList) {
+        let query = (*cte).ctequery.cast::<pg_sys::Query>();
+        if query.is_null() || (*query).commandType == CMD_SELECT {
+            continue;
+        }
+        let rtes = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable);
+        let Some(&rte) = rtes.get(((*query).resultRelation as usize).wrapping_sub(1)) else {
+            return Err(unsupported("this data-modifying WITH query is not supported with distributed tables"));
+        };
+        let table = cache::table_unless_reentrant((*rte).relid)?;
+        let Some(table) = table.filter(|t| t.method == Method::Hash) else {
+            return Err(unsupported(
+                "data-modifying WITH queries on reference or local tables in a statement on distributed tables are not supported yet",
+            ));
+        };
+        match (*query).commandType {
+            CMD_UPDATE => {
+                let attno = table.distribution_attnum.unwrap_or(0);
+                if list_pointers::<pg_sys::TargetEntry>((*query).targetList).iter().any(|e| (**e).resno == attno && !(**e).resjunk) {
+                    return Err(unsupported(format!(
+                        "cannot change the distribution column \"{}\" of \"{}\"",
+                        table.distribution_column.clone().unwrap_or_default(),
+                        table.name
+                    ))
+                    .detail("The row would have to move to another shard."));
+                }
+            }
+            CMD_DELETE => {}
+            _ => {
+                return Err(unsupported(format!(
+                    "INSERT in a data-modifying WITH query on distributed table \"{}\" is not supported yet",
+                    table.name
+                ))
+                .hint("Run the INSERT as its own statement."))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `INSERT INTO t SELECT ... FROM s ...` between co-located tables, with the SELECT's rows for

@@ -40,3 +40,7 @@ UPDATE users SET created = current_date - 1, name = name || ' @' || to_char(now(
 UPDATE orders SET note = current_setting('DateStyle') WHERE user_id = 5 AND amount > 0;
 DELETE FROM events WHERE at < now() - interval '1000 years';
 UPDATE regions SET label = label || ' ' || current_setting('IntervalStyle') WHERE code = 'eu';
+WITH d AS (DELETE FROM items WHERE user_id = 22 RETURNING qty) SELECT count(*), sum(qty) FROM d;
+WITH u AS (UPDATE orders SET note = 'cte' WHERE user_id = 29 RETURNING id, amount) SELECT count(*), sum(amount) FROM u;
+WITH gone AS (DELETE FROM orders WHERE user_id = 36 AND status = 'new' RETURNING id) UPDATE users SET score = score + (SELECT count(*) FROM gone) WHERE id = 36 RETURNING id, score;
+WITH d AS (DELETE FROM items WHERE user_id = 43 RETURNING order_id) SELECT o.id, o.status, (SELECT count(*) FROM items i WHERE i.user_id = 43) AS items_seen FROM orders o WHERE o.user_id = 43 AND o.id IN (SELECT order_id FROM d) ORDER BY o.id;

@@ -10,3 +10,8 @@ DELETE FROM orders WHERE id IN (SELECT id FROM users WHERE region IS NULL);
 UPDATE regions r SET label = 'x' WHERE EXISTS (SELECT 1 FROM users u WHERE u.region = r.code AND u.id = 1);
 UPDATE regions SET label = random()::text;
 UPDATE users SET score = (random() * 100)::int WHERE id = 3;
+WITH d AS (DELETE FROM items WHERE qty = 1 RETURNING *) SELECT count(*) FROM d;
+WITH i AS (INSERT INTO items VALUES (1, 50, 'x', 1) RETURNING *) SELECT count(*) FROM i;
+WITH i AS (INSERT INTO items VALUES (1, 50, 'x', 1) RETURNING *) SELECT * FROM items WHERE user_id = 50;
+WITH u AS (UPDATE users SET id = 7 WHERE id = 5 RETURNING *) SELECT * FROM u;
+WITH r AS (UPDATE regions SET label = 'x' WHERE code = 'eu' RETURNING *) SELECT * FROM users WHERE id = 5;
