@@ -352,34 +352,10 @@ fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
             if moved > groups {
                 return Err(ShardingError::internal("the drain does not see its own moves").hint("Run it outside REPEATABLE READ."));
             }
-            // One shard per co-located group still on the node; the next group after each move.
-            let (next, target) = steps::with_fresh_snapshot(|| {
-            let next = catalog::read_one::<i64>(
-                "SELECT min(s.shard_id) FROM sharding.dist_shard s
-                   JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
-                   JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
-                  WHERE p.node_id = $1 AND t.method = 'hash'",
-                &[node.node_id.into()],
-            )?;
-            let Some(shard_id) = next else { return Ok((None, 0)) };
-            let target = catalog::read_one::<i32>(
-                // A scalar subquery: one row (NULL) when there is no other node.
-                "SELECT (SELECT n.node_id FROM sharding.dist_node n
-                           LEFT JOIN sharding.dist_placement p ON p.node_id = n.node_id
-                          WHERE n.is_active AND n.node_id <> $1
-                          GROUP BY n.node_id ORDER BY count(p.shard_id), n.node_id LIMIT 1)",
-                &[node.node_id.into()],
-            )?
-            .ok_or_else(|| {
-                ShardingError::new(
-                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("no other active node to move the shards of {host}:{port} to"),
-                )
-                .hint("Add a node first (sharding.add_node).")
-            })?;
-            Ok((Some(shard_id), target))
-            })?;
-            let (Some(shard_id), target) = (next, target) else { break };
+            // Read under a fresh snapshot: the earlier moves committed in their own sessions.
+            let Some((shard_id, target)) = steps::with_fresh_snapshot(|| next_drain_move(&node, host, port))? else {
+                break;
+            };
             progress.moving(shard_id, node.node_id, target, 0);
             steps::run(&format!("SELECT sharding.move_shard({shard_id}, {target}, 'auto')::text"))?;
             progress.moved();
@@ -388,6 +364,35 @@ fn drain_node(host: Option<&str>, port: Option<i32>) -> i64 {
         Ok(moved)
     })()
     .or_raise()
+}
+
+/// The next move of a drain of `node`: a shard of a co-located group still on it, and the
+/// active node that holds the fewest shards; `None` when the node is empty.
+fn next_drain_move(node: &Node, host: &str, port: i32) -> Result<Option<(i64, i32)>> {
+    let next = catalog::read_one::<i64>(
+        "SELECT min(s.shard_id) FROM sharding.dist_shard s
+           JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
+           JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+          WHERE p.node_id = $1 AND t.method = 'hash'",
+        &[node.node_id.into()],
+    )?;
+    let Some(shard_id) = next else { return Ok(None) };
+    let target = catalog::read_one::<i32>(
+        // A scalar subquery: one row (NULL) when there is no other node.
+        "SELECT (SELECT n.node_id FROM sharding.dist_node n
+                   LEFT JOIN sharding.dist_placement p ON p.node_id = n.node_id
+                  WHERE n.is_active AND n.node_id <> $1
+                  GROUP BY n.node_id ORDER BY count(p.shard_id), n.node_id LIMIT 1)",
+        &[node.node_id.into()],
+    )?
+    .ok_or_else(|| {
+        ShardingError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("no other active node to move the shards of {host}:{port} to"),
+        )
+        .hint("Add a node first (sharding.add_node).")
+    })?;
+    Ok(Some((shard_id, target)))
 }
 
 /// The active nodes and every shard group of hash tables (of `table`'s colocation group when
