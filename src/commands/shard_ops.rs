@@ -681,7 +681,8 @@ fn hot_shards(
     TableIterator::new(rows)
 }
 
-/// The median hash of a shard's rows (where a split would halve it), asked from its node.
+/// The median hash of a shard's rows (where a split would halve it), asked from its node, as a
+/// valid split point of the shard's interval.
 fn median_hash(table: &crate::catalog::tables::DistributedTable, shard_id: i64, node_id: i32) -> Result<Option<i32>> {
     let Some(column) = &table.distribution_column else { return Ok(None) };
     let Some(node) = crate::catalog::cache::nodes()?.iter().find(|n| n.node_id == node_id).cloned() else {
@@ -695,7 +696,14 @@ fn median_hash(table: &crate::catalog::tables::DistributedTable, shard_id: i64, 
             quote::ident(column)
         ))
         .map_err(|e| remote::remote_error(&node, e))?;
-    Ok(rows.value(0, 0).and_then(|v| v.parse().ok()))
+    let median: Option<i32> = rows.value(0, 0).and_then(|v| v.parse().ok());
+    // A split point ends a piece, so it must leave the last value for the other piece.
+    let interval = table.shards.iter().find(|s| s.shard_id == shard_id).and_then(|s| s.interval);
+    Ok(match (median, interval) {
+        (Some(point), Some(interval)) if interval.min < interval.max => Some(point.clamp(interval.min, interval.max - 1)),
+        (_, Some(_)) => None,
+        (point, None) => point,
+    })
 }
 
 /// Bytes the shards of `shard_id`'s group take on node `node_id` (NULL when the node cannot be

@@ -525,7 +525,12 @@ fn shard_stats_count_routed_reads_and_writes_and_hot_shards_use_them() {
         (row.get(0), row.get(1))
     };
     let point = hot_rows[0].3.unwrap();
-    assert!(min <= point && point <= max, "the split point lies in the shard");
+    assert!(min <= point && point < max, "the split point is a valid one for the shard");
+    // Splitting there works and keeps every row.
+    let before: i64 = scalar(&mut c, "SELECT count(*) FROM accounts");
+    c.batch_execute(&format!("SELECT sharding.split_shard({hot}, ARRAY[{point}])")).unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM accounts"), before);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_shard WHERE logicalrelid = 'accounts'::regclass"), 5);
 
     // Reset zeroes the counters (and says when they were last reset); only superusers may.
     let previous: Option<String> = scalar(&mut c, "SELECT sharding.reset_shard_stats()::text");
