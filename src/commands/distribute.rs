@@ -753,7 +753,7 @@ pub fn placement_figures() -> Result<Vec<PlacementFigures>> {
             continue;
         };
         let names: Vec<&str> = shards.iter().map(|(_, name)| name.as_str()).collect();
-        let array = format!("{{{}}}", names.iter().map(|n| array_element(n)).collect::<Vec<_>>().join(","));
+        let array = text_array(&names);
         // A shard never analyzed has reltuples -1: counting it is exact and, being new, cheap.
         let answer = connection.query(
             "SELECT pg_catalog.pg_total_relation_size(c.oid),
@@ -804,6 +804,11 @@ fn placement_stats() -> TableIterator<
 fn count_rows(relation: PgRelation) -> i64 {
     let name = quote::qualified(&relation.namespace().to_string(), &relation.name().to_string());
     Spi::get_one::<i64>(&format!("SELECT count(*) FROM {name}")).ok().flatten().unwrap_or(0)
+}
+
+/// A text-array literal (`{"a","b"}`) of `values`, to send as a `text[]` parameter.
+pub fn text_array(values: &[impl AsRef<str>]) -> String {
+    format!("{{{}}}", values.iter().map(|v| array_element(v.as_ref())).collect::<Vec<_>>().join(","))
 }
 
 /// One element of a text-array literal: double-quoted, with `"` and `\` escaped.

@@ -75,19 +75,25 @@ pub fn clear(wait: bool) -> Result<i64> {
             }
         }
     }
-    for (_, c) in &connections {
+    for (node, c) in &connections {
         // The walsender of a dropped subscription takes a moment to let go of its slot.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let patterns: Vec<String> = std::iter::once("pgs\\_move\\_%".to_string()).chain(sync_slots.iter().cloned()).collect();
-            let condition = patterns.iter().map(|p| format!("slot_name LIKE {}", quote::literal(p))).collect::<Vec<_>>().join(" OR ");
-            let slots = list(c, &format!("SELECT slot_name::text || ' ' || active::text FROM pg_catalog.pg_replication_slots WHERE {condition}"));
+            let array = super::distribute::text_array(&patterns);
+            let slots: Vec<String> = c
+                .query(
+                    "SELECT slot_name::text || ' ' || active::text FROM pg_catalog.pg_replication_slots WHERE slot_name LIKE ANY ($1::text[])",
+                    &[Some(&array)],
+                )
+                .map(|rows| (0..rows.rows.len()).filter_map(|i| rows.value(i, 0).map(str::to_string)).collect())
+                .unwrap_or_default();
             let mut busy = false;
             for entry in slots {
                 let (name, active) = entry.split_once(' ').unwrap_or((entry.as_str(), "false"));
                 if active == "true" {
                     busy = true;
-                } else if c.exec(&format!("SELECT pg_catalog.pg_drop_replication_slot({})", quote::literal(name))).is_ok() {
+                } else if c.query("SELECT pg_catalog.pg_drop_replication_slot($1)", &[Some(name)]).is_ok() {
                     removed += 1;
                 }
             }
@@ -104,20 +110,26 @@ pub fn clear(wait: bool) -> Result<i64> {
         // Split triggers of shards still in the catalog: that split never committed.
         let functions = list(
             c,
-            "SELECT p.proname::text || ' ' || coalesce(pg_catalog.obj_description(p.oid, 'pg_proc'), '')
-               FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'sharding'::regnamespace AND p.proname LIKE 'pgs\\_split\\_%'",
+            "SELECT p.proname::text FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'sharding'::regnamespace AND p.proname LIKE 'pgs\\_split\\_%'",
         );
-        for entry in functions {
-            let (name, children) = entry.split_once(' ').unwrap_or((entry.as_str(), ""));
-            let Some(shard_id) = shard_of(name, "pgs_split_") else { continue };
-            let in_catalog = catalog::read_one::<bool>("SELECT EXISTS (SELECT 1 FROM sharding.dist_shard WHERE shard_id = $1)", &[shard_id.into()])?
-                .unwrap_or(false);
-            if !in_catalog {
-                continue; // a committed split: its old shard and function are in dist_cleanup
-            }
-            let mut sql = format!("SET lock_timeout = '1s'; DROP FUNCTION IF EXISTS sharding.{}() CASCADE", quote::ident(name));
-            if !children.trim().is_empty() {
-                sql.push_str(&format!("; DROP TABLE IF EXISTS {children}"));
+        for name in functions {
+            let Some(shard_id) = shard_of(&name, "pgs_split_") else { continue };
+            let relid = catalog::read_one::<pg_sys::Oid>(
+                "SELECT (SELECT logicalrelid::oid FROM sharding.dist_shard WHERE shard_id = $1)",
+                &[shard_id.into()],
+            )?;
+            // Not in the catalog: a committed split, whose old shard and function are in
+            // dist_cleanup.
+            let Some(table) = relid.map(crate::catalog::cache::table).transpose()?.flatten() else { continue };
+            let function = format!("sharding.{}", quote::ident(&name));
+            let children: Vec<String> = super::split::recorded_children(node, c, &function)?
+                .into_iter()
+                .map(|id| quote::qualified(&table.schema, &shard_object_name(&table.name, id)))
+                .collect();
+            let mut sql = format!("SET lock_timeout = '1s'; DROP FUNCTION IF EXISTS {function}() CASCADE");
+            if !children.is_empty() {
+                sql.push_str(&format!("; DROP TABLE IF EXISTS {}", children.join(", ")));
             }
             if c.exec(&sql).is_ok() {
                 removed += 1;

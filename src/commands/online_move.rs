@@ -31,6 +31,12 @@ fn on(node: &Node, connection: &RemoteConnection, sql: &str) -> Result<crate::co
     connection.exec(sql).map_err(|e| crate::transaction::remote::remote_error(node, e))
 }
 
+/// One statement with text parameters (`$1`, ...).
+fn on_with(node: &Node, connection: &RemoteConnection, sql: &str, params: &[&str]) -> Result<crate::connection::RemoteRows> {
+    let params: Vec<Option<&str>> = params.iter().map(|p| Some(*p)).collect();
+    connection.query(sql, &params).map_err(|e| crate::transaction::remote::remote_error(node, e))
+}
+
 /// A libpq conninfo value, single-quoted.
 fn conninfo_value(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
@@ -102,7 +108,6 @@ fn clear(source: &Node, target: &Node, name: &str, target_tables: &[String]) -> 
             errors.borrow_mut().push(e);
         }
     };
-    let literal = quote::literal(name);
     let ident = quote::ident(name);
     // The subscription's oid names the slots of its table synchronisation workers on the source
     // (pg_<oid>_sync_<relid>_<sysid>), which a subscription dropped during its initial copy
@@ -110,7 +115,7 @@ fn clear(source: &Node, target: &Node, name: &str, target_tables: &[String]) -> 
     let mut subscription_oid = None;
     match connection::connect_to_node(&target.host, target.port) {
         Ok(tgt) => {
-            let found = on(target, &tgt, &format!("SELECT oid::text FROM pg_catalog.pg_subscription WHERE subname = {literal}"));
+            let found = on_with(target, &tgt, "SELECT oid::text FROM pg_catalog.pg_subscription WHERE subname = $1", &[name]);
             subscription_oid = found.ok().and_then(|r| r.value(0, 0).map(str::to_string));
             // A plain drop also drops the slots on the source; without the source, detach them
             // first (dropped below, by name, when the source is back).
@@ -130,19 +135,19 @@ fn clear(source: &Node, target: &Node, name: &str, target_tables: &[String]) -> 
             // The slot may still be in use for a moment after the subscription went.
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                let slots = match &subscription_oid {
-                    Some(oid) => format!("(slot_name = {literal} OR slot_name LIKE {})", quote::literal(&format!("pg\\_{oid}\\_sync\\_%"))),
-                    None => format!("slot_name = {literal}"),
-                };
-                let dropped = on(
+                // The move's slot, and its table-sync slots (none when the oid is unknown).
+                let sync = subscription_oid.as_ref().map(|oid| format!("pg\\_{oid}\\_sync\\_%")).unwrap_or_default();
+                let slots = "(slot_name = $1 OR slot_name LIKE $2)";
+                let dropped = on_with(
                     source,
                     &src,
                     &format!(
                         "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots
                           WHERE {slots} AND NOT active"
                     ),
+                    &[name, &sync],
                 );
-                let left = on(source, &src, &format!("SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE {slots}"));
+                let left = on_with(source, &src, &format!("SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE {slots}"), &[name, &sync]);
                 let gone = left.as_ref().ok().and_then(|r| r.value(0, 0).map(|v| v == "0")).unwrap_or(false);
                 if gone || Instant::now() > deadline {
                     if !gone {
@@ -214,14 +219,12 @@ pub fn run(
         )?;
         // The initial copy, while writes go on.
         loop {
-            let state = on(
+            let state = on_with(
                 target,
                 &tgt,
-                &format!(
-                    "SELECT count(*) FILTER (WHERE r.srsubstate = 'r'), count(*) FROM pg_catalog.pg_subscription_rel r
-                       JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid WHERE s.subname = {}",
-                    quote::literal(&name)
-                ),
+                "SELECT count(*) FILTER (WHERE r.srsubstate = 'r'), count(*) FROM pg_catalog.pg_subscription_rel r
+                   JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid WHERE s.subname = $1",
+                &[&name],
             )?;
             let (ready, all) = (state.value(0, 0).unwrap_or("0").to_string(), state.value(0, 1).unwrap_or("0").to_string());
             if all == shards.len().to_string() && ready == all {
@@ -235,14 +238,11 @@ pub fn run(
         let lsn = on(source, &src, "SELECT pg_catalog.pg_current_wal_lsn()::text")?.value(0, 0).unwrap_or_default().to_string();
         let deadline = Instant::now() + CATCH_UP_TIMEOUT;
         loop {
-            let caught_up = on(
+            let caught_up = on_with(
                 source,
                 &src,
-                &format!(
-                    "SELECT confirmed_flush_lsn >= {}::pg_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
-                    quote::literal(&lsn),
-                    quote::literal(&name)
-                ),
+                "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = $2",
+                &[&lsn, &name],
             )?;
             if caught_up.value(0, 0) == Some("t") {
                 break;

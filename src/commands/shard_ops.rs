@@ -725,9 +725,13 @@ fn bytes_on_node(shard_id: i64, node_id: i32) -> Option<i64> {
     .ok()?;
     let node = crate::catalog::cache::nodes().ok()?.iter().find(|n| n.node_id == node_id).cloned()?;
     let connection = crate::connection::connect_to_node(&node.host, node.port).ok()?;
-    let list = names.iter().map(|n| format!("pg_catalog.to_regclass({})", quote::literal(n))).collect::<Vec<_>>().join(", ");
+    let array = super::distribute::text_array(&names);
     let rows = connection
-        .exec(&format!("SELECT coalesce(sum(pg_catalog.pg_total_relation_size(r)), 0)::int8 FROM unnest(ARRAY[{list}]) AS u(r) WHERE r IS NOT NULL"))
+        .query(
+            "SELECT coalesce(sum(pg_catalog.pg_total_relation_size(r)), 0)::int8
+               FROM unnest($1::text[]) AS u(n), pg_catalog.to_regclass(u.n) AS r WHERE r IS NOT NULL",
+            &[Some(&array)],
+        )
         .ok()?;
     rows.value(0, 0).and_then(|v| v.parse().ok())
 }

@@ -138,7 +138,9 @@ fn trigger_sql(member: &Member, keys: &[String]) -> String {
          CREATE TRIGGER pgs_split AFTER INSERT OR UPDATE OR DELETE ON {old} FOR EACH ROW EXECUTE FUNCTION {function}();
          CREATE TRIGGER pgs_split_truncate AFTER TRUNCATE ON {old} FOR EACH STATEMENT EXECUTE FUNCTION {function}();",
         children = children.join(", "),
-        comment = quote::literal(&children.join(", ")),
+        // The children's shard ids (numbers only): an interrupted split's next attempt, or the
+        // maintenance worker, finds them there.
+        comment = quote::literal(&member.children.iter().map(|(id, _, _)| id.to_string()).collect::<Vec<_>>().join(",")),
         old_hash = hash_of("OLD"),
         new_hash = hash_of("NEW"),
         remove_branches = branches(&remove),
@@ -180,6 +182,18 @@ fn clear(source: &Node, members: &[Member], drop_children: bool) -> Result<()> {
     first_error.map_or(Ok(()), Err)
 }
 
+/// The child shard ids an interrupted split recorded in its trigger function's comment on
+/// `connection`'s node (anything but a comma-separated list of numbers is ignored).
+pub fn recorded_children(node: &Node, connection: &RemoteConnection, function: &str) -> Result<Vec<i64>> {
+    let params = [Some(format!("{function}()"))];
+    let params: Vec<Option<&str>> = params.iter().map(|p| p.as_deref()).collect();
+    let comment = connection
+        .query("SELECT pg_catalog.obj_description(pg_catalog.to_regprocedure($1), 'pg_proc')", &params)
+        .map_err(|e| remote::remote_error(node, e))?;
+    let text = comment.value(0, 0).unwrap_or_default();
+    Ok(text.split(',').map(str::trim).filter_map(|id| id.parse::<i64>().ok()).collect())
+}
+
 /// Removes what an interrupted earlier split of these shards left (a crash of the coordinator
 /// skips every cleanup): the trigger and its function, and the children the function's comment
 /// names. The old shards are still in the catalog, so no split of them ever committed and
@@ -187,17 +201,13 @@ fn clear(source: &Node, members: &[Member], drop_children: bool) -> Result<()> {
 fn clear_leftovers(source: &Node, members: &[Member]) -> Result<()> {
     let connection = connection::connect_to_node(&source.host, source.port)?;
     for member in members {
-        let comment = on(
-            source,
-            &connection,
-            &format!(
-                "SELECT pg_catalog.obj_description(pg_catalog.to_regprocedure({}), 'pg_proc')",
-                quote::literal(&format!("{}()", member.trigger_function()))
-            ),
-        )?;
+        let children: Vec<String> = recorded_children(source, &connection, &member.trigger_function())?
+            .into_iter()
+            .map(|id| quote::qualified(&member.definition.schema, &shard_object_name(&member.definition.name, id)))
+            .collect();
         let mut sql = clear_sql(member, false);
-        if let Some(children) = comment.value(0, 0).filter(|c| !c.is_empty()) {
-            sql.push_str(&format!("; DROP TABLE IF EXISTS {children}"));
+        if !children.is_empty() {
+            sql.push_str(&format!("; DROP TABLE IF EXISTS {}", children.join(", ")));
         }
         on(source, &connection, &sql)?;
     }
@@ -228,15 +238,13 @@ fn install_triggers(source: &Node, connection: &RemoteConnection, members: &[Mem
 fn copy_chunks(source: &Node, connection: &RemoteConnection, members: &[Member]) -> Result<u64> {
     let mut copied = 0u64;
     for member in members {
-        let pages = on(
-            source,
-            connection,
-            &format!(
-                "SELECT pg_catalog.pg_relation_size({}::regclass) / pg_catalog.current_setting('block_size')::int8",
-                quote::literal(&member.old_name)
-            ),
-        )?
-        .value(0, 0)
+        let pages = connection
+            .query(
+                "SELECT pg_catalog.pg_relation_size($1::regclass) / pg_catalog.current_setting('block_size')::int8",
+                &[Some(&member.old_name)],
+            )
+            .map_err(|e| remote::remote_error(source, e))?
+            .value(0, 0)
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(0);
         let mut start = 0;
