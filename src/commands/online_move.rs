@@ -260,15 +260,11 @@ pub fn run(
         on(source, &src, &format!("DROP PUBLICATION {}", quote::ident(&name)))?;
         switch(&names)
     }));
-    let failed = !matches!(attempt, Ok(Ok(())));
-    if !failed {
+    if matches!(attempt, Ok(Ok(()))) {
         // Should the transaction not commit after all, the new shards on the target go.
         crate::transaction::undo::on_abort(&target.host, target.port, format!("DROP TABLE IF EXISTS {}", names.join(", ")))?;
-    }
-    if failed {
-        if let Err(cleanup) = super::uninterrupted(|| clear(source, target, &name, &names)) {
-            pgrx::warning!("the failed move of shard {shard_id} could not remove everything it made: {}", cleanup.message);
-        }
+    } else if let Err(cleanup) = super::uninterrupted(|| clear(source, target, &name, &names)) {
+        pgrx::warning!("the failed move of shard {shard_id} could not remove everything it made: {}", cleanup.message);
     }
     match attempt {
         Ok(result) => result,

@@ -437,16 +437,13 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
         super::lock_tables_together(&relids, "EXCLUSIVE")?;
         switch_catalog(&members, &source, colocation_id)
     }));
-    if !matches!(attempt, Ok(Ok(()))) {
-        if let Err(cleanup) = super::uninterrupted(|| clear(&source, &members, true)) {
-            pgrx::warning!("the failed split of shard {shard_id} could not remove everything it made: {}", cleanup.message);
-        }
-    }
     if matches!(attempt, Ok(Ok(()))) {
         // Should the transaction not commit after all, the children and triggers go.
         for member in &members {
             crate::transaction::undo::on_abort(&source.host, source.port, clear_sql(member, true))?;
         }
+    } else if let Err(cleanup) = super::uninterrupted(|| clear(&source, &members, true)) {
+        pgrx::warning!("the failed split of shard {shard_id} could not remove everything it made: {}", cleanup.message);
     }
     match attempt {
         Ok(result) => result.map(|()| ids_of(&members)),
