@@ -8,6 +8,9 @@
 #   - a join with a reference table
 #     (these three against the same query on plain tables holding all rows on one server)
 #   - planning time of a router query (EXPLAIN (SUMMARY))
+#   - when pgbouncer is installed: the router SELECT and UPDATE sent to the worker through
+#     pgbouncer, the cost of one extra hop by itself on this machine (the ceiling for any
+#     coordinator)
 #
 #   bash benches/query_bench.sh [--users N] [--seconds S]
 #
@@ -91,6 +94,45 @@ done
 d=$(tps "$worker_port" prepared "$work/update_direct.sql")
 c=$(tps "$port" prepared "$work/update_coord.sql")
 printf "UPDATE -M prepared direct %8.0f tps  coordinator %8.0f tps  ratio %s\n" "$d" "$c" "$(ratio "$c" "$d")"
+
+# What one extra hop costs on this machine by itself: the same direct statements through
+# pgbouncer (a connection proxy that only forwards protocol messages, session pooling) in front
+# of worker 1. Skipped when pgbouncer is not installed (apt-get install pgbouncer).
+if command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ]; then
+    bouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+    bouncer_port=$((port + 50))
+    mkdir -p "$work/bouncer"
+    cat > "$work/bouncer/pgbouncer.ini" <<INI
+[databases]
+postgres = host=127.0.0.1 port=$worker_port dbname=postgres user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+auth_type = trust
+auth_file = $work/bouncer/users.txt
+pool_mode = session
+max_client_conn = 100
+default_pool_size = 20
+logfile = $work/bouncer/pgbouncer.log
+pidfile = $work/bouncer/pgbouncer.pid
+INI
+    echo '"postgres" ""' > "$work/bouncer/users.txt"
+    as_user() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+    [ "$(id -u)" = 0 ] && chown -R postgres "$work/bouncer"
+    as_user "$bouncer" -d "$work/bouncer/pgbouncer.ini"
+    stop_bouncer() { kill "$(cat "$work/bouncer/pgbouncer.pid" 2>/dev/null)" 2>/dev/null || true; }
+    trap 'stop_bouncer; cleanup' EXIT
+    sleep 1
+    d=$(tps "$worker_port" prepared "$work/select_direct.sql")
+    b=$(tps "$bouncer_port" prepared "$work/select_direct.sql")
+    printf "one-hop proxy (pgbouncer): SELECT -M prepared direct %8.0f tps  via pgbouncer %8.0f tps  ratio %s\n" "$d" "$b" "$(ratio "$b" "$d")"
+    d=$(tps "$worker_port" prepared "$work/update_direct.sql")
+    b=$(tps "$bouncer_port" prepared "$work/update_direct.sql")
+    printf "one-hop proxy (pgbouncer): UPDATE -M prepared direct %8.0f tps  via pgbouncer %8.0f tps  ratio %s\n" "$d" "$b" "$(ratio "$b" "$d")"
+    stop_bouncer
+else
+    echo "one-hop proxy baseline skipped: pgbouncer is not installed"
+fi
 
 median_ms() { # port sql: median of 5 runs in one session (after one warm-up), in ms
     local p=$1 sql=$2

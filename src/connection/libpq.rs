@@ -659,11 +659,16 @@ impl RemoteConnection {
     pub fn poll(&self) -> Result<Poll, RemoteError> {
         // SAFETY: valid connection; PQgetResult does not block once PQisBusy is false.
         unsafe {
-            if pq::PQconsumeInput(self.conn.as_ptr()) != 1 {
-                return Err(RemoteError::local(self.last_error()));
-            }
+            // Read from the socket only when what libpq has buffered is not enough: a whole
+            // answer usually arrives in one read, and reading again would be a wasted syscall
+            // for each of its results.
             if pq::PQisBusy(self.conn.as_ptr()) != 0 {
-                return Ok(Poll::Busy);
+                if pq::PQconsumeInput(self.conn.as_ptr()) != 1 {
+                    return Err(RemoteError::local(self.last_error()));
+                }
+                if pq::PQisBusy(self.conn.as_ptr()) != 0 {
+                    return Ok(Poll::Busy);
+                }
             }
             Ok(Poll::Ready(NonNull::new(pq::PQgetResult(self.conn.as_ptr())).map(|r| RemoteResult(ResultGuard(r)))))
         }

@@ -8,6 +8,7 @@
 //! execution, with the statement's parameter values.
 
 use std::ffi::{CStr, CString};
+use std::rc::Rc;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -148,14 +149,45 @@ pub unsafe fn make_scan(
     Ok(scan)
 }
 
-unsafe fn plan_of(scan: *const pg_sys::CustomScan) -> Result<ShardScanPlan> {
+unsafe fn plan_of(scan: *const pg_sys::CustomScan) -> Result<Rc<ShardScanPlan>> {
     let private = (*scan).custom_private;
     if private.is_null() || (*private).length < 1 {
         return Err(ShardingError::internal("ShardScan without its plan"));
     }
     let node = (*(*private).elements).ptr_value as *mut pg_sys::String;
-    let json = CStr::from_ptr((*node).sval).to_string_lossy();
-    serde_json::from_str(&json).map_err(|e| ShardingError::internal(e.to_string()))
+    decoded_plan(CStr::from_ptr((*node).sval).to_bytes())
+}
+
+/// Plans decoded from their JSON text, kept per backend: a prepared statement executes the
+/// same plan text again and again, and decoding it each time was a measurable part of a
+/// router query. Keyed by the whole text, so a changed plan is simply another entry.
+const DECODED_PLANS: usize = 64;
+
+thread_local! {
+    static DECODED: std::cell::RefCell<std::collections::VecDeque<(Box<[u8]>, Rc<ShardScanPlan>)>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+fn decoded_plan(json: &[u8]) -> Result<Rc<ShardScanPlan>> {
+    let found = DECODED.with(|d| {
+        let mut decoded = d.borrow_mut();
+        let position = decoded.iter().position(|(text, _)| &text[..] == json)?;
+        // Most recently used first.
+        let entry = decoded.remove(position)?;
+        let plan = entry.1.clone();
+        decoded.push_front(entry);
+        Some(plan)
+    });
+    if let Some(plan) = found {
+        return Ok(plan);
+    }
+    let plan: Rc<ShardScanPlan> = Rc::new(serde_json::from_slice(json).map_err(|e| ShardingError::internal(e.to_string()))?);
+    DECODED.with(|d| {
+        let mut decoded = d.borrow_mut();
+        decoded.truncate(DECODED_PLANS - 1);
+        decoded.push_front((json.into(), plan.clone()));
+    });
+    Ok(plan)
 }
 
 /// Whether a plan node is a ShardScan.
@@ -178,7 +210,7 @@ struct Input {
 }
 
 struct Runtime {
-    plan: ShardScanPlan,
+    plan: Rc<ShardScanPlan>,
     tasks: Vec<Task>,
     /// For EXPLAIN: the shard id of each task's anchor shard.
     task_shards: Vec<i64>,

@@ -13,6 +13,42 @@ const QUERIES: &str = include_str!("../differential/queries.sql");
 const DML: &str = include_str!("../differential/dml.sql");
 const UNSUPPORTED: &str = include_str!("../differential/unsupported.sql");
 
+/// Statements prepared as `p` on both sides, each executed with the listed arguments.
+const PARAMETERIZED: &[(&str, &[&str])] = &[
+    (
+        "PREPARE p(bigint) AS SELECT * FROM users WHERE id = $1",
+        &["EXECUTE p(5)", "EXECUTE p(17)", "EXECUTE p(200)", "EXECUTE p(NULL)", "EXECUTE p(999)"],
+    ),
+    (
+        "PREPARE p(bigint[]) AS SELECT id FROM users WHERE id = ANY ($1)",
+        &["EXECUTE p('{1,2,3}')", "EXECUTE p('{}')", "EXECUTE p('{5,NULL}')", "EXECUTE p(NULL)"],
+    ),
+    ("PREPARE p(int, bigint) AS SELECT id FROM users WHERE id IN ($1, $2)", &["EXECUTE p(3, 4)", "EXECUTE p(150, NULL)"]),
+    ("PREPARE p(smallint) AS SELECT * FROM \"MixedCase\" WHERE \"Id\" = $1", &["EXECUTE p(7)", "EXECUTE p(31)", "EXECUTE p(-1)"]),
+    ("PREPARE p(int) AS SELECT id, name FROM users WHERE id = $1 + 1", &["EXECUTE p(4)", "EXECUTE p(99)"]),
+    ("PREPARE p(bigint, bigint) AS SELECT count(*) FROM users WHERE id = $1 OR id = $2", &["EXECUTE p(1, 2)", "EXECUTE p(3, 3)"]),
+    (
+        "PREPARE p(bigint) AS SELECT u.name, o.id, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = $1 ORDER BY o.id",
+        &["EXECUTE p(7)", "EXECUTE p(8)", "EXECUTE p(0)"],
+    ),
+    (
+        "PREPARE p(int) AS SELECT region, count(*), avg(score), max(name) FROM users WHERE score > $1 GROUP BY region",
+        &["EXECUTE p(10)", "EXECUTE p(90)", "EXECUTE p(1000)"],
+    ),
+    ("PREPARE p(bigint, text) AS SELECT count(*), sum(amount) FROM orders WHERE user_id = $1 AND status = $2", &["EXECUTE p(7, 'new')", "EXECUTE p(22, 'paid')"]),
+    ("PREPARE p(text, int) AS SELECT id FROM users WHERE name LIKE $1 ORDER BY id LIMIT $2", &["EXECUTE p('user 1%', 3)", "EXECUTE p('Jürgen%', 2)"]),
+    ("PREPARE p(bigint) AS SELECT e.id, e.kind FROM events e JOIN users u ON u.id = e.user_id WHERE u.id = $1", &["EXECUTE p(4)", "EXECUTE p(14)"]),
+    ("PREPARE p(timestamptz) AS SELECT kind, count(*) FROM events WHERE at < $1 GROUP BY kind", &["EXECUTE p('2024-01-02 00:00:00+00')"]),
+    (
+        "PREPARE p(bigint, int) AS UPDATE users SET score = score + $2 WHERE id = $1 RETURNING id, score",
+        &["BEGIN; EXECUTE p(5, 1); ROLLBACK", "BEGIN; EXECUTE p(6, -3); EXECUTE p(6, 2); ROLLBACK"],
+    ),
+    (
+        "PREPARE p(bigint) AS DELETE FROM orders WHERE user_id = $1 RETURNING id",
+        &["BEGIN; EXECUTE p(8); ROLLBACK", "BEGIN; EXECUTE p(NULL); ROLLBACK"],
+    ),
+];
+
 const TABLES: &[&str] = &["users", "orders", "items", "events", "regions", "\"MixedCase\"", "accounts"];
 
 /// Statements of a one-statement-per-line file (comments and blank lines skipped).
@@ -132,6 +168,24 @@ fn distributed_queries_return_what_a_single_server_returns() {
         run(&mut dist, "RESET ALL; SET search_path = d, d2").unwrap();
         run(&mut local, "RESET ALL; SET search_path = l, l2").unwrap();
     }
+
+    // Prepared statements with parameters under generic plans: the shards are chosen at
+    // execution from the bound values (NULLs, empty arrays, other integer widths included).
+    run(&mut dist, "SET plan_cache_mode = force_generic_plan").unwrap();
+    run(&mut local, "SET plan_cache_mode = force_generic_plan").unwrap();
+    for (prepare, executions) in PARAMETERIZED {
+        run(&mut dist, prepare).unwrap();
+        run(&mut local, prepare).unwrap();
+        for execute in *executions {
+            if let Err(problem) = compare(&mut dist, &mut local, execute) {
+                failures.push(format!("{prepare}\n  {execute}\n  {problem}"));
+            }
+        }
+        run(&mut dist, "DEALLOCATE p").unwrap();
+        run(&mut local, "DEALLOCATE p").unwrap();
+    }
+    run(&mut dist, "RESET plan_cache_mode").unwrap();
+    run(&mut local, "RESET plan_cache_mode").unwrap();
 
     let dml = lines(DML);
     let mut diverged: Vec<&str> = Vec::new();
