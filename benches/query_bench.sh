@@ -134,21 +134,32 @@ else
     echo "one-hop proxy baseline skipped: pgbouncer is not installed"
 fi
 
-median_ms() { # port sql: median of 5 runs in one session (after one warm-up), in ms
-    local p=$1 sql=$2
-    { echo '\timing on'; for _ in 1 2 3 4 5 6; do echo "$sql;"; done; } |
-        psql -X -q -h 127.0.0.1 -p "$p" -U postgres -d postgres | awk '/^Time:/ {print $2}' |
-        tail -n 5 | sort -n | sed -n 3p
+second_ms() { # port sql: the second of two runs in one fresh session (the first warms it), in ms
+    { echo '\timing on'; echo "$2;"; echo "$2;"; } |
+        psql -X -q -h 127.0.0.1 -p "$1" -U postgres -d postgres | awk '/^Time:/ {print $2}' | tail -n 1
 }
+median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+rounds=5
+# The UPDATE runs above left dirty pages: write them out first, on every server.
+psql_c -c "CHECKPOINT" >/dev/null
+for w in 1 2; do psql_w $w -c "CHECKPOINT" >/dev/null; done
 echo
-echo "== analytical queries (median of 5 in one session after a warm-up, ms; plain = the same rows in plain tables on one server)"
-compare() { # label distributed-sql plain-sql; the distributed query with 1 and with 2 connections per node
-    local one two plain
-    plain=$(median_ms "$port" "$3")
-    one=$(PGOPTIONS="-c sharding.max_connections_per_node=1" median_ms "$port" "$2")
-    two=$(PGOPTIONS="-c sharding.max_connections_per_node=2" median_ms "$port" "$2")
+echo "== analytical queries (ms, median of $rounds rounds; each round runs plain, distributed with 1 and with 2"
+echo "   connections per node one after another, each timed on its second run in a fresh session;"
+echo "   plain = the same rows in plain tables on one server)"
+compare() { # label distributed-sql plain-sql
+    local plain=() one=() two=() p o t
+    for _ in $(seq 1 "$rounds"); do
+        plain+=("$(second_ms "$port" "$3")")
+        one+=("$(PGOPTIONS="-c sharding.max_connections_per_node=1" second_ms "$port" "$2")")
+        two+=("$(PGOPTIONS="-c sharding.max_connections_per_node=2" second_ms "$port" "$2")")
+    done
+    p=$(printf '%s\n' "${plain[@]}" | median)
+    o=$(printf '%s\n' "${one[@]}" | median)
+    t=$(printf '%s\n' "${two[@]}" | median)
     printf "%-28s plain %8.1f ms  distributed %8.1f ms (ratio %s), with 2 connections/node %8.1f ms (ratio %s)\n" \
-        "$1" "$plain" "$one" "$(ratio "$one" "$plain")" "$two" "$(ratio "$two" "$plain")"
+        "$1" "$p" "$o" "$(ratio "$o" "$p")" "$t" "$(ratio "$t" "$p")"
+    echo "    runs: plain ${plain[*]} | distributed ${one[*]} | 2 connections/node ${two[*]}"
 }
 compare "GROUP BY region" \
     "SELECT region, count(*), sum(amount), avg(amount) FROM users GROUP BY region" \

@@ -190,6 +190,13 @@ fn decoded_plan(json: &[u8]) -> Result<Rc<ShardScanPlan>> {
     Ok(plan)
 }
 
+/// The plan of a ShardScan plan node and its expressions (pruning values, hoisted parameters).
+pub unsafe fn plan_and_exprs(scan: *const pg_sys::CustomScan) -> Result<(ShardScanPlan, Vec<*mut pg_sys::Node>)> {
+    let plan = (*plan_of(scan)?).clone();
+    let exprs = crate::commands::utility::list_pointers::<pg_sys::Node>((*scan).custom_exprs);
+    Ok((plan, exprs))
+}
+
 /// Whether a plan node is a ShardScan.
 pub unsafe fn is_shard_scan(plan: *const pg_sys::Plan) -> bool {
     !plan.is_null()

@@ -409,9 +409,47 @@ pub unsafe fn split(
     plan.binary = split.worker_columns.iter().all(|&c| pg_sys::exprType(c).to_u32() < pg_sys::FirstNormalObjectId);
     // An aggregate without GROUP BY returns one row even over no rows: some shard answers.
     plan.at_least_one = aggregating;
-    let json = serde_json::to_string(&plan).map_err(|e| ShardingError::internal(e.to_string()))?;
 
     // The coordinator query over the tasks' rows.
+    let columns: Vec<(String, *mut pg_sys::Node)> =
+        split.worker_columns.iter().enumerate().map(|(i, &column)| (format!("c{}", i + 1), column)).collect();
+    let rte = results_rte(&plan, &columns)?;
+
+    let coordinator: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
+    (*coordinator).type_ = pg_sys::NodeTag::T_Query;
+    (*coordinator).commandType = pg_sys::CmdType::CMD_SELECT;
+    (*coordinator).querySource = (*parse).querySource;
+    (*coordinator).queryId = (*parse).queryId;
+    (*coordinator).canSetTag = (*parse).canSetTag;
+    (*coordinator).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
+    let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
+    (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
+    (*reference).rtindex = 1;
+    (*coordinator).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), std::ptr::null_mut());
+    (*coordinator).targetList = coordinator_list;
+    (*coordinator).groupClause = pg_sys::copyObjectImpl((*parse).groupClause.cast()).cast();
+    (*coordinator).havingQual = having;
+    (*coordinator).sortClause = pg_sys::copyObjectImpl((*parse).sortClause.cast()).cast();
+    (*coordinator).limitCount = pg_sys::copyObjectImpl((*parse).limitCount.cast()).cast();
+    (*coordinator).limitOffset = pg_sys::copyObjectImpl((*parse).limitOffset.cast()).cast();
+    (*coordinator).limitOption = (*parse).limitOption;
+    (*coordinator).hasAggs = (*parse).hasAggs;
+    (*coordinator).distinctClause = pg_sys::copyObjectImpl((*parse).distinctClause.cast()).cast();
+    (*coordinator).hasDistinctOn = (*parse).hasDistinctOn;
+    (*coordinator).stmt_location = (*parse).stmt_location;
+    (*coordinator).stmt_len = (*parse).stmt_len;
+    Ok(Some(coordinator))
+}
+
+/// A range table entry reading the rows of the tasks of `plan` (a call of the marker function
+/// `sharding.task_results`, which the scan hook turns into a ShardScan), with one column per
+/// entry of `columns` (name, and an expression giving its type, typmod and collation).
+pub unsafe fn results_rte(plan: &ShardScanPlan, columns: &[(String, *mut pg_sys::Node)]) -> Result<*mut pg_sys::RangeTblEntry> {
+    let marker = task_results_function();
+    if marker == pg_sys::InvalidOid {
+        return Err(ShardingError::internal("function sharding.task_results is missing"));
+    }
+    let json = serde_json::to_string(plan).map_err(|e| ShardingError::internal(e.to_string()))?;
     let rte: *mut pg_sys::RangeTblEntry = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast();
     (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
     (*rte).rtekind = pg_sys::RTEKind::RTE_FUNCTION;
@@ -439,40 +477,16 @@ pub unsafe fn split(
     .cast();
     (*(*function).funcexpr.cast::<pg_sys::FuncExpr>()).funcretset = true;
     let mut colnames: *mut pg_sys::List = std::ptr::null_mut();
-    for (i, &column) in split.worker_columns.iter().enumerate() {
-        let name = CString::new(format!("c{}", i + 1)).unwrap_or_default();
+    for (name, column) in columns {
+        let name = CString::new(name.as_str()).map_err(|e| ShardingError::internal(e.to_string()))?;
         colnames = pg_sys::lappend(colnames, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
-        (*function).funccoltypes = pg_sys::lappend_oid((*function).funccoltypes, pg_sys::exprType(column));
-        (*function).funccoltypmods = pg_sys::lappend_int((*function).funccoltypmods, pg_sys::exprTypmod(column));
-        (*function).funccolcollations = pg_sys::lappend_oid((*function).funccolcollations, pg_sys::exprCollation(column));
+        (*function).funccoltypes = pg_sys::lappend_oid((*function).funccoltypes, pg_sys::exprType(*column));
+        (*function).funccoltypmods = pg_sys::lappend_int((*function).funccoltypmods, pg_sys::exprTypmod(*column));
+        (*function).funccolcollations = pg_sys::lappend_oid((*function).funccolcollations, pg_sys::exprCollation(*column));
     }
-    (*function).funccolcount = split.worker_columns.len() as i32;
+    (*function).funccolcount = columns.len() as i32;
     (*function).funccolnames = colnames;
     (*rte).functions = pg_sys::lappend(std::ptr::null_mut(), function.cast());
     (*rte).eref = pg_sys::makeAlias(c"shard_results".as_ptr(), colnames);
-
-    let coordinator: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
-    (*coordinator).type_ = pg_sys::NodeTag::T_Query;
-    (*coordinator).commandType = pg_sys::CmdType::CMD_SELECT;
-    (*coordinator).querySource = (*parse).querySource;
-    (*coordinator).queryId = (*parse).queryId;
-    (*coordinator).canSetTag = (*parse).canSetTag;
-    (*coordinator).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
-    let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
-    (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
-    (*reference).rtindex = 1;
-    (*coordinator).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), std::ptr::null_mut());
-    (*coordinator).targetList = coordinator_list;
-    (*coordinator).groupClause = pg_sys::copyObjectImpl((*parse).groupClause.cast()).cast();
-    (*coordinator).havingQual = having;
-    (*coordinator).sortClause = pg_sys::copyObjectImpl((*parse).sortClause.cast()).cast();
-    (*coordinator).limitCount = pg_sys::copyObjectImpl((*parse).limitCount.cast()).cast();
-    (*coordinator).limitOffset = pg_sys::copyObjectImpl((*parse).limitOffset.cast()).cast();
-    (*coordinator).limitOption = (*parse).limitOption;
-    (*coordinator).hasAggs = (*parse).hasAggs;
-    (*coordinator).distinctClause = pg_sys::copyObjectImpl((*parse).distinctClause.cast()).cast();
-    (*coordinator).hasDistinctOn = (*parse).hasDistinctOn;
-    (*coordinator).stmt_location = (*parse).stmt_location;
-    (*coordinator).stmt_len = (*parse).stmt_len;
-    Ok(Some(coordinator))
+    Ok(rte)
 }

@@ -373,6 +373,9 @@ pub unsafe fn plan_statement(
     use pg_sys::CmdType::*;
     let command = (*parse).commandType;
     if command == CMD_INSERT && (*parse).utilityStmt.is_null() {
+        if (*parse).hasModifyingCTE && modifies_distributed_tables(parse)? {
+            return insert_from_modifying_ctes(parse, query_string, cursor_options, bound_params).map(Some);
+        }
         return insert_select(parse);
     }
     if !matches!(command, CMD_SELECT | CMD_UPDATE | CMD_DELETE) || !(*parse).utilityStmt.is_null() {
@@ -686,6 +689,177 @@ unsafe fn insert_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys:
     plan.modify = true;
     debug_assert!((*parse).commandType == CMD_INSERT);
     Ok(Some(planned_statement(parse, &plan, Vec::new(), &outputs)?))
+}
+
+/// Whether a WITH query of the statement writes to a distributed or reference table.
+unsafe fn modifies_distributed_tables(parse: *mut pg_sys::Query) -> Result<bool> {
+    for cte in list_pointers::<pg_sys::CommonTableExpr>((*parse).cteList) {
+        let query = (*cte).ctequery.cast::<pg_sys::Query>();
+        if query.is_null() || (*query).type_ != pg_sys::NodeTag::T_Query || (*query).commandType == pg_sys::CmdType::CMD_SELECT {
+            continue;
+        }
+        let target = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable)[(*query).resultRelation as usize - 1];
+        if cache::table_unless_reentrant((*target).relid)?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `WITH moved AS (DELETE FROM t WHERE key = 5 RETURNING *) INSERT INTO u SELECT ... FROM moved`:
+/// the SELECT, with the WITH queries, is a statement pinned to one shard group and runs there
+/// whole (as a SELECT with data-modifying WITH queries does); the INSERT reads its rows from
+/// that task and routes them like any INSERT ... SELECT through the coordinator, in the same
+/// distributed transaction. Anything else with such WITH queries is refused.
+unsafe fn insert_from_modifying_ctes(
+    parse: *mut pg_sys::Query,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> Result<*mut pg_sys::PlannedStmt> {
+    let refuse = || {
+        unsupported("INSERT fed by data-modifying WITH queries on distributed tables is supported only as INSERT ... SELECT targeting one shard group")
+            .hint("Filter every distributed table of the WITH queries and of the SELECT to one distribution column value.")
+    };
+    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+    let sources: Vec<usize> =
+        rtes.iter().enumerate().filter(|(_, rte)| (***rte).rtekind == pg_sys::RTEKind::RTE_SUBQUERY).map(|(i, _)| i).collect();
+    let [source] = sources.as_slice() else { return Err(refuse()) };
+    // The WITH queries may only feed the SELECT: RETURNING and ON CONFLICT of the INSERT run
+    // on the coordinator, where the WITH queries do not exist any more.
+    if !(*parse).onConflict.is_null() || contains_cte_reference((*parse).returningList.cast()) {
+        return Err(refuse());
+    }
+    // The SELECT as a statement of its own, owning the WITH queries: its references to the
+    // INSERT's level (the WITH queries) move one level closer first; the WITH queries keep
+    // theirs (their parent level is the SELECT now).
+    let select: *mut pg_sys::Query = pg_sys::copyObjectImpl((*rtes[*source]).subquery.cast()).cast();
+    increment_var_sublevels_up(select.cast(), -1, 1);
+    // Literals of the SELECT are still of type unknown (the INSERT coerces them to the column
+    // types): they come back as text, which the INSERT's coercions read the same way.
+    let mut literals = Vec::new();
+    for entry in list_pointers::<pg_sys::TargetEntry>((*select).targetList) {
+        let expr = (*entry).expr.cast::<pg_sys::Node>();
+        if pg_sys::exprType(expr) != pg_sys::UNKNOWNOID {
+            continue;
+        }
+        if (*expr).type_ != pg_sys::NodeTag::T_Const {
+            return Err(refuse());
+        }
+        let constant = expr.cast::<pg_sys::Const>();
+        let value = if (*constant).constisnull {
+            pg_sys::Datum::from(0usize)
+        } else {
+            pg_sys::Datum::from(pg_sys::cstring_to_text((*constant).constvalue.cast_mut_ptr()))
+        };
+        (*entry).expr = pg_sys::makeConst(pg_sys::TEXTOID, -1, pg_sys::DEFAULT_COLLATION_OID, -1, value, (*constant).constisnull, false).cast();
+        literals.push((*entry).resno);
+    }
+    (*select).cteList = pg_sys::copyObjectImpl((*parse).cteList.cast()).cast();
+    (*select).hasModifyingCTE = true;
+    (*select).hasRecursive = (*parse).hasRecursive;
+    let Some(planned) = plan_statement(select, query_string, cursor_options, bound_params)? else { return Err(refuse()) };
+    let scan = (*planned).planTree;
+    if !crate::executor::remote_scan::is_shard_scan(scan) {
+        return Err(refuse());
+    }
+    let (mut plan, exprs) = crate::executor::remote_scan::plan_and_exprs(scan.cast())?;
+    if !plan.writes {
+        return Err(refuse());
+    }
+    // The pruning values travel in the plan text of the results entry.
+    plan.prune_nodes = exprs
+        .iter()
+        .map(|&e| std::ffi::CStr::from_ptr(pg_sys::nodeToString(e.cast())).to_string_lossy().into_owned())
+        .collect();
+    let columns: Vec<(String, *mut pg_sys::Node)> = list_pointers::<pg_sys::TargetEntry>((*select).targetList)
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("c{}", i + 1), (**e).expr.cast::<pg_sys::Node>()))
+        .collect();
+    let results = super::aggregates::results_rte(&plan, &columns)?;
+
+    let insert: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+    (*insert).cteList = std::ptr::null_mut();
+    (*insert).hasModifyingCTE = false;
+    (*insert).hasRecursive = false;
+    let rtable = (*insert).rtable;
+    (*(*rtable).elements.add(*source)).ptr_value = results.cast();
+    retype_literal_columns(insert, (*source + 1) as i32, &literals);
+    let planned = pg_sys::standard_planner(insert, query_string, cursor_options, bound_params);
+    // Every relation of the original statement: permission checks, locks and invalidation.
+    crate::deparse::query::for_each_rte(parse, &mut |rte| {
+        if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
+            (*planned).rtable = pg_sys::lappend((*planned).rtable, pg_sys::copyObjectImpl(rte.cast()));
+            (*planned).relationOids = pg_sys::lappend_oid((*planned).relationOids, (*rte).relid);
+        }
+    });
+    Ok(planned)
+}
+
+/// PostgreSQL's `IncrementVarSublevelsUp` (rewriteManip.c; not in pgrx's bindings): shifts the
+/// level of every Var, Aggref, PlaceHolderVar and CTE reference pointing at least
+/// `min_sublevels_up` levels up by `delta`.
+unsafe fn increment_var_sublevels_up(node: *mut pg_sys::Node, delta: i32, min_sublevels_up: i32) {
+    extern "C-unwind" {
+        fn IncrementVarSublevelsUp(node: *mut pg_sys::Node, delta_sublevels_up: i32, min_sublevels_up: i32);
+    }
+    // SAFETY: a plain call on a valid node tree; an ERROR raised inside becomes a Rust panic
+    // at this boundary instead of a longjmp across Rust frames.
+    pg_sys::ffi::pg_guard_ffi_boundary(|| IncrementVarSublevelsUp(node, delta, min_sublevels_up));
+}
+
+/// The INSERT's references to the source columns that were literals of type unknown now read
+/// text (the same characters).
+unsafe fn retype_literal_columns(insert: *mut pg_sys::Query, source: i32, columns: &[i16]) {
+    struct Context<'a> {
+        source: i32,
+        columns: &'a [i16],
+    }
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let wanted = &*(context as *const Context);
+        if (*node).type_ == pg_sys::NodeTag::T_Var {
+            let var = node.cast::<pg_sys::Var>();
+            if (*var).varlevelsup == 0
+                && (*var).varno == wanted.source
+                && wanted.columns.contains(&(*var).varattno)
+                && (*var).vartype == pg_sys::UNKNOWNOID
+            {
+                (*var).vartype = pg_sys::TEXTOID;
+                (*var).varcollid = pg_sys::DEFAULT_COLLATION_OID;
+            }
+            return false;
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    if columns.is_empty() {
+        return;
+    }
+    let mut context = Context { source, columns };
+    walker((*insert).targetList.cast(), (&mut context as *mut Context).cast());
+}
+
+/// Whether an expression tree refers to a WITH query (a sublink reading it).
+unsafe fn contains_cte_reference(node: *mut pg_sys::Node) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Query {
+            let query = node.cast::<pg_sys::Query>();
+            if list_pointers::<pg_sys::RangeTblEntry>((*query).rtable).iter().any(|&rte| (*rte).rtekind == pg_sys::RTEKind::RTE_CTE) {
+                return true;
+            }
+            return pg_sys::query_tree_walker(query, Some(walker), context, 0);
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    walker(node, std::ptr::null_mut())
 }
 
 /// UPDATE or DELETE of a reference table: PostgreSQL's plan for the coordinator's copy, under

@@ -44,3 +44,7 @@ WITH d AS (DELETE FROM items WHERE user_id = 22 RETURNING qty) SELECT count(*), 
 WITH u AS (UPDATE orders SET note = 'cte' WHERE user_id = 29 RETURNING id, amount) SELECT count(*), sum(amount) FROM u;
 WITH gone AS (DELETE FROM orders WHERE user_id = 36 AND status = 'new' RETURNING id) UPDATE users SET score = score + (SELECT count(*) FROM gone) WHERE id = 36 RETURNING id, score;
 WITH d AS (DELETE FROM items WHERE user_id = 43 RETURNING order_id) SELECT o.id, o.status, (SELECT count(*) FROM items i WHERE i.user_id = 43) AS items_seen FROM orders o WHERE o.user_id = 43 AND o.id IN (SELECT order_id FROM d) ORDER BY o.id;
+WITH moved AS (DELETE FROM orders WHERE user_id = 30 RETURNING id, user_id, amount) INSERT INTO items SELECT id, user_id, 'moved', 1 FROM moved;
+WITH m AS (UPDATE orders SET status = 'archived' WHERE user_id = 31 RETURNING id, user_id) INSERT INTO events SELECT id + 100000, user_id, 'archived', NULL, TIMESTAMPTZ '2024-06-01 00:00:00+00' FROM m RETURNING id, kind;
+WITH d AS (DELETE FROM items WHERE user_id = 32 RETURNING qty) INSERT INTO "MixedCase" SELECT 1000 + count(*)::int, 'items', sum(qty)::int FROM d RETURNING "Id", "select";
+WITH d AS (DELETE FROM orders WHERE user_id = 44 RETURNING id, user_id) INSERT INTO orders (id, user_id, amount, status) SELECT id + 5000, 45, 1.5, 'moved' FROM d;
