@@ -457,3 +457,42 @@ fn transactions_read_their_own_writes_and_roll_back_everywhere() {
     let note: String = scalar(&mut c, "SELECT note FROM acc WHERE id = 5");
     assert_eq!(note, "n");
 }
+
+#[test]
+fn rows_moved_by_a_writable_cte_into_another_table_move_whole_or_not_at_all() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE live (id int, owner int, amount int, PRIMARY KEY (owner, id));
+         CREATE TABLE archive (id int PRIMARY KEY, owner int, amount int);
+         SELECT create_distributed_table('live', 'owner');
+         SELECT create_distributed_table('archive', 'id', colocate_with => 'none');
+         INSERT INTO live SELECT g, g % 10, g FROM generate_series(1, 200) g;",
+    )
+    .unwrap();
+    let count = |c: &mut Client, sql: &str| -> i64 { scalar(c, sql) };
+    // The archive is distributed by another column: the moved rows spread over its shards.
+    let moved = c
+        .execute("WITH m AS (DELETE FROM live WHERE owner = 3 RETURNING *) INSERT INTO archive SELECT id, owner, amount FROM m", &[])
+        .unwrap();
+    assert_eq!(moved, 20);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM live WHERE owner = 3"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM archive WHERE owner = 3"), 20);
+    let shards: i64 = count(&mut c, "SELECT count(DISTINCT sharding.shard_for_value('archive', id)) FROM archive");
+    assert!(shards > 1, "the rows went to {shards} archive shard(s)");
+
+    // One archived id already taken: the INSERT fails on its shard, and the DELETE already done
+    // on the live shard is rolled back with it. No row is lost or doubled.
+    c.batch_execute("INSERT INTO archive VALUES (194, -1, 0)").unwrap();
+    let (code, ..) = expect_error(&mut c, "WITH m AS (DELETE FROM live WHERE owner = 4 RETURNING *) INSERT INTO archive SELECT id, owner, amount FROM m");
+    assert_eq!(code, "23505");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM live WHERE owner = 4"), 20);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM archive WHERE owner = 4"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM live") + count(&mut c, "SELECT count(*) FROM archive WHERE owner >= 0"), 200);
+
+    // Not pinned to one shard group: refused before anything runs.
+    let (code, message, ..) =
+        expect_error(&mut c, "WITH m AS (DELETE FROM live WHERE amount > 190 RETURNING *) INSERT INTO archive SELECT id, owner, amount FROM m");
+    assert_eq!(code, "0A000", "{message}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM live WHERE amount > 190"), 9);
+}
