@@ -6,6 +6,7 @@
 #   - SELECT region, count(*), sum(amount), avg(amount) FROM users GROUP BY region
 #   - a co-located join users/orders with a filter and GROUP BY region
 #   - a join with a reference table
+#   - an aggregating subquery joined to a local table (the subquery runs on the shards)
 #     (these three against the same query on plain tables holding all rows on one server)
 #   - planning time of a router query (EXPLAIN (SUMMARY))
 #   - when pgbouncer is installed: the router SELECT and UPDATE sent to the worker through
@@ -170,6 +171,11 @@ compare "co-located join + GROUP BY" \
 compare "reference-table join" \
     "SELECT r.label, count(*) FROM users u JOIN regions r ON r.code = u.region GROUP BY r.label" \
     "SELECT r.label, count(*) FROM users_plain u JOIN regions_plain r ON r.code = u.region GROUP BY r.label"
+# regions_plain is a local table on the coordinator: the statement takes the general plan, and
+# the subquery aggregates on the shards.
+compare "subquery joined to local" \
+    "SELECT r.label, s.n, s.total FROM (SELECT region, count(*) n, sum(amount) total FROM users GROUP BY region) s JOIN regions_plain r ON r.code = s.region" \
+    "SELECT r.label, s.n, s.total FROM (SELECT region, count(*) n, sum(amount) total FROM users_plain GROUP BY region) s JOIN regions_plain r ON r.code = s.region"
 
 echo
 echo "== planning time of a router query (EXPLAIN (SUMMARY) in one session, median of 50)"

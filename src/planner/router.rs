@@ -436,40 +436,15 @@ pub unsafe fn plan_statement(
     let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));
 
     if !modify {
-        if pinned.is_none()
-            && statement_ships
-            && colocated
-            && !analysis.local
-            && analysis.connected(&keys)
-            // Each output row must come from exactly one shard group: a distributed table in
-            // the top level's FROM, and no outer join repeating other rows per group.
-            && analysis.dist_keys.iter().any(|(level, _, _)| *level == 0)
-            && outer_joins_keep_rows_in_groups(parse, &analysis)
-        {
-            let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
-            let distributed: Vec<(u32, Rc<DistributedTable>)> = analysis
-                .dist_keys
-                .iter()
-                .filter(|(level, _, _)| *level == 0)
-                .filter_map(|&(_, rti, _)| {
-                    let relid = (*rtes[rti as usize - 1]).relid;
-                    analysis.tables.iter().find(|t| t.relid == relid).map(|t| (rti, t.clone()))
-                })
-                .collect();
-            if let Some(coordinator) = super::aggregates::split(parse, analysis.tables[0].relid, &distributed)? {
+        if pinned.is_none() {
+            if let Some(coordinator) = split_select(parse)? {
                 let planned = pg_sys::standard_planner(coordinator, query_string, cursor_options, bound_params);
-                // The original tables: permission checks, locks and invalidation of cached plans.
-                crate::deparse::query::for_each_rte(parse, &mut |rte| {
-                    if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
-                        (*planned).rtable = pg_sys::lappend((*planned).rtable, pg_sys::copyObjectImpl(rte.cast()));
-                        (*planned).relationOids = pg_sys::lappend_oid((*planned).relationOids, (*rte).relid);
-                    }
-                });
+                append_relations(planned, parse);
                 return Ok(Some(planned));
             }
         }
         if pinned.is_none() || !statement_ships || !outputs_receivable {
-            return Ok(None);
+            return push_down_subqueries(parse, query_string, cursor_options, bound_params);
         }
         // Data-modifying WITH queries run whole on the one shard group they are pinned to.
         if (*parse).hasModifyingCTE {
@@ -547,6 +522,164 @@ pub unsafe fn plan_statement(
     plan.locks_rows = analysis.locks_rows;
     plan.at_least_one = !modify;
     Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
+}
+
+/// Plan 3 for a SELECT: the coordinator query over the rows of one task per shard group, when
+/// every distributed table is co-located with the others and joined to them on distribution
+/// columns, each output row comes from one shard group (a distributed table in the top level's
+/// FROM, no outer join repeating rows per group), and the statement means the same on the
+/// workers. `None` when the SELECT is not of that shape.
+unsafe fn split_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
+    if (*parse).commandType != pg_sys::CmdType::CMD_SELECT || !(*parse).utilityStmt.is_null() {
+        return Ok(None);
+    }
+    let mut analysis = Analysis::default();
+    analysis.query(parse)?;
+    if analysis.tables.is_empty() || analysis.local || analysis.row_security {
+        return Ok(None);
+    }
+    let colocated = analysis.tables.iter().all(|t| t.colocation_id.is_some() && t.colocation_id == analysis.tables[0].colocation_id);
+    let keys = analysis.dist_keys.clone();
+    if !colocated
+        || !analysis.connected(&keys)
+        || !analysis.dist_keys.iter().any(|(level, _, _)| *level == 0)
+        || !outer_joins_keep_rows_in_groups(parse, &analysis)
+        || !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true })
+    {
+        return Ok(None);
+    }
+    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+    let distributed: Vec<(u32, Rc<DistributedTable>)> = analysis
+        .dist_keys
+        .iter()
+        .filter(|(level, _, _)| *level == 0)
+        .filter_map(|&(_, rti, _)| {
+            let relid = (*rtes[rti as usize - 1]).relid;
+            analysis.tables.iter().find(|t| t.relid == relid).map(|t| (rti, t.clone()))
+        })
+        .collect();
+    super::aggregates::split(parse, analysis.tables[0].relid, &distributed)
+}
+
+/// Every relation of `original` into a plan made from a rewritten statement: permission checks,
+/// locks of cached plans and their invalidation work as for the statement as written.
+unsafe fn append_relations(planned: *mut pg_sys::PlannedStmt, original: *mut pg_sys::Query) {
+    crate::deparse::query::for_each_rte(original, &mut |rte| {
+        if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
+            (*planned).rtable = pg_sys::lappend((*planned).rtable, pg_sys::copyObjectImpl(rte.cast()));
+            (*planned).relationOids = pg_sys::lappend_oid((*planned).relationOids, (*rte).relid);
+        }
+    });
+}
+
+/// The general plan (PostgreSQL's, over ShardScans), with every uncorrelated subquery in FROM
+/// and every WITH query that plan 3 can run on the shards replaced by its coordinator query:
+/// `WITH t AS (SELECT user_id, sum(amount) FROM orders GROUP BY user_id) SELECT ... FROM t JOIN
+/// local_table ...` then aggregates on the shards instead of pulling every order here. `None`
+/// when there is nothing to replace (PostgreSQL plans the statement as it is).
+unsafe fn push_down_subqueries(
+    parse: *mut pg_sys::Query,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> Result<Option<*mut pg_sys::PlannedStmt>> {
+    let original: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+    let mut replaced = 0;
+    replace_subqueries(parse, &mut replaced)?;
+    if replaced == 0 {
+        return Ok(None);
+    }
+    let planned = pg_sys::standard_planner(parse, query_string, cursor_options, bound_params);
+    append_relations(planned, original);
+    Ok(Some(planned))
+}
+
+unsafe fn replace_subqueries(query: *mut pg_sys::Query, replaced: &mut usize) -> Result<()> {
+    for rte in list_pointers::<pg_sys::RangeTblEntry>((*query).rtable) {
+        if (*rte).rtekind != pg_sys::RTEKind::RTE_SUBQUERY || (*rte).lateral || (*rte).subquery.is_null() {
+            continue;
+        }
+        if let Some(coordinator) = subquery_on_shards((*rte).subquery)? {
+            (*rte).subquery = coordinator;
+            *replaced += 1;
+        } else {
+            replace_subqueries((*rte).subquery, replaced)?;
+        }
+    }
+    for cte in list_pointers::<pg_sys::CommonTableExpr>((*query).cteList) {
+        let inner = (*cte).ctequery.cast::<pg_sys::Query>();
+        if (*cte).cterecursive || inner.is_null() || (*inner).type_ != pg_sys::NodeTag::T_Query {
+            continue;
+        }
+        if let Some(coordinator) = subquery_on_shards(inner)? {
+            (*cte).ctequery = coordinator.cast();
+            *replaced += 1;
+        } else {
+            replace_subqueries(inner, replaced)?;
+        }
+    }
+    Ok(())
+}
+
+/// The coordinator query of plan 3 for a subquery that reads nothing from outer levels and
+/// keeps its output columns exactly (types, typmods, collations, positions).
+unsafe fn subquery_on_shards(subquery: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
+    if (*subquery).commandType != pg_sys::CmdType::CMD_SELECT || (*subquery).hasModifyingCTE || refers_to_outer_levels(subquery) {
+        return Ok(None);
+    }
+    let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(subquery.cast()).cast();
+    let Some(coordinator) = split_select(copy)? else { return Ok(None) };
+    let before = list_pointers::<pg_sys::TargetEntry>((*subquery).targetList);
+    let after = list_pointers::<pg_sys::TargetEntry>((*coordinator).targetList);
+    let same = before.len() == after.len()
+        && before.iter().zip(&after).all(|(&b, &a)| {
+            let (b_expr, a_expr) = ((*b).expr.cast::<pg_sys::Node>(), (*a).expr.cast::<pg_sys::Node>());
+            (*b).resno == (*a).resno
+                && (*b).resjunk == (*a).resjunk
+                && pg_sys::exprType(b_expr) == pg_sys::exprType(a_expr)
+                && pg_sys::exprTypmod(b_expr) == pg_sys::exprTypmod(a_expr)
+                && pg_sys::exprCollation(b_expr) == pg_sys::exprCollation(a_expr)
+        });
+    Ok(same.then_some(coordinator))
+}
+
+/// Whether a query refers to a level above it: a Var, aggregate, GROUPING or WITH query of an
+/// enclosing query.
+unsafe fn refers_to_outer_levels(query: *mut pg_sys::Query) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let depth = context as *mut u32;
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Var => return (*node.cast::<pg_sys::Var>()).varlevelsup > *depth,
+            pg_sys::NodeTag::T_Aggref => {
+                if (*node.cast::<pg_sys::Aggref>()).agglevelsup > *depth {
+                    return true;
+                }
+            }
+            pg_sys::NodeTag::T_GroupingFunc => {
+                if (*node.cast::<pg_sys::GroupingFunc>()).agglevelsup > *depth {
+                    return true;
+                }
+            }
+            pg_sys::NodeTag::T_RangeTblEntry => {
+                let rte = node.cast::<pg_sys::RangeTblEntry>();
+                return (*rte).rtekind == pg_sys::RTEKind::RTE_CTE && (*rte).ctelevelsup > *depth;
+            }
+            pg_sys::NodeTag::T_Query => {
+                *depth += 1;
+                let found = pg_sys::query_tree_walker(node.cast(), Some(walker), context, pg_sys::QTW_EXAMINE_RTES_BEFORE as i32);
+                *depth -= 1;
+                return found;
+            }
+            _ => {}
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    let mut depth: u32 = 0;
+    pg_sys::query_tree_walker(query, Some(walker), (&mut depth as *mut u32).cast(), pg_sys::QTW_EXAMINE_RTES_BEFORE as i32)
 }
 
 /// The data-modifying WITH queries of a statement pinned to one shard group, which then runs
@@ -787,13 +920,7 @@ unsafe fn insert_from_modifying_ctes(
     (*(*rtable).elements.add(*source)).ptr_value = results.cast();
     retype_literal_columns(insert, (*source + 1) as i32, &literals);
     let planned = pg_sys::standard_planner(insert, query_string, cursor_options, bound_params);
-    // Every relation of the original statement: permission checks, locks and invalidation.
-    crate::deparse::query::for_each_rte(parse, &mut |rte| {
-        if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
-            (*planned).rtable = pg_sys::lappend((*planned).rtable, pg_sys::copyObjectImpl(rte.cast()));
-            (*planned).relationOids = pg_sys::lappend_oid((*planned).relationOids, (*rte).relid);
-        }
-    });
+    append_relations(planned, parse);
     Ok(planned)
 }
 

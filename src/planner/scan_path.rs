@@ -53,8 +53,10 @@ unsafe extern "C-unwind" fn set_rel_pathlist(
     if let Some(previous) = PREVIOUS_HOOK {
         previous(root, rel, rti, rte);
     }
+    // Task results read by a coordinator query: a base relation, or a member of a UNION ALL
+    // (a pushed-down subquery that PostgreSQL pulled up into an append relation).
     if (*rte).rtekind == pg_sys::RTEKind::RTE_FUNCTION
-        && (*rel).reloptkind == pg_sys::RelOptKind::RELOPT_BASEREL
+        && matches!((*rel).reloptkind, pg_sys::RelOptKind::RELOPT_BASEREL | pg_sys::RelOptKind::RELOPT_OTHER_MEMBER_REL)
         && cache::extension_active()
         && aggregates::task_results_plan(rte).is_some()
     {

@@ -318,3 +318,16 @@ SELECT at::date, count(*) FROM events GROUP BY 1 ORDER BY 1 DESC LIMIT 2;
 SELECT extract(epoch FROM max(at) - min(at)) FROM events;
 SELECT id, score, score > ALL (SELECT score FROM users WHERE region = 'jp') FROM users WHERE id < 6;
 SELECT id FROM users u WHERE score = ANY (SELECT qty * 10 FROM items i WHERE i.user_id = u.id);
+-- Subqueries and WITH queries over many shard groups run on the shards inside a general plan
+WITH t AS (SELECT status, count(*) c FROM orders GROUP BY status) SELECT a.status, a.c, b.c FROM t a JOIN t b ON a.status = b.status;
+SELECT max(c) FROM (SELECT region, c FROM (SELECT region, count(*) c FROM users GROUP BY region) x WHERE c > 1) y;
+SELECT t.id, t.score, o.id FROM (SELECT id, score FROM users ORDER BY score DESC, id LIMIT 5) t JOIN orders o ON o.user_id = t.id ORDER BY t.id, o.id;
+SELECT count(*) FROM (SELECT DISTINCT status FROM orders) s, regions r;
+SELECT region FROM (SELECT region FROM users GROUP BY region) a UNION SELECT code FROM regions;
+SELECT * FROM (SELECT user_id, avg(amount) a FROM orders GROUP BY user_id HAVING count(*) > 3) s WHERE a > 100;
+SELECT u.id, (SELECT count(*) FROM (SELECT o.id FROM orders o WHERE o.user_id = u.id) x) FROM users u WHERE u.id < 10;
+SELECT e.kind, s.c FROM events e JOIN (SELECT user_id, count(*) c FROM orders GROUP BY user_id) s ON s.user_id = e.user_id WHERE e.id < 30;
+WITH per_region AS (SELECT region, sum(score) s FROM users GROUP BY region), per_status AS (SELECT status, sum(amount) s FROM orders GROUP BY status) SELECT (SELECT max(s) FROM per_region), (SELECT min(s) FROM per_status);
+SELECT a.owner, a.balance, s.n FROM accounts a JOIN (SELECT user_id, count(*) n FROM items GROUP BY user_id) s ON s.user_id = a.owner ORDER BY a.id LIMIT 10;
+SELECT x.region, x.c, y.c FROM (SELECT region, count(*) c FROM users WHERE flag GROUP BY region) x FULL JOIN (SELECT region, count(*) c FROM users WHERE NOT flag GROUP BY region) y ON x.region = y.region;
+SELECT s.kind, s.n, rank() OVER (ORDER BY s.n DESC, s.kind) FROM (SELECT kind, count(*) n FROM events GROUP BY kind) s;

@@ -40,6 +40,10 @@ const PARAMETERIZED: &[(&str, &[&str])] = &[
     ("PREPARE p(bigint) AS SELECT e.id, e.kind FROM events e JOIN users u ON u.id = e.user_id WHERE u.id = $1", &["EXECUTE p(4)", "EXECUTE p(14)"]),
     ("PREPARE p(timestamptz) AS SELECT kind, count(*) FROM events WHERE at < $1 GROUP BY kind", &["EXECUTE p('2024-01-02 00:00:00+00')"]),
     (
+        "PREPARE p(int) AS SELECT r.label, s.c FROM (SELECT region, count(*) c, avg(score) a FROM users WHERE score > $1 GROUP BY region) s JOIN events e ON e.id = s.c LEFT JOIN regions r ON r.code = s.region",
+        &["EXECUTE p(0)", "EXECUTE p(50)"],
+    ),
+    (
         "PREPARE p(bigint, int) AS UPDATE users SET score = score + $2 WHERE id = $1 RETURNING id, score",
         &["BEGIN; EXECUTE p(5, 1); ROLLBACK", "BEGIN; EXECUTE p(6, -3); EXECUTE p(6, 2); ROLLBACK"],
     ),
@@ -303,6 +307,33 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     // A NULL key matches nothing, and an aggregate over nothing is still one row.
     let rows = fresh.query("SELECT count(*) FROM kv WHERE k = $1", &[&None::<i64>]).unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 0);
+
+    // A subquery or WITH query over many shards that the shards can aggregate, inside a
+    // statement that cannot run there (here: a join with a local table), aggregates on the
+    // shards: only the groups come back.
+    c.batch_execute(
+        "CREATE TABLE labels (n int, label text); INSERT INTO labels SELECT g, 'length ' || g FROM generate_series(1, 8) g;
+         CREATE TABLE kv_local AS SELECT * FROM kv;",
+    )
+    .unwrap();
+    for (sql, local) in [
+        (
+            "SELECT l.label, s.c FROM (SELECT length(v) AS n, count(*) AS c FROM kv GROUP BY 1) s JOIN labels l ON l.n = s.n ORDER BY 1",
+            "SELECT l.label, s.c FROM (SELECT length(v) AS n, count(*) AS c FROM kv_local GROUP BY 1) s JOIN labels l ON l.n = s.n ORDER BY 1",
+        ),
+        (
+            "WITH t AS (SELECT length(v) AS n, max(k) AS m FROM kv WHERE k > 100 GROUP BY 1) SELECT l.label, t.m FROM t JOIN labels l USING (n) ORDER BY 1",
+            "WITH t AS (SELECT length(v) AS n, max(k) AS m FROM kv_local WHERE k > 100 GROUP BY 1) SELECT l.label, t.m FROM t JOIN labels l USING (n) ORDER BY 1",
+        ),
+    ] {
+        let plan = explain(&mut c, sql);
+        assert_eq!(task_count(&plan), vec![32], "{plan}");
+        assert!(plan.contains("GROUP BY") && plan.contains("labels"), "{plan}");
+        let (got, _) = run(&mut c, sql).unwrap();
+        let (expected, _) = run(&mut c, local).unwrap();
+        assert!(!expected.is_empty());
+        assert_eq!(got, expected, "{sql}");
+    }
 }
 
 #[test]
@@ -385,7 +416,25 @@ fn row_level_security_applies_to_distributed_tables() {
     assert_eq!(rows, vec![vec![Some("alice".to_string()), Some("10".to_string())]]);
     let (code, ..) = expect_error(&mut c, "UPDATE docs SET body = 'x' WHERE id = 4");
     assert_eq!(code, "0A000");
+    // A subquery over the table inside a general plan (joined to a local table) applies the
+    // policy too, and a subquery pushed down to the shards still checks privileges here.
+    c.batch_execute(
+        "RESET ROLE;
+         CREATE TABLE owners (name text); INSERT INTO owners VALUES ('alice'), ('bob'); GRANT SELECT ON owners TO alice;
+         CREATE TABLE open_docs (id int PRIMARY KEY, owner text); SELECT create_distributed_table('open_docs', 'id');
+         INSERT INTO open_docs SELECT g, 'bob' FROM generate_series(1, 5) g;
+         SET ROLE alice;",
+    )
+    .unwrap();
+    let (rows, _) = run(&mut c, "SELECT o.name, s.c FROM (SELECT owner, count(*) c FROM docs GROUP BY owner) s JOIN owners o ON o.name = s.owner").unwrap();
+    assert_eq!(rows, vec![vec![Some("alice".to_string()), Some("10".to_string())]]);
+    let (code, ..) = expect_error(&mut c, "SELECT o.name, s.c FROM (SELECT owner, count(*) c FROM open_docs GROUP BY owner) s JOIN owners o ON o.name = s.owner");
+    assert_eq!(code, "42501");
     c.batch_execute("RESET ROLE").unwrap();
+    // (A new session: this one's worker connections were opened as alice.)
+    let mut admin = cluster.coordinator();
+    let (rows, _) = run(&mut admin, "SELECT o.name, s.c FROM (SELECT owner, count(*) c FROM open_docs GROUP BY owner) s JOIN owners o ON o.name = s.owner").unwrap();
+    assert_eq!(rows, vec![vec![Some("bob".to_string()), Some("5".to_string())]]);
     let n: i64 = scalar(&mut c, "SELECT count(*) FROM docs WHERE body = 'x'");
     assert_eq!(n, 0);
 }
