@@ -376,7 +376,15 @@ pub unsafe fn plan_statement(
         if (*parse).hasModifyingCTE && modifies_distributed_tables(parse)? {
             return insert_from_modifying_ctes(parse, query_string, cursor_options, bound_params).map(Some);
         }
-        return insert_select(parse);
+        if let Some(planned) = insert_select(parse)? {
+            return Ok(Some(planned));
+        }
+        // Through the coordinator: the SELECT (and its subqueries) may still aggregate on the
+        // shards, e.g. INSERT INTO summary SELECT region, count(*) FROM users GROUP BY region.
+        if (*parse).hasModifyingCTE {
+            return Ok(None);
+        }
+        return push_down_subqueries(parse, query_string, cursor_options, bound_params);
     }
     if !matches!(command, CMD_SELECT | CMD_UPDATE | CMD_DELETE) || !(*parse).utilityStmt.is_null() {
         return Ok(None);

@@ -48,3 +48,6 @@ WITH moved AS (DELETE FROM orders WHERE user_id = 30 RETURNING id, user_id, amou
 WITH m AS (UPDATE orders SET status = 'archived' WHERE user_id = 31 RETURNING id, user_id) INSERT INTO events SELECT id + 100000, user_id, 'archived', NULL, TIMESTAMPTZ '2024-06-01 00:00:00+00' FROM m RETURNING id, kind;
 WITH d AS (DELETE FROM items WHERE user_id = 32 RETURNING qty) INSERT INTO "MixedCase" SELECT 1000 + count(*)::int, 'items', sum(qty)::int FROM d RETURNING "Id", "select";
 WITH d AS (DELETE FROM orders WHERE user_id = 44 RETURNING id, user_id) INSERT INTO orders (id, user_id, amount, status) SELECT id + 5000, 45, 1.5, 'moved' FROM d;
+INSERT INTO "MixedCase" SELECT 3000 + score, max(region), count(*)::int FROM users GROUP BY score;
+INSERT INTO regions SELECT 'g' || score, count(*)::text FROM users WHERE score < 5 GROUP BY score RETURNING code, label;
+INSERT INTO accounts (id, owner, balance) SELECT 500 + row_number() OVER (ORDER BY s.status), 1, s.total FROM (SELECT status, sum(amount) total FROM orders GROUP BY status) s;
