@@ -302,6 +302,63 @@ unsafe fn references_whole_rows_or_system_columns(parse: *mut pg_sys::Query) -> 
         || walker((*parse).havingQual, context)
 }
 
+/// Whether a GROUP BY key is the distribution column of one of the query's distributed tables
+/// (`distributed`: range table index and table) that no outer join can null: then all rows of a
+/// group share one distribution value, and so one shard group.
+unsafe fn groups_by_distribution_column(
+    parse: *mut pg_sys::Query,
+    keys: &[*mut pg_sys::TargetEntry],
+    distributed: &[(u32, std::rc::Rc<crate::catalog::tables::DistributedTable>)],
+) -> bool {
+    unsafe fn nullable(node: *mut pg_sys::Node, nulled: bool, out: &mut Vec<u32>) {
+        if node.is_null() {
+            return;
+        }
+        match (*node).type_ {
+            pg_sys::NodeTag::T_RangeTblRef => {
+                if nulled {
+                    out.push((*node.cast::<pg_sys::RangeTblRef>()).rtindex as u32);
+                }
+            }
+            pg_sys::NodeTag::T_JoinExpr => {
+                let join = node.cast::<pg_sys::JoinExpr>();
+                use pg_sys::JoinType::*;
+                let (left, right) = match (*join).jointype {
+                    JOIN_LEFT => (nulled, true),
+                    JOIN_RIGHT => (true, nulled),
+                    JOIN_FULL => (true, true),
+                    _ => (nulled, nulled),
+                };
+                nullable((*join).larg, left, out);
+                nullable((*join).rarg, right, out);
+            }
+            pg_sys::NodeTag::T_FromExpr => {
+                for item in list_pointers::<pg_sys::Node>((*node.cast::<pg_sys::FromExpr>()).fromlist) {
+                    nullable(item, nulled, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !(*parse).groupingSets.is_null() {
+        return false;
+    }
+    let mut nulled = Vec::new();
+    nullable((*parse).jointree.cast(), false, &mut nulled);
+    keys.iter().any(|&entry| {
+        let expr = crate::planner::pins::strip_relabel((*entry).expr.cast());
+        if expr.is_null() || (*expr).type_ != pg_sys::NodeTag::T_Var {
+            return false;
+        }
+        let var = expr.cast::<pg_sys::Var>();
+        (*var).varlevelsup == 0
+            && !nulled.contains(&((*var).varno as u32))
+            && distributed
+                .iter()
+                .any(|(rti, table)| *rti == (*var).varno as u32 && table.distribution_attnum == Some((*var).varattno))
+    })
+}
+
 /// The coordinator query of a split aggregation, or `None` when the query does not split.
 /// `anchor` is the distributed table whose shards define the tasks (every distributed table of
 /// the query must be co-located with it and joined on the distribution column).
@@ -328,6 +385,13 @@ pub unsafe fn split(
     };
     split.worker_columns = split.keys.clone();
     let aggregating = (*parse).hasAggs || !(*parse).groupClause.is_null();
+    // Grouped by a distribution column: every group lies in one shard group, so each shard
+    // computes its groups completely (any aggregate, HAVING) and the coordinator only sorts,
+    // limits and removes duplicates, as for rows without aggregation.
+    let whole = aggregating && groups_by_distribution_column(parse, &key_entries, distributed);
+    if whole {
+        split.worker_columns.clear();
+    }
 
     // The coordinator's select list and HAVING: aggregates combined, keys read from columns.
     // Without aggregation every output column is computed on the shards.
@@ -335,7 +399,7 @@ pub unsafe fn split(
     let mut coordinator_list: *mut pg_sys::List = std::ptr::null_mut();
     for (i, &entry) in entries.iter().enumerate() {
         let copy: *mut pg_sys::TargetEntry = pg_sys::copyObjectImpl(entry.cast()).cast();
-        if aggregating {
+        if aggregating && !whole {
             (*copy).expr = mutate((*entry).expr.cast(), context).cast();
         } else {
             split.worker_columns.push((*entry).expr.cast());
@@ -344,7 +408,7 @@ pub unsafe fn split(
         }
         coordinator_list = pg_sys::lappend(coordinator_list, copy.cast());
     }
-    let having = mutate((*parse).havingQual, context);
+    let having = if whole { std::ptr::null_mut() } else { mutate((*parse).havingQual, context) };
     // Every worker column must come back as a value the coordinator can read.
     let readable = split.worker_columns.iter().all(|&c| {
         let typ = pg_sys::exprType(c);
@@ -354,7 +418,7 @@ pub unsafe fn split(
         return Ok(None);
     }
     // ORDER BY ... LIMIT without aggregation: each shard returns only its first rows.
-    let top_n = !aggregating
+    let top_n = (!aggregating || whole)
         && !(*parse).sortClause.is_null()
         && !(*parse).limitCount.is_null()
         && (*parse).limitOffset.is_null()
@@ -368,15 +432,17 @@ pub unsafe fn split(
     for (i, &expr) in split.worker_columns.iter().enumerate() {
         let name = CString::new(format!("c{}", i + 1)).unwrap_or_default();
         let entry = pg_sys::makeTargetEntry(pg_sys::copyObjectImpl(expr.cast()).cast(), (i + 1) as i16, pg_sys::pstrdup(name.as_ptr()), false);
-        if aggregating && i < key_entries.len() {
+        if aggregating && !whole && i < key_entries.len() {
             (*entry).ressortgroupref = (*key_entries[i]).ressortgroupref;
-        } else if !aggregating {
+        } else if !aggregating || whole {
             (*entry).ressortgroupref = (*entries[i]).ressortgroupref;
         }
         worker_list = pg_sys::lappend(worker_list, entry.cast());
     }
     (*worker).targetList = worker_list;
-    (*worker).havingQual = std::ptr::null_mut();
+    if !whole {
+        (*worker).havingQual = std::ptr::null_mut();
+    }
     (*worker).distinctClause = std::ptr::null_mut();
     (*worker).hasDistinctOn = false;
     if !top_n {
@@ -384,7 +450,7 @@ pub unsafe fn split(
         (*worker).limitCount = std::ptr::null_mut();
     }
     (*worker).limitOffset = std::ptr::null_mut();
-    (*worker).hasAggs = aggregating && split.worker_columns.len() > key_entries.len();
+    (*worker).hasAggs = if whole { (*parse).hasAggs } else { aggregating && split.worker_columns.len() > key_entries.len() };
     let deparsed = deparse_query(worker)?;
     let mut plan = ShardScanPlan::from_deparsed(&deparsed, anchor);
     // Pruning by the WHERE clause's conditions on any distributed table's distribution column
@@ -408,7 +474,7 @@ pub unsafe fn split(
     plan.params_used = params_used;
     plan.binary = split.worker_columns.iter().all(|&c| pg_sys::exprType(c).to_u32() < pg_sys::FirstNormalObjectId);
     // An aggregate without GROUP BY returns one row even over no rows: some shard answers.
-    plan.at_least_one = aggregating;
+    plan.at_least_one = aggregating && !whole;
 
     // The coordinator query over the tasks' rows.
     let columns: Vec<(String, *mut pg_sys::Node)> =
@@ -427,13 +493,15 @@ pub unsafe fn split(
     (*reference).rtindex = 1;
     (*coordinator).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), std::ptr::null_mut());
     (*coordinator).targetList = coordinator_list;
-    (*coordinator).groupClause = pg_sys::copyObjectImpl((*parse).groupClause.cast()).cast();
+    if !whole {
+        (*coordinator).groupClause = pg_sys::copyObjectImpl((*parse).groupClause.cast()).cast();
+    }
     (*coordinator).havingQual = having;
     (*coordinator).sortClause = pg_sys::copyObjectImpl((*parse).sortClause.cast()).cast();
     (*coordinator).limitCount = pg_sys::copyObjectImpl((*parse).limitCount.cast()).cast();
     (*coordinator).limitOffset = pg_sys::copyObjectImpl((*parse).limitOffset.cast()).cast();
     (*coordinator).limitOption = (*parse).limitOption;
-    (*coordinator).hasAggs = (*parse).hasAggs;
+    (*coordinator).hasAggs = (*parse).hasAggs && !whole;
     (*coordinator).distinctClause = pg_sys::copyObjectImpl((*parse).distinctClause.cast()).cast();
     (*coordinator).hasDistinctOn = (*parse).hasDistinctOn;
     (*coordinator).stmt_location = (*parse).stmt_location;

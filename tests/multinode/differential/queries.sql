@@ -331,3 +331,17 @@ WITH per_region AS (SELECT region, sum(score) s FROM users GROUP BY region), per
 SELECT a.owner, a.balance, s.n FROM accounts a JOIN (SELECT user_id, count(*) n FROM items GROUP BY user_id) s ON s.user_id = a.owner ORDER BY a.id LIMIT 10;
 SELECT x.region, x.c, y.c FROM (SELECT region, count(*) c FROM users WHERE flag GROUP BY region) x FULL JOIN (SELECT region, count(*) c FROM users WHERE NOT flag GROUP BY region) y ON x.region = y.region;
 SELECT s.kind, s.n, rank() OVER (ORDER BY s.n DESC, s.kind) FROM (SELECT kind, count(*) n FROM events GROUP BY kind) s;
+-- Grouped by a distribution column: each shard computes its groups completely
+SELECT user_id, count(DISTINCT status), string_agg(status, ',' ORDER BY id) FROM orders GROUP BY user_id ORDER BY user_id LIMIT 10;
+SELECT user_id, percentile_cont(0.5) WITHIN GROUP (ORDER BY amount) FROM orders GROUP BY user_id HAVING count(*) > 2;
+SELECT u.id, u.name, count(o.id), round(stddev(o.amount), 6) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY u.id ORDER BY count(o.id) DESC, u.id LIMIT 7;
+SELECT o.user_id, count(*) FROM users u LEFT JOIN orders o ON o.user_id = u.id GROUP BY o.user_id ORDER BY 2 DESC, 1 NULLS FIRST LIMIT 3;
+SELECT u.id, count(o.id) FROM users u LEFT JOIN orders o ON o.user_id = u.id GROUP BY u.id HAVING count(o.id) = 0 ORDER BY u.id LIMIT 5;
+SELECT user_id, order_id, sum(qty), mode() WITHIN GROUP (ORDER BY sku) FROM items GROUP BY user_id, order_id ORDER BY 1, 2 LIMIT 8;
+SELECT DISTINCT count(*) FROM orders GROUP BY user_id;
+SELECT user_id, array_agg(id ORDER BY id) FROM orders WHERE user_id IN (5, 12, 19) GROUP BY user_id;
+SELECT user_id, count(*) FROM orders GROUP BY user_id ORDER BY count(*) DESC, user_id OFFSET 3 LIMIT 4;
+SELECT user_id, avg(amount)::numeric(10,3), var_pop(amount) FROM orders GROUP BY 1 ORDER BY 1 FETCH FIRST 5 ROWS ONLY;
+SELECT user_id, bool_and(status = 'new') FROM orders GROUP BY user_id HAVING bool_or(amount > 200) ORDER BY user_id;
+SELECT o.user_id, max(i.qty), count(DISTINCT i.sku) FROM orders o JOIN items i ON i.user_id = o.user_id AND i.order_id = o.id GROUP BY o.user_id HAVING max(i.qty) > 6 ORDER BY 1;
+SELECT r.label, x.n FROM (SELECT user_id, count(*) n FROM orders GROUP BY user_id ORDER BY n DESC, user_id LIMIT 3) x JOIN users u ON u.id = x.user_id LEFT JOIN regions r ON r.code = u.region ORDER BY x.n DESC, r.label;

@@ -308,6 +308,15 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     let rows = fresh.query("SELECT count(*) FROM kv WHERE k = $1", &[&None::<i64>]).unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 0);
 
+    // Grouped by the distribution column: each shard computes its groups completely, HAVING and
+    // the first rows (ORDER BY ... LIMIT) included; any aggregate works there.
+    let sql = "SELECT k, count(*), string_agg(v, ',') FROM kv GROUP BY k HAVING count(*) > 0 ORDER BY k DESC LIMIT 3";
+    let plan = explain(&mut c, sql);
+    assert_eq!(task_count(&plan), vec![32], "{plan}");
+    assert!(plan.contains("HAVING") && plan.contains("LIMIT 3") && plan.contains("string_agg"), "{plan}");
+    let (rows, _) = run(&mut c, sql).unwrap();
+    assert_eq!(rows.iter().map(|r| r[0].clone().unwrap()).collect::<Vec<_>>(), vec!["1000", "999", "998"]);
+
     // A subquery or WITH query over many shards that the shards can aggregate, inside a
     // statement that cannot run there (here: a join with a local table), aggregates on the
     // shards: only the groups come back.
