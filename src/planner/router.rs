@@ -626,7 +626,50 @@ unsafe fn replace_subqueries(query: *mut pg_sys::Query, replaced: &mut usize) ->
             replace_subqueries(inner, replaced)?;
         }
     }
-    Ok(())
+    // Subqueries in expressions (WHERE x IN (SELECT ...), scalar subqueries): the same, when
+    // they do not refer to the row of this level.
+    struct Context<'a> {
+        replaced: &'a mut usize,
+        failure: Option<ShardingError>,
+    }
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn sublinks(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let context = &mut *(context as *mut Context);
+        if (*node).type_ == pg_sys::NodeTag::T_SubLink {
+            let sublink = node.cast::<pg_sys::SubLink>();
+            let inner = (*sublink).subselect.cast::<pg_sys::Query>();
+            if !inner.is_null() && (*inner).type_ == pg_sys::NodeTag::T_Query {
+                let result = match subquery_on_shards(inner) {
+                    Ok(Some(coordinator)) => {
+                        (*sublink).subselect = coordinator.cast();
+                        *context.replaced += 1;
+                        Ok(())
+                    }
+                    Ok(None) => replace_subqueries(inner, context.replaced),
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = result {
+                    context.failure = Some(error);
+                    return true;
+                }
+            }
+            return sublinks((*sublink).testexpr, (context as *mut Context).cast());
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Query {
+            return false;
+        }
+        pg_sys::expression_tree_walker(node, Some(sublinks), (context as *mut Context).cast())
+    }
+    let mut context = Context { replaced, failure: None };
+    let flags = (pg_sys::QTW_IGNORE_RT_SUBQUERIES | pg_sys::QTW_IGNORE_CTE_SUBQUERIES) as i32;
+    pg_sys::query_tree_walker(query, Some(sublinks), (&mut context as *mut Context).cast(), flags);
+    match context.failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 /// The coordinator query of plan 3 for a subquery that reads nothing from outer levels and

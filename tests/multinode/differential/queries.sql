@@ -345,3 +345,8 @@ SELECT user_id, avg(amount)::numeric(10,3), var_pop(amount) FROM orders GROUP BY
 SELECT user_id, bool_and(status = 'new') FROM orders GROUP BY user_id HAVING bool_or(amount > 200) ORDER BY user_id;
 SELECT o.user_id, max(i.qty), count(DISTINCT i.sku) FROM orders o JOIN items i ON i.user_id = o.user_id AND i.order_id = o.id GROUP BY o.user_id HAVING max(i.qty) > 6 ORDER BY 1;
 SELECT r.label, x.n FROM (SELECT user_id, count(*) n FROM orders GROUP BY user_id ORDER BY n DESC, user_id LIMIT 3) x JOIN users u ON u.id = x.user_id LEFT JOIN regions r ON r.code = u.region ORDER BY x.n DESC, r.label;
+SELECT count(*) FROM events WHERE user_id IN (SELECT user_id FROM orders GROUP BY user_id HAVING count(*) > 3);
+SELECT e.id FROM events e WHERE e.user_id = (SELECT max(user_id) FROM orders) OR e.id = 1;
+SELECT kind, count(*) FROM events WHERE user_id NOT IN (SELECT id FROM users WHERE score > 50) GROUP BY kind;
+SELECT id, (SELECT count(DISTINCT status) FROM orders) FROM events WHERE id < 4;
+SELECT count(*) FROM events e WHERE EXISTS (SELECT 1 FROM orders o WHERE o.amount > 240);
