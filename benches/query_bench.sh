@@ -7,6 +7,7 @@
 #   - a co-located join users/orders with a filter and GROUP BY region
 #   - a join with a reference table
 #   - an aggregating subquery joined to a local table (the subquery runs on the shards)
+#   - the top 10 users by order total (grouped by the distribution column: top-N per shard)
 #     (these three against the same query on plain tables holding all rows on one server)
 #   - planning time of a router query (EXPLAIN (SUMMARY))
 #   - when pgbouncer is installed: the router SELECT and UPDATE sent to the worker through
@@ -158,7 +159,7 @@ compare() { # label distributed-sql plain-sql
     p=$(printf '%s\n' "${plain[@]}" | median)
     o=$(printf '%s\n' "${one[@]}" | median)
     t=$(printf '%s\n' "${two[@]}" | median)
-    printf "%-28s plain %8.1f ms  distributed %8.1f ms (ratio %s), with 2 connections/node %8.1f ms (ratio %s)\n" \
+    printf "%-32s plain %8.1f ms  distributed %8.1f ms (ratio %s), with 2 connections/node %8.1f ms (ratio %s)\n" \
         "$1" "$p" "$o" "$(ratio "$o" "$p")" "$t" "$(ratio "$t" "$p")"
     echo "    runs: plain ${plain[*]} | distributed ${one[*]} | 2 connections/node ${two[*]}"
 }
@@ -171,6 +172,9 @@ compare "co-located join + GROUP BY" \
 compare "reference-table join" \
     "SELECT r.label, count(*) FROM users u JOIN regions r ON r.code = u.region GROUP BY r.label" \
     "SELECT r.label, count(*) FROM users_plain u JOIN regions_plain r ON r.code = u.region GROUP BY r.label"
+compare "top users by total (GROUP BY the distribution column, ORDER BY LIMIT)" \
+    "SELECT user_id, count(*), sum(amount) FROM orders GROUP BY user_id ORDER BY sum(amount) DESC, user_id LIMIT 10" \
+    "SELECT user_id, count(*), sum(amount) FROM orders_plain GROUP BY user_id ORDER BY sum(amount) DESC, user_id LIMIT 10"
 # regions_plain is a local table on the coordinator: the statement takes the general plan, and
 # the subquery aggregates on the shards.
 compare "subquery joined to local" \

@@ -591,14 +591,15 @@ unsafe fn push_down_subqueries(
     cursor_options: i32,
     bound_params: pg_sys::ParamListInfo,
 ) -> Result<Option<*mut pg_sys::PlannedStmt>> {
-    let original: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+    // The statement stays as written unless something is replaced (on a copy).
+    let rewritten: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
     let mut replaced = 0;
-    replace_subqueries(parse, &mut replaced)?;
+    replace_subqueries(rewritten, &mut replaced)?;
     if replaced == 0 {
         return Ok(None);
     }
-    let planned = pg_sys::standard_planner(parse, query_string, cursor_options, bound_params);
-    append_relations(planned, original);
+    let planned = pg_sys::standard_planner(rewritten, query_string, cursor_options, bound_params);
+    append_relations(planned, parse);
     Ok(Some(planned))
 }
 
@@ -679,7 +680,9 @@ unsafe fn subquery_on_shards(subquery: *mut pg_sys::Query) -> Result<Option<*mut
         return Ok(None);
     }
     let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(subquery.cast()).cast();
-    let Some(coordinator) = split_select(copy)? else { return Ok(None) };
+    // Only a faster way to the same answer: when it cannot be built, the general plan reads
+    // the subquery's tables as it always did.
+    let Ok(Some(coordinator)) = split_select(copy) else { return Ok(None) };
     let before = list_pointers::<pg_sys::TargetEntry>((*subquery).targetList);
     let after = list_pointers::<pg_sys::TargetEntry>((*coordinator).targetList);
     let same = before.len() == after.len()
