@@ -70,6 +70,8 @@ pub struct RemoteConnection {
     /// Latch, postmaster death and this connection's socket, made once (on the first wait)
     /// instead of per wait; freed with the connection.
     events: std::cell::Cell<*mut pg_sys::WaitEventSet>,
+    /// The coordinator role this connection was opened for (its user on the node).
+    role: std::cell::Cell<pg_sys::Oid>,
 }
 
 /// Position of the socket in a connection's WaitEventSet (after the latch and postmaster death).
@@ -123,7 +125,11 @@ impl RemoteConnection {
         let conn = NonNull::new(raw)
             .ok_or_else(|| RemoteError::local("libpq could not allocate a connection"))?;
         // Owned from here on: an interrupt during the handshake still finishes the connection.
-        let connection = RemoteConnection { conn, events: std::cell::Cell::new(std::ptr::null_mut()) };
+        let connection = RemoteConnection {
+            conn,
+            events: std::cell::Cell::new(std::ptr::null_mut()),
+            role: std::cell::Cell::new(pg_sys::InvalidOid),
+        };
         // connect_timeout does not apply to PQconnectPoll: the deadline is ours.
         let deadline = Instant::now() + Duration::from_secs(params.connect_timeout_s.max(1) as u64);
         // SAFETY: conn is a valid PGconn until Drop.
@@ -614,6 +620,15 @@ impl RemoteConnection {
 
     /// Checks a connection that sat idle: reads whatever the node sent meanwhile (a server
     /// shutting down says so and closes) without waiting. False when it is no longer usable.
+    /// The coordinator role the connection was opened for (InvalidOid when not recorded).
+    pub fn role(&self) -> pg_sys::Oid {
+        self.role.get()
+    }
+
+    pub fn set_role(&self, role: pg_sys::Oid) {
+        self.role.set(role);
+    }
+
     pub fn probe(&self) -> bool {
         // One peek at the socket: nothing to read is the healthy case. A server that shut down
         // has sent its last message and closed; anything at all from an idle session means it

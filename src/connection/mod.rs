@@ -47,12 +47,20 @@ pub fn connect_to_node(host: &str, port: i32) -> crate::error::Result<RemoteConn
         connect_timeout_s: crate::guc::NODE_CONNECT_TIMEOUT.get(),
         client_encoding: &database_encoding(),
     };
-    RemoteConnection::connect(&params).map_err(|error| {
+    let connection = RemoteConnection::connect(&params).map_err(|error| {
         ShardingError::new(
             PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             format!("could not connect to node {host}:{port}"),
         )
         .detail(error.message)
         .hint("Check that the server is running, listens on that address and accepts this user (pg_hba.conf).")
-    })
+    })?;
+    connection.set_role(current_role());
+    Ok(connection)
+}
+
+/// The role statements run as now (SET ROLE and SECURITY DEFINER functions change it).
+pub fn current_role() -> pgrx::pg_sys::Oid {
+    // SAFETY: reads this backend's current user id.
+    unsafe { pgrx::pg_sys::GetUserId() }
 }

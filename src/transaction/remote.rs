@@ -247,8 +247,16 @@ fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
                 Err(lost_error(&session.label))
             }
             // A cached connection is checked before reuse: a node that restarted meanwhile
-            // gets a new connection instead of failing the statement.
-            Some(session) if session.phase == Phase::Open || (session.connection.is_ok() && session.connection.probe()) => {
+            // gets a new connection instead of failing the statement. Between transactions, a
+            // connection opened for another role (SET ROLE, RESET ROLE, SECURITY DEFINER) is
+            // replaced by one for the current role; inside the distributed transaction the
+            // node keeps the connection that holds its work.
+            Some(session)
+                if session.phase == Phase::Open
+                    || (session.connection.is_ok()
+                        && session.connection.role() == connection::current_role()
+                        && session.connection.probe()) =>
+            {
                 Ok(Some((session.connection.clone(), session.phase == Phase::Open)))
             }
             Some(_) => {
@@ -427,7 +435,9 @@ pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConne
         let existing = POOL.with(|p| {
             let mut pool = p.borrow_mut();
             let entries = pool.entry(node.node_id).or_default();
-            if slot < entries.len() && !(entries[slot].0.is_idle() && entries[slot].0.probe()) {
+            if slot < entries.len()
+                && !(entries[slot].0.is_idle() && entries[slot].0.role() == connection::current_role() && entries[slot].0.probe())
+            {
                 entries.remove(slot);
             }
             entries.get(slot).cloned()
