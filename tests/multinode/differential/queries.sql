@@ -350,3 +350,11 @@ SELECT e.id FROM events e WHERE e.user_id = (SELECT max(user_id) FROM orders) OR
 SELECT kind, count(*) FROM events WHERE user_id NOT IN (SELECT id FROM users WHERE score > 50) GROUP BY kind;
 SELECT id, (SELECT count(DISTINCT status) FROM orders) FROM events WHERE id < 4;
 SELECT count(*) FROM events e WHERE EXISTS (SELECT 1 FROM orders o WHERE o.amount > 240);
+-- Views over distributed tables
+SELECT * FROM region_counts;
+SELECT r.label, v.n FROM region_counts v JOIN regions r ON r.code = v.region ORDER BY r.label;
+SELECT v.region, v.n, e.kind FROM region_counts v JOIN events e ON e.id = v.n;
+SELECT count(*), sum(amount) FROM user_orders WHERE id < 50;
+SELECT * FROM user_orders WHERE id = 7 ORDER BY order_id;
+SELECT name, count(*) FROM user_orders GROUP BY name HAVING count(*) > 4;
+SELECT id, sum(amount) FROM user_orders GROUP BY id ORDER BY sum(amount) DESC NULLS LAST, id LIMIT 5;
