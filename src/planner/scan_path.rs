@@ -175,8 +175,13 @@ unsafe fn build_scan(
         }
     }
 
-    // Columns the coordinator needs: those of the output and of the clauses kept here.
+    // Columns the coordinator needs: those of the scan's output and of the clauses kept here.
+    // The output is `tlist` (the path's target), not the relation's current target: when the
+    // relation alone is the query's scan/join relation (a LEFT JOIN removed as useless, say),
+    // PostgreSQL has replaced its target with the final one by now, which may lack columns
+    // the path's target still carries.
     let mut attrs: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+    pg_sys::pull_varattnos(tlist.cast(), rti, &mut attrs);
     pg_sys::pull_varattnos((*(*rel).reltarget).exprs.cast(), rti, &mut attrs);
     pg_sys::pull_varattnos(local.cast(), rti, &mut attrs);
     let offset = pg_sys::FirstLowInvalidHeapAttributeNumber;

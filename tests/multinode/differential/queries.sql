@@ -358,3 +358,7 @@ SELECT count(*), sum(amount) FROM user_orders WHERE id < 50;
 SELECT * FROM user_orders WHERE id = 7 ORDER BY order_id;
 SELECT name, count(*) FROM user_orders GROUP BY name HAVING count(*) > 4;
 SELECT id, sum(amount) FROM user_orders GROUP BY id ORDER BY sum(amount) DESC NULLS LAST, id LIMIT 5;
+-- A LEFT JOIN that PostgreSQL removes as useless, under a plan that reads the shards' rows
+SELECT count(DISTINCT u.score) FROM users u LEFT JOIN regions r ON r.code = u.region;
+SELECT u.id, random() >= 0 FROM users u LEFT JOIN events e ON e.id = u.id WHERE u.id < 5;
+SELECT string_agg(u.name, ',' ORDER BY u.id) FROM users u LEFT JOIN regions r ON r.code = u.region WHERE u.id < 20;
