@@ -1,5 +1,6 @@
-"""Random aggregate queries (grouping keys, filters, joins, HAVING, ORDER BY ... LIMIT) run on the
-distributed (d) and local (l) copies of the differential dataset; prints every difference.
+"""Random aggregate queries (grouping keys, ROLLUP, SELECT DISTINCT, window functions over groups,
+filters, joins, HAVING, ORDER BY ... LIMIT) run on the distributed (d) and local (l) copies of the
+differential dataset; prints every difference.
 Usage: aggregates.py SEED COUNT (FUZZ_PORT: the coordinator port)."""
 import os, random, subprocess, sys
 PORT = os.environ.get("FUZZ_PORT", "9800")
@@ -55,12 +56,22 @@ for q in range(N):
         where = " WHERE " + where.format(n=pick(tabs, "n"), c=pick(tabs, "c"), t=pick(tabs, "t"), key=tables[random.choice(tabs)]["key"])
     sql = f"SELECT {', '.join(sel)} FROM {frm}{where}"
     if groupkeys:
-        sql += " GROUP BY " + ", ".join(groupkeys)
+        mode = random.random()
+        if mode < 0.2:
+            sql += " GROUP BY ROLLUP (" + ", ".join(groupkeys) + ")"
+        elif mode < 0.35:
+            sql = sql.replace("SELECT ", "SELECT DISTINCT ", 1)
+            sql += " GROUP BY " + ", ".join(groupkeys)
+        elif mode < 0.5:
+            sql = sql.replace("SELECT ", "SELECT rank() OVER (ORDER BY count(*), " + ", ".join(f"{k} NULLS FIRST" for k in groupkeys) + "), ", 1)
+            sql += " GROUP BY " + ", ".join(groupkeys)
+        else:
+            sql += " GROUP BY " + ", ".join(groupkeys)
         if random.random() < 0.3:
             sql += f" HAVING count(*) > {random.randint(0, 3)}"
     ordered = False
     if random.random() < 0.4:
-        cols = ", ".join(f"{i+1} NULLS FIRST" for i in range(len(sel)))
+        cols = ", ".join(f"{i+1} NULLS FIRST" for i in range(len(sel) + (1 if "rank()" in sql else 0)))
         sql += f" ORDER BY {cols} LIMIT {random.randint(1, 8)}"
         ordered = True
     if random.random() < 0.25:
