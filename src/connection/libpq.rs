@@ -618,8 +618,6 @@ impl RemoteConnection {
         self.drain_results().map(|_| ())
     }
 
-    /// Checks a connection that sat idle: reads whatever the node sent meanwhile (a server
-    /// shutting down says so and closes) without waiting. False when it is no longer usable.
     /// The coordinator role the connection was opened for (InvalidOid when not recorded).
     pub fn role(&self) -> pg_sys::Oid {
         self.role.get()
@@ -629,6 +627,8 @@ impl RemoteConnection {
         self.role.set(role);
     }
 
+    /// Checks a connection that sat idle: reads whatever the node sent meanwhile (a server
+    /// shutting down says so and closes) without waiting. False when it is no longer usable.
     pub fn probe(&self) -> bool {
         // One peek at the socket: nothing to read is the healthy case. A server that shut down
         // has sent its last message and closed; anything at all from an idle session means it

@@ -168,7 +168,7 @@ thread_local! {
         const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
 }
 
-fn decoded_plan(json: &[u8]) -> Result<Rc<ShardScanPlan>> {
+pub fn decoded_plan(json: &[u8]) -> Result<Rc<ShardScanPlan>> {
     let found = DECODED.with(|d| {
         let mut decoded = d.borrow_mut();
         let position = decoded.iter().position(|(text, _)| &text[..] == json)?;

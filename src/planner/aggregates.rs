@@ -32,7 +32,7 @@ pub unsafe fn task_results_function() -> pg_sys::Oid {
 }
 
 /// The ShardScan plan carried by an RTE of the coordinator query, if `rte` is one.
-pub unsafe fn task_results_plan(rte: *mut pg_sys::RangeTblEntry) -> Option<ShardScanPlan> {
+pub unsafe fn task_results_plan(rte: *mut pg_sys::RangeTblEntry) -> Option<std::rc::Rc<ShardScanPlan>> {
     if (*rte).rtekind != pg_sys::RTEKind::RTE_FUNCTION {
         return None;
     }
@@ -53,7 +53,7 @@ pub unsafe fn task_results_plan(rte: *mut pg_sys::RangeTblEntry) -> Option<Shard
         return None;
     }
     let text = pgrx::text_to_rust_str_unchecked((**plan).constvalue.cast_mut_ptr());
-    serde_json::from_str(text).ok()
+    crate::executor::remote_scan::decoded_plan(text.as_bytes()).ok()
 }
 
 /// How one aggregate of the original query is computed from partial results.

@@ -182,7 +182,6 @@ unsafe fn build_scan(
     // the path's target still carries.
     let mut attrs: *mut pg_sys::Bitmapset = std::ptr::null_mut();
     pg_sys::pull_varattnos(tlist.cast(), rti, &mut attrs);
-    pg_sys::pull_varattnos((*(*rel).reltarget).exprs.cast(), rti, &mut attrs);
     pg_sys::pull_varattnos(local.cast(), rti, &mut attrs);
     let offset = pg_sys::FirstLowInvalidHeapAttributeNumber;
     let mut attnos: Vec<i16> = Vec::new();
