@@ -21,7 +21,21 @@ pub static RECOVERY_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// distributed deadlock (0: never).
 pub static DISTRIBUTED_DEADLOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000);
 
+/// Kilobytes up to which a table joined without co-location is broadcast to the tasks of the
+/// other tables (0: never).
+pub static BROADCAST_JOIN_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+
 pub fn define() {
+    GucRegistry::define_int_guc(
+        c"sharding.broadcast_join_limit",
+        c"Largest table that a join between tables that are not co-located sends to every task of the other tables.",
+        c"The table's rows, filtered and projected, go to every shard of the other side, where the join and partial aggregates run; a larger table, or a join where that would move more than reading the other side, is joined on the coordinator. 0 turns broadcasting off.",
+        &BROADCAST_JOIN_LIMIT,
+        0,
+        i32::MAX / 1024,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
+    );
     GucRegistry::define_int_guc(
         c"sharding.distributed_deadlock_timeout",
         c"Milliseconds a statement of a distributed transaction waits for the workers before it looks for a distributed deadlock.",

@@ -60,6 +60,27 @@ pub struct ShardScanPlan {
     /// Pruning values carried in the plan itself (nodeToString), for scans whose plan node is
     /// built from a serialized plan (split queries): they become the `custom_exprs`.
     pub prune_nodes: Vec<String>,
+    /// Tables joined without being co-located, read before the tasks run and sent to every
+    /// task as parameters (planner/broadcast.rs).
+    #[serde(default)]
+    pub broadcasts: Vec<Broadcast>,
+}
+
+/// One table broadcast to the tasks: its rows, read by `plan` (one column per referenced
+/// column of the table), become one text array parameter per column, `$first_param` on.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct Broadcast {
+    /// The table, for EXPLAIN.
+    pub table: String,
+    pub plan: ShardScanPlan,
+    pub first_param: i32,
+    pub columns: usize,
+}
+
+impl Broadcast {
+    fn params(&self) -> std::ops::Range<i32> {
+        self.first_param..self.first_param + self.columns as i32
+    }
 }
 
 impl ShardScanPlan {
@@ -232,6 +253,8 @@ struct Runtime {
     elapsed: Option<std::time::Duration>,
     inputs: Vec<Input>,
     row_context: pg_sys::MemoryContext,
+    /// Rows of each broadcast table sent to the tasks (EXPLAIN ANALYZE).
+    broadcast_rows: Vec<usize>,
 }
 
 #[pg_guard]
@@ -302,6 +325,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
         remote_affected: 0,
         local_affected: 0,
         inputs,
+        broadcast_rows: Vec::new(),
         row_context: pg_sys::AllocSetContextCreateExtended(
             pg_sys::CurrentMemoryContext,
             c"ShardScan rows".as_ptr(),
@@ -327,6 +351,11 @@ unsafe fn task_params(node: *mut pg_sys::CustomScanState, estate: *mut pg_sys::E
     let mut params = Vec::with_capacity(plan.max_param.max(0) as usize);
     for id in 1..=plan.max_param {
         let unused = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: None, format: 0 };
+        // Broadcast rows: filled when the tasks run (broadcast()).
+        if plan.broadcasts.iter().any(|b| b.params().contains(&id)) {
+            params.push(unused);
+            continue;
+        }
         let (type_oid, value, isnull) = if let Some(&(_, index)) = plan.hoisted.iter().find(|(h, _)| *h == id) {
             let expr = plan_expr(node, index)?;
             let state = pg_sys::ExecInitExpr(expr, &mut (*node).ss.ps);
@@ -521,7 +550,6 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     let store = runtime.store;
     let binary = runtime.plan.binary;
     let row_context = runtime.row_context;
-    let inputs = &mut runtime.inputs;
     // Writes and row locks belong to the distributed transaction. A single-shard write
     // without RETURNING outside a transaction block is atomic on its own: it commits on the
     // worker in the same round trip (nothing can fail here after it). Reads join the remote
@@ -541,6 +569,10 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
         remote::read_access()
     };
     let started = std::time::Instant::now();
+    if !runtime.plan.broadcasts.is_empty() {
+        broadcast(node, runtime, access)?;
+    }
+    let inputs = &mut runtime.inputs;
     let affected = tasks::run(&runtime.tasks, &runtime.params, binary, access, |result| {
         if result.columns() != natts {
             return Err(ShardingError::internal(format!("a task returned {} columns, expected {natts}", result.columns())));
@@ -585,6 +617,45 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     }
     runtime.filled = true;
     runtime.elapsed = Some(started.elapsed());
+    Ok(())
+}
+
+/// Reads the rows of every broadcast table of the plan and puts them into the tasks'
+/// parameters: one text array per column (values in the workers' text form, read back there by
+/// the column type's input function).
+unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, access: remote::Access) -> Result<()> {
+    let plan = runtime.plan.clone();
+    runtime.broadcast_rows.clear();
+    for broadcast in &plan.broadcasts {
+        let (tasks, _) = plan_tasks(node, &broadcast.plan)?;
+        let used = (broadcast.plan.max_param.max(0) as usize).min(runtime.params.len());
+        let mut arrays = vec![sharding_core::array_literal::ArrayLiteral::new(); broadcast.columns];
+        let mut rows = 0usize;
+        tasks::run(&tasks, &runtime.params[..used], false, access, |result| {
+            if result.columns() != broadcast.columns {
+                return Err(ShardingError::internal(format!(
+                    "a broadcast task returned {} columns, expected {}",
+                    result.columns(),
+                    broadcast.columns
+                )));
+            }
+            for (i, array) in arrays.iter_mut().enumerate() {
+                array.push(result.value(i));
+            }
+            rows += 1;
+            Ok(())
+        })?;
+        for (id, array) in broadcast.params().zip(arrays) {
+            let mut value = array.finish();
+            value.push(0);
+            let slot = runtime
+                .params
+                .get_mut(id as usize - 1)
+                .ok_or_else(|| ShardingError::internal("a broadcast parameter lies beyond the plan's parameters"))?;
+            *slot = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(value), format: 0 };
+        }
+        runtime.broadcast_rows.push(rows);
+    }
     Ok(())
 }
 
@@ -713,6 +784,19 @@ unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancesto
     pg_sys::ExplainPropertyText(c"Nodes".as_ptr(), nodes.as_ptr(), es);
     if let Some(elapsed) = runtime.elapsed {
         pg_sys::ExplainPropertyFloat(c"Remote Execution Time".as_ptr(), c"ms".as_ptr(), elapsed.as_secs_f64() * 1000.0, 3, es);
+    }
+    // Tables sent to every task: which, how they are read, and with ANALYZE how many rows.
+    for (i, broadcast) in runtime.plan.broadcasts.iter().enumerate() {
+        let table = CString::new(broadcast.table.as_str()).unwrap_or_default();
+        pg_sys::ExplainPropertyText(c"Broadcast".as_ptr(), table.as_ptr(), es);
+        if let Some(&rows) = runtime.broadcast_rows.get(i) {
+            pg_sys::ExplainPropertyInteger(c"Broadcast Rows".as_ptr(), std::ptr::null(), rows as i64, es);
+        }
+        let (tasks, _) = plan_tasks(node, &broadcast.plan).or_raise();
+        pg_sys::ExplainPropertyInteger(c"Broadcast Task Count".as_ptr(), std::ptr::null(), tasks.len() as i64, es);
+        if let Some(task) = tasks.first() {
+            pg_sys::ExplainPropertyText(c"Broadcast SQL".as_ptr(), task.sql.as_ptr(), es);
+        }
     }
     for task in runtime.tasks.iter().take(shown) {
         let node = CString::new(format!("{}:{}", task.node.host, task.node.port)).unwrap_or_default();

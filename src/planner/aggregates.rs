@@ -275,7 +275,10 @@ unsafe fn eligible(parse: *mut pg_sys::Query) -> bool {
         && (*parse).groupingSets.is_null()
         && (*parse).rowMarks.is_null()
         && list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable).iter().all(|&rte| {
-            matches!((*rte).rtekind, pg_sys::RTEKind::RTE_RELATION | pg_sys::RTEKind::RTE_JOIN) && (*rte).tablesample.is_null()
+            // Functions (shippable ones: checked with the whole statement) give every task
+            // the same rows, as a reference table does; broadcast tables are such functions.
+            matches!((*rte).rtekind, pg_sys::RTEKind::RTE_RELATION | pg_sys::RTEKind::RTE_JOIN | pg_sys::RTEKind::RTE_FUNCTION)
+                && (*rte).tablesample.is_null()
         })
         && !references_whole_rows_or_system_columns(parse)
 }
@@ -366,6 +369,7 @@ pub unsafe fn split(
     parse: *mut pg_sys::Query,
     anchor: pg_sys::Oid,
     distributed: &[(u32, std::rc::Rc<crate::catalog::tables::DistributedTable>)],
+    broadcasts: Vec<crate::executor::remote_scan::Broadcast>,
 ) -> Result<Option<*mut pg_sys::Query>> {
     if !eligible(parse) {
         return Ok(None);
@@ -475,6 +479,7 @@ pub unsafe fn split(
     plan.binary = split.worker_columns.iter().all(|&c| pg_sys::exprType(c).to_u32() < pg_sys::FirstNormalObjectId);
     // An aggregate without GROUP BY returns one row even over no rows: some shard answers.
     plan.at_least_one = aggregating && !whole;
+    plan.broadcasts = broadcasts;
 
     // The coordinator query over the tasks' rows.
     let columns: Vec<(String, *mut pg_sys::Node)> =

@@ -6,6 +6,7 @@
 //! extension does not route.
 
 pub mod aggregates;
+pub mod broadcast;
 pub mod hoist;
 pub mod pins;
 pub mod router;

@@ -445,7 +445,7 @@ pub unsafe fn plan_statement(
 
     if !modify {
         if pinned.is_none() {
-            if let Some(coordinator) = split_select(parse)? {
+            if let Some(coordinator) = shard_select(parse)? {
                 let planned = pg_sys::standard_planner(coordinator, query_string, cursor_options, bound_params);
                 append_relations(planned, parse);
                 return Ok(Some(planned));
@@ -538,6 +538,23 @@ pub unsafe fn plan_statement(
 /// FROM, no outer join repeating rows per group), and the statement means the same on the
 /// workers. `None` when the SELECT is not of that shape.
 unsafe fn split_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
+    split_select_with(parse, Vec::new())
+}
+
+/// Plan 3 for a SELECT as it is, or with the tables it joins without co-location broadcast to
+/// the shards of the others (planner/broadcast.rs).
+unsafe fn shard_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
+    match split_select(parse)? {
+        Some(coordinator) => Ok(Some(coordinator)),
+        None => super::broadcast::plan(parse),
+    }
+}
+
+/// `split_select`, with tables broadcast to every task (planner/broadcast.rs).
+pub(super) unsafe fn split_select_with(
+    parse: *mut pg_sys::Query,
+    broadcasts: Vec<crate::executor::remote_scan::Broadcast>,
+) -> Result<Option<*mut pg_sys::Query>> {
     if (*parse).commandType != pg_sys::CmdType::CMD_SELECT || !(*parse).utilityStmt.is_null() {
         return Ok(None);
     }
@@ -566,7 +583,7 @@ unsafe fn split_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::
             analysis.tables.iter().find(|t| t.relid == relid).map(|t| (rti, t.clone()))
         })
         .collect();
-    super::aggregates::split(parse, analysis.tables[0].relid, &distributed)
+    super::aggregates::split(parse, analysis.tables[0].relid, &distributed, broadcasts)
 }
 
 /// Every relation of `original` into a plan made from a rewritten statement: permission checks,
@@ -682,7 +699,7 @@ unsafe fn subquery_on_shards(subquery: *mut pg_sys::Query) -> Result<Option<*mut
     let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(subquery.cast()).cast();
     // Only a faster way to the same answer: when it cannot be built, the general plan reads
     // the subquery's tables as it always did.
-    let Ok(Some(coordinator)) = split_select(copy) else { return Ok(None) };
+    let Ok(Some(coordinator)) = shard_select(copy) else { return Ok(None) };
     let before = list_pointers::<pg_sys::TargetEntry>((*subquery).targetList);
     let after = list_pointers::<pg_sys::TargetEntry>((*coordinator).targetList);
     let same = before.len() == after.len()

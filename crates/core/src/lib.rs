@@ -2,6 +2,7 @@
 //! Everything here is unit-tested with `cargo test -p sharding_core` in milliseconds;
 //! the extension crate only feeds it facts read from catalogs and remote nodes.
 
+pub mod array_literal;
 pub mod copy_text;
 pub mod counters;
 pub mod hash;

@@ -21,6 +21,7 @@ SELECT g, (g * 13) % 220 + 1, (ARRAY['click', 'view', 'buy'])[g % 3 + 1],
        CASE WHEN g % 10 = 0 THEN NULL ELSE md5(g::text) END,
        TIMESTAMPTZ '2024-01-01 00:00:00+00' + g * interval '37 minutes'
 FROM generate_series(1, 400) g;
+UPDATE @s.events SET tag = (ARRAY['b', 'B', 'a', 'A', 'é', NULL])[id % 6 + 1];
 INSERT INTO @s."MixedCase" SELECT g, 'v' || g, g % 4 FROM generate_series(1, 50) g;
 INSERT INTO @s2.accounts SELECT g, g % 200 + 1, g * 1.25 FROM generate_series(1, 100) g;
 CREATE VIEW @s.region_counts AS SELECT region, count(*) AS n, avg(score) AS a FROM @s.users GROUP BY region;

@@ -362,3 +362,26 @@ SELECT id, sum(amount) FROM user_orders GROUP BY id ORDER BY sum(amount) DESC NU
 SELECT count(DISTINCT u.score) FROM users u LEFT JOIN regions r ON r.code = u.region;
 SELECT u.id, random() >= 0 FROM users u LEFT JOIN events e ON e.id = u.id WHERE u.id < 5;
 SELECT string_agg(u.name, ',' ORDER BY u.id) FROM users u LEFT JOIN regions r ON r.code = u.region WHERE u.id < 20;
+-- Joins of tables that are not co-located: the smaller side is broadcast to the other's shards
+SELECT e.kind, count(*), sum(o.amount) FROM events e JOIN orders o ON o.user_id = e.user_id WHERE e.kind = 'buy' GROUP BY e.kind;
+SELECT u.region, count(*) FROM events e JOIN users u USING (id) GROUP BY u.region ORDER BY 1;
+SELECT u.region, count(e.id) FROM users u LEFT JOIN events e ON e.user_id = u.id AND e.kind = 'view' GROUP BY u.region;
+SELECT e.id, u.id FROM events e RIGHT JOIN users u ON u.id = e.user_id AND e.kind = 'buy' WHERE u.id < 30;
+SELECT e.payload IS NULL, count(*) FROM events e JOIN users u ON u.score = e.id GROUP BY 1;
+SELECT a.owner, sum(o.amount) FROM accounts a JOIN orders o ON o.user_id = a.owner WHERE a.balance > 100 GROUP BY a.owner ORDER BY 1 LIMIT 10;
+SELECT m."Value", count(*) FROM "MixedCase" m JOIN users u ON u.score = m."select" GROUP BY m."Value" ORDER BY 1;
+SELECT count(*) FROM events e JOIN users u ON e.user_id = u.id JOIN accounts a ON a.owner = u.id;
+SELECT count(*) FROM accounts a JOIN events e ON e.user_id = a.owner JOIN users u ON u.id = e.id;
+SELECT e.at, u.name FROM events e JOIN users u ON u.id = e.user_id WHERE e.id < 20 ORDER BY e.at, u.name;
+SELECT u.region, min(e.tag), max(e.tag), count(e.tag) FROM events e JOIN users u ON u.id = e.user_id GROUP BY u.region;
+SELECT count(*) FROM events e JOIN users u ON u.id = e.user_id WHERE e.tag < 'b';
+SELECT e.tag, count(*) FROM events e JOIN orders o ON o.user_id = e.user_id GROUP BY e.tag ORDER BY e.tag;
+SELECT count(*) FROM events e, users u WHERE e.user_id = u.id AND u.score > 50 AND e.at > TIMESTAMPTZ '2024-01-05 00:00:00+00';
+SELECT e.kind, avg(u.score) FROM events e JOIN users u ON u.id = e.user_id GROUP BY e.kind HAVING count(*) > 10 ORDER BY e.kind;
+SELECT u.id, e.kind FROM events e JOIN users u ON u.id = e.user_id ORDER BY u.id, e.id LIMIT 7;
+SELECT count(*) FROM (SELECT e.kind FROM events e JOIN users u ON u.id = e.user_id WHERE u.flag) s;
+SELECT s.kind, s.n, r.label FROM (SELECT e.kind, count(*) n FROM events e JOIN users u ON u.id = e.user_id GROUP BY e.kind) s LEFT JOIN regions r ON r.code = s.kind;
+SELECT u.name, e.payload FROM events e JOIN users u ON u.id = e.user_id WHERE e.payload LIKE 'a%' AND u.id < 100 ORDER BY 1, 2;
+SELECT u.region, count(*) FROM events e JOIN users u ON u.id = e.user_id JOIN regions r ON r.code = u.region WHERE e.id % 3 = 0 GROUP BY u.region;
+SELECT e.kind, o.status, count(*) FROM events e JOIN orders o ON o.id = e.id GROUP BY 1, 2 ORDER BY 1, 2;
+SELECT count(*) FROM users u JOIN users v ON v.score = u.id;

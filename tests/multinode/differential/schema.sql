@@ -5,7 +5,11 @@ CREATE SCHEMA @s2;
 CREATE TABLE @s.users (id bigint PRIMARY KEY, name text, region text, score int, created date, flag bool);
 CREATE TABLE @s.orders (id bigint, user_id bigint, amount numeric(10,2), status text, note text, PRIMARY KEY (user_id, id));
 CREATE TABLE @s.items (order_id bigint, user_id bigint, sku text, qty int);
-CREATE TABLE @s.events (id bigint PRIMARY KEY, user_id bigint, kind text, payload text, at timestamptz);
+CREATE TABLE @s.events (id bigint PRIMARY KEY, user_id bigint, scratch int, kind text, payload text, at timestamptz);
+-- A dropped column and a column whose collation is not its type's default (broadcast joins
+-- must keep both straight).
+ALTER TABLE @s.events DROP COLUMN scratch;
+ALTER TABLE @s.events ADD COLUMN tag text COLLATE "und-x-icu";
 CREATE TABLE @s.regions (code text PRIMARY KEY, label text);
 CREATE TABLE @s."MixedCase" ("Id" int PRIMARY KEY, "Value" text, "select" int);
 CREATE TABLE @s2.accounts (id int PRIMARY KEY, owner bigint, balance numeric);

@@ -44,6 +44,10 @@ const PARAMETERIZED: &[(&str, &[&str])] = &[
         &["EXECUTE p(0)", "EXECUTE p(50)"],
     ),
     (
+        "PREPARE p(text) AS SELECT u.region, count(*), max(e.at) FROM events e JOIN users u ON u.id = e.user_id WHERE e.kind = $1 GROUP BY u.region",
+        &["EXECUTE p('buy')", "EXECUTE p('none')", "EXECUTE p(NULL)"],
+    ),
+    (
         "PREPARE p(bigint, int) AS UPDATE users SET score = score + $2 WHERE id = $1 RETURNING id, score",
         &["BEGIN; EXECUTE p(5, 1); ROLLBACK", "BEGIN; EXECUTE p(6, -3); EXECUTE p(6, 2); ROLLBACK"],
     ),
@@ -147,6 +151,15 @@ fn distributed_queries_return_what_a_single_server_returns() {
             failures.push(format!("{sql}\n  {problem}"));
         }
     }
+    // The joins again with broadcasting off: the coordinator joins the shards' rows.
+    run(&mut dist, "SET sharding.broadcast_join_limit = 0").unwrap();
+    for sql in queries.iter().filter(|q| q.contains("JOIN") || q.contains("(SELECT") || q.contains(", users")) {
+        if let Err(problem) = compare(&mut dist, &mut local, sql) {
+            failures.push(format!("[broadcast off] {sql}\n  {problem}"));
+        }
+    }
+    run(&mut dist, "RESET sharding.broadcast_join_limit").unwrap();
+
     // Session settings that change how values print must apply on the workers too.
     for setting in [
         "SET TimeZone = 'Asia/Tokyo'",
@@ -343,6 +356,39 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
         assert!(!expected.is_empty());
         assert_eq!(got, expected, "{sql}");
     }
+
+    // A join of tables that are not co-located: the small one (filtered by its own conditions,
+    // projected to the columns the statement reads) goes to every task of the other, where
+    // the join and the partial aggregates run.
+    c.batch_execute(
+        "CREATE TABLE tags (id int PRIMARY KEY, dropped int, name text COLLATE \"und-x-icu\", kind text);
+         ALTER TABLE tags DROP COLUMN dropped;
+         SELECT create_distributed_table('tags', 'id', colocate_with => 'none');
+         INSERT INTO tags SELECT g, (ARRAY['b', 'B', 'a', 'A'])[g % 4 + 1], CASE WHEN g % 2 = 0 THEN 'even' END FROM generate_series(1, 40) g;
+         CREATE TABLE tags_local AS SELECT * FROM tags;",
+    )
+    .unwrap();
+    // min and max run on the shards over the broadcast column: in its collation (ICU: a < A <
+    // b < B), not the database's (C: A < B < a < b).
+    let sql = "SELECT kv.k % 3 AS r, min(t.name), max(t.name), count(t.kind) FROM kv JOIN tags t ON t.id = kv.k % 40 + 1 WHERE t.name >= 'a' GROUP BY 1 ORDER BY 1";
+    let plan = explain(&mut c, &format!("(ANALYZE, COSTS off, TIMING off, SUMMARY off) {sql}"));
+    assert_eq!(task_count(&plan), vec![32], "{plan}");
+    assert!(plan.contains("Broadcast: tags") && plan.contains("Broadcast Task Count: 32"), "{plan}");
+    let sent: i64 = scalar(&mut c, "SELECT count(*) FROM tags WHERE name >= 'a'");
+    assert_eq!(sent, 40);
+    assert!(plan.contains(&format!("Broadcast Rows: {sent}")), "{plan}");
+    assert!(plan.contains("COLLATE \"und-x-icu\"") && plan.contains("min(t.name)"), "{plan}");
+    let (got, _) = run(&mut c, sql).unwrap();
+    let (expected, _) = run(&mut c, &sql.replace("FROM kv JOIN tags", "FROM kv_local kv JOIN tags_local")).unwrap();
+    assert_eq!(expected.len(), 3);
+    assert_eq!(expected[0][1].as_deref(), Some("a"));
+    assert_eq!(got, expected, "{sql}");
+    // Turned off: the coordinator joins the rows of both, with the same answer.
+    c.batch_execute("SET sharding.broadcast_join_limit = 0").unwrap();
+    let plan = explain(&mut c, sql);
+    assert!(!plan.contains("Broadcast") && plan.contains("Join"), "{plan}");
+    assert_eq!(run(&mut c, sql).unwrap().0, expected);
+    c.batch_execute("RESET sharding.broadcast_join_limit").unwrap();
 }
 
 #[test]

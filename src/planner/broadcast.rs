@@ -1,0 +1,479 @@
+//! Broadcast joins: a SELECT joining distributed tables that are not co-located (or not joined
+//! on their distribution columns) runs on the shards of one of them, with the rows of the
+//! others sent to every task.
+//!
+//! The statement is rewritten on a copy: each broadcast table becomes a function scan over
+//! array parameters, one per column it reads (`ROWS FROM(unnest(($5)::integer[]), ...) AS
+//! p(id, ...)`), so the rest of the statement keeps its shape and the remaining tables are
+//! co-located: plan 3 (aggregates.rs) takes it from there, and the ShardScan reads each
+//! broadcast table first (filtered by the conditions on it alone, projected to the columns the
+//! statement reads) and fills the parameters (executor/remote_scan.rs, `broadcast`).
+//!
+//! A table is broadcast only when that moves fewer bytes than reading the other side to the
+//! coordinator: its size (from the workers, cached for a minute) times the task count must
+//! not exceed the rest, or it must be small; and never beyond `sharding.broadcast_join_limit`.
+//! Otherwise the general plan joins on the coordinator, as before.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use pgrx::pg_sys;
+
+use crate::catalog::{cache, tables::DistributedTable, tables::Method};
+use crate::commands::utility::list_pointers;
+use crate::connection::TaskParam;
+use crate::deparse::query::deparse_query;
+use crate::error::{Result, ShardingError};
+use crate::executor::remote_scan::{Broadcast, ShardScanPlan};
+use crate::executor::tasks::{self, Task};
+use crate::planner::scan_path::collect_params;
+use crate::planner::shippable;
+use crate::transaction::remote;
+
+/// Tables at most this large are broadcast whatever the size of the rest.
+const SMALL_TABLE_BYTES: u64 = 1024 * 1024;
+/// How long a table's size read from the workers is trusted.
+const SIZE_TTL: Duration = Duration::from_secs(60);
+
+/// The coordinator query of plan 3 over the statement with some tables broadcast, `None` when
+/// no choice of broadcast tables makes the rest run on co-located shards.
+pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
+    let limit = crate::guc::BROADCAST_JOIN_LIMIT.get();
+    if limit <= 0 || (*parse).commandType != pg_sys::CmdType::CMD_SELECT || !(*parse).utilityStmt.is_null() {
+        return Ok(None);
+    }
+    let limit = limit as u64 * 1024;
+    // The distributed tables of the top level (range table index, table).
+    let mut distributed: Vec<(u32, Rc<DistributedTable>)> = Vec::new();
+    for (i, rte) in list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable).into_iter().enumerate() {
+        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || (*rte).relkind == pg_sys::RELKIND_VIEW as std::ffi::c_char {
+            continue;
+        }
+        if let Some(table) = cache::table_unless_reentrant((*rte).relid)? {
+            if table.method == Method::Hash {
+                distributed.push(((i + 1) as u32, table));
+            }
+        }
+    }
+    if distributed.len() < 2 {
+        return Ok(None);
+    }
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for (rti, table) in &distributed {
+        let rte = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable)[*rti as usize - 1];
+        // Row-level security quals stay with the table's own scan.
+        if !(*rte).securityQuals.is_null() || !(*rte).tablesample.is_null() {
+            continue;
+        }
+        let Some(columns) = referenced_columns(parse, *rti) else { continue };
+        if !columns.iter().all(|&attno| sendable_column((*rte).relid, attno)) {
+            continue;
+        }
+        let Some(bytes) = table_bytes(table) else { continue };
+        let unfiltered = own_conditions(parse, *rti).is_empty();
+        candidates.push((*rti, table.clone(), columns, bytes, unfiltered) as Candidate);
+    }
+    // Smallest first; of equal sizes, the ones the statement filters.
+    candidates.sort_by_key(|c| (c.3, c.4));
+
+    // One table broadcast, the smallest that works; then the smallest ones together (a join
+    // of three tables from three co-location groups needs two).
+    let singles = (0..candidates.len()).map(|i| vec![i]);
+    let growing = (2..=candidates.len()).map(|n| (0..n).collect::<Vec<_>>());
+    for chosen in singles.chain(growing) {
+        let chosen: Vec<&Candidate> = chosen.iter().map(|&i| &candidates[i]).collect();
+        if let Some(coordinator) = attempt(parse, &distributed, &chosen, limit)? {
+            return Ok(Some(coordinator));
+        }
+    }
+    Ok(None)
+}
+
+/// A table that could be broadcast: its range table index, the table, the columns the
+/// statement reads, its size, and whether the statement has no conditions on it alone.
+type Candidate = (u32, Rc<DistributedTable>, Vec<i16>, u64, bool);
+
+/// Plan 3 with the `chosen` tables broadcast, when each is worth it and the rest then runs on
+/// co-located shards.
+unsafe fn attempt(
+    parse: *mut pg_sys::Query,
+    distributed: &[(u32, Rc<DistributedTable>)],
+    chosen: &[&Candidate],
+    limit: u64,
+) -> Result<Option<*mut pg_sys::Query>> {
+    // What stays distributed: its largest table sets the bytes read otherwise, the one with
+    // the most shards the task count.
+    let rest: Vec<&(u32, Rc<DistributedTable>)> = distributed.iter().filter(|(r, _)| !chosen.iter().any(|c| c.0 == *r)).collect();
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    let mut rest_bytes = 0u64;
+    let mut tasks = 1u64;
+    for (_, other) in &rest {
+        let Some(other_bytes) = table_bytes(other) else { return Ok(None) };
+        rest_bytes = rest_bytes.max(other_bytes);
+        tasks = tasks.max(other.shards.len() as u64);
+    }
+    if chosen.iter().any(|c| c.3 > limit || (c.3 > SMALL_TABLE_BYTES && c.3.saturating_mul(tasks) > rest_bytes)) {
+        return Ok(None);
+    }
+    let rewritten: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+    let mut params = Vec::new();
+    collect_params(parse.cast(), &mut params);
+    let mut next_param = params.iter().copied().max().unwrap_or(0) + 1;
+    let mut broadcasts = Vec::new();
+    for (rti, table, columns, _, _) in chosen.iter().copied() {
+        let reader = broadcast_reader(parse, *rti, table, columns)?;
+        replace_with_parameters(rewritten, *rti, columns, next_param)?;
+        broadcasts.push(Broadcast { table: table.name.clone(), plan: reader, first_param: next_param, columns: columns.len() });
+        next_param += columns.len() as i32;
+    }
+    super::router::split_select_with(rewritten, broadcasts)
+}
+
+/// The columns of range table entry `rti` (of the top level) the statement reads, anywhere in
+/// it (also through join aliases and in subqueries); `None` when it reads whole rows or system
+/// columns, which a function scan cannot give.
+unsafe fn referenced_columns(parse: *mut pg_sys::Query, rti: u32) -> Option<Vec<i16>> {
+    struct Context {
+        parse: *mut pg_sys::Query,
+        rti: u32,
+        depth: u32,
+        columns: Vec<i16>,
+        whole: bool,
+    }
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let cx = &mut *(context as *mut Context);
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Var => {
+                let var = node.cast::<pg_sys::Var>();
+                if (*var).varlevelsup != cx.depth {
+                    return false;
+                }
+                let rtes = list_pointers::<pg_sys::RangeTblEntry>((*cx.parse).rtable);
+                let Some(&rte) = rtes.get((*var).varno as usize - 1) else { return false };
+                if (*var).varno as u32 == cx.rti {
+                    if (*var).varattno <= 0 {
+                        cx.whole = true;
+                        return true;
+                    }
+                    if !cx.columns.contains(&(*var).varattno) {
+                        cx.columns.push((*var).varattno);
+                    }
+                } else if (*rte).rtekind == pg_sys::RTEKind::RTE_JOIN {
+                    // A column of a join (USING columns, whole joins): what it stands for.
+                    let local: *mut pg_sys::Var = pg_sys::copyObjectImpl(var.cast()).cast();
+                    (*local).varlevelsup = 0;
+                    let expanded = pg_sys::flatten_join_alias_vars(cx.parse, local.cast());
+                    let depth = std::mem::replace(&mut cx.depth, 0);
+                    let found = walker(expanded, context);
+                    (*(context as *mut Context)).depth = depth;
+                    return found;
+                }
+                false
+            }
+            pg_sys::NodeTag::T_Query => {
+                cx.depth += 1;
+                let found = pg_sys::query_tree_walker(node.cast(), Some(walker), context, pg_sys::QTW_IGNORE_JOINALIASES as i32);
+                (*(context as *mut Context)).depth -= 1;
+                found
+            }
+            _ => pg_sys::expression_tree_walker(node, Some(walker), context),
+        }
+    }
+    let mut context = Context { parse, rti, depth: 0, columns: Vec::new(), whole: false };
+    pg_sys::query_tree_walker(parse, Some(walker), (&mut context as *mut Context).cast(), pg_sys::QTW_IGNORE_JOINALIASES as i32);
+    if context.whole {
+        return None;
+    }
+    context.columns.sort_unstable();
+    Some(context.columns)
+}
+
+/// The type of a column, and whether its values travel as elements of an array of that type:
+/// not arrays (they would be flattened into the outer array) nor composites (a function scan
+/// would spread them over several columns).
+unsafe fn column_type(relid: pg_sys::Oid, attno: i16) -> (pg_sys::Oid, i32, pg_sys::Oid) {
+    let (mut type_oid, mut typmod, mut collation) = (pg_sys::InvalidOid, -1, pg_sys::InvalidOid);
+    pg_sys::get_atttypetypmodcoll(relid, attno, &mut type_oid, &mut typmod, &mut collation);
+    (type_oid, typmod, collation)
+}
+
+unsafe fn sendable_column(relid: pg_sys::Oid, attno: i16) -> bool {
+    let (type_oid, _, _) = column_type(relid, attno);
+    let base = pg_sys::getBaseType(type_oid);
+    type_oid != pg_sys::InvalidOid
+        && pg_sys::get_array_type(type_oid) != pg_sys::InvalidOid
+        && pg_sys::get_element_type(base) == pg_sys::InvalidOid
+        && !pg_sys::type_is_rowtype(base)
+        && pg_sys::get_typtype(base) != pg_sys::TYPTYPE_PSEUDO as std::ffi::c_char
+}
+
+/// Replaces range table entry `rti` of `query` by a function scan over array parameters
+/// `$first_param...`, one per referenced column (NULL arrays for the other columns, so that
+/// every column keeps its number).
+unsafe fn replace_with_parameters(query: *mut pg_sys::Query, rti: u32, columns: &[i16], first_param: i32) -> Result<()> {
+    let rtable = (*query).rtable;
+    let cell = (*rtable).elements.add(rti as usize - 1);
+    let old = (*cell).ptr_value as *mut pg_sys::RangeTblEntry;
+    let relid = (*old).relid;
+    let names = list_pointers::<pg_sys::String>((*(*old).eref).colnames);
+    let mut colnames: *mut pg_sys::List = std::ptr::null_mut();
+    let mut functions: *mut pg_sys::List = std::ptr::null_mut();
+    for (i, &name) in names.iter().enumerate() {
+        let attno = (i + 1) as i16;
+        // A dropped column has no name; it is never read, but the alias list needs one.
+        let name = std::ffi::CStr::from_ptr((*name).sval).to_string_lossy().into_owned();
+        let name = if name.is_empty() { format!("pgs_dropped_{attno}") } else { name };
+        let name = CString::new(name).map_err(|e| ShardingError::internal(e.to_string()))?;
+        colnames = pg_sys::lappend(colnames, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
+
+        let (argument, element, collation) = match columns.iter().position(|&c| c == attno) {
+            Some(position) => {
+                let (type_oid, _, collation) = column_type(relid, attno);
+                let array_type = pg_sys::get_array_type(type_oid);
+                let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();
+                (*param).xpr.type_ = pg_sys::NodeTag::T_Param;
+                (*param).paramkind = pg_sys::ParamKind::PARAM_EXTERN;
+                (*param).paramid = first_param + position as i32;
+                (*param).paramtype = pg_sys::TEXTOID;
+                (*param).paramtypmod = -1;
+                (*param).paramcollid = pg_sys::DEFAULT_COLLATION_OID;
+                (*param).location = -1;
+                // The worker reads the text with the column type's own input function.
+                let coerce: *mut pg_sys::CoerceViaIO = pg_sys::palloc0(std::mem::size_of::<pg_sys::CoerceViaIO>()).cast();
+                (*coerce).xpr.type_ = pg_sys::NodeTag::T_CoerceViaIO;
+                (*coerce).arg = param.cast();
+                (*coerce).resulttype = array_type;
+                (*coerce).resultcollid = pg_sys::get_typcollation(array_type);
+                (*coerce).coerceformat = pg_sys::CoercionForm::COERCE_EXPLICIT_CAST;
+                (*coerce).location = -1;
+                let mut argument: *mut pg_sys::Expr = coerce.cast();
+                // A column collation other than its type's default must hold on the worker.
+                if collation != pg_sys::InvalidOid && collation != pg_sys::get_typcollation(type_oid) {
+                    let collate: *mut pg_sys::CollateExpr = pg_sys::palloc0(std::mem::size_of::<pg_sys::CollateExpr>()).cast();
+                    (*collate).xpr.type_ = pg_sys::NodeTag::T_CollateExpr;
+                    (*collate).arg = argument;
+                    (*collate).collOid = collation;
+                    (*collate).location = -1;
+                    argument = collate.cast();
+                }
+                (argument, type_oid, collation)
+            }
+            None => (pg_sys::makeNullConst(pg_sys::INT4ARRAYOID, -1, pg_sys::InvalidOid).cast(), pg_sys::INT4OID, pg_sys::InvalidOid),
+        };
+        let call = pg_sys::makeFuncExpr(
+            pg_sys::Oid::from(pg_sys::F_UNNEST_ANYARRAY),
+            element,
+            pg_sys::lappend(std::ptr::null_mut(), argument.cast()),
+            collation,
+            pg_sys::exprCollation(argument.cast()),
+            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+        );
+        (*call).funcretset = true;
+        let function: *mut pg_sys::RangeTblFunction = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblFunction>()).cast();
+        (*function).type_ = pg_sys::NodeTag::T_RangeTblFunction;
+        (*function).funcexpr = call.cast();
+        (*function).funccolcount = 1;
+        functions = pg_sys::lappend(functions, function.cast());
+    }
+    let rte: *mut pg_sys::RangeTblEntry = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast();
+    (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+    (*rte).rtekind = pg_sys::RTEKind::RTE_FUNCTION;
+    (*rte).functions = functions;
+    (*rte).inFromCl = (*old).inFromCl;
+    (*rte).inh = false;
+    let alias = if (*old).alias.is_null() { (*(*old).eref).aliasname } else { (*(*old).alias).aliasname };
+    (*rte).alias = pg_sys::makeAlias(alias, pg_sys::copyObjectImpl(colnames.cast()).cast());
+    (*rte).eref = pg_sys::makeAlias(alias, colnames);
+    (*cell).ptr_value = rte.cast();
+    Ok(())
+}
+
+/// The plan that reads a broadcast table: the referenced columns of each shard's rows, filtered
+/// by the statement's conditions on this table alone when no outer join can null it.
+unsafe fn broadcast_reader(parse: *mut pg_sys::Query, rti: u32, table: &DistributedTable, columns: &[i16]) -> Result<ShardScanPlan> {
+    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+    let rte: *mut pg_sys::RangeTblEntry = pg_sys::copyObjectImpl(rtes[rti as usize - 1].cast()).cast();
+    let mut conjuncts: *mut pg_sys::List = std::ptr::null_mut();
+    for conjunct in own_conditions(parse, rti) {
+        let copy: *mut pg_sys::Node = pg_sys::copyObjectImpl(conjunct.cast()).cast();
+        renumber_vars(copy, 1);
+        conjuncts = pg_sys::lappend(conjuncts, copy.cast());
+    }
+    let quals: *mut pg_sys::Node = if conjuncts.is_null() { std::ptr::null_mut() } else { pg_sys::make_ands_explicit(conjuncts).cast() };
+    let reader: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
+    (*reader).type_ = pg_sys::NodeTag::T_Query;
+    (*reader).commandType = pg_sys::CmdType::CMD_SELECT;
+    (*reader).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
+    (*reader).canSetTag = true;
+    (*reader).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
+    let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
+    (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
+    (*reference).rtindex = 1;
+    (*reader).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), quals);
+    let mut target: *mut pg_sys::List = std::ptr::null_mut();
+    for (i, &attno) in columns.iter().enumerate() {
+        let (type_oid, typmod, collation) = column_type((*rte).relid, attno);
+        let var = pg_sys::makeVar(1, attno, type_oid, typmod, collation, 0);
+        let name = CString::new(format!("c{}", i + 1)).map_err(|e| ShardingError::internal(e.to_string()))?;
+        let entry = pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, pg_sys::pstrdup(name.as_ptr()), false);
+        target = pg_sys::lappend(target, entry.cast());
+    }
+    (*reader).targetList = target;
+    let deparsed = deparse_query(reader)?;
+    let mut plan = ShardScanPlan::from_deparsed(&deparsed, table.relid);
+    let mut params_used = Vec::new();
+    collect_params(reader.cast(), &mut params_used);
+    plan.max_param = params_used.iter().copied().max().unwrap_or(0);
+    plan.params_used = params_used;
+    Ok(plan)
+}
+
+/// Conditions of the statement on range table entry `rti` alone that every result row meets:
+/// conjuncts of WHERE and of the inner joins above it, when no outer join can null it.
+unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut pg_sys::Node> {
+    /// The conjuncts of the inner joins on the way down to `rti`; `None` when an outer join
+    /// can null it (or it is not found).
+    unsafe fn path(node: *mut pg_sys::Node, rti: u32, out: &mut Vec<*mut pg_sys::Node>) -> Option<bool> {
+        if node.is_null() {
+            return None;
+        }
+        match (*node).type_ {
+            pg_sys::NodeTag::T_RangeTblRef => ((*node.cast::<pg_sys::RangeTblRef>()).rtindex as u32 == rti).then_some(true),
+            pg_sys::NodeTag::T_FromExpr => {
+                let from = node.cast::<pg_sys::FromExpr>();
+                for item in list_pointers::<pg_sys::Node>((*from).fromlist) {
+                    if let Some(found) = path(item, rti, out) {
+                        if found {
+                            out.extend(conjuncts((*from).quals));
+                        }
+                        return Some(found);
+                    }
+                }
+                None
+            }
+            pg_sys::NodeTag::T_JoinExpr => {
+                let join = node.cast::<pg_sys::JoinExpr>();
+                use pg_sys::JoinType::*;
+                for (side, nullable) in [((*join).larg, matches!((*join).jointype, JOIN_RIGHT | JOIN_FULL)), ((*join).rarg, matches!((*join).jointype, JOIN_LEFT | JOIN_FULL))] {
+                    if let Some(found) = path(side, rti, out) {
+                        let found = found && !nullable;
+                        if found && (*join).jointype == JOIN_INNER {
+                            out.extend(conjuncts((*join).quals));
+                        }
+                        return Some(found);
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+    unsafe fn conjuncts(node: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
+        if node.is_null() {
+            return Vec::new();
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_BoolExpr && (*node.cast::<pg_sys::BoolExpr>()).boolop == pg_sys::BoolExprType::AND_EXPR {
+            return list_pointers::<pg_sys::Node>((*node.cast::<pg_sys::BoolExpr>()).args).into_iter().flat_map(|n| conjuncts(n)).collect();
+        }
+        vec![node]
+    }
+    let mut found = Vec::new();
+    if path((*parse).jointree.cast(), rti, &mut found) != Some(true) {
+        return Vec::new();
+    }
+    found.into_iter().filter(|&c| only_reads(c, rti) && shippable::shippable(c, shippable::Rules { whole_statement: false })).collect()
+}
+
+/// Whether an expression reads columns of range table entry `rti` and nothing else of any
+/// query level (no other table, no subquery).
+unsafe fn only_reads(node: *mut pg_sys::Node, rti: u32) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let (rti, seen) = &mut *(context as *mut (u32, bool));
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Var => {
+                let var = node.cast::<pg_sys::Var>();
+                if (*var).varlevelsup != 0 || (*var).varno as u32 != *rti || (*var).varattno <= 0 {
+                    return true;
+                }
+                *seen = true;
+                false
+            }
+            pg_sys::NodeTag::T_SubLink | pg_sys::NodeTag::T_Query | pg_sys::NodeTag::T_Aggref | pg_sys::NodeTag::T_WindowFunc | pg_sys::NodeTag::T_GroupingFunc => true,
+            _ => pg_sys::expression_tree_walker(node, Some(walker), context),
+        }
+    }
+    let mut context = (rti, false);
+    !walker(node, (&mut context as *mut (u32, bool)).cast()) && context.1
+}
+
+/// Points every Var of an expression (all of one table, see `only_reads`) at entry `rti`.
+unsafe fn renumber_vars(node: *mut pg_sys::Node, rti: i32) {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Var {
+            let var = node.cast::<pg_sys::Var>();
+            let rti = *(context as *const i32);
+            (*var).varno = rti;
+            (*var).varnosyn = rti as u32;
+            return false;
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    let mut rti = rti;
+    walker(node, (&mut rti as *mut i32).cast());
+}
+
+thread_local! {
+    static SIZES: RefCell<HashMap<u32, (u64, Instant)>> = RefCell::new(HashMap::new());
+}
+
+/// The size in bytes of a distributed table: its first shard's, read from the worker that
+/// holds it (and kept a minute), times its shard count. `None` when the worker cannot say.
+fn table_bytes(table: &DistributedTable) -> Option<u64> {
+    let key = table.relid.to_u32();
+    if let Some(bytes) = SIZES.with(|s| s.borrow().get(&key).filter(|(_, at)| at.elapsed() < SIZE_TTL).map(|(bytes, _)| *bytes)) {
+        return Some(bytes);
+    }
+    let shard = table.shards.first()?;
+    let node_id = *shard.placements.first()?;
+    let node = cache::nodes().ok()?.iter().find(|n| n.node_id == node_id)?.clone();
+    let name = sharding_core::table_def::shard_object_name(&table.name, shard.shard_id);
+    // Cannot fail for a missing table (it may run inside the node's transaction).
+    let task = Task {
+        node,
+        sql: CString::from(
+            c"SELECT coalesce(sum(pg_catalog.pg_relation_size(c.oid)), 0) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+        ),
+    };
+    let text = |value: &str| {
+        let mut bytes = value.as_bytes().to_vec();
+        bytes.push(0);
+        TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(bytes), format: 0 }
+    };
+    let params = [text(&table.schema), text(&name)];
+    let mut first = None;
+    tasks::run(std::slice::from_ref(&task), &params, false, remote::Access::Autocommit, |row| {
+        first = row.value(0).and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.parse::<u64>().ok());
+        Ok(())
+    })
+    .ok()?;
+    let bytes = first?.saturating_mul(table.shards.len() as u64);
+    SIZES.with(|s| s.borrow_mut().insert(key, (bytes, Instant::now())));
+    Some(bytes)
+}
