@@ -48,20 +48,27 @@ CREATE TABLE regions (code text PRIMARY KEY, label text);
 INSERT INTO regions VALUES ('eu-west', 'Europe West'), ('eu-central', 'Europe Central'), ('us-east', 'US East'),
   ('us-west', 'US West'), ('ap-northeast', 'Tokyo'), ('ap-south', 'Mumbai');
 CREATE TABLE users_plain (id bigint PRIMARY KEY, name text, region text, amount numeric(12,2));
-CREATE TABLE orders_plain (id bigint, user_id bigint, amount numeric(12,2), status text, PRIMARY KEY (user_id, id));
+CREATE TABLE orders_plain (id bigint, user_id bigint, amount numeric(12,2), status text, product_id int, PRIMARY KEY (user_id, id));
+CREATE TABLE products_plain (id int PRIMARY KEY, name text, category text, price numeric(10,2));
+INSERT INTO products_plain SELECT g, 'product ' || g, 'category ' || (g % 40), (g * 7 % 10000) / 100.0 FROM generate_series(1, 10000) g;
 INSERT INTO users_plain SELECT g, 'user ' || g, (ARRAY['eu-west','eu-central','us-east','us-west','ap-northeast','ap-south'])[g % 6 + 1], (g::bigint * 7919 % 100000) / 100.0
   FROM generate_series(1, $users) g;
-INSERT INTO orders_plain SELECT g, (g::bigint * 31) % $users + 1, (g::bigint * 104729 % 50000) / 100.0, (ARRAY['new','paid','shipped','returned'])[g % 4 + 1]
+INSERT INTO orders_plain SELECT g, (g::bigint * 31) % $users + 1, (g::bigint * 104729 % 50000) / 100.0, (ARRAY['new','paid','shipped','returned'])[g % 4 + 1],
+  (g::bigint * 7) % 10000 + 1
   FROM generate_series(1, 2 * $users) g;
 CREATE TABLE users (LIKE users_plain INCLUDING ALL);
 CREATE TABLE orders (LIKE orders_plain INCLUDING ALL);
 SELECT create_distributed_table('users', 'id', shard_count => 32);
 SELECT create_distributed_table('orders', 'user_id', colocate_with => 'users');
 SELECT create_reference_table('regions');
+-- Not co-located with users and orders: joins with it broadcast it to their shards.
+CREATE TABLE products (LIKE products_plain INCLUDING ALL);
+SELECT create_distributed_table('products', 'id', colocate_with => 'none');
+INSERT INTO products SELECT * FROM products_plain;
 INSERT INTO users SELECT * FROM users_plain;
 INSERT INTO orders SELECT * FROM orders_plain;
 CREATE TABLE regions_plain AS SELECT * FROM regions;
-VACUUM ANALYZE users_plain, orders_plain, regions_plain;
+VACUUM ANALYZE users_plain, orders_plain, regions_plain, products_plain;
 SQL
 for w in 1 2; do psql_w $w -c "VACUUM ANALYZE" >/dev/null; done
 echo "bench: loaded in $(( $(date +%s) - start )) s"
@@ -153,8 +160,8 @@ compare() { # label distributed-sql plain-sql
     local plain=() one=() two=() p o t
     for _ in $(seq 1 "$rounds"); do
         plain+=("$(second_ms "$port" "$3")")
-        one+=("$(PGOPTIONS="-c sharding.max_connections_per_node=1" second_ms "$port" "$2")")
-        two+=("$(PGOPTIONS="-c sharding.max_connections_per_node=2" second_ms "$port" "$2")")
+        one+=("$(PGOPTIONS="-c sharding.max_connections_per_node=1 ${EXTRA_OPTIONS:-}" second_ms "$port" "$2")")
+        two+=("$(PGOPTIONS="-c sharding.max_connections_per_node=2 ${EXTRA_OPTIONS:-}" second_ms "$port" "$2")")
     done
     p=$(printf '%s\n' "${plain[@]}" | median)
     o=$(printf '%s\n' "${one[@]}" | median)
@@ -180,6 +187,15 @@ compare "top users by total (GROUP BY the distribution column, ORDER BY LIMIT)" 
 compare "subquery joined to local" \
     "SELECT r.label, s.n, s.total FROM (SELECT region, count(*) n, sum(amount) total FROM users GROUP BY region) s JOIN regions_plain r ON r.code = s.region" \
     "SELECT r.label, s.n, s.total FROM (SELECT region, count(*) n, sum(amount) total FROM users_plain GROUP BY region) s JOIN regions_plain r ON r.code = s.region"
+# products is not co-located with orders: the filtered products go to every orders shard, where
+# the join and the partial aggregates run; then the same with broadcasting off (the coordinator
+# joins the rows of both, as before broadcast joins).
+compare "non-co-located join (broadcast)" \
+    "SELECT p.category, count(*), sum(o.amount) FROM orders o JOIN products p ON p.id = o.product_id WHERE p.price > 50 GROUP BY p.category" \
+    "SELECT p.category, count(*), sum(o.amount) FROM orders_plain o JOIN products_plain p ON p.id = o.product_id WHERE p.price > 50 GROUP BY p.category"
+EXTRA_OPTIONS="-c sharding.broadcast_join_limit=0" compare "non-co-located join (broadcast off)" \
+    "SELECT p.category, count(*), sum(o.amount) FROM orders o JOIN products p ON p.id = o.product_id WHERE p.price > 50 GROUP BY p.category" \
+    "SELECT p.category, count(*), sum(o.amount) FROM orders_plain o JOIN products_plain p ON p.id = o.product_id WHERE p.price > 50 GROUP BY p.category"
 
 echo
 echo "== planning time of a router query (EXPLAIN (SUMMARY) in one session, median of 50)"

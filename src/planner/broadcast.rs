@@ -125,9 +125,28 @@ unsafe fn attempt(
     collect_params(parse.cast(), &mut params);
     let mut next_param = params.iter().copied().max().unwrap_or(0) + 1;
     let mut broadcasts = Vec::new();
-    for (rti, table, columns, _, _) in chosen.iter().copied() {
-        let reader = broadcast_reader(parse, *rti, table, columns)?;
-        replace_with_parameters(rewritten, *rti, columns, next_param)?;
+    for (rti, table, _, _, _) in chosen.iter().copied() {
+        // The conditions on the table alone filter it where it is read; every row sent meets
+        // them, so the statement no longer needs them (nor the columns only they read).
+        let slots = own_conditions(rewritten, *rti);
+        let conditions: Vec<*mut pg_sys::Node> = slots.iter().map(|&slot| *slot).collect();
+        for &slot in &slots {
+            *slot = pg_sys::makeBoolConst(true, false);
+        }
+        let Some(mut columns) = referenced_columns(rewritten, *rti) else { return Ok(None) };
+        // A statement that reads no column of the table still needs its rows.
+        if columns.is_empty() {
+            match table.distribution_attnum {
+                Some(attno) => columns.push(attno),
+                None => return Ok(None),
+            }
+        }
+        let relid = (*list_pointers::<pg_sys::RangeTblEntry>((*rewritten).rtable)[*rti as usize - 1]).relid;
+        if !columns.iter().all(|&attno| sendable_column(relid, attno)) {
+            return Ok(None);
+        }
+        let reader = broadcast_reader(rewritten, *rti, table, &columns, &conditions)?;
+        replace_with_parameters(rewritten, *rti, &columns, next_param)?;
         broadcasts.push(Broadcast { table: table.name.clone(), plan: reader, first_param: next_param, columns: columns.len() });
         next_param += columns.len() as i32;
     }
@@ -297,14 +316,20 @@ unsafe fn replace_with_parameters(query: *mut pg_sys::Query, rti: u32, columns: 
     Ok(())
 }
 
-/// The plan that reads a broadcast table: the referenced columns of each shard's rows, filtered
-/// by the statement's conditions on this table alone when no outer join can null it.
-unsafe fn broadcast_reader(parse: *mut pg_sys::Query, rti: u32, table: &DistributedTable, columns: &[i16]) -> Result<ShardScanPlan> {
+/// The plan that reads a broadcast table: the given columns of each shard's rows, filtered by
+/// `conditions` (the statement's conditions on this table alone, see `own_conditions`).
+unsafe fn broadcast_reader(
+    parse: *mut pg_sys::Query,
+    rti: u32,
+    table: &DistributedTable,
+    columns: &[i16],
+    conditions: &[*mut pg_sys::Node],
+) -> Result<ShardScanPlan> {
     let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
     let rte: *mut pg_sys::RangeTblEntry = pg_sys::copyObjectImpl(rtes[rti as usize - 1].cast()).cast();
     let mut conjuncts: *mut pg_sys::List = std::ptr::null_mut();
-    for conjunct in own_conditions(parse, rti) {
-        let copy: *mut pg_sys::Node = pg_sys::copyObjectImpl(conjunct.cast()).cast();
+    for &condition in conditions {
+        let copy: *mut pg_sys::Node = pg_sys::copyObjectImpl(condition.cast()).cast();
         renumber_vars(copy, 1);
         conjuncts = pg_sys::lappend(conjuncts, copy.cast());
     }
@@ -338,11 +363,12 @@ unsafe fn broadcast_reader(parse: *mut pg_sys::Query, rti: u32, table: &Distribu
 }
 
 /// Conditions of the statement on range table entry `rti` alone that every result row meets:
-/// conjuncts of WHERE and of the inner joins above it, when no outer join can null it.
-unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut pg_sys::Node> {
-    /// The conjuncts of the inner joins on the way down to `rti`; `None` when an outer join
-    /// can null it (or it is not found).
-    unsafe fn path(node: *mut pg_sys::Node, rti: u32, out: &mut Vec<*mut pg_sys::Node>) -> Option<bool> {
+/// conjuncts of WHERE and of the inner joins above it, when no outer join can null it. Given
+/// as the places that hold them, so that a rewrite can take them out.
+unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut pg_sys::Node> {
+    /// The conjuncts of the inner joins on the way down to `rti`; `None` when it is not found
+    /// there, `Some(false)` when an outer join can null it.
+    unsafe fn path(node: *mut pg_sys::Node, rti: u32, out: &mut Vec<*mut *mut pg_sys::Node>) -> Option<bool> {
         if node.is_null() {
             return None;
         }
@@ -353,7 +379,7 @@ unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut pg_sys
                 for item in list_pointers::<pg_sys::Node>((*from).fromlist) {
                     if let Some(found) = path(item, rti, out) {
                         if found {
-                            out.extend(conjuncts((*from).quals));
+                            conjuncts(&mut (*from).quals, out);
                         }
                         return Some(found);
                     }
@@ -363,11 +389,15 @@ unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut pg_sys
             pg_sys::NodeTag::T_JoinExpr => {
                 let join = node.cast::<pg_sys::JoinExpr>();
                 use pg_sys::JoinType::*;
-                for (side, nullable) in [((*join).larg, matches!((*join).jointype, JOIN_RIGHT | JOIN_FULL)), ((*join).rarg, matches!((*join).jointype, JOIN_LEFT | JOIN_FULL))] {
+                let sides = [
+                    ((*join).larg, matches!((*join).jointype, JOIN_RIGHT | JOIN_FULL)),
+                    ((*join).rarg, matches!((*join).jointype, JOIN_LEFT | JOIN_FULL)),
+                ];
+                for (side, nullable) in sides {
                     if let Some(found) = path(side, rti, out) {
                         let found = found && !nullable;
                         if found && (*join).jointype == JOIN_INNER {
-                            out.extend(conjuncts((*join).quals));
+                            conjuncts(&mut (*join).quals, out);
                         }
                         return Some(found);
                     }
@@ -377,20 +407,26 @@ unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut pg_sys
             _ => None,
         }
     }
-    unsafe fn conjuncts(node: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
+    unsafe fn conjuncts(slot: *mut *mut pg_sys::Node, out: &mut Vec<*mut *mut pg_sys::Node>) {
+        let node = *slot;
         if node.is_null() {
-            return Vec::new();
+            return;
         }
         if (*node).type_ == pg_sys::NodeTag::T_BoolExpr && (*node.cast::<pg_sys::BoolExpr>()).boolop == pg_sys::BoolExprType::AND_EXPR {
-            return list_pointers::<pg_sys::Node>((*node.cast::<pg_sys::BoolExpr>()).args).into_iter().flat_map(|n| conjuncts(n)).collect();
+            let args = (*node.cast::<pg_sys::BoolExpr>()).args;
+            for i in 0..list_pointers::<pg_sys::Node>(args).len() {
+                let cell = (*args).elements.add(i);
+                conjuncts(std::ptr::addr_of_mut!((*cell).ptr_value).cast(), out);
+            }
+            return;
         }
-        vec![node]
+        out.push(slot);
     }
     let mut found = Vec::new();
     if path((*parse).jointree.cast(), rti, &mut found) != Some(true) {
         return Vec::new();
     }
-    found.into_iter().filter(|&c| only_reads(c, rti) && shippable::shippable(c, shippable::Rules { whole_statement: false })).collect()
+    found.into_iter().filter(|&slot| only_reads(*slot, rti) && shippable::shippable(*slot, shippable::Rules { whole_statement: false })).collect()
 }
 
 /// Whether an expression reads columns of range table entry `rti` and nothing else of any

@@ -385,3 +385,6 @@ SELECT u.name, e.payload FROM events e JOIN users u ON u.id = e.user_id WHERE e.
 SELECT u.region, count(*) FROM events e JOIN users u ON u.id = e.user_id JOIN regions r ON r.code = u.region WHERE e.id % 3 = 0 GROUP BY u.region;
 SELECT e.kind, o.status, count(*) FROM events e JOIN orders o ON o.id = e.id GROUP BY 1, 2 ORDER BY 1, 2;
 SELECT count(*) FROM users u JOIN users v ON v.score = u.id;
+SELECT count(*) FROM orders o CROSS JOIN events e WHERE e.kind = 'buy' AND o.amount > 200;
+SELECT count(*), sum(u.score) FROM events e, users u WHERE e.id < 5;
+SELECT u.region, count(*) FROM users u JOIN events e ON true WHERE e.id % 50 = 1 AND e.tag >= 'a' GROUP BY u.region;

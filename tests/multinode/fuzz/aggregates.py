@@ -20,7 +20,7 @@ tables = {
   "users u": {"key": "u.id", "n": ["u.score", "u.id"], "t": ["u.name", "u.region"], "c": ["u.region", "u.flag", "u.created", "u.score"]},
   "orders o": {"key": "o.user_id", "n": ["o.amount", "o.id"], "t": ["o.status", "o.note"], "c": ["o.status", "o.amount", "o.user_id"]},
   "items i": {"key": "i.user_id", "n": ["i.qty", "i.order_id"], "t": ["i.sku"], "c": ["i.sku", "i.qty"]},
-  "events e": {"key": "e.id", "n": ["e.user_id", "e.id"], "t": ["e.kind", "e.payload"], "c": ["e.kind", "e.user_id"]},
+  "events e": {"key": "e.id", "n": ["e.user_id", "e.id"], "t": ["e.kind", "e.payload", "e.tag"], "c": ["e.kind", "e.user_id", "e.tag"]},
 }
 joins = [
   ("users u", None),
@@ -34,6 +34,13 @@ joins = [
   ("users u LEFT JOIN regions r ON r.code = u.region", ["users u"]),
   ("users u JOIN events e ON e.user_id = u.id", ["users u", "events e"]),
   ("orders o LEFT JOIN events e ON e.user_id = o.user_id", ["orders o", "events e"]),
+  # not co-located: broadcast joins (and the coordinator's joins when they do not apply)
+  ("events e JOIN users u ON u.id = e.user_id", ["events e", "users u"]),
+  ("events e RIGHT JOIN users u ON u.id = e.user_id AND e.kind <> 'view'", ["events e", "users u"]),
+  ("events e JOIN orders o ON o.user_id = e.user_id JOIN users u ON u.id = o.user_id", ["events e", "orders o", "users u"]),
+  ("users u JOIN users v ON v.score = u.id", ["users u"]),
+  ("events e LEFT JOIN orders o ON o.id = e.id", ["events e", "orders o"]),
+  ("items i JOIN events e USING (user_id)", ["items i", "events e"]),
 ]
 filters = ["", "{n} > 30", "{c} IS NOT NULL", "{key} IN (3, 7, 11, 42)", "{key} = 17", "{key} < 60", "{t} LIKE '%1%'", "NOT ({n} BETWEEN 10 AND 40)"]
 
