@@ -102,6 +102,20 @@ impl ShardScanPlan {
         }
     }
 
+    /// Tables to broadcast to the tasks; their readers take the statement's parameters too
+    /// (their conditions may have left the task SQL).
+    pub fn add_broadcasts(&mut self, broadcasts: Vec<Broadcast>) {
+        for broadcast in &broadcasts {
+            for &id in &broadcast.plan.params_used {
+                if !self.params_used.contains(&id) {
+                    self.params_used.push(id);
+                }
+            }
+            self.max_param = self.max_param.max(broadcast.plan.max_param);
+        }
+        self.broadcasts.extend(broadcasts);
+    }
+
     fn template(&self) -> Template {
         Template {
             pieces: self
@@ -216,6 +230,21 @@ pub unsafe fn plan_and_exprs(scan: *const pg_sys::CustomScan) -> Result<(ShardSc
     let plan = (*plan_of(scan)?).clone();
     let exprs = crate::commands::utility::list_pointers::<pg_sys::Node>((*scan).custom_exprs);
     Ok((plan, exprs))
+}
+
+/// Adds broadcast tables to the ShardScan at the top of a plan made for a rewritten statement
+/// (planner/broadcast.rs): their readers' parameters join the plan's.
+pub unsafe fn add_broadcasts(plan: *mut pg_sys::Plan, broadcasts: Vec<Broadcast>) -> Result<()> {
+    if !is_shard_scan(plan) {
+        return Err(ShardingError::internal("a broadcast join without its ShardScan"));
+    }
+    let scan = plan.cast::<pg_sys::CustomScan>();
+    let mut shard_plan = (*plan_of(scan)?).clone();
+    shard_plan.add_broadcasts(broadcasts);
+    let json = serde_json::to_string(&shard_plan).map_err(|e| ShardingError::internal(e.to_string()))?;
+    let json = CString::new(json).map_err(|e| ShardingError::internal(e.to_string()))?;
+    (*scan).custom_private = pg_sys::lappend(std::ptr::null_mut(), pg_sys::makeString(pg_sys::pstrdup(json.as_ptr())).cast());
+    Ok(())
 }
 
 /// Whether a plan node is a ShardScan.
@@ -570,7 +599,9 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     };
     let started = std::time::Instant::now();
     if !runtime.plan.broadcasts.is_empty() {
-        broadcast(node, runtime, access)?;
+        // Reading the broadcast tables writes nothing: it joins the distributed transaction
+        // only where a read would.
+        broadcast(node, runtime, remote::read_access())?;
     }
     let inputs = &mut runtime.inputs;
     let affected = tasks::run(&runtime.tasks, &runtime.params, binary, access, |result| {

@@ -479,17 +479,7 @@ pub unsafe fn split(
     plan.binary = split.worker_columns.iter().all(|&c| pg_sys::exprType(c).to_u32() < pg_sys::FirstNormalObjectId);
     // An aggregate without GROUP BY returns one row even over no rows: some shard answers.
     plan.at_least_one = aggregating && !whole;
-    // The tables broadcast are read with the statement's parameters too (their conditions
-    // may have left the worker query).
-    for broadcast in &broadcasts {
-        for &id in &broadcast.plan.params_used {
-            if !plan.params_used.contains(&id) {
-                plan.params_used.push(id);
-            }
-        }
-        plan.max_param = plan.max_param.max(broadcast.plan.max_param);
-    }
-    plan.broadcasts = broadcasts;
+    plan.add_broadcasts(broadcasts);
 
     // The coordinator query over the tasks' rows.
     let columns: Vec<(String, *mut pg_sys::Node)> =

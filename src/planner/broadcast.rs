@@ -46,8 +46,23 @@ pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Quer
         return Ok(None);
     }
     let limit = limit as u64 * 1024;
-    // The distributed tables of the top level (range table index, table).
-    let mut distributed: Vec<(u32, Rc<DistributedTable>)> = Vec::new();
+    let distributed = top_distributed(parse)?;
+    if distributed.len() < 2 {
+        return Ok(None);
+    }
+    let candidates = candidates(parse, &distributed);
+    for chosen in choices(candidates.len()) {
+        let chosen: Vec<&Candidate> = chosen.iter().map(|&i| &candidates[i]).collect();
+        if let Some(coordinator) = attempt(parse, &distributed, &chosen, limit)? {
+            return Ok(Some(coordinator));
+        }
+    }
+    Ok(None)
+}
+
+/// The hash-distributed tables of the top level: (range table index, table).
+unsafe fn top_distributed(parse: *mut pg_sys::Query) -> Result<Vec<(u32, Rc<DistributedTable>)>> {
+    let mut distributed = Vec::new();
     for (i, rte) in list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable).into_iter().enumerate() {
         if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || (*rte).relkind == pg_sys::RELKIND_VIEW as std::ffi::c_char {
             continue;
@@ -58,11 +73,14 @@ pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Quer
             }
         }
     }
-    if distributed.len() < 2 {
-        return Ok(None);
-    }
+    Ok(distributed)
+}
+
+/// The tables of `distributed` that could be broadcast, smallest first (of equal sizes, the
+/// ones the statement filters first).
+unsafe fn candidates(parse: *mut pg_sys::Query, distributed: &[(u32, Rc<DistributedTable>)]) -> Vec<Candidate> {
     let mut candidates: Vec<Candidate> = Vec::new();
-    for (rti, table) in &distributed {
+    for (rti, table) in distributed {
         let rte = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable)[*rti as usize - 1];
         // Row-level security quals stay with the table's own scan.
         if !(*rte).securityQuals.is_null() || !(*rte).tablesample.is_null() {
@@ -74,22 +92,18 @@ pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Quer
         }
         let Some(bytes) = table_bytes(table) else { continue };
         let unfiltered = own_conditions(parse, *rti).is_empty();
-        candidates.push((*rti, table.clone(), columns, bytes, unfiltered) as Candidate);
+        candidates.push((*rti, table.clone(), columns, bytes, unfiltered));
     }
-    // Smallest first; of equal sizes, the ones the statement filters.
     candidates.sort_by_key(|c| (c.3, c.4));
+    candidates
+}
 
-    // One table broadcast, the smallest that works; then the smallest ones together (a join
-    // of three tables from three co-location groups needs two).
-    let singles = (0..candidates.len()).map(|i| vec![i]);
-    let growing = (2..=candidates.len()).map(|n| (0..n).collect::<Vec<_>>());
-    for chosen in singles.chain(growing) {
-        let chosen: Vec<&Candidate> = chosen.iter().map(|&i| &candidates[i]).collect();
-        if let Some(coordinator) = attempt(parse, &distributed, &chosen, limit)? {
-            return Ok(Some(coordinator));
-        }
-    }
-    Ok(None)
+/// Which candidates to try, in order: each one alone, then the smallest ones together (a
+/// join of three tables from three co-location groups needs two).
+fn choices(count: usize) -> impl Iterator<Item = Vec<usize>> {
+    let singles = (0..count).map(|i| vec![i]);
+    let growing = (2..=count).map(|n| (0..n).collect::<Vec<_>>());
+    singles.chain(growing)
 }
 
 /// A table that could be broadcast: its range table index, the table, the columns the
@@ -120,6 +134,39 @@ unsafe fn attempt(
     if chosen.iter().any(|c| c.3 > limit || (c.3 > SMALL_TABLE_BYTES && c.3.saturating_mul(tasks) > rest_bytes)) {
         return Ok(None);
     }
+    match rewrite(parse, chosen)? {
+        Some((rewritten, broadcasts)) => super::router::split_select_with(rewritten, broadcasts),
+        None => Ok(None),
+    }
+}
+
+/// An UPDATE or DELETE reading distributed tables it cannot run with per shard group (not
+/// co-located with the target, or not joined on distribution columns): the statement with the
+/// fewest, smallest of them broadcast so that it can, and the broadcasts; `None` when none
+/// does. The alternative is an error, so any table up to `sharding.broadcast_join_limit` goes.
+pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sys::Query, Vec<Broadcast>)>> {
+    let limit = crate::guc::BROADCAST_JOIN_LIMIT.get();
+    if limit <= 0 {
+        return Ok(None);
+    }
+    let limit = limit as u64 * 1024;
+    let target = (*parse).resultRelation as u32;
+    let distributed: Vec<(u32, Rc<DistributedTable>)> = top_distributed(parse)?.into_iter().filter(|(rti, _)| *rti != target).collect();
+    let candidates: Vec<Candidate> = candidates(parse, &distributed).into_iter().filter(|c| c.3 <= limit).collect();
+    for chosen in choices(candidates.len()) {
+        let chosen: Vec<&Candidate> = chosen.iter().map(|&i| &candidates[i]).collect();
+        if let Some((rewritten, broadcasts)) = rewrite(parse, &chosen)? {
+            if super::router::modify_runs_per_group(rewritten)? {
+                return Ok(Some((rewritten, broadcasts)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The statement (a copy) with the `chosen` tables replaced by function scans over array
+/// parameters, and their broadcasts; `None` when one of them cannot be sent.
+unsafe fn rewrite(parse: *mut pg_sys::Query, chosen: &[&Candidate]) -> Result<Option<(*mut pg_sys::Query, Vec<Broadcast>)>> {
     let rewritten: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
     let mut params = Vec::new();
     collect_params(parse.cast(), &mut params);
@@ -150,7 +197,7 @@ unsafe fn attempt(
         broadcasts.push(Broadcast { table: table.name.clone(), plan: reader, first_param: next_param, columns: columns.len() });
         next_param += columns.len() as i32;
     }
-    super::router::split_select_with(rewritten, broadcasts)
+    Ok(Some((rewritten, broadcasts)))
 }
 
 /// The columns of range table entry `rti` (of the top level) the statement reads, anywhere in

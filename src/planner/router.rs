@@ -468,6 +468,14 @@ pub unsafe fn plan_statement(
         // Several distributed tables: fine when pinned to one shard group, or when they are all
         // joined on their distribution columns (then each shard group runs the statement).
         if pinned.is_none() && keys.len() > 1 && !(colocated && analysis.connected(&keys)) {
+            // The other tables sent to every shard of the target instead (broadcast.rs).
+            if let Some((rewritten, broadcasts)) = super::broadcast::for_modify(parse)? {
+                if let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? {
+                    crate::executor::remote_scan::add_broadcasts((*planned).planTree, broadcasts)?;
+                    append_relations(planned, parse);
+                    return Ok(Some(planned));
+                }
+            }
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" reading other distributed tables needs every table filtered to one shard group"
             ))
@@ -539,6 +547,19 @@ pub unsafe fn plan_statement(
 /// workers. `None` when the SELECT is not of that shape.
 unsafe fn split_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
     split_select_with(parse, Vec::new())
+}
+
+/// Whether an UPDATE or DELETE runs per shard group: its distributed tables are co-located and
+/// joined on their distribution columns, or pinned to one group (see `plan_statement`).
+pub(super) unsafe fn modify_runs_per_group(parse: *mut pg_sys::Query) -> Result<bool> {
+    let mut analysis = Analysis::default();
+    analysis.query(parse)?;
+    if analysis.local || analysis.row_security {
+        return Ok(false);
+    }
+    let colocated = analysis.tables.iter().all(|t| t.colocation_id.is_some() && t.colocation_id == analysis.tables[0].colocation_id);
+    let keys = analysis.dist_keys.clone();
+    Ok(keys.len() <= 1 || (colocated && (analysis.connected(&keys) || analysis.pinned_group(&keys).is_some())))
 }
 
 /// Plan 3 for a SELECT as it is, or with the tables it joins without co-location broadcast to

@@ -51,3 +51,10 @@ WITH d AS (DELETE FROM orders WHERE user_id = 44 RETURNING id, user_id) INSERT I
 INSERT INTO "MixedCase" SELECT 3000 + score, max(region), count(*)::int FROM users GROUP BY score;
 INSERT INTO regions SELECT 'g' || score, count(*)::text FROM users WHERE score < 5 GROUP BY score RETURNING code, label;
 INSERT INTO accounts (id, owner, balance) SELECT 500 + row_number() OVER (ORDER BY s.status), 1, s.total FROM (SELECT status, sum(amount) total FROM orders GROUP BY status) s;
+-- UPDATE ... FROM and DELETE ... USING tables that are not co-located with the target: they
+-- are broadcast to the target's shards
+UPDATE orders o SET note = 'buyer' FROM events e WHERE e.user_id = o.user_id AND e.kind = 'buy';
+UPDATE users u SET score = u.score + 1 FROM accounts a WHERE a.owner = u.id AND a.balance > 50 RETURNING u.id, u.score;
+DELETE FROM items i USING events e WHERE e.user_id = i.user_id AND e.id % 7 = 0 RETURNING i.order_id, i.sku;
+UPDATE orders o SET status = 'tagged' FROM events e, users u WHERE e.user_id = o.user_id AND u.id = o.user_id AND e.tag >= 'b' AND u.score > 40;
+DELETE FROM events e USING users u WHERE u.id = e.user_id AND u.region = 'us';

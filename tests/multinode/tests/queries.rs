@@ -383,11 +383,21 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     assert_eq!(expected.len(), 3);
     assert_eq!(expected[0][1].as_deref(), Some("a"));
     assert_eq!(got, expected, "{sql}");
+    // UPDATE ... FROM a table that is not co-located: broadcast to the target's shards.
+    let update = "UPDATE kv SET v = t.name FROM tags t WHERE t.id = kv.k AND t.kind = 'even'";
+    let plan = explain(&mut c, update);
+    assert!(plan.contains("Broadcast: tags") && plan.contains("UPDATE"), "{plan}");
+    assert_eq!(c.execute(update, &[]).unwrap(), 20);
+    let renamed: i64 = scalar(&mut c, "SELECT count(*) FROM kv WHERE k <= 40 AND k % 2 = 0 AND v IN ('a', 'b')");
+    assert_eq!(renamed, 20);
     // Turned off: the coordinator joins the rows of both, with the same answer.
     c.batch_execute("SET sharding.broadcast_join_limit = 0").unwrap();
     let plan = explain(&mut c, sql);
     assert!(!plan.contains("Broadcast") && plan.contains("Join"), "{plan}");
     assert_eq!(run(&mut c, sql).unwrap().0, expected);
+    // ... and the UPDATE fails clearly, changing nothing.
+    let error = c.execute(update, &[]).unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error}");
     c.batch_execute("RESET sharding.broadcast_join_limit").unwrap();
 }
 
