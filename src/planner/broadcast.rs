@@ -224,7 +224,7 @@ unsafe fn referenced_columns(parse: *mut pg_sys::Query, rti: u32) -> Option<Vec<
                     return false;
                 }
                 let rtes = list_pointers::<pg_sys::RangeTblEntry>((*cx.parse).rtable);
-                let Some(&rte) = rtes.get((*var).varno as usize - 1) else { return false };
+                let Some(&rte) = ((*var).varno as usize).checked_sub(1).and_then(|i| rtes.get(i)) else { return false };
                 if (*var).varno as u32 == cx.rti {
                     if (*var).varattno <= 0 {
                         cx.whole = true;
