@@ -264,7 +264,7 @@ unsafe fn top_conjuncts(node: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
 }
 
 /// Whether the query is a single-level query this module can split.
-unsafe fn eligible(parse: *mut pg_sys::Query) -> bool {
+pub unsafe fn eligible(parse: *mut pg_sys::Query) -> bool {
     (*parse).commandType == pg_sys::CmdType::CMD_SELECT
         && !(*parse).hasWindowFuncs
         && !(*parse).hasTargetSRFs

@@ -45,6 +45,11 @@ pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Quer
     if limit <= 0 || (*parse).commandType != pg_sys::CmdType::CMD_SELECT || !(*parse).utilityStmt.is_null() {
         return Ok(None);
     }
+    // Broadcasting leaves the statement's shape as it is: when plan 3 cannot take that shape,
+    // there is nothing to try (and no table sizes to ask the workers for).
+    if !super::aggregates::eligible(parse) {
+        return Ok(None);
+    }
     let limit = limit as u64 * 1024;
     let distributed = top_distributed(parse)?;
     if distributed.len() < 2 {
