@@ -68,13 +68,27 @@ pub struct ShardScanPlan {
 
 /// One table broadcast to the tasks: its rows, read by `plan` (one column per referenced
 /// column of the table), become one text array parameter per column, `$first_param` on.
+///
+/// Or an intermediate result (planner/intermediate.rs): the rows of a subquery, `query`, which
+/// the coordinator runs first with PostgreSQL's executor (and the distributed planner).
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct Broadcast {
-    /// The table, for EXPLAIN.
+    /// The table, for EXPLAIN; for an intermediate result, the subquery's SQL.
     pub table: String,
     pub plan: ShardScanPlan,
     pub first_param: i32,
     pub columns: usize,
+    /// An intermediate result: the subquery (its Query tree, nodeToString).
+    #[serde(default)]
+    pub query: Option<String>,
+    /// Only whether the subquery returns a row matters (EXISTS): its first row is sent, as a
+    /// single marker column.
+    #[serde(default)]
+    pub exists: bool,
+    /// At most this many rows are needed (0: all). A scalar subquery needs two, for the
+    /// worker to fail as PostgreSQL does when there is more than one.
+    #[serde(default)]
+    pub row_limit: u64,
 }
 
 impl Broadcast {
@@ -658,24 +672,28 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
     let plan = runtime.plan.clone();
     runtime.broadcast_rows.clear();
     for broadcast in &plan.broadcasts {
-        let (tasks, _) = plan_tasks(node, &broadcast.plan)?;
-        let used = (broadcast.plan.max_param.max(0) as usize).min(runtime.params.len());
         let mut arrays = vec![sharding_core::array_literal::ArrayLiteral::new(); broadcast.columns];
         let mut rows = 0usize;
-        tasks::run(&tasks, &runtime.params[..used], false, access, |result| {
-            if result.columns() != broadcast.columns {
-                return Err(ShardingError::internal(format!(
-                    "a broadcast task returned {} columns, expected {}",
-                    result.columns(),
-                    broadcast.columns
-                )));
-            }
-            for (i, array) in arrays.iter_mut().enumerate() {
-                array.push(result.value(i));
-            }
-            rows += 1;
-            Ok(())
-        })?;
+        if let Some(query) = &broadcast.query {
+            rows = intermediate_result(node, broadcast, query, &mut arrays)?;
+        } else {
+            let (tasks, _) = plan_tasks(node, &broadcast.plan)?;
+            let used = (broadcast.plan.max_param.max(0) as usize).min(runtime.params.len());
+            tasks::run(&tasks, &runtime.params[..used], false, access, |result| {
+                if result.columns() != broadcast.columns {
+                    return Err(ShardingError::internal(format!(
+                        "a broadcast task returned {} columns, expected {}",
+                        result.columns(),
+                        broadcast.columns
+                    )));
+                }
+                for (i, array) in arrays.iter_mut().enumerate() {
+                    array.push(result.value(i));
+                }
+                rows += 1;
+                Ok(())
+            })?;
+        }
         for (id, array) in broadcast.params().zip(arrays) {
             let mut value = array.finish();
             value.push(0);
@@ -688,6 +706,130 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
         runtime.broadcast_rows.push(rows);
     }
     Ok(())
+}
+
+/// The largest intermediate result sent to the tasks, in bytes of text over all its columns
+/// (a parameter value cannot reach 1 GB).
+const INTERMEDIATE_RESULT_LIMIT: usize = 512 * 1024 * 1024;
+
+/// Runs an intermediate result's subquery here, with the statement's parameters and snapshot,
+/// and puts its rows into `arrays` (one per column, values in the workers' text form); returns
+/// the row count. The rows are stored first and turned into text afterwards, under the
+/// settings the workers read text with, so that the subquery itself runs under the session's.
+unsafe fn intermediate_result(
+    node: *mut pg_sys::CustomScanState,
+    broadcast: &Broadcast,
+    query: &str,
+    arrays: &mut [sharding_core::array_literal::ArrayLiteral],
+) -> Result<usize> {
+    #[repr(C)]
+    struct StoreReceiver {
+        base: pg_sys::DestReceiver,
+        store: *mut pg_sys::Tuplestorestate,
+    }
+    #[pg_guard]
+    unsafe extern "C-unwind" fn receive(slot: *mut pg_sys::TupleTableSlot, receiver: *mut pg_sys::DestReceiver) -> bool {
+        pg_sys::tuplestore_puttupleslot((*receiver.cast::<StoreReceiver>()).store, slot);
+        true
+    }
+    // Nothing to do at the start and the end: the store is the caller's.
+    unsafe extern "C-unwind" fn startup(_receiver: *mut pg_sys::DestReceiver, _operation: i32, _tupdesc: pg_sys::TupleDesc) {}
+    unsafe extern "C-unwind" fn nothing(_receiver: *mut pg_sys::DestReceiver) {}
+
+    let estate = (*node).ss.ps.state;
+    let params = (*estate).es_param_list_info;
+    let text = CString::new(query).map_err(|e| ShardingError::internal(e.to_string()))?;
+    let subquery: *mut pg_sys::Query = pg_sys::stringToNode(text.as_ptr()).cast();
+    if subquery.is_null() || (*subquery).type_ != pg_sys::NodeTag::T_Query {
+        return Err(ShardingError::internal("an intermediate result without its query"));
+    }
+    let source = if (*estate).es_sourceText.is_null() { c"".as_ptr() } else { (*estate).es_sourceText };
+    let planned = pg_sys::pg_plan_query(subquery, source, 0, params);
+    let store = pg_sys::tuplestore_begin_heap(false, false, *std::ptr::addr_of!(pg_sys::work_mem));
+    let mut receiver = StoreReceiver {
+        base: pg_sys::DestReceiver {
+            receiveSlot: Some(receive),
+            rStartup: Some(startup),
+            rShutdown: Some(nothing),
+            rDestroy: Some(nothing),
+            mydest: pg_sys::CommandDest::DestTuplestore,
+        },
+        store,
+    };
+    let description = pg_sys::CreateQueryDesc(
+        planned,
+        source,
+        pg_sys::GetActiveSnapshot(),
+        std::ptr::null_mut(),
+        &mut receiver.base,
+        params,
+        std::ptr::null_mut(),
+        0,
+    );
+    pg_sys::ExecutorStart(description, 0);
+    pg_sys::ExecutorRun(description, pg_sys::ScanDirection::ForwardScanDirection, broadcast.row_limit, true);
+    pg_sys::ExecutorFinish(description);
+    let tupdesc = pg_sys::CreateTupleDescCopy((*description).tupDesc);
+    pg_sys::ExecutorEnd(description);
+    pg_sys::FreeQueryDesc(description);
+
+    let natts = (*tupdesc).natts as usize;
+    if !broadcast.exists && natts < arrays.len() {
+        return Err(ShardingError::internal(format!("an intermediate result has {natts} columns, expected {}", arrays.len())));
+    }
+    let mut outputs = Vec::with_capacity(arrays.len());
+    for i in 0..if broadcast.exists { 0 } else { arrays.len() } {
+        let attr = (*tupdesc).attrs.as_ptr().add(i);
+        let mut function = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo((*attr).atttypid, &mut function, &mut varlena);
+        let mut flinfo: pg_sys::FmgrInfo = std::mem::zeroed();
+        pg_sys::fmgr_info(function, &mut flinfo);
+        outputs.push(flinfo);
+    }
+    let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+    let context = pg_sys::AllocSetContextCreateExtended(
+        pg_sys::CurrentMemoryContext,
+        c"intermediate result".as_ptr(),
+        pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+    );
+    let _settings = TransmissionSettings::enter();
+    let mut rows = 0usize;
+    let mut bytes = 0usize;
+    while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
+        rows += 1;
+        if broadcast.exists {
+            arrays[0].push(Some(b"1"));
+            continue;
+        }
+        pg_sys::slot_getallattrs(slot);
+        pg_sys::MemoryContextReset(context);
+        let previous = pg_sys::MemoryContextSwitchTo(context);
+        for (i, (array, output)) in arrays.iter_mut().zip(outputs.iter_mut()).enumerate() {
+            if *(*slot).tts_isnull.add(i) {
+                array.push(None);
+            } else {
+                let value = CStr::from_ptr(pg_sys::OutputFunctionCall(output, *(*slot).tts_values.add(i)));
+                bytes += value.to_bytes().len();
+                array.push(Some(value.to_bytes()));
+            }
+        }
+        pg_sys::MemoryContextSwitchTo(previous);
+        if bytes > INTERMEDIATE_RESULT_LIMIT {
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("the intermediate result of a subquery exceeds {} MB", INTERMEDIATE_RESULT_LIMIT / (1024 * 1024)),
+            )
+            .detail(format!("Subquery: {}", broadcast.table))
+            .hint("Filter the subquery further, or join its tables on their distribution columns."));
+        }
+    }
+    pg_sys::ExecDropSingleTupleTableSlot(slot);
+    pg_sys::tuplestore_end(store);
+    pg_sys::MemoryContextDelete(context);
+    Ok(rows)
 }
 
 extern "C-unwind" {
@@ -819,6 +961,14 @@ unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancesto
     // Tables sent to every task: which, how they are read, and with ANALYZE how many rows.
     for (i, broadcast) in runtime.plan.broadcasts.iter().enumerate() {
         let table = CString::new(broadcast.table.as_str()).unwrap_or_default();
+        if broadcast.query.is_some() {
+            // A subquery run here first (with ANALYZE: how many of its rows went out).
+            pg_sys::ExplainPropertyText(c"Intermediate Result".as_ptr(), table.as_ptr(), es);
+            if let Some(&rows) = runtime.broadcast_rows.get(i) {
+                pg_sys::ExplainPropertyInteger(c"Intermediate Result Rows".as_ptr(), std::ptr::null(), rows as i64, es);
+            }
+            continue;
+        }
         pg_sys::ExplainPropertyText(c"Broadcast".as_ptr(), table.as_ptr(), es);
         if let Some(&rows) = runtime.broadcast_rows.get(i) {
             pg_sys::ExplainPropertyInteger(c"Broadcast Rows".as_ptr(), std::ptr::null(), rows as i64, es);

@@ -34,13 +34,15 @@ use crate::planner::shippable;
 use crate::transaction::remote;
 
 /// Tables at most this large are broadcast whatever the size of the rest.
-const SMALL_TABLE_BYTES: u64 = 1024 * 1024;
+pub(super) const SMALL_TABLE_BYTES: u64 = 1024 * 1024;
 /// How long a table's size read from the workers is trusted.
 const SIZE_TTL: Duration = Duration::from_secs(60);
 
 /// The coordinator query of plan 3 over the statement with some tables broadcast, `None` when
 /// no choice of broadcast tables makes the rest run on co-located shards.
-pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
+///
+/// `prior`: intermediate results the statement already reads (planner/intermediate.rs).
+pub unsafe fn plan(parse: *mut pg_sys::Query, prior: &[Broadcast]) -> Result<Option<*mut pg_sys::Query>> {
     let limit = crate::guc::BROADCAST_JOIN_LIMIT.get();
     if limit <= 0 || (*parse).commandType != pg_sys::CmdType::CMD_SELECT || !(*parse).utilityStmt.is_null() {
         return Ok(None);
@@ -58,7 +60,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Quer
     let candidates = candidates(parse, &distributed);
     for chosen in choices(candidates.len()) {
         let chosen: Vec<&Candidate> = chosen.iter().map(|&i| &candidates[i]).collect();
-        if let Some(coordinator) = attempt(parse, &distributed, &chosen, limit)? {
+        if let Some(coordinator) = attempt(parse, &distributed, &chosen, limit, prior)? {
             return Ok(Some(coordinator));
         }
     }
@@ -66,7 +68,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Quer
 }
 
 /// The hash-distributed tables of the top level: (range table index, table).
-unsafe fn top_distributed(parse: *mut pg_sys::Query) -> Result<Vec<(u32, Rc<DistributedTable>)>> {
+pub(super) unsafe fn top_distributed(parse: *mut pg_sys::Query) -> Result<Vec<(u32, Rc<DistributedTable>)>> {
     let mut distributed = Vec::new();
     for (i, rte) in list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable).into_iter().enumerate() {
         if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || (*rte).relkind == pg_sys::RELKIND_VIEW as std::ffi::c_char {
@@ -122,6 +124,7 @@ unsafe fn attempt(
     distributed: &[(u32, Rc<DistributedTable>)],
     chosen: &[&Candidate],
     limit: u64,
+    prior: &[Broadcast],
 ) -> Result<Option<*mut pg_sys::Query>> {
     // What stays distributed: its largest table sets the bytes read otherwise, the one with
     // the most shards the task count.
@@ -140,7 +143,7 @@ unsafe fn attempt(
         return Ok(None);
     }
     match rewrite(parse, chosen)? {
-        Some((rewritten, broadcasts)) => super::router::split_select_with(rewritten, broadcasts),
+        Some((rewritten, broadcasts)) => super::router::split_select_with(rewritten, prior.iter().cloned().chain(broadcasts).collect()),
         None => Ok(None),
     }
 }
@@ -199,7 +202,13 @@ unsafe fn rewrite(parse: *mut pg_sys::Query, chosen: &[&Candidate]) -> Result<Op
         }
         let reader = broadcast_reader(rewritten, *rti, table, &columns, &conditions)?;
         replace_with_parameters(rewritten, *rti, &columns, next_param)?;
-        broadcasts.push(Broadcast { table: table.name.clone(), plan: reader, first_param: next_param, columns: columns.len() });
+        broadcasts.push(Broadcast {
+            table: table.name.clone(),
+            plan: reader,
+            first_param: next_param,
+            columns: columns.len(),
+            ..Default::default()
+        });
         next_param += columns.len() as i32;
     }
     Ok(Some((rewritten, broadcasts)))
@@ -268,9 +277,7 @@ unsafe fn referenced_columns(parse: *mut pg_sys::Query, rti: u32) -> Option<Vec<
     Some(context.columns)
 }
 
-/// The type of a column, and whether its values travel as elements of an array of that type:
-/// not arrays (they would be flattened into the outer array) nor composites (a function scan
-/// would spread them over several columns).
+/// The type, typmod and collation of a column.
 unsafe fn column_type(relid: pg_sys::Oid, attno: i16) -> (pg_sys::Oid, i32, pg_sys::Oid) {
     let (mut type_oid, mut typmod, mut collation) = (pg_sys::InvalidOid, -1, pg_sys::InvalidOid);
     pg_sys::get_atttypetypmodcoll(relid, attno, &mut type_oid, &mut typmod, &mut collation);
@@ -278,7 +285,13 @@ unsafe fn column_type(relid: pg_sys::Oid, attno: i16) -> (pg_sys::Oid, i32, pg_s
 }
 
 unsafe fn sendable_column(relid: pg_sys::Oid, attno: i16) -> bool {
-    let (type_oid, _, _) = column_type(relid, attno);
+    sendable_type(column_type(relid, attno).0)
+}
+
+/// Whether values of a type travel as elements of an array of that type: not arrays (they
+/// would be flattened into the outer array) nor composites (a function scan would spread them
+/// over several columns).
+pub(super) unsafe fn sendable_type(type_oid: pg_sys::Oid) -> bool {
     let base = pg_sys::getBaseType(type_oid);
     type_oid != pg_sys::InvalidOid
         && pg_sys::get_array_type(type_oid) != pg_sys::InvalidOid
@@ -305,67 +318,87 @@ unsafe fn replace_with_parameters(query: *mut pg_sys::Query, rti: u32, columns: 
         let name = if name.is_empty() { format!("pgs_dropped_{attno}") } else { name };
         let name = CString::new(name).map_err(|e| ShardingError::internal(e.to_string()))?;
         colnames = pg_sys::lappend(colnames, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
-
-        let (argument, element, collation) = match columns.iter().position(|&c| c == attno) {
+        let function = match columns.iter().position(|&c| c == attno) {
             Some(position) => {
                 let (type_oid, _, collation) = column_type(relid, attno);
-                let array_type = pg_sys::get_array_type(type_oid);
-                let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();
-                (*param).xpr.type_ = pg_sys::NodeTag::T_Param;
-                (*param).paramkind = pg_sys::ParamKind::PARAM_EXTERN;
-                (*param).paramid = first_param + position as i32;
-                (*param).paramtype = pg_sys::TEXTOID;
-                (*param).paramtypmod = -1;
-                (*param).paramcollid = pg_sys::DEFAULT_COLLATION_OID;
-                (*param).location = -1;
-                // The worker reads the text with the column type's own input function.
-                let coerce: *mut pg_sys::CoerceViaIO = pg_sys::palloc0(std::mem::size_of::<pg_sys::CoerceViaIO>()).cast();
-                (*coerce).xpr.type_ = pg_sys::NodeTag::T_CoerceViaIO;
-                (*coerce).arg = param.cast();
-                (*coerce).resulttype = array_type;
-                (*coerce).resultcollid = pg_sys::get_typcollation(array_type);
-                (*coerce).coerceformat = pg_sys::CoercionForm::COERCE_EXPLICIT_CAST;
-                (*coerce).location = -1;
-                let mut argument: *mut pg_sys::Expr = coerce.cast();
-                // A column collation other than its type's default must hold on the worker.
-                if collation != pg_sys::InvalidOid && collation != pg_sys::get_typcollation(type_oid) {
-                    let collate: *mut pg_sys::CollateExpr = pg_sys::palloc0(std::mem::size_of::<pg_sys::CollateExpr>()).cast();
-                    (*collate).xpr.type_ = pg_sys::NodeTag::T_CollateExpr;
-                    (*collate).arg = argument;
-                    (*collate).collOid = collation;
-                    (*collate).location = -1;
-                    argument = collate.cast();
-                }
-                (argument, type_oid, collation)
+                unnest_parameter(type_oid, collation, first_param + position as i32)
             }
-            None => (pg_sys::makeNullConst(pg_sys::INT4ARRAYOID, -1, pg_sys::InvalidOid).cast(), pg_sys::INT4OID, pg_sys::InvalidOid),
+            None => unnest_nothing(),
         };
-        let call = pg_sys::makeFuncExpr(
-            pg_sys::Oid::from(pg_sys::F_UNNEST_ANYARRAY),
-            element,
-            pg_sys::lappend(std::ptr::null_mut(), argument.cast()),
-            collation,
-            pg_sys::exprCollation(argument.cast()),
-            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-        );
-        (*call).funcretset = true;
-        let function: *mut pg_sys::RangeTblFunction = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblFunction>()).cast();
-        (*function).type_ = pg_sys::NodeTag::T_RangeTblFunction;
-        (*function).funcexpr = call.cast();
-        (*function).funccolcount = 1;
         functions = pg_sys::lappend(functions, function.cast());
     }
+    let alias = if (*old).alias.is_null() { (*(*old).eref).aliasname } else { (*(*old).alias).aliasname };
+    let rte = function_rte(functions, colnames, alias);
+    (*rte).inFromCl = (*old).inFromCl;
+    (*cell).ptr_value = rte.cast();
+    Ok(())
+}
+
+/// `unnest(($param_id)::type[] [COLLATE collation])` as a function of a function scan: the
+/// worker reads the parameter's text with the array type's input function, and a collation
+/// other than the type's default holds there too.
+pub(super) unsafe fn unnest_parameter(type_oid: pg_sys::Oid, collation: pg_sys::Oid, param_id: i32) -> *mut pg_sys::RangeTblFunction {
+    let array_type = pg_sys::get_array_type(type_oid);
+    let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();
+    (*param).xpr.type_ = pg_sys::NodeTag::T_Param;
+    (*param).paramkind = pg_sys::ParamKind::PARAM_EXTERN;
+    (*param).paramid = param_id;
+    (*param).paramtype = pg_sys::TEXTOID;
+    (*param).paramtypmod = -1;
+    (*param).paramcollid = pg_sys::DEFAULT_COLLATION_OID;
+    (*param).location = -1;
+    let coerce: *mut pg_sys::CoerceViaIO = pg_sys::palloc0(std::mem::size_of::<pg_sys::CoerceViaIO>()).cast();
+    (*coerce).xpr.type_ = pg_sys::NodeTag::T_CoerceViaIO;
+    (*coerce).arg = param.cast();
+    (*coerce).resulttype = array_type;
+    (*coerce).resultcollid = pg_sys::get_typcollation(array_type);
+    (*coerce).coerceformat = pg_sys::CoercionForm::COERCE_EXPLICIT_CAST;
+    (*coerce).location = -1;
+    let mut argument: *mut pg_sys::Expr = coerce.cast();
+    if collation != pg_sys::InvalidOid && collation != pg_sys::get_typcollation(type_oid) {
+        let collate: *mut pg_sys::CollateExpr = pg_sys::palloc0(std::mem::size_of::<pg_sys::CollateExpr>()).cast();
+        (*collate).xpr.type_ = pg_sys::NodeTag::T_CollateExpr;
+        (*collate).arg = argument;
+        (*collate).collOid = collation;
+        (*collate).location = -1;
+        argument = collate.cast();
+    }
+    unnest_function(argument, type_oid, collation)
+}
+
+/// `unnest(NULL::integer[])`: a column nobody reads.
+unsafe fn unnest_nothing() -> *mut pg_sys::RangeTblFunction {
+    unnest_function(pg_sys::makeNullConst(pg_sys::INT4ARRAYOID, -1, pg_sys::InvalidOid).cast(), pg_sys::INT4OID, pg_sys::InvalidOid)
+}
+
+unsafe fn unnest_function(argument: *mut pg_sys::Expr, element: pg_sys::Oid, collation: pg_sys::Oid) -> *mut pg_sys::RangeTblFunction {
+    let call = pg_sys::makeFuncExpr(
+        pg_sys::Oid::from(pg_sys::F_UNNEST_ANYARRAY),
+        element,
+        pg_sys::lappend(std::ptr::null_mut(), argument.cast()),
+        collation,
+        pg_sys::exprCollation(argument.cast()),
+        pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+    );
+    (*call).funcretset = true;
+    let function: *mut pg_sys::RangeTblFunction = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblFunction>()).cast();
+    (*function).type_ = pg_sys::NodeTag::T_RangeTblFunction;
+    (*function).funcexpr = call.cast();
+    (*function).funccolcount = 1;
+    function
+}
+
+/// A function scan (`ROWS FROM (...)`) over `functions`, one column each, named `alias(colnames)`.
+pub(super) unsafe fn function_rte(functions: *mut pg_sys::List, colnames: *mut pg_sys::List, alias: *mut std::ffi::c_char) -> *mut pg_sys::RangeTblEntry {
     let rte: *mut pg_sys::RangeTblEntry = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast();
     (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
     (*rte).rtekind = pg_sys::RTEKind::RTE_FUNCTION;
     (*rte).functions = functions;
-    (*rte).inFromCl = (*old).inFromCl;
+    (*rte).inFromCl = true;
     (*rte).inh = false;
-    let alias = if (*old).alias.is_null() { (*(*old).eref).aliasname } else { (*(*old).alias).aliasname };
     (*rte).alias = pg_sys::makeAlias(alias, pg_sys::copyObjectImpl(colnames.cast()).cast());
     (*rte).eref = pg_sys::makeAlias(alias, colnames);
-    (*cell).ptr_value = rte.cast();
-    Ok(())
+    rte
 }
 
 /// The plan that reads a broadcast table: the given columns of each shard's rows, filtered by
@@ -533,7 +566,7 @@ thread_local! {
 
 /// The size in bytes of a distributed table: its first shard's, read from the worker that
 /// holds it (and kept a minute), times its shard count. `None` when the worker cannot say.
-fn table_bytes(table: &DistributedTable) -> Option<u64> {
+pub(super) fn table_bytes(table: &DistributedTable) -> Option<u64> {
     let key = table.relid.to_u32();
     if let Some(bytes) = SIZES.with(|s| s.borrow().get(&key).filter(|(_, at)| at.elapsed() < SIZE_TTL).map(|(bytes, _)| *bytes)) {
         return Some(bytes);

@@ -8,6 +8,7 @@
 pub mod aggregates;
 pub mod broadcast;
 pub mod hoist;
+pub mod intermediate;
 pub mod pins;
 pub mod router;
 pub mod scan_path;

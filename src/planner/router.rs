@@ -476,6 +476,15 @@ pub unsafe fn plan_statement(
                     return Ok(Some(planned));
                 }
             }
+            // Subqueries on the other tables run first, here, and their rows go to every shard
+            // of the target (intermediate.rs).
+            if let Some((rewritten, results)) = super::intermediate::for_modify(parse)? {
+                if let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? {
+                    crate::executor::remote_scan::add_broadcasts((*planned).planTree, results)?;
+                    append_relations(planned, parse);
+                    return Ok(Some(planned));
+                }
+            }
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" reading other distributed tables needs every table filtered to one shard group"
             ))
@@ -565,10 +574,13 @@ pub(super) unsafe fn modify_runs_per_group(parse: *mut pg_sys::Query) -> Result<
 /// Plan 3 for a SELECT as it is, or with the tables it joins without co-location broadcast to
 /// the shards of the others (planner/broadcast.rs).
 unsafe fn shard_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
-    match split_select(parse)? {
-        Some(coordinator) => Ok(Some(coordinator)),
-        None => super::broadcast::plan(parse),
+    if let Some(coordinator) = split_select(parse)? {
+        return Ok(Some(coordinator));
     }
+    if let Some(coordinator) = super::broadcast::plan(parse, &[])? {
+        return Ok(Some(coordinator));
+    }
+    super::intermediate::plan(parse)
 }
 
 /// `split_select`, with tables broadcast to every task (planner/broadcast.rs).

@@ -58,3 +58,18 @@ UPDATE users u SET score = u.score + 1 FROM accounts a WHERE a.owner = u.id AND 
 DELETE FROM items i USING events e WHERE e.user_id = i.user_id AND e.id % 7 = 0 RETURNING i.order_id, i.sku;
 UPDATE orders o SET status = 'tagged' FROM events e, users u WHERE e.user_id = o.user_id AND u.id = o.user_id AND e.tag >= 'b' AND u.score > 40;
 DELETE FROM events e USING users u WHERE u.id = e.user_id AND u.region = 'us';
+-- Subqueries on tables the target is not co-located with, or not joined to on distribution
+-- columns: evaluated first, their rows sent to the shards (intermediate results).
+UPDATE users SET score = (SELECT count(*) FROM orders);
+DELETE FROM orders WHERE id IN (SELECT id FROM users WHERE region IS NULL);
+UPDATE orders SET note = 'evented' WHERE user_id IN (SELECT user_id FROM events WHERE kind = 'buy') AND status = 'new';
+DELETE FROM items WHERE user_id NOT IN (SELECT user_id FROM events) RETURNING order_id, sku;
+DELETE FROM items WHERE user_id NOT IN (SELECT user_id FROM events WHERE user_id IS NOT NULL AND kind <> 'buy') RETURNING order_id, sku;
+UPDATE users u SET name = name || '!' WHERE EXISTS (SELECT 1 FROM events WHERE kind = 'buy' AND at > '2024-01-04') AND u.id < 20;
+UPDATE users SET flag = NOT flag WHERE NOT EXISTS (SELECT 1 FROM events WHERE kind = 'none') AND id BETWEEN 30 AND 40 RETURNING id, flag;
+UPDATE orders SET note = (SELECT max(tag) FROM events) WHERE user_id < 5 RETURNING user_id, id, note;
+UPDATE users SET region = 'arr' WHERE id = ANY (ARRAY(SELECT user_id FROM events WHERE kind = 'view' ORDER BY id)) RETURNING id;
+DELETE FROM events WHERE user_id IN (SELECT id FROM users WHERE score > 95) RETURNING id;
+UPDATE events SET payload = 'tagged' WHERE tag > ALL (SELECT tag FROM events WHERE tag < 'b' AND tag IS NOT NULL) RETURNING id, tag;
+UPDATE orders o SET note = 'both' FROM users u WHERE u.id = o.user_id AND u.region IN (SELECT kind FROM events) AND o.id IN (SELECT id FROM events WHERE kind = 'buy');
+UPDATE orders SET amount = amount + 1 WHERE (user_id, id) IN (SELECT user_id, id FROM events) RETURNING user_id, id, amount;

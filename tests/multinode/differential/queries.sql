@@ -388,3 +388,17 @@ SELECT count(*) FROM users u JOIN users v ON v.score = u.id;
 SELECT count(*) FROM orders o CROSS JOIN events e WHERE e.kind = 'buy' AND o.amount > 200;
 SELECT count(*), sum(u.score) FROM events e, users u WHERE e.id < 5;
 SELECT u.region, count(*) FROM users u JOIN events e ON true WHERE e.id % 50 = 1 AND e.tag >= 'a' GROUP BY u.region;
+-- Uncorrelated subqueries on tables not co-located with the rest (intermediate results).
+SELECT count(*) FROM orders WHERE user_id IN (SELECT user_id FROM events WHERE kind = 'buy');
+SELECT o.status, count(*), sum(o.amount) FROM orders o WHERE o.user_id NOT IN (SELECT user_id FROM events WHERE user_id IS NOT NULL) GROUP BY o.status;
+SELECT count(*) FROM orders o WHERE o.user_id NOT IN (SELECT user_id FROM events);
+SELECT id FROM users WHERE EXISTS (SELECT 1 FROM events WHERE kind = 'nope');
+SELECT id FROM users WHERE NOT EXISTS (SELECT 1 FROM events WHERE kind = 'nope') AND id < 10;
+SELECT id, (SELECT max(at) FROM events) FROM users WHERE score > 80;
+SELECT u.region, count(*) FROM users u WHERE u.id = ANY (ARRAY(SELECT user_id FROM events WHERE kind = 'buy')) GROUP BY u.region;
+SELECT count(*) FROM orders WHERE (user_id, id) IN (SELECT user_id, id FROM events);
+SELECT e.id, e.tag FROM events e WHERE e.tag < ALL (SELECT tag FROM events WHERE tag > 'a' AND tag IS NOT NULL);
+SELECT e.id FROM events e WHERE e.user_id IN (SELECT id FROM users WHERE region = 'eu') AND e.kind IN (SELECT kind FROM events WHERE at < '2024-01-03');
+SELECT u.id, u.name FROM users u WHERE u.created IN (SELECT at::date FROM events) ORDER BY u.id LIMIT 5;
+SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id WHERE o.amount > (SELECT avg(score) FROM users) AND u.id IN (SELECT user_id FROM events WHERE kind <> 'view');
+SELECT o.user_id, count(*) FROM orders o WHERE EXISTS (SELECT 1 FROM items i WHERE i.user_id = o.user_id AND i.sku IN (SELECT payload FROM events)) GROUP BY o.user_id;

@@ -33,6 +33,10 @@ outer = [
   "SELECT user_id::text FROM ({q}) x UNION SELECT code FROM regions",
   "SELECT count(*) FROM ({q}) x LEFT JOIN events e ON e.user_id::text = x.user_id::text",
   "SELECT x.user_id FROM ({q}) x WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id::text = x.user_id::text)",
+  "SELECT o.status, count(*) FROM orders o WHERE o.user_id NOT IN (SELECT user_id FROM ({q}) x WHERE user_id IS NOT NULL) GROUP BY o.status",
+  "SELECT e.kind, count(*) FROM events e WHERE e.user_id = ANY (ARRAY(SELECT user_id FROM ({q}) x)) GROUP BY e.kind",
+  "SELECT count(*), sum(o.amount) FROM orders o WHERE o.amount > ALL (SELECT n FROM ({q}) x WHERE n IS NOT NULL)",
+  "SELECT count(*) FROM items i WHERE EXISTS (SELECT 1 FROM ({q}) x WHERE x.n::text > '3') AND i.qty > 2",
 ]
 failures = 0
 for i in range(N):

@@ -55,6 +55,14 @@ const PARAMETERIZED: &[(&str, &[&str])] = &[
         "PREPARE p(bigint) AS DELETE FROM orders WHERE user_id = $1 RETURNING id",
         &["BEGIN; EXECUTE p(8); ROLLBACK", "BEGIN; EXECUTE p(NULL); ROLLBACK"],
     ),
+    (
+        "PREPARE p(text, int) AS UPDATE orders SET note = $1 WHERE user_id IN (SELECT user_id FROM events WHERE kind = $1) AND amount > $2 RETURNING user_id, id",
+        &["BEGIN; EXECUTE p('buy', 10); ROLLBACK", "BEGIN; EXECUTE p('none', 0); EXECUTE p(NULL, 0); ROLLBACK"],
+    ),
+    (
+        "PREPARE p(text) AS SELECT o.status, count(*) FROM orders o WHERE o.user_id IN (SELECT user_id FROM events WHERE kind = $1) GROUP BY o.status",
+        &["EXECUTE p('buy')", "EXECUTE p('view')", "EXECUTE p(NULL)"],
+    ),
 ];
 
 const TABLES: &[&str] = &["users", "orders", "items", "events", "regions", "\"MixedCase\"", "accounts"];
@@ -398,6 +406,38 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     // ... and the UPDATE fails clearly, changing nothing.
     let error = c.execute(update, &[]).unwrap_err();
     assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error}");
+    c.batch_execute("RESET sharding.broadcast_join_limit").unwrap();
+
+    // An uncorrelated subquery on a table that is not co-located: the coordinator runs it
+    // first and sends its rows to every task, where the rest runs as on co-located shards.
+    let sql = "SELECT count(*), min(k), max(k) FROM kv WHERE k IN (SELECT id FROM tags WHERE kind = 'even')";
+    let plan = explain(&mut c, &format!("(ANALYZE, COSTS off, TIMING off, SUMMARY off) {sql}"));
+    assert_eq!(task_count(&plan), vec![32], "{plan}");
+    assert!(plan.contains("Intermediate Result:") && plan.contains("Intermediate Result Rows: 20"), "{plan}");
+    assert!(plan.contains("unnest(($1)::integer[])") && plan.contains("count(*)"), "{plan}");
+    let (got, _) = run(&mut c, sql).unwrap();
+    let (expected, _) = run(&mut c, &sql.replace("FROM kv WHERE", "FROM kv_local kv WHERE").replace("FROM tags", "FROM tags_local")).unwrap();
+    assert_eq!(expected[0][0].as_deref(), Some("20"));
+    assert_eq!(got, expected, "{sql}");
+    // A DELETE with such a subquery (an error before): the same, in the target's tasks. The
+    // ICU collation of the subquery's column holds where it runs (here: 'A' only, not 'a').
+    let delete = "DELETE FROM kv WHERE k IN (SELECT id * 2 FROM tags WHERE name = 'A')";
+    let plan = explain(&mut c, delete);
+    assert!(plan.contains("Intermediate Result:") && plan.contains("DELETE"), "{plan}");
+    let expected: i64 = scalar(&mut c, "SELECT count(*) FROM kv_local WHERE k IN (SELECT id * 2 FROM tags_local WHERE name = 'A')");
+    assert_eq!(expected, 10);
+    assert_eq!(c.execute(delete, &[]).unwrap(), 10);
+    let left: i64 = scalar(&mut c, "SELECT count(*) FROM kv WHERE k IN (SELECT id * 2 FROM tags_local WHERE name = 'A')");
+    assert_eq!(left, 0);
+    // Turned off, the SELECT runs as before (the coordinator evaluates the subquery over the
+    // rows of kv) and the DELETE still works: its only alternative is an error.
+    let with_result = run(&mut c, sql).unwrap().0;
+    assert_eq!(with_result[0][0].as_deref(), Some("15"));
+    c.batch_execute("SET sharding.broadcast_join_limit = 0").unwrap();
+    let plan = explain(&mut c, sql);
+    assert!(!plan.contains("Intermediate Result"), "{plan}");
+    assert_eq!(run(&mut c, sql).unwrap().0, with_result);
+    assert!(explain(&mut c, delete).contains("Intermediate Result:"));
     c.batch_execute("RESET sharding.broadcast_join_limit").unwrap();
 }
 

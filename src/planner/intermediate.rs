@@ -1,0 +1,324 @@
+//! Intermediate results: a statement whose subqueries read distributed tables it cannot run
+//! with on the shards (not co-located, not joined on distribution columns) can still run there
+//! when those subqueries are evaluated first.
+//!
+//! An uncorrelated subquery in an expression (`x IN (SELECT ...)`, `EXISTS (...)`, a scalar or
+//! `ARRAY(...)` subquery) reads nothing of the statement around it, so its rows are the same
+//! for every row of the statement. The coordinator runs it first, with PostgreSQL's executor
+//! and the distributed planner (executor/remote_scan.rs, `intermediate_result`), and sends its
+//! rows to every task as array parameters, one per output column, exactly as a broadcast table
+//! (broadcast.rs). In the statement it becomes `(SELECT r.c1, ... FROM unnest(($7)::integer[],
+//! ...) r(c1, ...))`: same output columns, in the same order, so the comparison around it
+//! (`x IN`, `= ANY`, row comparisons) is untouched.
+//!
+//! Only the subqueries that stop the statement from running per shard group are replaced: all
+//! are at first, then each is put back when the statement still runs per shard group with it.
+//! UPDATE and DELETE take any such subquery (the alternative is an error); a SELECT, which the
+//! general plan answers anyway, only when the subquery's tables are small enough to be worth
+//! it, by the broadcast rule.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+
+use crate::catalog::{cache, tables::Method};
+use crate::commands::utility::list_pointers;
+use crate::deparse::query::{for_each_rte, TransmissionSettings};
+use crate::error::{Result, ShardingError};
+use crate::executor::remote_scan::Broadcast;
+use crate::planner::broadcast::{function_rte, sendable_type, table_bytes, top_distributed, unnest_parameter, SMALL_TABLE_BYTES};
+use crate::planner::scan_path::collect_params;
+
+/// An UPDATE or DELETE (a copy) with the subqueries it cannot run per shard group with replaced
+/// by intermediate results, and those results; `None` when replacing them does not help.
+pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sys::Query, Vec<Broadcast>)>> {
+    rewrite(parse, &mut |_| Ok(true), &mut |query| Ok(super::router::modify_runs_per_group(query)? || super::broadcast::for_modify(query)?.is_some()))
+}
+
+/// Plan 3's coordinator query for a SELECT with its uncorrelated subqueries on tables it is not
+/// co-located with evaluated first; `None` when that does not make it plan 3's shape, or when
+/// a subquery reads too much to be worth it.
+pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
+    let limit = crate::guc::BROADCAST_JOIN_LIMIT.get();
+    if limit <= 0 || !super::aggregates::eligible(parse) || !(*parse).hasSubLinks {
+        return Ok(None);
+    }
+    let limit = limit as u64 * 1024;
+    // As for a broadcast table: the subquery's tables, sent to every task, against the largest
+    // table the statement reads on the shards (sizes asked for only once there is a candidate).
+    let mut rest: Option<Option<(u64, u64)>> = None;
+    let mut worth_it = |subquery: *mut pg_sys::Query| -> Result<bool> {
+        if rest.is_none() {
+            let mut sizes = Some((0u64, 1u64));
+            for (_, table) in top_distributed(parse)? {
+                sizes = match (sizes, table_bytes(&table)) {
+                    (Some((bytes, tasks)), Some(size)) => Some((bytes.max(size), tasks.max(table.shards.len() as u64))),
+                    _ => None,
+                };
+            }
+            rest = Some(sizes);
+        }
+        let Some(Some((rest_bytes, tasks))) = rest else {
+            return Ok(false);
+        };
+        let mut bytes = 0u64;
+        for table in distributed_tables(subquery)? {
+            let Some(size) = table_bytes(&table) else {
+                return Ok(false);
+            };
+            bytes = bytes.saturating_add(size);
+        }
+        Ok(bytes <= limit && (bytes <= SMALL_TABLE_BYTES || bytes.saturating_mul(tasks) <= rest_bytes))
+    };
+    let mut runs_on_shards = |query: *mut pg_sys::Query| -> Result<bool> {
+        Ok(super::router::split_select_with(query, Vec::new())?.is_some() || super::broadcast::plan(query, &[])?.is_some())
+    };
+    let Some((rewritten, results)) = rewrite(parse, &mut worth_it, &mut runs_on_shards)? else {
+        return Ok(None);
+    };
+    if let Some(coordinator) = super::router::split_select_with(rewritten, results.clone())? {
+        return Ok(Some(coordinator));
+    }
+    super::broadcast::plan(rewritten, &results)
+}
+
+/// A replaced subquery: where it was, what it was, and what stands there instead.
+struct Replaced {
+    sublink: *mut pg_sys::SubLink,
+    original: *mut pg_sys::Query,
+    replacement: *mut pg_sys::Query,
+    result: Broadcast,
+}
+
+/// The statement (a copy) with the subqueries `eligible` accepts replaced by intermediate
+/// results, as few as `runs` needs; `None` when `runs` does not accept it even with all of them
+/// replaced, or there are none.
+unsafe fn rewrite(
+    parse: *mut pg_sys::Query,
+    eligible: &mut dyn FnMut(*mut pg_sys::Query) -> Result<bool>,
+    runs: &mut dyn FnMut(*mut pg_sys::Query) -> Result<bool>,
+) -> Result<Option<(*mut pg_sys::Query, Vec<Broadcast>)>> {
+    let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+    let mut sublinks = Vec::new();
+    for sublink in candidates(copy)? {
+        if eligible((*sublink).subselect.cast())? {
+            sublinks.push(sublink);
+        }
+    }
+    if sublinks.is_empty() {
+        return Ok(None);
+    }
+    let mut params = Vec::new();
+    collect_params(copy.cast(), &mut params);
+    let mut next_param = params.iter().copied().max().unwrap_or(0) + 1;
+    let mut replaced = Vec::new();
+    for sublink in sublinks {
+        let original: *mut pg_sys::Query = (*sublink).subselect.cast();
+        let (replacement, result) = replacement(sublink, original, next_param)?;
+        next_param += result.columns as i32;
+        (*sublink).subselect = replacement.cast();
+        replaced.push(Replaced { sublink, original, replacement, result });
+    }
+    if !runs(copy)? {
+        return Ok(None);
+    }
+    // Put back what the statement runs per shard group with (a subquery co-located with it).
+    let mut results = Vec::new();
+    for entry in replaced {
+        (*entry.sublink).subselect = entry.original.cast();
+        if !runs(copy)? {
+            (*entry.sublink).subselect = entry.replacement.cast();
+            results.push(entry.result);
+        }
+    }
+    if results.is_empty() {
+        // Every one went back (the statement runs as it was): not this module's plan.
+        return Ok(None);
+    }
+    Ok(Some((copy, results)))
+}
+
+/// The uncorrelated subqueries in expressions of `query` (any level) that read distributed
+/// tables and whose rows can travel as arrays, outermost first (one inside another is not
+/// listed: it goes with it).
+unsafe fn candidates(query: *mut pg_sys::Query) -> Result<Vec<*mut pg_sys::SubLink>> {
+    struct Context {
+        found: Vec<*mut pg_sys::SubLink>,
+        failure: Option<ShardingError>,
+    }
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let cx = &mut *(context as *mut Context);
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Query => pg_sys::query_tree_walker(node.cast(), Some(walker), context, 0),
+            pg_sys::NodeTag::T_SubLink => {
+                let sublink = node.cast::<pg_sys::SubLink>();
+                match replaceable(sublink) {
+                    Ok(true) => {
+                        cx.found.push(sublink);
+                        // Its test expression belongs to the statement around it.
+                        walker((*sublink).testexpr, context)
+                    }
+                    Ok(false) => pg_sys::expression_tree_walker(node, Some(walker), context),
+                    Err(error) => {
+                        cx.failure = Some(error);
+                        true
+                    }
+                }
+            }
+            _ => pg_sys::expression_tree_walker(node, Some(walker), context),
+        }
+    }
+    let mut context = Context { found: Vec::new(), failure: None };
+    pg_sys::query_tree_walker(query, Some(walker), (&mut context as *mut Context).cast(), 0);
+    match context.failure {
+        Some(error) => Err(error),
+        None => Ok(context.found),
+    }
+}
+
+/// Whether a subquery can become an intermediate result: of a kind that only reads its rows,
+/// reading nothing of the statement around it, reading distributed tables, and with output
+/// columns that travel as array elements (EXISTS reads none of them).
+unsafe fn replaceable(sublink: *mut pg_sys::SubLink) -> Result<bool> {
+    use pg_sys::SubLinkType::*;
+    let subquery: *mut pg_sys::Query = (*sublink).subselect.cast();
+    if subquery.is_null() || (*subquery).type_ != pg_sys::NodeTag::T_Query {
+        return Ok(false);
+    }
+    if !matches!((*sublink).subLinkType, EXISTS_SUBLINK | ALL_SUBLINK | ANY_SUBLINK | ROWCOMPARE_SUBLINK | EXPR_SUBLINK | ARRAY_SUBLINK) {
+        return Ok(false);
+    }
+    if !self_contained(subquery) || distributed_tables(subquery)?.is_empty() {
+        return Ok(false);
+    }
+    if (*sublink).subLinkType == EXISTS_SUBLINK {
+        return Ok(true);
+    }
+    let outputs = outputs(subquery);
+    Ok(!outputs.is_empty() && outputs.iter().all(|&(type_oid, _, _)| sendable_type(type_oid)))
+}
+
+/// The type, typmod and collation of each output column of a query (its non-junk entries).
+unsafe fn outputs(query: *mut pg_sys::Query) -> Vec<(pg_sys::Oid, i32, pg_sys::Oid)> {
+    list_pointers::<pg_sys::TargetEntry>((*query).targetList)
+        .into_iter()
+        .filter(|&entry| !(*entry).resjunk)
+        .map(|entry| {
+            let expr = (*entry).expr.cast::<pg_sys::Node>();
+            (pg_sys::exprType(expr), pg_sys::exprTypmod(expr), pg_sys::exprCollation(expr))
+        })
+        .collect()
+}
+
+/// The hash-distributed tables a query reads, at any level.
+unsafe fn distributed_tables(query: *mut pg_sys::Query) -> Result<Vec<std::rc::Rc<crate::catalog::tables::DistributedTable>>> {
+    let mut relids = Vec::new();
+    for_each_rte(query, &mut |rte| {
+        if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION && !relids.contains(&(*rte).relid) {
+            relids.push((*rte).relid);
+        }
+    });
+    let mut tables = Vec::new();
+    for relid in relids {
+        if let Some(table) = cache::table_unless_reentrant(relid)? {
+            if table.method == Method::Hash {
+                tables.push(table);
+            }
+        }
+    }
+    Ok(tables)
+}
+
+/// Whether a query refers to nothing outside itself: no column, aggregate or WITH query of an
+/// enclosing level.
+unsafe fn self_contained(query: *mut pg_sys::Query) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        let depth = *(context as *mut u32);
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Var => (*node.cast::<pg_sys::Var>()).varlevelsup > depth,
+            pg_sys::NodeTag::T_Aggref => {
+                (*node.cast::<pg_sys::Aggref>()).agglevelsup > depth || pg_sys::expression_tree_walker(node, Some(walker), context)
+            }
+            pg_sys::NodeTag::T_GroupingFunc => (*node.cast::<pg_sys::GroupingFunc>()).agglevelsup > depth,
+            pg_sys::NodeTag::T_PlaceHolderVar => {
+                (*node.cast::<pg_sys::PlaceHolderVar>()).phlevelsup > depth || pg_sys::expression_tree_walker(node, Some(walker), context)
+            }
+            pg_sys::NodeTag::T_RangeTblEntry => {
+                let rte = node.cast::<pg_sys::RangeTblEntry>();
+                // An entry of the query at level `depth`.
+                (*rte).rtekind == pg_sys::RTEKind::RTE_CTE && (*rte).ctelevelsup > depth
+            }
+            pg_sys::NodeTag::T_Query => {
+                *(context as *mut u32) += 1;
+                let found = pg_sys::query_tree_walker(node.cast(), Some(walker), context, pg_sys::QTW_EXAMINE_RTES_BEFORE as i32);
+                *(context as *mut u32) -= 1;
+                found
+            }
+            _ => pg_sys::expression_tree_walker(node, Some(walker), context),
+        }
+    }
+    // The query itself is level 0.
+    let mut depth: u32 = 0;
+    !pg_sys::query_tree_walker(query, Some(walker), (&mut depth as *mut u32).cast(), pg_sys::QTW_EXAMINE_RTES_BEFORE as i32)
+}
+
+/// The query that stands for `subquery` (of `sublink`) in the statement: its rows from array
+/// parameters `$first_param...`, one per output column (EXISTS: one marker column); and the
+/// intermediate result that fills them.
+unsafe fn replacement(sublink: *mut pg_sys::SubLink, subquery: *mut pg_sys::Query, first_param: i32) -> Result<(*mut pg_sys::Query, Broadcast)> {
+    use pg_sys::SubLinkType::*;
+    let exists = (*sublink).subLinkType == EXISTS_SUBLINK;
+    let columns = if exists { vec![(pg_sys::INT4OID, -1, pg_sys::InvalidOid)] } else { outputs(subquery) };
+    let mut functions: *mut pg_sys::List = std::ptr::null_mut();
+    let mut colnames: *mut pg_sys::List = std::ptr::null_mut();
+    let mut target: *mut pg_sys::List = std::ptr::null_mut();
+    for (i, &(type_oid, typmod, collation)) in columns.iter().enumerate() {
+        functions = pg_sys::lappend(functions, unnest_parameter(type_oid, collation, first_param + i as i32).cast());
+        let name = CString::new(format!("c{}", i + 1)).map_err(|e| ShardingError::internal(e.to_string()))?;
+        colnames = pg_sys::lappend(colnames, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
+        let var = pg_sys::makeVar(1, (i + 1) as i16, type_oid, typmod, collation, 0);
+        let entry = pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, pg_sys::pstrdup(name.as_ptr()), false);
+        target = pg_sys::lappend(target, entry.cast());
+    }
+    let rte = function_rte(functions, colnames, pg_sys::pstrdup(c"pgs_result".as_ptr()));
+    let query: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
+    (*query).type_ = pg_sys::NodeTag::T_Query;
+    (*query).commandType = pg_sys::CmdType::CMD_SELECT;
+    (*query).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
+    (*query).canSetTag = true;
+    (*query).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
+    let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
+    (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
+    (*reference).rtindex = 1;
+    (*query).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), std::ptr::null_mut());
+    (*query).targetList = target;
+
+    let text = CStr::from_ptr(pg_sys::nodeToString(subquery.cast())).to_string_lossy().into_owned();
+    let sql = {
+        let _settings = TransmissionSettings::enter();
+        let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(subquery.cast()).cast();
+        CStr::from_ptr(pg_sys::pg_get_querydef(copy, false)).to_string_lossy().into_owned()
+    };
+    let result = Broadcast {
+        table: sql,
+        first_param,
+        columns: columns.len(),
+        query: Some(text),
+        exists,
+        row_limit: match (*sublink).subLinkType {
+            EXISTS_SUBLINK => 1,
+            EXPR_SUBLINK => 2,
+            _ => 0,
+        },
+        ..Default::default()
+    };
+    Ok((query, result))
+}
