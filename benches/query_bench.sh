@@ -196,6 +196,15 @@ compare "non-co-located join (broadcast)" \
 EXTRA_OPTIONS="-c sharding.broadcast_join_limit=0" compare "non-co-located join (broadcast off)" \
     "SELECT p.category, count(*), sum(o.amount) FROM orders o JOIN products p ON p.id = o.product_id WHERE p.price > 50 GROUP BY p.category" \
     "SELECT p.category, count(*), sum(o.amount) FROM orders_plain o JOIN products_plain p ON p.id = o.product_id WHERE p.price > 50 GROUP BY p.category"
+# An uncorrelated subquery on products (not co-located with orders): the coordinator runs it
+# first and sends its ids to every orders shard (an intermediate result), where the filter and
+# the partial aggregates run; then with it off (the coordinator filters every orders row).
+compare "IN subquery, not co-located (intermediate result)" \
+    "SELECT o.status, count(*), sum(o.amount) FROM orders o WHERE o.product_id IN (SELECT id FROM products WHERE category = 'category 7') GROUP BY o.status" \
+    "SELECT o.status, count(*), sum(o.amount) FROM orders_plain o WHERE o.product_id IN (SELECT id FROM products_plain WHERE category = 'category 7') GROUP BY o.status"
+EXTRA_OPTIONS="-c sharding.broadcast_join_limit=0" compare "IN subquery (intermediate result off)" \
+    "SELECT o.status, count(*), sum(o.amount) FROM orders o WHERE o.product_id IN (SELECT id FROM products WHERE category = 'category 7') GROUP BY o.status" \
+    "SELECT o.status, count(*), sum(o.amount) FROM orders_plain o WHERE o.product_id IN (SELECT id FROM products_plain WHERE category = 'category 7') GROUP BY o.status"
 
 echo
 echo "== planning time of a router query (EXPLAIN (SUMMARY) in one session, median of 50)"

@@ -9,7 +9,8 @@
 //! rows to every task as array parameters, one per output column, exactly as a broadcast table
 //! (broadcast.rs). In the statement it becomes `(SELECT r.c1, ... FROM unnest(($7)::integer[],
 //! ...) r(c1, ...))`: same output columns, in the same order, so the comparison around it
-//! (`x IN`, `= ANY`, row comparisons) is untouched.
+//! (`x IN`, `= ANY`, row comparisons) is untouched. A subquery in FROM (not LATERAL) becomes a
+//! function scan with its alias and column names, as a broadcast table does.
 //!
 //! Only the subqueries that stop the statement from running per shard group are replaced: all
 //! are at first, then each is put back when the statement still runs per shard group with it.
@@ -40,7 +41,10 @@ pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sy
 /// a subquery reads too much to be worth it.
 pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
     let limit = crate::guc::BROADCAST_JOIN_LIMIT.get();
-    if limit <= 0 || !super::aggregates::eligible(parse) || !(*parse).hasSubLinks {
+    let subqueries_in_from = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable)
+        .iter()
+        .any(|&rte| (*rte).rtekind == pg_sys::RTEKind::RTE_SUBQUERY);
+    if limit <= 0 || (*parse).commandType != pg_sys::CmdType::CMD_SELECT || !((*parse).hasSubLinks || subqueries_in_from) {
         return Ok(None);
     }
     let limit = limit as u64 * 1024;
@@ -82,11 +86,42 @@ pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Quer
     super::broadcast::plan(rewritten, &results)
 }
 
-/// A replaced subquery: where it was, what it was, and what stands there instead.
+/// Where a subquery stands: in an expression, or in FROM at the statement's top level.
+#[derive(Clone, Copy)]
+enum Place {
+    Sublink(*mut pg_sys::SubLink),
+    /// The range table cell of the top level's subquery in FROM.
+    From(*mut pg_sys::ListCell),
+}
+
+impl Place {
+    unsafe fn subquery(self) -> *mut pg_sys::Query {
+        match self {
+            Place::Sublink(sublink) => (*sublink).subselect.cast(),
+            Place::From(cell) => (*((*cell).ptr_value as *mut pg_sys::RangeTblEntry)).subquery,
+        }
+    }
+
+    unsafe fn get(self) -> *mut pg_sys::Node {
+        match self {
+            Place::Sublink(sublink) => (*sublink).subselect,
+            Place::From(cell) => (*cell).ptr_value.cast(),
+        }
+    }
+
+    unsafe fn set(self, node: *mut pg_sys::Node) {
+        match self {
+            Place::Sublink(sublink) => (*sublink).subselect = node,
+            Place::From(cell) => (*cell).ptr_value = node.cast(),
+        }
+    }
+}
+
+/// A replaced subquery: where it was, what stood there, and what stands there instead.
 struct Replaced {
-    sublink: *mut pg_sys::SubLink,
-    original: *mut pg_sys::Query,
-    replacement: *mut pg_sys::Query,
+    place: Place,
+    original: *mut pg_sys::Node,
+    replacement: *mut pg_sys::Node,
     result: Broadcast,
 }
 
@@ -99,25 +134,25 @@ unsafe fn rewrite(
     runs: &mut dyn FnMut(*mut pg_sys::Query) -> Result<bool>,
 ) -> Result<Option<(*mut pg_sys::Query, Vec<Broadcast>)>> {
     let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
-    let mut sublinks = Vec::new();
-    for sublink in candidates(copy)? {
-        if eligible((*sublink).subselect.cast())? {
-            sublinks.push(sublink);
+    let mut places = Vec::new();
+    for place in candidates(copy)? {
+        if eligible(place.subquery())? {
+            places.push(place);
         }
     }
-    if sublinks.is_empty() {
+    if places.is_empty() {
         return Ok(None);
     }
     let mut params = Vec::new();
     collect_params(copy.cast(), &mut params);
     let mut next_param = params.iter().copied().max().unwrap_or(0) + 1;
     let mut replaced = Vec::new();
-    for sublink in sublinks {
-        let original: *mut pg_sys::Query = (*sublink).subselect.cast();
-        let (replacement, result) = replacement(sublink, original, next_param)?;
+    for place in places {
+        let original = place.get();
+        let (replacement, result) = replacement(place, next_param)?;
         next_param += result.columns as i32;
-        (*sublink).subselect = replacement.cast();
-        replaced.push(Replaced { sublink, original, replacement, result });
+        place.set(replacement);
+        replaced.push(Replaced { place, original, replacement, result });
     }
     if !runs(copy)? {
         return Ok(None);
@@ -125,9 +160,9 @@ unsafe fn rewrite(
     // Put back what the statement runs per shard group with (a subquery co-located with it).
     let mut results = Vec::new();
     for entry in replaced {
-        (*entry.sublink).subselect = entry.original.cast();
+        entry.place.set(entry.original);
         if !runs(copy)? {
-            (*entry.sublink).subselect = entry.replacement.cast();
+            entry.place.set(entry.replacement);
             results.push(entry.result);
         }
     }
@@ -138,10 +173,11 @@ unsafe fn rewrite(
     Ok(Some((copy, results)))
 }
 
-/// The uncorrelated subqueries in expressions of `query` (any level) that read distributed
-/// tables and whose rows can travel as arrays, outermost first (one inside another is not
-/// listed: it goes with it).
-unsafe fn candidates(query: *mut pg_sys::Query) -> Result<Vec<*mut pg_sys::SubLink>> {
+/// The subqueries of `query` that read distributed tables, read nothing of the statement around
+/// them and whose rows can travel as arrays: in FROM at the top level (not LATERAL), and in
+/// expressions at any level, outermost first (one inside another is not listed: it goes with
+/// it).
+unsafe fn candidates(query: *mut pg_sys::Query) -> Result<Vec<Place>> {
     struct Context {
         found: Vec<*mut pg_sys::SubLink>,
         failure: Option<ShardingError>,
@@ -172,12 +208,28 @@ unsafe fn candidates(query: *mut pg_sys::Query) -> Result<Vec<*mut pg_sys::SubLi
             _ => pg_sys::expression_tree_walker(node, Some(walker), context),
         }
     }
+    let mut places = Vec::new();
+    let rtable = (*query).rtable;
+    for i in 0..list_pointers::<pg_sys::RangeTblEntry>(rtable).len() {
+        let cell = (*rtable).elements.add(i);
+        let rte = (*cell).ptr_value as *mut pg_sys::RangeTblEntry;
+        if (*rte).rtekind == pg_sys::RTEKind::RTE_SUBQUERY
+            && !(*rte).lateral
+            && !(*rte).subquery.is_null()
+            && self_contained((*rte).subquery)
+            && !distributed_tables((*rte).subquery)?.is_empty()
+            && sendable_outputs((*rte).subquery)
+        {
+            places.push(Place::From(cell));
+        }
+    }
     let mut context = Context { found: Vec::new(), failure: None };
     pg_sys::query_tree_walker(query, Some(walker), (&mut context as *mut Context).cast(), 0);
-    match context.failure {
-        Some(error) => Err(error),
-        None => Ok(context.found),
+    if let Some(error) = context.failure {
+        return Err(error);
     }
+    places.extend(context.found.into_iter().map(Place::Sublink));
+    Ok(places)
 }
 
 /// Whether a subquery can become an intermediate result: of a kind that only reads its rows,
@@ -198,8 +250,13 @@ unsafe fn replaceable(sublink: *mut pg_sys::SubLink) -> Result<bool> {
     if (*sublink).subLinkType == EXISTS_SUBLINK {
         return Ok(true);
     }
-    let outputs = outputs(subquery);
-    Ok(!outputs.is_empty() && outputs.iter().all(|&(type_oid, _, _)| sendable_type(type_oid)))
+    Ok(sendable_outputs(subquery))
+}
+
+/// Whether a query's output columns travel as array elements.
+unsafe fn sendable_outputs(query: *mut pg_sys::Query) -> bool {
+    let outputs = outputs(query);
+    !outputs.is_empty() && outputs.iter().all(|&(type_oid, _, _)| sendable_type(type_oid))
 }
 
 /// The type, typmod and collation of each output column of a query (its non-junk entries).
@@ -270,12 +327,18 @@ unsafe fn self_contained(query: *mut pg_sys::Query) -> bool {
     !pg_sys::query_tree_walker(query, Some(walker), (&mut depth as *mut u32).cast(), pg_sys::QTW_EXAMINE_RTES_BEFORE as i32)
 }
 
-/// The query that stands for `subquery` (of `sublink`) in the statement: its rows from array
-/// parameters `$first_param...`, one per output column (EXISTS: one marker column); and the
-/// intermediate result that fills them.
-unsafe fn replacement(sublink: *mut pg_sys::SubLink, subquery: *mut pg_sys::Query, first_param: i32) -> Result<(*mut pg_sys::Query, Broadcast)> {
+/// What stands for the subquery at `place` in the statement: its rows from array parameters
+/// `$first_param...`, one per output column (EXISTS: one marker column), as a query in an
+/// expression or as a function scan in FROM (with the subquery's alias and column names); and
+/// the intermediate result that fills them.
+unsafe fn replacement(place: Place, first_param: i32) -> Result<(*mut pg_sys::Node, Broadcast)> {
     use pg_sys::SubLinkType::*;
-    let exists = (*sublink).subLinkType == EXISTS_SUBLINK;
+    let subquery = place.subquery();
+    let kind = match place {
+        Place::Sublink(sublink) => Some((*sublink).subLinkType),
+        Place::From(_) => None,
+    };
+    let exists = kind == Some(EXISTS_SUBLINK);
     let columns = if exists { vec![(pg_sys::INT4OID, -1, pg_sys::InvalidOid)] } else { outputs(subquery) };
     let mut functions: *mut pg_sys::List = std::ptr::null_mut();
     let mut colnames: *mut pg_sys::List = std::ptr::null_mut();
@@ -288,18 +351,32 @@ unsafe fn replacement(sublink: *mut pg_sys::SubLink, subquery: *mut pg_sys::Quer
         let entry = pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, pg_sys::pstrdup(name.as_ptr()), false);
         target = pg_sys::lappend(target, entry.cast());
     }
-    let rte = function_rte(functions, colnames, pg_sys::pstrdup(c"pgs_result".as_ptr()));
-    let query: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
-    (*query).type_ = pg_sys::NodeTag::T_Query;
-    (*query).commandType = pg_sys::CmdType::CMD_SELECT;
-    (*query).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
-    (*query).canSetTag = true;
-    (*query).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
-    let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
-    (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
-    (*reference).rtindex = 1;
-    (*query).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), std::ptr::null_mut());
-    (*query).targetList = target;
+    let replacement: *mut pg_sys::Node = match place {
+        Place::From(cell) => {
+            // The columns keep the names the statement reads them by.
+            let old = (*cell).ptr_value as *mut pg_sys::RangeTblEntry;
+            let alias = if (*old).alias.is_null() { (*(*old).eref).aliasname } else { (*(*old).alias).aliasname };
+            let names: *mut pg_sys::List = pg_sys::copyObjectImpl((*(*old).eref).colnames.cast()).cast();
+            let rte = function_rte(functions, names, alias);
+            (*rte).inFromCl = (*old).inFromCl;
+            rte.cast()
+        }
+        Place::Sublink(_) => {
+            let rte = function_rte(functions, colnames, pg_sys::pstrdup(c"pgs_result".as_ptr()));
+            let query: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
+            (*query).type_ = pg_sys::NodeTag::T_Query;
+            (*query).commandType = pg_sys::CmdType::CMD_SELECT;
+            (*query).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
+            (*query).canSetTag = true;
+            (*query).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
+            let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
+            (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
+            (*reference).rtindex = 1;
+            (*query).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), std::ptr::null_mut());
+            (*query).targetList = target;
+            query.cast()
+        }
+    };
 
     let text = CStr::from_ptr(pg_sys::nodeToString(subquery.cast())).to_string_lossy().into_owned();
     let sql = {
@@ -313,12 +390,12 @@ unsafe fn replacement(sublink: *mut pg_sys::SubLink, subquery: *mut pg_sys::Quer
         columns: columns.len(),
         query: Some(text),
         exists,
-        row_limit: match (*sublink).subLinkType {
-            EXISTS_SUBLINK => 1,
-            EXPR_SUBLINK => 2,
+        row_limit: match kind {
+            Some(EXISTS_SUBLINK) => 1,
+            Some(EXPR_SUBLINK) => 2,
             _ => 0,
         },
         ..Default::default()
     };
-    Ok((query, result))
+    Ok((replacement, result))
 }

@@ -73,3 +73,6 @@ DELETE FROM events WHERE user_id IN (SELECT id FROM users WHERE score > 95) RETU
 UPDATE events SET payload = 'tagged' WHERE tag > ALL (SELECT tag FROM events WHERE tag < 'b' AND tag IS NOT NULL) RETURNING id, tag;
 UPDATE orders o SET note = 'both' FROM users u WHERE u.id = o.user_id AND u.region IN (SELECT kind FROM events) AND o.id IN (SELECT id FROM events WHERE kind = 'buy');
 UPDATE orders SET amount = amount + 1 WHERE (user_id, id) IN (SELECT user_id, id FROM events) RETURNING user_id, id, amount;
+UPDATE orders o SET note = s.kind FROM (SELECT user_id, max(kind) AS kind FROM events WHERE user_id IS NOT NULL GROUP BY user_id) s WHERE s.user_id = o.user_id AND o.amount > 100;
+DELETE FROM items i USING (SELECT DISTINCT payload FROM events WHERE payload IS NOT NULL) p WHERE p.payload = i.sku RETURNING i.order_id;
+UPDATE users u SET score = s.c FROM (SELECT user_id, count(*)::int AS c FROM events WHERE user_id IS NOT NULL GROUP BY user_id ORDER BY c DESC, user_id LIMIT 5) s WHERE s.user_id = u.id RETURNING u.id, u.score;

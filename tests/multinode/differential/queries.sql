@@ -402,3 +402,8 @@ SELECT e.id FROM events e WHERE e.user_id IN (SELECT id FROM users WHERE region 
 SELECT u.id, u.name FROM users u WHERE u.created IN (SELECT at::date FROM events) ORDER BY u.id LIMIT 5;
 SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id WHERE o.amount > (SELECT avg(score) FROM users) AND u.id IN (SELECT user_id FROM events WHERE kind <> 'view');
 SELECT o.user_id, count(*) FROM orders o WHERE EXISTS (SELECT 1 FROM items i WHERE i.user_id = o.user_id AND i.sku IN (SELECT payload FROM events)) GROUP BY o.user_id;
+SELECT o.status, count(*) FROM orders o JOIN (SELECT DISTINCT user_id FROM events WHERE kind = 'buy') b ON b.user_id = o.user_id GROUP BY o.status;
+SELECT u.region, sum(s.n), count(*) FROM users u JOIN (SELECT user_id, count(*) n FROM events GROUP BY user_id) s ON s.user_id = u.id GROUP BY u.region;
+SELECT u.id, s.k FROM users u LEFT JOIN (SELECT user_id, max(kind) k FROM events GROUP BY user_id) s ON s.user_id = u.id WHERE u.id < 30;
+SELECT s.k, count(u.id) FROM (SELECT user_id, max(kind) k FROM events GROUP BY user_id) s LEFT JOIN users u ON u.id = s.user_id GROUP BY s.k;
+SELECT e.kind, x.tag, count(*) FROM events e JOIN (SELECT DISTINCT tag FROM events WHERE tag IS NOT NULL) x ON x.tag = e.tag GROUP BY e.kind, x.tag;

@@ -439,6 +439,13 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     assert_eq!(run(&mut c, sql).unwrap().0, with_result);
     assert!(explain(&mut c, delete).contains("Intermediate Result:"));
     c.batch_execute("RESET sharding.broadcast_join_limit").unwrap();
+    // A subquery in FROM: a function scan over its rows, under its own alias and column names.
+    let update = "UPDATE kv SET v = t.label FROM (SELECT id, upper(name) AS label FROM tags WHERE kind = 'even') t WHERE t.id = kv.k";
+    let plan = explain(&mut c, update);
+    assert!(plan.contains("Intermediate Result:") && plan.contains("t(id, label)"), "{plan}");
+    assert_eq!(c.execute(update, &[]).unwrap(), 15);
+    let upper: i64 = scalar(&mut c, "SELECT count(*) FROM kv WHERE k <= 40 AND v IN ('A', 'B')");
+    assert_eq!(upper, 15);
 }
 
 #[test]
