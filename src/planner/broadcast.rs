@@ -289,11 +289,13 @@ unsafe fn sendable_column(relid: pg_sys::Oid, attno: i16) -> bool {
 }
 
 /// Whether values of a type travel as elements of an array of that type: not arrays (they
-/// would be flattened into the outer array) nor composites (a function scan would spread them
-/// over several columns).
+/// would be flattened into the outer array), composites (a function scan would spread them
+/// over several columns) nor money.
 pub(super) unsafe fn sendable_type(type_oid: pg_sys::Oid) -> bool {
     let base = pg_sys::getBaseType(type_oid);
     type_oid != pg_sys::InvalidOid
+        // money's text form follows lc_monetary, which the workers may not share.
+        && type_oid != pg_sys::MONEYOID
         && pg_sys::get_array_type(type_oid) != pg_sys::InvalidOid
         && pg_sys::get_element_type(base) == pg_sys::InvalidOid
         && !pg_sys::type_is_rowtype(base)
@@ -419,16 +421,6 @@ unsafe fn broadcast_reader(
         conjuncts = pg_sys::lappend(conjuncts, copy.cast());
     }
     let quals: *mut pg_sys::Node = if conjuncts.is_null() { std::ptr::null_mut() } else { pg_sys::make_ands_explicit(conjuncts).cast() };
-    let reader: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
-    (*reader).type_ = pg_sys::NodeTag::T_Query;
-    (*reader).commandType = pg_sys::CmdType::CMD_SELECT;
-    (*reader).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
-    (*reader).canSetTag = true;
-    (*reader).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
-    let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
-    (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
-    (*reference).rtindex = 1;
-    (*reader).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), quals);
     let mut target: *mut pg_sys::List = std::ptr::null_mut();
     for (i, &attno) in columns.iter().enumerate() {
         let (type_oid, typmod, collation) = column_type((*rte).relid, attno);
@@ -437,7 +429,7 @@ unsafe fn broadcast_reader(
         let entry = pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, pg_sys::pstrdup(name.as_ptr()), false);
         target = pg_sys::lappend(target, entry.cast());
     }
-    (*reader).targetList = target;
+    let reader = select_from(rte, quals, target);
     let deparsed = deparse_query(reader)?;
     let mut plan = ShardScanPlan::from_deparsed(&deparsed, table.relid);
     let mut params_used = Vec::new();
@@ -445,6 +437,22 @@ unsafe fn broadcast_reader(
     plan.max_param = params_used.iter().copied().max().unwrap_or(0);
     plan.params_used = params_used;
     Ok(plan)
+}
+
+/// `SELECT <target> FROM <rte> WHERE <quals>`: a query over one range table entry.
+pub(super) unsafe fn select_from(rte: *mut pg_sys::RangeTblEntry, quals: *mut pg_sys::Node, target: *mut pg_sys::List) -> *mut pg_sys::Query {
+    let query: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
+    (*query).type_ = pg_sys::NodeTag::T_Query;
+    (*query).commandType = pg_sys::CmdType::CMD_SELECT;
+    (*query).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
+    (*query).canSetTag = true;
+    (*query).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
+    let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
+    (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
+    (*reference).rtindex = 1;
+    (*query).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), quals);
+    (*query).targetList = target;
+    query
 }
 
 /// Conditions of the statement on range table entry `rti` alone that every result row meets:

@@ -27,7 +27,7 @@ use crate::commands::utility::list_pointers;
 use crate::deparse::query::{for_each_rte, TransmissionSettings};
 use crate::error::{Result, ShardingError};
 use crate::executor::remote_scan::Broadcast;
-use crate::planner::broadcast::{function_rte, sendable_type, table_bytes, top_distributed, unnest_parameter, SMALL_TABLE_BYTES};
+use crate::planner::broadcast::{function_rte, select_from, sendable_type, table_bytes, top_distributed, unnest_parameter, SMALL_TABLE_BYTES};
 use crate::planner::scan_path::collect_params;
 
 /// An UPDATE or DELETE (a copy) with the subqueries it cannot run per shard group with replaced
@@ -363,18 +363,7 @@ unsafe fn replacement(place: Place, first_param: i32) -> Result<(*mut pg_sys::No
         }
         Place::Sublink(_) => {
             let rte = function_rte(functions, colnames, pg_sys::pstrdup(c"pgs_result".as_ptr()));
-            let query: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
-            (*query).type_ = pg_sys::NodeTag::T_Query;
-            (*query).commandType = pg_sys::CmdType::CMD_SELECT;
-            (*query).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
-            (*query).canSetTag = true;
-            (*query).rtable = pg_sys::lappend(std::ptr::null_mut(), rte.cast());
-            let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
-            (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
-            (*reference).rtindex = 1;
-            (*query).jointree = pg_sys::makeFromExpr(pg_sys::lappend(std::ptr::null_mut(), reference.cast()), std::ptr::null_mut());
-            (*query).targetList = target;
-            query.cast()
+            select_from(rte, std::ptr::null_mut(), target).cast()
         }
     };
 
