@@ -265,6 +265,19 @@ unsafe fn top_conjuncts(node: *mut pg_sys::Node) -> Vec<*mut pg_sys::Node> {
 
 /// Whether the query is a single-level query this module can split.
 pub unsafe fn eligible(parse: *mut pg_sys::Query) -> bool {
+    eligible_clauses(parse)
+        && list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable).iter().all(|&rte| {
+            // Functions (shippable ones: checked with the whole statement) give every task
+            // the same rows, as a reference table does; broadcast tables are such functions.
+            matches!((*rte).rtekind, pg_sys::RTEKind::RTE_RELATION | pg_sys::RTEKind::RTE_JOIN | pg_sys::RTEKind::RTE_FUNCTION)
+                && (*rte).tablesample.is_null()
+        })
+        && !references_whole_rows_or_system_columns(parse)
+}
+
+/// The clauses plan 3 takes (the part of `eligible` that does not look at the range table,
+/// which intermediate results change).
+pub unsafe fn eligible_clauses(parse: *mut pg_sys::Query) -> bool {
     (*parse).commandType == pg_sys::CmdType::CMD_SELECT
         && !(*parse).hasWindowFuncs
         && !(*parse).hasTargetSRFs
@@ -274,13 +287,6 @@ pub unsafe fn eligible(parse: *mut pg_sys::Query) -> bool {
         && (*parse).setOperations.is_null()
         && (*parse).groupingSets.is_null()
         && (*parse).rowMarks.is_null()
-        && list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable).iter().all(|&rte| {
-            // Functions (shippable ones: checked with the whole statement) give every task
-            // the same rows, as a reference table does; broadcast tables are such functions.
-            matches!((*rte).rtekind, pg_sys::RTEKind::RTE_RELATION | pg_sys::RTEKind::RTE_JOIN | pg_sys::RTEKind::RTE_FUNCTION)
-                && (*rte).tablesample.is_null()
-        })
-        && !references_whole_rows_or_system_columns(parse)
 }
 
 /// Whole-row references and system columns mean something else on a shard (its row type, its

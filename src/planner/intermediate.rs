@@ -44,7 +44,9 @@ pub unsafe fn plan(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Quer
     let subqueries_in_from = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable)
         .iter()
         .any(|&rte| (*rte).rtekind == pg_sys::RTEKind::RTE_SUBQUERY);
-    if limit <= 0 || (*parse).commandType != pg_sys::CmdType::CMD_SELECT || !((*parse).hasSubLinks || subqueries_in_from) {
+    // Replacing subqueries leaves the statement's clauses as they are: when plan 3 cannot take
+    // them, there is nothing to try (and no table sizes to ask the workers for).
+    if limit <= 0 || !super::aggregates::eligible_clauses(parse) || !((*parse).hasSubLinks || subqueries_in_from) {
         return Ok(None);
     }
     let limit = limit as u64 * 1024;
