@@ -527,6 +527,7 @@ pub enum Poll {
 
 /// A parameter of a task: its type for the worker (0: let the worker infer it), and its value
 /// in text (format 0) or binary (format 1).
+#[derive(Clone)]
 pub struct TaskParam {
     pub type_oid: u32,
     pub value: Option<Vec<u8>>,

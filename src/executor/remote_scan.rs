@@ -13,6 +13,7 @@ use std::rc::Rc;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde::{Deserialize, Serialize};
+use sharding_core::array_literal::ArrayLiteral;
 use sharding_core::sql_template::{Piece, Template};
 
 use crate::catalog::{cache, tables::DistributedTable};
@@ -89,6 +90,12 @@ pub struct Broadcast {
     /// worker to fail as PostgreSQL does when there is more than one.
     #[serde(default)]
     pub row_limit: u64,
+    /// The rows an UPDATE or DELETE changes, chosen here (planner/chosen_rows.rs): the
+    /// subquery's scan of this range table entry (the target) reads their ctid and xmin, its
+    /// first three columns identify each row (ctid, distribution value, xmin), and each task
+    /// gets only its shard's rows; 0 for anything else.
+    #[serde(default)]
+    pub target_rows: u32,
 }
 
 impl Broadcast {
@@ -298,6 +305,8 @@ struct Runtime {
     row_context: pg_sys::MemoryContext,
     /// Rows of each broadcast table sent to the tasks (EXPLAIN ANALYZE).
     broadcast_rows: Vec<usize>,
+    /// The rows an UPDATE or DELETE chose here, which its tasks must all change.
+    chosen_rows: Option<u64>,
 }
 
 #[pg_guard]
@@ -369,6 +378,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
         local_affected: 0,
         inputs,
         broadcast_rows: Vec::new(),
+        chosen_rows: None,
         row_context: pg_sys::AllocSetContextCreateExtended(
             pg_sys::CurrentMemoryContext,
             c"ShardScan rows".as_ptr(),
@@ -579,7 +589,7 @@ unsafe fn plan_tasks(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan) -
         if let Some(error) = failure {
             return Err(error);
         }
-        tasks.push(Task { node: target.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))? });
+        tasks.push(Task { node: target.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))?, params: None });
         shard_ids.push(shard.shard_id);
     }
     Ok((tasks, shard_ids))
@@ -600,8 +610,10 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     // or where it wrote already; otherwise they run in the nodes' autocommit.
     let in_block = pg_sys::IsTransactionBlock();
     let read_only = *std::ptr::addr_of!(pg_sys::XactReadOnly);
+    // Not with rows chosen here: their count is checked after the tasks ran.
     let autocommit_write = runtime.plan.modify
         && !runtime.plan.reference_write
+        && runtime.plan.broadcasts.iter().all(|b| b.target_rows == 0)
         && runtime.tasks.len() == 1
         && natts == 0
         && !in_block
@@ -655,6 +667,19 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
             _ => error,
         }
     })?;
+    if let Some(chosen) = runtime.chosen_rows {
+        if affected != chosen {
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                "could not serialize access due to concurrent update",
+            )
+            .detail(format!(
+                "{} of the {chosen} rows this statement chose to change were changed or deleted by another transaction meanwhile.",
+                chosen.saturating_sub(affected)
+            ))
+            .hint("Retry the statement."));
+        }
+    }
     if runtime.plan.reference_write {
         runtime.remote_affected = affected;
     } else if runtime.plan.modify {
@@ -671,11 +696,30 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
 unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, access: remote::Access) -> Result<()> {
     let plan = runtime.plan.clone();
     runtime.broadcast_rows.clear();
+    // Rows meant for one shard each (the rows an UPDATE or DELETE changes): by shard id.
+    let mut per_shard: Vec<(&Broadcast, Vec<(i64, Vec<ArrayLiteral>)>)> = Vec::new();
     for broadcast in &plan.broadcasts {
-        let mut arrays = vec![sharding_core::array_literal::ArrayLiteral::new(); broadcast.columns];
+        let mut arrays = vec![ArrayLiteral::new(); broadcast.columns];
         let mut rows = 0usize;
         if let Some(query) = &broadcast.query {
-            rows = intermediate_result(node, broadcast, query, &mut arrays)?;
+            let route = if broadcast.target_rows != 0 {
+                Some(cache::table(pg_sys::Oid::from(plan.anchor))?.ok_or_else(|| {
+                    ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "a table of this plan is no longer distributed")
+                })?)
+            } else {
+                None
+            };
+            let groups = intermediate_result(node, broadcast, query, route.as_deref())?;
+            rows = groups.iter().map(|g| g.rows).sum();
+            if route.is_some() {
+                runtime.chosen_rows = Some(rows as u64);
+                per_shard.push((broadcast, groups.into_iter().map(|g| (g.shard, g.arrays)).collect()));
+                runtime.broadcast_rows.push(rows);
+                continue;
+            }
+            if let Some(group) = groups.into_iter().next() {
+                arrays = group.arrays;
+            }
         } else {
             let (tasks, _) = plan_tasks(node, &broadcast.plan)?;
             let used = (broadcast.plan.max_param.max(0) as usize).min(runtime.params.len());
@@ -705,7 +749,48 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
         }
         runtime.broadcast_rows.push(rows);
     }
+    if !per_shard.is_empty() {
+        crate::transaction::fault::point("after_chosen_rows");
+    }
+    // Each task gets its shard's rows; a task whose shard has none has nothing to do.
+    for (broadcast, groups) in per_shard {
+        let mut kept = Vec::new();
+        let mut kept_shards = Vec::new();
+        for (mut task, shard_id) in std::mem::take(&mut runtime.tasks).into_iter().zip(std::mem::take(&mut runtime.task_shards)) {
+            let Some((_, arrays)) = groups.iter().find(|(shard, _)| *shard == shard_id) else { continue };
+            let mut params = task.params.take().unwrap_or_else(|| runtime.params.clone());
+            for (id, array) in broadcast.params().zip(arrays.iter()) {
+                let mut value = array.clone().finish();
+                value.push(0);
+                let slot = params
+                    .get_mut(id as usize - 1)
+                    .ok_or_else(|| ShardingError::internal("a broadcast parameter lies beyond the plan's parameters"))?;
+                *slot = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(value), format: 0 };
+            }
+            task.params = Some(params);
+            kept.push(task);
+            kept_shards.push(shard_id);
+        }
+        runtime.tasks = kept;
+        runtime.task_shards = kept_shards;
+    }
     Ok(())
+}
+
+/// The rows of an intermediate result, as text arrays (one per column): all of them, or those
+/// of one shard of the table they are routed by.
+struct ResultGroup {
+    shard: i64,
+    rows: usize,
+    arrays: Vec<ArrayLiteral>,
+    /// The ctids of its rows so far, when routed: a row found twice is sent once.
+    ctids: std::collections::HashSet<Vec<u8>>,
+}
+
+impl ResultGroup {
+    fn new(shard: i64, columns: usize) -> Self {
+        ResultGroup { shard, rows: 0, arrays: vec![ArrayLiteral::new(); columns], ctids: Default::default() }
+    }
 }
 
 /// The largest intermediate result sent to the tasks, in bytes of text over all its columns
@@ -713,15 +798,17 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
 const INTERMEDIATE_RESULT_LIMIT: usize = 512 * 1024 * 1024;
 
 /// Runs an intermediate result's subquery here, with the statement's parameters and snapshot,
-/// and puts its rows into `arrays` (one per column, values in the workers' text form); returns
-/// the row count. The rows are stored first and turned into text afterwards, under the
-/// settings the workers read text with, so that the subquery itself runs under the session's.
+/// and returns its rows as text arrays (one per column, values in the workers' text form): one
+/// group, or with `route`, a group per shard of that table, by the value of the second column
+/// (a row's distribution value, see planner/chosen_rows.rs). The rows are stored first and
+/// turned into text afterwards, under the settings the workers read text with, so that the
+/// subquery itself runs under the session's.
 unsafe fn intermediate_result(
     node: *mut pg_sys::CustomScanState,
     broadcast: &Broadcast,
     query: &str,
-    arrays: &mut [sharding_core::array_literal::ArrayLiteral],
-) -> Result<usize> {
+    route: Option<&DistributedTable>,
+) -> Result<Vec<ResultGroup>> {
     #[repr(C)]
     struct StoreReceiver {
         base: pg_sys::DestReceiver,
@@ -744,7 +831,14 @@ unsafe fn intermediate_result(
         return Err(ShardingError::internal("an intermediate result without its query"));
     }
     let source = if (*estate).es_sourceText.is_null() { c"".as_ptr() } else { (*estate).es_sourceText };
-    let planned = pg_sys::pg_plan_query(subquery, source, 0, params);
+    let planned = if broadcast.target_rows != 0 {
+        // PostgreSQL's plan over ShardScans, never one sent whole to the shards: the target's
+        // scan reads the identity of its rows.
+        let _identified = crate::planner::scan_path::IdentifiedTarget::set(broadcast.target_rows);
+        pg_sys::standard_planner(subquery, source, 0, params)
+    } else {
+        pg_sys::pg_plan_query(subquery, source, 0, params)
+    };
     let store = pg_sys::tuplestore_begin_heap(false, false, *std::ptr::addr_of!(pg_sys::work_mem));
     let mut receiver = StoreReceiver {
         base: pg_sys::DestReceiver {
@@ -774,11 +868,26 @@ unsafe fn intermediate_result(
     pg_sys::FreeQueryDesc(description);
 
     let natts = (*tupdesc).natts as usize;
-    if !broadcast.exists && natts < arrays.len() {
-        return Err(ShardingError::internal(format!("an intermediate result has {natts} columns, expected {}", arrays.len())));
+    let columns = broadcast.columns;
+    if !broadcast.exists && natts < columns {
+        return Err(ShardingError::internal(format!("an intermediate result has {natts} columns, expected {columns}")));
     }
-    let mut outputs = Vec::with_capacity(arrays.len());
-    for i in 0..if broadcast.exists { 0 } else { arrays.len() } {
+    let route = match route {
+        Some(table) if natts >= 2 => {
+            let type_oid = (*(*tupdesc).attrs.as_ptr().add(1)).atttypid;
+            let kind = crate::routing::DistKind::of_type(type_oid)
+                .ok_or_else(|| ShardingError::internal("the rows to change lack their distribution value"))?;
+            Some((table, kind))
+        }
+        Some(_) => return Err(ShardingError::internal("the rows to change lack their distribution value")),
+        None => None,
+    };
+    let mut groups = vec![ResultGroup::new(0, columns)];
+    if route.is_some() {
+        groups.clear();
+    }
+    let mut outputs = Vec::with_capacity(columns);
+    for i in 0..if broadcast.exists { 0 } else { columns } {
         let attr = (*tupdesc).attrs.as_ptr().add(i);
         let mut function = pg_sys::InvalidOid;
         let mut varlena = false;
@@ -796,17 +905,42 @@ unsafe fn intermediate_result(
         pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
     );
     let _settings = TransmissionSettings::enter();
-    let mut rows = 0usize;
     let mut bytes = 0usize;
     while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
-        rows += 1;
         if broadcast.exists {
-            arrays[0].push(Some(b"1"));
+            groups[0].rows += 1;
+            groups[0].arrays[0].push(Some(b"1"));
             continue;
         }
         pg_sys::slot_getallattrs(slot);
+        let group = match route {
+            None => &mut groups[0],
+            Some((table, kind)) => {
+                let value = (!*(*slot).tts_isnull.add(1)).then(|| *(*slot).tts_values.add(1));
+                let shard = crate::routing::shard_for_value(table, value, kind)?;
+                let index = match groups.iter().position(|g| g.shard == shard) {
+                    Some(index) => index,
+                    None => {
+                        groups.push(ResultGroup::new(shard, columns));
+                        groups.len() - 1
+                    }
+                };
+                &mut groups[index]
+            }
+        };
         pg_sys::MemoryContextReset(context);
         let previous = pg_sys::MemoryContextSwitchTo(context);
+        if route.is_some() {
+            // The same row version, found through several join partners: changed once, with
+            // the values of the first (PostgreSQL takes one of them too).
+            let ctid = CStr::from_ptr(pg_sys::OutputFunctionCall(&mut outputs[0], *(*slot).tts_values)).to_bytes().to_vec();
+            if !group.ctids.insert(ctid) {
+                pg_sys::MemoryContextSwitchTo(previous);
+                continue;
+            }
+        }
+        group.rows += 1;
+        let arrays = &mut group.arrays;
         for (i, (array, output)) in arrays.iter_mut().zip(outputs.iter_mut()).enumerate() {
             if *(*slot).tts_isnull.add(i) {
                 array.push(None);
@@ -829,7 +963,7 @@ unsafe fn intermediate_result(
     pg_sys::ExecDropSingleTupleTableSlot(slot);
     pg_sys::tuplestore_end(store);
     pg_sys::MemoryContextDelete(context);
-    Ok(rows)
+    Ok(groups)
 }
 
 extern "C-unwind" {
@@ -915,8 +1049,8 @@ unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
 /// The worker's EXPLAIN of a task, one line per plan line.
 fn remote_plan(task: &Task, params: &[TaskParam]) -> Result<String> {
     let sql = format!("EXPLAIN {}", task.sql.to_string_lossy());
-    let explain = Task { node: task.node.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))? };
-    let params: Vec<TaskParam> = params.iter().map(|p| TaskParam { type_oid: p.type_oid, value: p.value.clone(), format: p.format }).collect();
+    let explain = Task { node: task.node.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))?, params: None };
+    let params = task.params.as_deref().unwrap_or(params).to_vec();
     let mut lines = Vec::new();
     tasks::run(std::slice::from_ref(&explain), &params, false, remote::read_access(), |row| {
         if let Some(line) = row.value(0) {

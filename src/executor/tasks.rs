@@ -17,6 +17,9 @@ use crate::transaction::remote;
 pub struct Task {
     pub node: Node,
     pub sql: CString,
+    /// This task's own parameters, instead of the ones all tasks share (rows meant for its
+    /// shard only, see remote_scan.rs).
+    pub params: Option<Vec<TaskParam>>,
 }
 
 struct NodeQueue<'a> {
@@ -88,6 +91,7 @@ pub fn run(
         for queue in queues.iter_mut() {
             if !queue.running {
                 if let Some(task) = queue.waiting.pop_front() {
+                    let params = task.params.as_deref().unwrap_or(params);
                     let sent = if params.is_empty() || !queue.prepared {
                         queue.connection.send_task(&task.sql, params, binary)
                     } else {

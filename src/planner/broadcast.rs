@@ -519,7 +519,7 @@ unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut p
     if path((*parse).jointree.cast(), rti, &mut found) != Some(true) {
         return Vec::new();
     }
-    found.into_iter().filter(|&slot| only_reads(*slot, rti) && shippable::shippable(*slot, shippable::Rules { whole_statement: false })).collect()
+    found.into_iter().filter(|&slot| only_reads(*slot, rti) && shippable::shippable(*slot, shippable::Rules { whole_statement: false, row_identity: false })).collect()
 }
 
 /// Whether an expression reads columns of range table entry `rti` and nothing else of any
@@ -589,6 +589,7 @@ pub(super) fn table_bytes(table: &DistributedTable) -> Option<u64> {
         sql: CString::from(
             c"SELECT coalesce(sum(pg_catalog.pg_relation_size(c.oid)), 0) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
         ),
+        params: None,
     };
     let text = |value: &str| {
         let mut bytes = value.as_bytes().to_vec();

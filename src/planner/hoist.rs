@@ -28,7 +28,7 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
         T_Query | T_SubLink => return node,
         T_TargetEntry | T_FromExpr | T_JoinExpr | T_List | T_RangeTblRef => {}
         _ => {
-            if pins::is_pin_value(node) && !shippable::shippable(node, shippable::Rules { whole_statement: true }) {
+            if pins::is_pin_value(node) && !shippable::shippable(node, shippable::Rules { whole_statement: true, row_identity: false }) {
                 let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();
                 (*param).xpr.type_ = T_Param;
                 (*param).paramkind = pg_sys::ParamKind::PARAM_EXTERN;

@@ -7,6 +7,7 @@
 
 pub mod aggregates;
 pub mod broadcast;
+pub mod chosen_rows;
 pub mod hoist;
 pub mod intermediate;
 pub mod pins;

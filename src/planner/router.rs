@@ -439,7 +439,8 @@ pub unsafe fn plan_statement(
     } else {
         (parse, Vec::new())
     };
-    let statement_ships = shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true });
+    let row_identity = super::chosen_rows::Planning::active();
+    let statement_ships = shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true, row_identity });
     let outputs = output_columns(if modify { (*parse).returningList } else { (*parse).targetList });
     let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));
 
@@ -461,6 +462,9 @@ pub unsafe fn plan_statement(
     } else {
         let table = target.as_ref().map(|t| t.name.clone()).unwrap_or_default();
         if analysis.local {
+            if let Some(planned) = rows_chosen_here(parse, query_string, cursor_options, bound_params)? {
+                return Ok(Some(planned));
+            }
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" reading tables that are neither distributed nor reference tables is not supported"
             )));
@@ -485,12 +489,19 @@ pub unsafe fn plan_statement(
                     return Ok(Some(planned));
                 }
             }
+            // The rows to change are chosen here (chosen_rows.rs).
+            if let Some(planned) = rows_chosen_here(parse, query_string, cursor_options, bound_params)? {
+                return Ok(Some(planned));
+            }
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" reading other distributed tables needs every table filtered to one shard group"
             ))
             .hint("Join the tables on their distribution columns (co-located tables), or filter them with a single value."));
         }
         if !statement_ships {
+            if let Some(planned) = rows_chosen_here(parse, query_string, cursor_options, bound_params)? {
+                return Ok(Some(planned));
+            }
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" with volatile functions per row is not supported yet"
             ))
@@ -549,6 +560,29 @@ pub unsafe fn plan_statement(
     Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
 }
 
+/// An UPDATE or DELETE of a distributed table whose rows the coordinator chooses and the
+/// shards change (chosen_rows.rs); `None` when that plan cannot carry the statement, or for
+/// the shards' own statement of such a plan (which must not go this way again).
+unsafe fn rows_chosen_here(
+    parse: *mut pg_sys::Query,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> Result<Option<*mut pg_sys::PlannedStmt>> {
+    if super::chosen_rows::Planning::active() {
+        return Ok(None);
+    }
+    let Some((rewritten, rows)) = super::chosen_rows::for_modify(parse)? else { return Ok(None) };
+    let planned = {
+        let _planning = super::chosen_rows::Planning::enter();
+        plan_statement(rewritten, query_string, cursor_options, bound_params)?
+    };
+    let Some(planned) = planned else { return Ok(None) };
+    crate::executor::remote_scan::add_broadcasts((*planned).planTree, rows)?;
+    append_relations(planned, parse);
+    Ok(Some(planned))
+}
+
 /// Plan 3 for a SELECT: the coordinator query over the rows of one task per shard group, when
 /// every distributed table is co-located with the others and joined to them on distribution
 /// columns, each output row comes from one shard group (a distributed table in the top level's
@@ -602,7 +636,7 @@ pub(super) unsafe fn split_select_with(
         || !analysis.connected(&keys)
         || !analysis.dist_keys.iter().any(|(level, _, _)| *level == 0)
         || !outer_joins_keep_rows_in_groups(parse, &analysis)
-        || !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true })
+        || !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true, row_identity: false })
     {
         return Ok(None);
     }
@@ -903,7 +937,7 @@ unsafe fn insert_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys:
     let source_top: Vec<(usize, u32, i16)> = keys.iter().copied().filter(|(level, _, _)| *level == 1).collect();
     if source_top.is_empty()
         || !analysis.connected(&keys)
-        || !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true })
+        || !shippable::shippable(parse.cast(), shippable::Rules { whole_statement: true, row_identity: false })
     {
         return Ok(None);
     }
@@ -1120,7 +1154,7 @@ unsafe fn reference_write(
     let mut user_params = Vec::new();
     collect_params(parse.cast(), &mut user_params);
     let (shipped, hoisted) = super::hoist::hoist(parse, user_params.iter().copied().max().unwrap_or(0) + 1);
-    if !shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true }) {
+    if !shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true, row_identity: false }) {
         return Err(unsupported(format!(
             "UPDATE or DELETE of reference table \"{}\" with volatile functions is not supported",
             table.name

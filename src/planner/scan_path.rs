@@ -22,6 +22,33 @@ static mut PREVIOUS_HOOK: pg_sys::set_rel_pathlist_hook_type = None;
 
 static PATH_NAME: &CStr = c"ShardScan";
 
+/// The range table index of the top level's table whose scan also reads each row's ctid and
+/// xmin (the first step of chosen_rows.rs), while such a statement is planned; 0 otherwise.
+static IDENTIFIED_TARGET: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// While alive, the scan of range table entry `rti` of the statement being planned may read
+/// the ctid and xmin of the rows it reads: they identify the row versions on their shard.
+pub struct IdentifiedTarget(u32);
+
+/// The system columns that identify a row version on its shard: attribute number, name, type.
+pub const ROW_IDENTITY: [(i32, &str, pg_sys::Oid); 2] = [
+    (pg_sys::SelfItemPointerAttributeNumber, "ctid", pg_sys::TIDOID),
+    (pg_sys::MinTransactionIdAttributeNumber, "xmin", pg_sys::XIDOID),
+];
+
+impl IdentifiedTarget {
+    pub fn set(rti: u32) -> Self {
+        IdentifiedTarget(IDENTIFIED_TARGET.swap(rti, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Drop for IdentifiedTarget {
+    fn drop(&mut self) {
+        IDENTIFIED_TARGET.store(self.0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+
 /// Rows assumed for a distributed table when planning joins around its scans.
 const ASSUMED_ROWS: f64 = 1_000_000.0;
 
@@ -154,13 +181,14 @@ unsafe fn build_scan(
         return results_scan(rte, rti, &plan, tlist, clauses);
     }
     let rte_relid = (*rte).relid;
+    let identified = (*root).query_level == 1 && rti == IDENTIFIED_TARGET.load(std::sync::atomic::Ordering::Relaxed);
     let table = cache::table(rte_relid)?.ok_or_else(|| ShardingError::internal("ShardScan of a table that is not distributed"))?;
 
     let mut remote: Vec<*mut pg_sys::Node> = Vec::new();
     let mut local: *mut pg_sys::List = std::ptr::null_mut();
     let infos: Vec<*mut pg_sys::RestrictInfo> =
         list_pointers::<pg_sys::RestrictInfo>(clauses).into_iter().filter(|i| !(**i).pseudoconstant).collect();
-    let ships = |info: *mut pg_sys::RestrictInfo| shippable::shippable((*info).clause.cast(), shippable::Rules { whole_statement: false });
+    let ships = |info: *mut pg_sys::RestrictInfo| shippable::shippable((*info).clause.cast(), shippable::Rules { whole_statement: false, row_identity: false });
     // Row-level security: shards evaluate their conditions before the coordinator evaluates
     // the rest, so a condition that could leak values may only be sent when no condition of a
     // lower security level stays here.
@@ -192,6 +220,10 @@ unsafe fn build_scan(
             break;
         }
         let attno = (member + offset) as i16;
+        if identified && ROW_IDENTITY.iter().any(|&(column, _, _)| column == attno as i32) {
+            attnos.push(attno);
+            continue;
+        }
         if attno <= 0 {
             let what = if attno == 0 { "whole-row references to" } else { "system columns of" };
             return Err(ShardingError::new(
@@ -216,10 +248,15 @@ unsafe fn build_scan(
     let mut scan_tlist: *mut pg_sys::List = std::ptr::null_mut();
     let mut binary = true;
     for (i, &attno) in attnos.iter().enumerate() {
-        let attr = (*tupdesc).attrs.as_ptr().add(attno as usize - 1);
-        names.push(CStr::from_ptr((*attr).attname.data.as_ptr()).to_string_lossy().into_owned());
-        binary &= (*attr).atttypid.to_u32() < pg_sys::FirstNormalObjectId;
-        let var = pg_sys::makeVar(rti as i32, attno, (*attr).atttypid, (*attr).atttypmod, (*attr).attcollation, 0);
+        let var = if let Some(&(_, name, type_oid)) = ROW_IDENTITY.iter().find(|&&(column, _, _)| column == attno as i32) {
+            names.push(name.to_owned());
+            pg_sys::makeVar(rti as i32, attno, type_oid, -1, pg_sys::InvalidOid, 0)
+        } else {
+            let attr = (*tupdesc).attrs.as_ptr().add(attno as usize - 1);
+            names.push(CStr::from_ptr((*attr).attname.data.as_ptr()).to_string_lossy().into_owned());
+            binary &= (*attr).atttypid.to_u32() < pg_sys::FirstNormalObjectId;
+            pg_sys::makeVar(rti as i32, attno, (*attr).atttypid, (*attr).atttypmod, (*attr).attcollation, 0)
+        };
         let entry = pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, std::ptr::null_mut(), false);
         scan_tlist = pg_sys::lappend(scan_tlist, entry.cast());
     }

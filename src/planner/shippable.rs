@@ -20,6 +20,9 @@ pub struct Rules {
     /// Vars of outer query levels and of other relations are allowed (whole statements); a
     /// scan's quals may only use the scanned relation.
     pub whole_statement: bool,
+    /// The ctid and xmin of rows may be read: the statement is the second step of
+    /// chosen_rows.rs, which compares them with what the same shard returned.
+    pub row_identity: bool,
 }
 
 #[pgrx::pg_guard]
@@ -80,7 +83,9 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::f
         }
         T_Var => {
             let var = node.cast::<pg_sys::Var>();
-            (*var).varattno < 0 || (!rules.whole_statement && (*var).varlevelsup != 0)
+            let identity = rules.row_identity
+                && crate::planner::scan_path::ROW_IDENTITY.iter().any(|&(column, _, _)| column == (*var).varattno as i32);
+            ((*var).varattno < 0 && !identity) || (!rules.whole_statement && (*var).varlevelsup != 0)
         }
         T_Const => {
             let type_oid = (*node.cast::<pg_sys::Const>()).consttype;

@@ -8,7 +8,8 @@
 //! abruptly, which makes the postmaster restart the coordinator as after a crash; `'...:error'`
 //! raises an ERROR there. Points: before_commit (one-phase), before_prepare, after_prepare,
 //! after_commit_record, before_commit_prepared; in shard operations split_after_trigger,
-//! split_before_switch, move_after_copy.
+//! split_before_switch, move_after_copy; in queries after_chosen_rows (an UPDATE or DELETE
+//! whose rows the coordinator chose, before the shards change them).
 
 #[cfg(feature = "fault_injection")]
 mod enabled {

@@ -23,6 +23,7 @@ SELECT g, (g * 13) % 220 + 1, (ARRAY['click', 'view', 'buy'])[g % 3 + 1],
 FROM generate_series(1, 400) g;
 UPDATE @s.events SET tag = (ARRAY['b', 'B', 'a', 'A', 'é', NULL])[id % 6 + 1];
 INSERT INTO @s."MixedCase" SELECT g, 'v' || g, g % 4 FROM generate_series(1, 50) g;
+INSERT INTO @s.notes SELECT g % 150 + 1, 'note ' || g FROM generate_series(1, 200, 3) g;
 INSERT INTO @s2.accounts SELECT g, g % 200 + 1, g * 1.25 FROM generate_series(1, 100) g;
 CREATE VIEW @s.region_counts AS SELECT region, count(*) AS n, avg(score) AS a FROM @s.users GROUP BY region;
 CREATE VIEW @s.user_orders AS SELECT u.id, u.name, o.id AS order_id, o.amount FROM @s.users u JOIN @s.orders o ON o.user_id = u.id;

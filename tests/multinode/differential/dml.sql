@@ -76,3 +76,18 @@ UPDATE orders SET amount = amount + 1 WHERE (user_id, id) IN (SELECT user_id, id
 UPDATE orders o SET note = s.kind FROM (SELECT user_id, max(kind) AS kind FROM events WHERE user_id IS NOT NULL GROUP BY user_id) s WHERE s.user_id = o.user_id AND o.amount > 100;
 DELETE FROM items i USING (SELECT DISTINCT payload FROM events WHERE payload IS NOT NULL) p WHERE p.payload = i.sku RETURNING i.order_id;
 UPDATE users u SET score = s.c FROM (SELECT user_id, count(*)::int AS c FROM events WHERE user_id IS NOT NULL GROUP BY user_id ORDER BY c DESC, user_id LIMIT 5) s WHERE s.user_id = u.id RETURNING u.id, u.score;
+-- What none of that covers: the coordinator chooses the rows (its own plan over the shards'
+-- rows, locking them), and the shards change exactly those (by ctid and distribution value).
+UPDATE orders o SET note = 'evented ' || o.user_id WHERE EXISTS (SELECT 1 FROM events e WHERE e.user_id = o.user_id AND e.tag = 'a') RETURNING user_id, id, note;
+UPDATE users u SET score = (SELECT count(*) FROM events e WHERE e.user_id = u.id) WHERE u.id < 40 RETURNING id, score;
+DELETE FROM events e WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.user_id = e.user_id AND o.amount > 50) RETURNING id, user_id;
+UPDATE items i SET qty = qty + 1 WHERE i.qty > (SELECT avg(e.id) / 100 FROM events e WHERE e.user_id = i.user_id) RETURNING order_id, sku, qty;
+UPDATE users u SET name = n.note FROM notes n WHERE n.user_id = u.id AND n.note LIKE '%1' RETURNING u.id, u.name, n.note;
+UPDATE users u SET flag = true FROM notes n WHERE n.user_id = u.id RETURNING u.id, u.flag;
+DELETE FROM orders WHERE user_id IN (SELECT user_id FROM notes WHERE note LIKE '%7') RETURNING user_id, id;
+UPDATE users SET created = DATE '2024-02-02' WHERE clock_timestamp() > '2000-01-01' AND score < 10 RETURNING id, created;
+DELETE FROM items WHERE qty = 2 AND random() >= 0 RETURNING order_id, sku;
+WITH buyers AS (SELECT user_id FROM events WHERE kind = 'buy') UPDATE orders SET status = 'bought' WHERE user_id IN (SELECT user_id FROM buyers) AND amount < 20 RETURNING user_id, id;
+WITH t AS (SELECT user_id, count(*) AS n FROM orders GROUP BY user_id) UPDATE events e SET payload = 'orders ' || t.n FROM t WHERE t.user_id = e.user_id AND e.kind = 'view' RETURNING e.id, e.payload;
+UPDATE "MixedCase" m SET "Value" = "Value" || '?' WHERE "Id" IN (SELECT user_id FROM notes) AND random() < 2 RETURNING "Id", "Value";
+UPDATE accounts a SET balance = balance + 1 FROM notes n WHERE n.user_id = a.owner AND a.id < 30 RETURNING a.id, a.balance, n.user_id;

@@ -13,3 +13,6 @@ ALTER TABLE @s.events ADD COLUMN tag text COLLATE "und-x-icu";
 CREATE TABLE @s.regions (code text PRIMARY KEY, label text);
 CREATE TABLE @s."MixedCase" ("Id" int PRIMARY KEY, "Value" text, "select" int);
 CREATE TABLE @s2.accounts (id int PRIMARY KEY, owner bigint, balance numeric);
+-- Stays a plain table on both sides (not in distribute.sql): statements that mix it with
+-- distributed tables.
+CREATE TABLE @s.notes (user_id bigint, note text);

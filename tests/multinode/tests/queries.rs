@@ -65,7 +65,7 @@ const PARAMETERIZED: &[(&str, &[&str])] = &[
     ),
 ];
 
-const TABLES: &[&str] = &["users", "orders", "items", "events", "regions", "\"MixedCase\"", "accounts"];
+const TABLES: &[&str] = &["users", "orders", "items", "events", "regions", "\"MixedCase\"", "accounts", "notes"];
 
 /// Statements of a one-statement-per-line file (comments and blank lines skipped).
 fn lines(text: &str) -> Vec<String> {
@@ -403,9 +403,46 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     let plan = explain(&mut c, sql);
     assert!(!plan.contains("Broadcast") && plan.contains("Join"), "{plan}");
     assert_eq!(run(&mut c, sql).unwrap().0, expected);
-    // ... and the UPDATE fails clearly, changing nothing.
-    let error = c.execute(update, &[]).unwrap_err();
-    assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error}");
+    // ... and the UPDATE's rows are chosen here (a join over the shards' rows, locking the
+    // target's), then changed by ctid on their own shards only.
+    let update = "UPDATE kv SET v = t.name || '!' FROM tags t WHERE t.id = kv.k AND t.kind = 'even'";
+    let plan = explain(&mut c, &format!("(ANALYZE, COSTS off, TIMING off, SUMMARY off) {update}"));
+    assert!(plan.contains("Intermediate Result Rows: 20") && plan.contains("ctid"), "{plan}");
+    let tasks = task_count(&plan)[0];
+    assert!((1..=20).contains(&tasks), "{plan}");
+    let mut c2 = cluster.coordinator();
+    c.batch_execute("BEGIN").unwrap();
+    assert_eq!(c.execute(update, &[]).unwrap(), 20);
+    // It holds the locks PostgreSQL's UPDATE would: the changed rows, not the others it read.
+    c2.batch_execute("SET statement_timeout = '500ms'").unwrap();
+    let error = c2.execute("UPDATE kv SET v = 'other' WHERE k = 2", &[]).unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("57014"), "{error}");
+    assert_eq!(c2.execute("UPDATE kv SET v = 'other' WHERE k = 3", &[]).unwrap(), 1);
+    c2.batch_execute("RESET statement_timeout").unwrap();
+    c.batch_execute("COMMIT").unwrap();
+    // A chosen row that another session changes before the shards change it: the statement
+    // fails with 40001 and changes nothing, rather than change fewer rows than it chose.
+    c.batch_execute("SET sharding.fault_injection = 'after_chosen_rows:pause:3000'").unwrap();
+    let pid: i32 = scalar(&mut c, "SELECT pg_backend_pid()");
+    let retag = "UPDATE kv SET v = v || '?' FROM tags t WHERE t.id = kv.k AND t.kind = 'even'";
+    let paused = std::thread::spawn(move || {
+        let result = c.execute(retag, &[]);
+        (c, result)
+    });
+    while scalar::<i64>(&mut c2, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'PgSleep'")) == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(c2.execute("UPDATE kv SET v = 'meanwhile' WHERE k = 4", &[]).unwrap(), 1);
+    let (mut c, result) = paused.join().unwrap();
+    let error = result.unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("40001"), "{error}");
+    c.batch_execute("RESET sharding.fault_injection").unwrap();
+    let retagged: i64 = scalar(&mut c, "SELECT count(*) FROM kv WHERE v LIKE '%?'");
+    assert_eq!(retagged, 0);
+    let changed: i64 = scalar(&mut c, "SELECT count(*) FROM kv WHERE v IN ('a!', 'b!') AND k <= 40 AND k % 2 = 0");
+    assert_eq!(changed, 19); // and k = 4 changed by the other session
+    let others: i64 = scalar(&mut c, "SELECT count(*) FROM kv WHERE v LIKE '%!'");
+    assert_eq!(others, 19);
     c.batch_execute("RESET sharding.broadcast_join_limit").unwrap();
 
     // An uncorrelated subquery on a table that is not co-located: the coordinator runs it
