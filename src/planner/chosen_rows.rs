@@ -65,8 +65,8 @@ const ROWS_ALIAS: &CStr = c"pgs_rows";
 
 /// The statement run by the shards (a new Query) and its intermediate result, the rows the
 /// coordinator chooses; `None` when the statement has a part this plan cannot carry (a
-/// multiple-column `SET (a, b) = (SELECT ...)`, a subquery in RETURNING, values that cannot
-/// travel as arrays, data-modifying WITH queries, row-level security).
+/// subquery or system column in RETURNING, values that cannot travel as arrays,
+/// data-modifying WITH queries, row-level security).
 pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sys::Query, Vec<Broadcast>)>> {
     let update = (*parse).commandType == pg_sys::CmdType::CMD_UPDATE;
     let rti = (*parse).resultRelation;
@@ -88,11 +88,14 @@ pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sy
     columns.push(pg_sys::makeVar(rti, dist_attno, dist_type, dist_typmod, dist_collation, 0).cast());
     columns.push(pg_sys::makeVar(rti, pg_sys::MinTransactionIdAttributeNumber as i16, pg_sys::XIDOID, -1, pg_sys::InvalidOid, 0).cast());
     let mut assignments = Vec::new();
+    // The subqueries of `SET (a, b) = (SELECT ...)` (junk entries; the assignments read their
+    // columns as parameters): the first step evaluates them before its columns.
+    let mut multiple = Vec::new();
     if update {
         for entry in list_pointers::<pg_sys::TargetEntry>((*parse).targetList) {
-            // A junk entry carries the subquery of `SET (a, b) = (SELECT ...)`.
             if (*entry).resjunk {
-                return Ok(None);
+                multiple.push(pg_sys::copyObjectImpl((*entry).expr.cast()).cast::<pg_sys::Expr>());
+                continue;
             }
             assignments.push((entry, columns.len()));
             columns.push(pg_sys::copyObjectImpl((*entry).expr.cast()).cast());
@@ -116,10 +119,16 @@ pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sy
     (*select).returningList = std::ptr::null_mut();
     // The target is in FROM now (as it is to the planner already): EXPLAIN prints it there.
     (*list_pointers::<pg_sys::RangeTblEntry>((*select).rtable)[rti as usize - 1]).inFromCl = true;
+    // A projection computes its entries in order, and the executor leaves junk entries out of
+    // the rows it returns: the multiple-column subqueries go first.
     let mut target: *mut pg_sys::List = std::ptr::null_mut();
+    for (i, &expr) in multiple.iter().enumerate() {
+        target = pg_sys::lappend(target, pg_sys::makeTargetEntry(expr, (i + 1) as i16, std::ptr::null_mut(), true).cast());
+    }
     for (i, &expr) in columns.iter().enumerate() {
         let name = column_name(i)?;
-        target = pg_sys::lappend(target, pg_sys::makeTargetEntry(expr, (i + 1) as i16, pg_sys::pstrdup(name.as_ptr()), false).cast());
+        let resno = (multiple.len() + i + 1) as i16;
+        target = pg_sys::lappend(target, pg_sys::makeTargetEntry(expr, resno, pg_sys::pstrdup(name.as_ptr()), false).cast());
     }
     (*select).targetList = target;
 

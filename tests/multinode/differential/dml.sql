@@ -91,3 +91,5 @@ WITH buyers AS (SELECT user_id FROM events WHERE kind = 'buy') UPDATE orders SET
 WITH t AS (SELECT user_id, count(*) AS n FROM orders GROUP BY user_id) UPDATE events e SET payload = 'orders ' || t.n FROM t WHERE t.user_id = e.user_id AND e.kind = 'view' RETURNING e.id, e.payload;
 UPDATE "MixedCase" m SET "Value" = "Value" || '?' WHERE "Id" IN (SELECT user_id FROM notes) AND random() < 2 RETURNING "Id", "Value";
 UPDATE accounts a SET balance = balance + 1 FROM notes n WHERE n.user_id = a.owner AND a.id < 30 RETURNING a.id, a.balance, n.user_id;
+UPDATE users u SET (score, name) = (SELECT count(*), max(kind) FROM events e WHERE e.user_id = u.id) WHERE u.id BETWEEN 40 AND 60 RETURNING id, score, name;
+UPDATE orders o SET (amount, note) = (SELECT max(balance), 'max of ' || count(*) FROM accounts), status = 'multi' WHERE o.user_id < 8 AND random() < 2 RETURNING user_id, id, amount, note;

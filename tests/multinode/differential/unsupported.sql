@@ -7,7 +7,7 @@ SELECT * FROM users TABLESAMPLE SYSTEM (10);
 UPDATE users SET id = id + 1 WHERE id = 5;
 UPDATE regions r SET label = 'x' WHERE EXISTS (SELECT 1 FROM users u WHERE u.region = r.code AND u.id = 1);
 UPDATE regions SET label = random()::text;
-UPDATE users SET (score, name) = (SELECT 1, 'x') WHERE id = 3 AND random() < 2;
+UPDATE users u SET score = 1 FROM notes n WHERE n.user_id = u.id RETURNING (SELECT count(*) FROM notes);
 WITH d AS (DELETE FROM items WHERE qty = 1 RETURNING *) SELECT count(*) FROM d;
 WITH i AS (INSERT INTO items VALUES (1, 50, 'x', 1) RETURNING *) SELECT count(*) FROM i;
 WITH i AS (INSERT INTO items VALUES (1, 50, 'x', 1) RETURNING *) SELECT * FROM items WHERE user_id = 50;
