@@ -65,10 +65,17 @@ SELECT create_reference_table('regions');
 CREATE TABLE products (LIKE products_plain INCLUDING ALL);
 SELECT create_distributed_table('products', 'id', colocate_with => 'none');
 INSERT INTO products SELECT * FROM products_plain;
+-- Not co-located either, one row per ten users: joined on users' distribution column, its rows
+-- are routed to the one shard each can join.
+CREATE TABLE reviews_plain (id bigint PRIMARY KEY, user_id bigint, stars int, body text);
+INSERT INTO reviews_plain SELECT g, (g::bigint * 7907) % $users + 1, g % 5 + 1, 'review ' || g FROM generate_series(1, $users / 10) g;
+CREATE TABLE reviews (LIKE reviews_plain INCLUDING ALL);
+SELECT create_distributed_table('reviews', 'id', colocate_with => 'none');
+INSERT INTO reviews SELECT * FROM reviews_plain;
 INSERT INTO users SELECT * FROM users_plain;
 INSERT INTO orders SELECT * FROM orders_plain;
 CREATE TABLE regions_plain AS SELECT * FROM regions;
-VACUUM ANALYZE users_plain, orders_plain, regions_plain, products_plain;
+VACUUM ANALYZE users_plain, orders_plain, regions_plain, products_plain, reviews_plain;
 SQL
 for w in 1 2; do psql_w $w -c "VACUUM ANALYZE" >/dev/null; done
 echo "bench: loaded in $(( $(date +%s) - start )) s"
@@ -196,6 +203,14 @@ compare "non-co-located join (broadcast)" \
 EXTRA_OPTIONS="-c sharding.broadcast_join_limit=0" compare "non-co-located join (broadcast off)" \
     "SELECT p.category, count(*), sum(o.amount) FROM orders o JOIN products p ON p.id = o.product_id WHERE p.price > 50 GROUP BY p.category" \
     "SELECT p.category, count(*), sum(o.amount) FROM orders_plain o JOIN products_plain p ON p.id = o.product_id WHERE p.price > 50 GROUP BY p.category"
+# reviews is joined on users' distribution column: each filtered review goes to the one users
+# shard its user_id hashes to (a routed broadcast); then the same with broadcasting off.
+compare "join on the distribution column, not co-located (routed)" \
+    "SELECT u.region, count(*), avg(r.stars) FROM reviews r JOIN users u ON u.id = r.user_id WHERE r.stars >= 4 GROUP BY u.region" \
+    "SELECT u.region, count(*), avg(r.stars) FROM reviews_plain r JOIN users_plain u ON u.id = r.user_id WHERE r.stars >= 4 GROUP BY u.region"
+EXTRA_OPTIONS="-c sharding.broadcast_join_limit=0" compare "same, broadcasting off" \
+    "SELECT u.region, count(*), avg(r.stars) FROM reviews r JOIN users u ON u.id = r.user_id WHERE r.stars >= 4 GROUP BY u.region" \
+    "SELECT u.region, count(*), avg(r.stars) FROM reviews_plain r JOIN users_plain u ON u.id = r.user_id WHERE r.stars >= 4 GROUP BY u.region"
 # An uncorrelated subquery on products (not co-located with orders): the coordinator runs it
 # first and sends its ids to every orders shard (an intermediate result), where the filter and
 # the partial aggregates run; then with it off (the coordinator filters every orders row).

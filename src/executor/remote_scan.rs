@@ -96,6 +96,13 @@ pub struct Broadcast {
     /// gets only its shard's rows; 0 for anything else.
     #[serde(default)]
     pub target_rows: u32,
+    /// A broadcast table routed by a join key (planner/broadcast.rs, `routing_column`): each
+    /// row goes only to the task of the shard its value of this column (of type `route_type`)
+    /// hashes to, and a row whose value is NULL to none.
+    #[serde(default)]
+    pub route_column: Option<usize>,
+    #[serde(default)]
+    pub route_type: u32,
 }
 
 impl Broadcast {
@@ -723,6 +730,10 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
         } else {
             let (tasks, _) = plan_tasks(node, &broadcast.plan)?;
             let used = (broadcast.plan.max_param.max(0) as usize).min(runtime.params.len());
+            let mut router = match broadcast.route_column {
+                Some(column) => Some(RowRouter::new(&plan, broadcast, column)?),
+                None => None,
+            };
             tasks::run(&tasks, &runtime.params[..used], false, access, |result| {
                 if result.columns() != broadcast.columns {
                     return Err(ShardingError::internal(format!(
@@ -731,12 +742,24 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
                         broadcast.columns
                     )));
                 }
+                let arrays = match router.as_mut() {
+                    None => &mut arrays,
+                    Some(router) => match router.group(result)? {
+                        Some(group) => group,
+                        None => return Ok(()),
+                    },
+                };
                 for (i, array) in arrays.iter_mut().enumerate() {
                     array.push(result.value(i));
                 }
                 rows += 1;
                 Ok(())
             })?;
+            if let Some(mut router) = router {
+                per_shard.push((broadcast, std::mem::take(&mut router.groups)));
+                runtime.broadcast_rows.push(rows);
+                continue;
+            }
         }
         for (id, array) in broadcast.params().zip(arrays) {
             let mut value = array.finish();
@@ -756,8 +779,14 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
     for (broadcast, groups) in per_shard {
         let mut kept = Vec::new();
         let mut kept_shards = Vec::new();
+        let mut spare = None;
         for (mut task, shard_id) in std::mem::take(&mut runtime.tasks).into_iter().zip(std::mem::take(&mut runtime.task_shards)) {
-            let Some((_, arrays)) = groups.iter().find(|(shard, _)| *shard == shard_id) else { continue };
+            let Some((_, arrays)) = groups.iter().find(|(shard, _)| *shard == shard_id) else {
+                if spare.is_none() {
+                    spare = Some((task, shard_id));
+                }
+                continue;
+            };
             let mut params = task.params.take().unwrap_or_else(|| runtime.params.clone());
             for (id, array) in broadcast.params().zip(arrays.iter()) {
                 let mut value = array.clone().finish();
@@ -771,10 +800,84 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
             kept.push(task);
             kept_shards.push(shard_id);
         }
+        // A whole SELECT still needs one task's answer (count(*) of nothing is a row).
+        if kept.is_empty() && runtime.plan.at_least_one {
+            if let Some((mut task, shard_id)) = spare {
+                let mut params = task.params.take().unwrap_or_else(|| runtime.params.clone());
+                for id in broadcast.params() {
+                    if let Some(slot) = params.get_mut(id as usize - 1) {
+                        *slot = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(b"{}\0".to_vec()), format: 0 };
+                    }
+                }
+                task.params = Some(params);
+                kept.push(task);
+                kept_shards.push(shard_id);
+            }
+        }
         runtime.tasks = kept;
         runtime.task_shards = kept_shards;
     }
     Ok(())
+}
+
+/// Sorts the rows of a routed broadcast table by the shard their join key hashes to.
+struct RowRouter {
+    table: Rc<DistributedTable>,
+    kind: crate::routing::DistKind,
+    column: usize,
+    columns: usize,
+    input: pg_sys::FmgrInfo,
+    ioparam: pg_sys::Oid,
+    context: pg_sys::MemoryContext,
+    groups: Vec<(i64, Vec<ArrayLiteral>)>,
+}
+
+impl RowRouter {
+    unsafe fn new(plan: &ShardScanPlan, broadcast: &Broadcast, column: usize) -> Result<Self> {
+        let table = cache::table(pg_sys::Oid::from(plan.anchor))?
+            .ok_or_else(|| ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "a table of this plan is no longer distributed"))?;
+        let type_oid = pg_sys::Oid::from(broadcast.route_type);
+        let kind = crate::routing::DistKind::of_type(type_oid).ok_or_else(|| ShardingError::internal("a broadcast routed by a value that has no hash"))?;
+        let (mut function, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::getTypeInputInfo(type_oid, &mut function, &mut ioparam);
+        let mut input: pg_sys::FmgrInfo = std::mem::zeroed();
+        pg_sys::fmgr_info(function, &mut input);
+        let context = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"broadcast routing".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        Ok(RowRouter { table, kind, column, columns: broadcast.columns, input, ioparam, context, groups: Vec::new() })
+    }
+
+    /// The arrays of the shard a row goes to; `None` for a row no task can use (NULL key).
+    unsafe fn group(&mut self, row: &crate::connection::RemoteResult) -> Result<Option<&mut Vec<ArrayLiteral>>> {
+        let Some(text) = row.value(self.column) else { return Ok(None) };
+        let text = CString::new(text).map_err(|e| ShardingError::internal(e.to_string()))?;
+        pg_sys::MemoryContextReset(self.context);
+        let previous = pg_sys::MemoryContextSwitchTo(self.context);
+        let value = pg_sys::InputFunctionCall(&mut self.input, text.as_ptr() as *mut std::ffi::c_char, self.ioparam, -1);
+        let shard = crate::routing::shard_for_value(&self.table, Some(value), self.kind);
+        pg_sys::MemoryContextSwitchTo(previous);
+        let shard = shard?;
+        let index = match self.groups.iter().position(|(s, _)| *s == shard) {
+            Some(index) => index,
+            None => {
+                self.groups.push((shard, vec![ArrayLiteral::new(); self.columns]));
+                self.groups.len() - 1
+            }
+        };
+        Ok(Some(&mut self.groups[index].1))
+    }
+}
+
+impl Drop for RowRouter {
+    fn drop(&mut self) {
+        // SAFETY: the context was created by `new` and nothing else refers to it.
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
 }
 
 /// The rows of an intermediate result, as text arrays (one per column): all of them, or those

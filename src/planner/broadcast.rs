@@ -139,7 +139,9 @@ unsafe fn attempt(
         rest_bytes = rest_bytes.max(other_bytes);
         tasks = tasks.max(other.shards.len() as u64);
     }
-    if chosen.iter().any(|c| c.3 > limit || (c.3 > SMALL_TABLE_BYTES && c.3.saturating_mul(tasks) > rest_bytes)) {
+    // A table routed by the join key sends each row to one task only.
+    let copies = |c: &Candidate| if routing_column(parse, c.0, &rest).is_some() { 1 } else { tasks };
+    if chosen.iter().any(|c| c.3 > limit || (c.3 > SMALL_TABLE_BYTES && c.3.saturating_mul(copies(c)) > rest_bytes)) {
         return Ok(None);
     }
     match rewrite(parse, chosen)? {
@@ -180,7 +182,10 @@ unsafe fn rewrite(parse: *mut pg_sys::Query, chosen: &[&Candidate]) -> Result<Op
     collect_params(parse.cast(), &mut params);
     let mut next_param = params.iter().copied().max().unwrap_or(0) + 1;
     let mut broadcasts = Vec::new();
+    let distributed = top_distributed(parse)?;
+    let rest: Vec<&(u32, Rc<DistributedTable>)> = distributed.iter().filter(|(r, _)| !chosen.iter().any(|c| c.0 == *r)).collect();
     for (rti, table, _, _, _) in chosen.iter().copied() {
+        let route = routing_column(rewritten, *rti, &rest);
         // The conditions on the table alone filter it where it is read; every row sent meets
         // them, so the statement no longer needs them (nor the columns only they read).
         let slots = own_conditions(rewritten, *rti);
@@ -202,11 +207,21 @@ unsafe fn rewrite(parse: *mut pg_sys::Query, chosen: &[&Candidate]) -> Result<Op
         }
         let reader = broadcast_reader(rewritten, *rti, table, &columns, &conditions)?;
         replace_with_parameters(rewritten, *rti, &columns, next_param)?;
+        let route_column = route.and_then(|attno| columns.iter().position(|&c| c == attno));
+        let shown = match route {
+            Some(attno) => {
+                let name = std::ffi::CStr::from_ptr(pg_sys::get_attname(relid, attno, false)).to_string_lossy().into_owned();
+                format!("{} (routed by {name})", table.name)
+            }
+            None => table.name.clone(),
+        };
         broadcasts.push(Broadcast {
-            table: table.name.clone(),
+            table: shown,
             plan: reader,
             first_param: next_param,
             columns: columns.len(),
+            route_column,
+            route_type: route.map(|attno| column_type(relid, attno).0.to_u32()).unwrap_or(0),
             ..Default::default()
         });
         next_param += columns.len() as i32;
@@ -455,10 +470,10 @@ pub(super) unsafe fn select_from(rte: *mut pg_sys::RangeTblEntry, quals: *mut pg
     query
 }
 
-/// Conditions of the statement on range table entry `rti` alone that every result row meets:
-/// conjuncts of WHERE and of the inner joins above it, when no outer join can null it. Given
-/// as the places that hold them, so that a rewrite can take them out.
-unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut pg_sys::Node> {
+/// The conditions of the statement that every result row meets, when range table entry `rti`
+/// is in every result row: the conjuncts of WHERE and of the inner joins above it; none when
+/// an outer join can null it. Given as the places that hold them.
+unsafe fn conditions_met(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut pg_sys::Node> {
     /// The conjuncts of the inner joins on the way down to `rti`; `None` when it is not found
     /// there, `Some(false)` when an outer join can null it.
     unsafe fn path(node: *mut pg_sys::Node, rti: u32, out: &mut Vec<*mut *mut pg_sys::Node>) -> Option<bool> {
@@ -519,7 +534,69 @@ unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut p
     if path((*parse).jointree.cast(), rti, &mut found) != Some(true) {
         return Vec::new();
     }
-    found.into_iter().filter(|&slot| only_reads(*slot, rti) && shippable::shippable(*slot, shippable::Rules { whole_statement: false, row_identity: false })).collect()
+    found
+}
+
+/// Conditions of the statement on range table entry `rti` alone that every result row meets:
+/// conjuncts of WHERE and of the inner joins above it, when no outer join can null it. Given
+/// as the places that hold them, so that a rewrite can take them out.
+unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut pg_sys::Node> {
+    conditions_met(parse, rti)
+        .into_iter()
+        .filter(|&slot| only_reads(*slot, rti) && shippable::shippable(*slot, shippable::Rules { whole_statement: false, row_identity: false }))
+        .collect()
+}
+
+/// The column of range table entry `rti` (a table to broadcast) by which its rows can be
+/// routed to the one task that can use each: a condition every result row meets equates it
+/// with the distribution column of a table of `rest` (which stays distributed, co-located with
+/// the tasks' shards), with an equality that implies equal hash values (the type's own, or
+/// between integer types; a deterministic collation). A row then joins only rows of the shard
+/// group its value hashes to, and a row whose value is NULL joins none.
+unsafe fn routing_column(parse: *mut pg_sys::Query, rti: u32, rest: &[&(u32, Rc<DistributedTable>)]) -> Option<i16> {
+    use crate::routing::DistKind;
+    for slot in conditions_met(parse, rti) {
+        let node = *slot;
+        if (*node).type_ != pg_sys::NodeTag::T_OpExpr {
+            continue;
+        }
+        let op = node.cast::<pg_sys::OpExpr>();
+        let args = list_pointers::<pg_sys::Node>((*op).args);
+        if args.len() != 2 || args.iter().any(|&a| (*a).type_ != pg_sys::NodeTag::T_Var) {
+            continue;
+        }
+        let (left, right) = (args[0].cast::<pg_sys::Var>(), args[1].cast::<pg_sys::Var>());
+        for (mine, theirs) in [(left, right), (right, left)] {
+            if (*mine).varlevelsup != 0 || (*theirs).varlevelsup != 0 || (*mine).varno as u32 != rti || (*mine).varattno <= 0 {
+                continue;
+            }
+            let distributed = rest.iter().any(|(other, table)| {
+                (*theirs).varno as u32 == *other && table.distribution_attnum == Some((*theirs).varattno)
+            });
+            if !distributed {
+                continue;
+            }
+            let collation = (*op).inputcollid;
+            if collation != pg_sys::InvalidOid && !pg_sys::get_collation_isdeterministic(collation) {
+                continue;
+            }
+            let (mine_type, theirs_type) = ((*mine).vartype, (*theirs).vartype);
+            let hashes_alike = match (DistKind::of_type(mine_type), DistKind::of_type(theirs_type)) {
+                (Some(DistKind::Int2 | DistKind::Int4 | DistKind::Int8), Some(DistKind::Int2 | DistKind::Int4 | DistKind::Int8)) => {
+                    pg_sys::get_op_opfamily_strategy((*op).opno, pg_sys::INTEGER_BTREE_FAM_OID) == pg_sys::BTEqualStrategyNumber as i32
+                }
+                (Some(_), Some(_)) if mine_type == theirs_type => {
+                    let cache = pg_sys::lookup_type_cache(mine_type, pg_sys::TYPECACHE_EQ_OPR as i32);
+                    !cache.is_null() && (*cache).eq_opr == (*op).opno
+                }
+                _ => false,
+            };
+            if hashes_alike {
+                return Some((*mine).varattno);
+            }
+        }
+    }
+    None
 }
 
 /// Whether an expression reads columns of range table entry `rti` and nothing else of any

@@ -382,8 +382,23 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     let plan = explain(&mut c, &format!("(ANALYZE, COSTS off, TIMING off, SUMMARY off) {sql}"));
     assert_eq!(task_count(&plan), vec![32], "{plan}");
     assert!(plan.contains("Broadcast: tags") && plan.contains("Broadcast Task Count: 32"), "{plan}");
+    assert!(!plan.contains("routed"), "{plan}");
     let sent: i64 = scalar(&mut c, "SELECT count(*) FROM tags WHERE name >= 'a'");
     assert_eq!(sent, 40);
+    // Joined on kv's distribution column: each row of tags goes only to the task of the shard
+    // its id hashes to, and tasks that get none do not run.
+    let routed = "SELECT t.name, count(*), sum(kv.k) FROM kv JOIN tags t ON t.id = kv.k WHERE t.kind = 'even' GROUP BY 1 ORDER BY 1";
+    let routed_plan = explain(&mut c, &format!("(ANALYZE, COSTS off, TIMING off, SUMMARY off) {routed}"));
+    assert!(routed_plan.contains("Broadcast: tags (routed by id)") && routed_plan.contains("Broadcast Rows: 20"), "{routed_plan}");
+    let shards: i64 = scalar(&mut c, "SELECT count(DISTINCT sharding.shard_for_value('kv', g::bigint)) FROM generate_series(2, 40, 2) g");
+    assert_eq!(task_count(&routed_plan), vec![shards], "{routed_plan}");
+    let (got, _) = run(&mut c, routed).unwrap();
+    let (expected, _) = run(&mut c, &routed.replace("FROM kv JOIN tags", "FROM kv_local kv JOIN tags_local")).unwrap();
+    assert_eq!(expected.len(), 2);
+    assert_eq!(got, expected, "{routed}");
+    // No row to send: one task still answers the aggregate.
+    let (got, _) = run(&mut c, "SELECT count(*), sum(kv.k) FROM kv JOIN tags t ON t.id = kv.k WHERE t.kind = 'odd'").unwrap();
+    assert_eq!(got, vec![vec![Some("0".to_string()), None]]);
     assert!(plan.contains(&format!("Broadcast Rows: {sent}")), "{plan}");
     assert!(plan.contains("COLLATE \"und-x-icu\"") && plan.contains("min(t.name)"), "{plan}");
     let (got, _) = run(&mut c, sql).unwrap();
