@@ -703,8 +703,9 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
 unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, access: remote::Access) -> Result<()> {
     let plan = runtime.plan.clone();
     runtime.broadcast_rows.clear();
-    // Rows meant for one shard each (the rows an UPDATE or DELETE changes): by shard id.
-    let mut per_shard: Vec<(&Broadcast, Vec<(i64, Vec<ArrayLiteral>)>)> = Vec::new();
+    // Rows meant for one shard each (routed broadcast tables, the rows an UPDATE or DELETE
+    // changes): by shard.
+    let mut per_shard: Vec<(&Broadcast, Vec<ResultGroup>)> = Vec::new();
     for broadcast in &plan.broadcasts {
         let mut arrays = vec![ArrayLiteral::new(); broadcast.columns];
         let mut rows = 0usize;
@@ -720,7 +721,7 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
             rows = groups.iter().map(|g| g.rows).sum();
             if route.is_some() {
                 runtime.chosen_rows = Some(rows as u64);
-                per_shard.push((broadcast, groups.into_iter().map(|g| (g.shard, g.arrays)).collect()));
+                per_shard.push((broadcast, groups));
                 runtime.broadcast_rows.push(rows);
                 continue;
             }
@@ -761,15 +762,7 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
                 continue;
             }
         }
-        for (id, array) in broadcast.params().zip(arrays) {
-            let mut value = array.finish();
-            value.push(0);
-            let slot = runtime
-                .params
-                .get_mut(id as usize - 1)
-                .ok_or_else(|| ShardingError::internal("a broadcast parameter lies beyond the plan's parameters"))?;
-            *slot = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(value), format: 0 };
-        }
+        set_arrays(&mut runtime.params, broadcast, &arrays)?;
         runtime.broadcast_rows.push(rows);
     }
     if !per_shard.is_empty() {
@@ -781,21 +774,14 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
         let mut kept_shards = Vec::new();
         let mut spare = None;
         for (mut task, shard_id) in std::mem::take(&mut runtime.tasks).into_iter().zip(std::mem::take(&mut runtime.task_shards)) {
-            let Some((_, arrays)) = groups.iter().find(|(shard, _)| *shard == shard_id) else {
+            let Some(group) = groups.iter().find(|g| g.shard == shard_id) else {
                 if spare.is_none() {
                     spare = Some((task, shard_id));
                 }
                 continue;
             };
             let mut params = task.params.take().unwrap_or_else(|| runtime.params.clone());
-            for (id, array) in broadcast.params().zip(arrays.iter()) {
-                let mut value = array.clone().finish();
-                value.push(0);
-                let slot = params
-                    .get_mut(id as usize - 1)
-                    .ok_or_else(|| ShardingError::internal("a broadcast parameter lies beyond the plan's parameters"))?;
-                *slot = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(value), format: 0 };
-            }
+            set_arrays(&mut params, broadcast, &group.arrays)?;
             task.params = Some(params);
             kept.push(task);
             kept_shards.push(shard_id);
@@ -804,11 +790,7 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
         if kept.is_empty() && runtime.plan.at_least_one {
             if let Some((mut task, shard_id)) = spare {
                 let mut params = task.params.take().unwrap_or_else(|| runtime.params.clone());
-                for id in broadcast.params() {
-                    if let Some(slot) = params.get_mut(id as usize - 1) {
-                        *slot = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(b"{}\0".to_vec()), format: 0 };
-                    }
-                }
+                set_arrays(&mut params, broadcast, &vec![ArrayLiteral::new(); broadcast.columns])?;
                 task.params = Some(params);
                 kept.push(task);
                 kept_shards.push(shard_id);
@@ -816,6 +798,19 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
         }
         runtime.tasks = kept;
         runtime.task_shards = kept_shards;
+    }
+    Ok(())
+}
+
+/// Puts a broadcast's rows, one text array per column, into its parameters among `params`.
+fn set_arrays(params: &mut [TaskParam], broadcast: &Broadcast, arrays: &[ArrayLiteral]) -> Result<()> {
+    for (id, array) in broadcast.params().zip(arrays) {
+        let mut value = array.clone().finish();
+        value.push(0);
+        let slot = params
+            .get_mut(id as usize - 1)
+            .ok_or_else(|| ShardingError::internal("a broadcast parameter lies beyond the plan's parameters"))?;
+        *slot = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(value), format: 0 };
     }
     Ok(())
 }
@@ -829,7 +824,7 @@ struct RowRouter {
     input: pg_sys::FmgrInfo,
     ioparam: pg_sys::Oid,
     context: pg_sys::MemoryContext,
-    groups: Vec<(i64, Vec<ArrayLiteral>)>,
+    groups: Vec<ResultGroup>,
 }
 
 impl RowRouter {
@@ -861,15 +856,9 @@ impl RowRouter {
         let value = pg_sys::InputFunctionCall(&mut self.input, text.as_ptr() as *mut std::ffi::c_char, self.ioparam, -1);
         let shard = crate::routing::shard_for_value(&self.table, Some(value), self.kind);
         pg_sys::MemoryContextSwitchTo(previous);
-        let shard = shard?;
-        let index = match self.groups.iter().position(|(s, _)| *s == shard) {
-            Some(index) => index,
-            None => {
-                self.groups.push((shard, vec![ArrayLiteral::new(); self.columns]));
-                self.groups.len() - 1
-            }
-        };
-        Ok(Some(&mut self.groups[index].1))
+        let group = ResultGroup::of_shard(&mut self.groups, shard?, self.columns);
+        group.rows += 1;
+        Ok(Some(&mut group.arrays))
     }
 }
 
@@ -893,6 +882,18 @@ struct ResultGroup {
 impl ResultGroup {
     fn new(shard: i64, columns: usize) -> Self {
         ResultGroup { shard, rows: 0, arrays: vec![ArrayLiteral::new(); columns], ctids: Default::default() }
+    }
+
+    /// The group of `shard` among `groups`, added when it is not there yet.
+    fn of_shard(groups: &mut Vec<ResultGroup>, shard: i64, columns: usize) -> &mut ResultGroup {
+        let index = match groups.iter().position(|g| g.shard == shard) {
+            Some(index) => index,
+            None => {
+                groups.push(ResultGroup::new(shard, columns));
+                groups.len() - 1
+            }
+        };
+        &mut groups[index]
     }
 }
 
@@ -1020,15 +1021,7 @@ unsafe fn intermediate_result(
             None => &mut groups[0],
             Some((table, kind)) => {
                 let value = (!*(*slot).tts_isnull.add(1)).then(|| *(*slot).tts_values.add(1));
-                let shard = crate::routing::shard_for_value(table, value, kind)?;
-                let index = match groups.iter().position(|g| g.shard == shard) {
-                    Some(index) => index,
-                    None => {
-                        groups.push(ResultGroup::new(shard, columns));
-                        groups.len() - 1
-                    }
-                };
-                &mut groups[index]
+                ResultGroup::of_shard(&mut groups, crate::routing::shard_for_value(table, value, kind)?, columns)
             }
         };
         pg_sys::MemoryContextReset(context);
