@@ -77,6 +77,13 @@ pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sy
     if table.method != Method::Hash || (*parse).hasModifyingCTE || !(*parse).withCheckOptions.is_null() || !(*parse).onConflict.is_null() {
         return Ok(None);
     }
+    if current_of((*parse).jointree.cast()) {
+        return Err(ShardingError::new(
+            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("WHERE CURRENT OF on distributed table \"{}\" is not supported", table.name),
+        )
+        .hint(format!("Filter on the row's key instead (the distribution column \"{}\" and a unique column).", table.distribution_column.clone().unwrap_or_default())));
+    }
 
     // The first step's output columns: the row's ctid, distribution value and xmin (in the
     // order executor/remote_scan.rs reads them), the new values, and the other tables' columns
@@ -196,6 +203,19 @@ pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sy
     };
     let rows = Broadcast { table: sql, first_param, columns: columns.len(), query: Some(text), target_rows: rti as u32, ..Default::default() };
     Ok(Some((modify, vec![rows])))
+}
+
+/// Whether an expression has `CURRENT OF cursor` (which names a row of the coordinator's
+/// table, which has none).
+unsafe fn current_of(node: *mut pg_sys::Node) -> bool {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        (*node).type_ == pg_sys::NodeTag::T_CurrentOfExpr || pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    walker(node, std::ptr::null_mut())
 }
 
 fn column_name(index: usize) -> Result<CString> {

@@ -15,3 +15,4 @@ WITH u AS (UPDATE users SET id = 7 WHERE id = 5 RETURNING *) SELECT * FROM u;
 WITH r AS (UPDATE regions SET label = 'x' WHERE code = 'eu' RETURNING *) SELECT * FROM users WHERE id = 5;
 WITH m AS (DELETE FROM orders WHERE amount > 240 RETURNING *) INSERT INTO items SELECT id, user_id, 'x', 1 FROM m;
 WITH m AS (DELETE FROM orders WHERE user_id = 33 RETURNING *) INSERT INTO items SELECT id, user_id, 'x', 1 FROM m RETURNING (SELECT count(*) FROM m);
+UPDATE users SET score = 1 WHERE CURRENT OF no_such_cursor;
