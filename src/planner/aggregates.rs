@@ -282,11 +282,12 @@ pub unsafe fn eligible_clauses(parse: *mut pg_sys::Query) -> bool {
         && !(*parse).hasWindowFuncs
         && !(*parse).hasTargetSRFs
         && !(*parse).hasModifyingCTE
-        && !(*parse).hasForUpdate
         && (*parse).cteList.is_null()
         && (*parse).setOperations.is_null()
         && (*parse).groupingSets.is_null()
-        && (*parse).rowMarks.is_null()
+        // FOR UPDATE/SHARE locks what each shard returns: all of it, unless LIMIT or OFFSET
+        // would leave some rows locked but not returned.
+        && ((*parse).rowMarks.is_null() || ((*parse).limitCount.is_null() && (*parse).limitOffset.is_null()))
 }
 
 /// Whole-row references and system columns mean something else on a shard (its row type, its
@@ -378,6 +379,16 @@ pub unsafe fn split(
     broadcasts: Vec<crate::executor::remote_scan::Broadcast>,
 ) -> Result<Option<*mut pg_sys::Query>> {
     if !eligible(parse) {
+        return Ok(None);
+    }
+    // Row locks (FOR UPDATE/SHARE) are taken by the shards, in the distributed transaction: on
+    // tables only (not on a broadcast table's function scan, which locks nothing).
+    let locks_rows = !(*parse).rowMarks.is_null();
+    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+    if list_pointers::<pg_sys::RowMarkClause>((*parse).rowMarks)
+        .iter()
+        .any(|&mark| rtes.get((*mark).rti as usize - 1).is_none_or(|&rte| (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION))
+    {
         return Ok(None);
     }
     let marker = task_results_function();
@@ -485,6 +496,7 @@ pub unsafe fn split(
     plan.binary = split.worker_columns.iter().all(|&c| pg_sys::exprType(c).to_u32() < pg_sys::FirstNormalObjectId);
     // An aggregate without GROUP BY returns one row even over no rows: some shard answers.
     plan.at_least_one = aggregating && !whole;
+    plan.locks_rows = locks_rows;
     plan.add_broadcasts(broadcasts);
 
     // The coordinator query over the tasks' rows.

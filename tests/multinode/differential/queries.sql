@@ -25,6 +25,9 @@ SELECT "Value", "select" FROM "MixedCase" m WHERE m."Id" = 8;
 SELECT * FROM accounts WHERE id = 5;
 SELECT u.id FROM users u JOIN orders o USING (id) WHERE id = 5;
 SELECT * FROM users WHERE id = 5 FOR UPDATE;
+SELECT id, name FROM users WHERE score > 50 FOR UPDATE;
+SELECT u.id, o.id, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE o.amount > 200 ORDER BY 1, 2 FOR SHARE OF o;
+SELECT i.sku, o.id FROM items i JOIN orders o ON o.user_id = i.user_id AND o.id = i.order_id WHERE i.qty > 7 ORDER BY 1, 2 FOR UPDATE OF i NOWAIT;
 SELECT o.* FROM orders o JOIN users u ON u.id = o.user_id WHERE o.user_id = 40 AND u.flag ORDER BY o.id;
 SELECT * FROM users WHERE id = 5 OR id = 6;
 -- Multi-shard scans: filters and projections

@@ -2,7 +2,7 @@
 -- not consulted.
 SELECT ctid FROM users;
 SELECT u FROM users u;
-SELECT * FROM users FOR UPDATE;
+SELECT * FROM users ORDER BY id LIMIT 5 FOR UPDATE;
 SELECT * FROM users TABLESAMPLE SYSTEM (10);
 UPDATE users SET id = id + 1 WHERE id = 5;
 UPDATE regions r SET label = 'x' WHERE EXISTS (SELECT 1 FROM users u WHERE u.region = r.code AND u.id = 1);

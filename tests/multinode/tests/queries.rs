@@ -435,6 +435,17 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     assert_eq!(c2.execute("UPDATE kv SET v = 'other' WHERE k = 3", &[]).unwrap(), 1);
     c2.batch_execute("RESET statement_timeout").unwrap();
     c.batch_execute("COMMIT").unwrap();
+    // SELECT ... FOR UPDATE over many shards: each shard locks the rows it returns, until the
+    // end of the transaction.
+    c.batch_execute("BEGIN").unwrap();
+    let locked = c.query("SELECT k FROM kv WHERE k % 100 = 7 ORDER BY k FOR UPDATE", &[]).unwrap();
+    assert_eq!(locked.len(), 10);
+    c2.batch_execute("SET statement_timeout = '500ms'").unwrap();
+    let error = c2.execute("UPDATE kv SET v = 'other' WHERE k = 507", &[]).unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("57014"), "{error}");
+    assert_eq!(c2.execute("UPDATE kv SET v = v WHERE k = 508", &[]).unwrap(), 1);
+    c2.batch_execute("RESET statement_timeout").unwrap();
+    c.batch_execute("COMMIT").unwrap();
     // A chosen row that another session changes before the shards change it: the statement
     // fails with 40001 and changes nothing, rather than change fewer rows than it chose.
     c.batch_execute("SET sharding.fault_injection = 'after_chosen_rows:pause:3000'").unwrap();
