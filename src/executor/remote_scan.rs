@@ -1029,6 +1029,10 @@ unsafe fn intermediate_result(
         if route.is_some() {
             // The same row version, found through several join partners: changed once, with
             // the values of the first (PostgreSQL takes one of them too).
+            if *(*slot).tts_isnull {
+                pg_sys::MemoryContextSwitchTo(previous);
+                return Err(ShardingError::internal("a row to change came without its ctid"));
+            }
             let ctid = CStr::from_ptr(pg_sys::OutputFunctionCall(&mut outputs[0], *(*slot).tts_values)).to_bytes().to_vec();
             if !group.ctids.insert(ctid) {
                 pg_sys::MemoryContextSwitchTo(previous);

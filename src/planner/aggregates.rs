@@ -387,7 +387,7 @@ pub unsafe fn split(
     let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
     if list_pointers::<pg_sys::RowMarkClause>((*parse).rowMarks)
         .iter()
-        .any(|&mark| rtes.get((*mark).rti as usize - 1).is_none_or(|&rte| (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION))
+        .any(|&mark| ((*mark).rti as usize).checked_sub(1).and_then(|i| rtes.get(i)).is_none_or(|&rte| (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION))
     {
         return Ok(None);
     }
