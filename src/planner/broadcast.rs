@@ -540,7 +540,7 @@ unsafe fn conditions_met(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut p
 /// Conditions of the statement on range table entry `rti` alone that every result row meets:
 /// conjuncts of WHERE and of the inner joins above it, when no outer join can null it. Given
 /// as the places that hold them, so that a rewrite can take them out.
-unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut pg_sys::Node> {
+pub(super) unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut pg_sys::Node> {
     conditions_met(parse, rti)
         .into_iter()
         .filter(|&slot| only_reads(*slot, rti) && shippable::shippable(*slot, shippable::Rules { whole_statement: false, row_identity: false }))
@@ -626,7 +626,7 @@ unsafe fn only_reads(node: *mut pg_sys::Node, rti: u32) -> bool {
 }
 
 /// Points every Var of an expression (all of one table, see `only_reads`) at entry `rti`.
-unsafe fn renumber_vars(node: *mut pg_sys::Node, rti: i32) {
+pub(super) unsafe fn renumber_vars(node: *mut pg_sys::Node, rti: i32) {
     #[pgrx::pg_guard]
     unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
         if node.is_null() {

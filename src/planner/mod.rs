@@ -10,6 +10,7 @@ pub mod broadcast;
 pub mod chosen_rows;
 pub mod hoist;
 pub mod intermediate;
+pub mod local_write;
 pub mod pins;
 pub mod router;
 pub mod scan_path;

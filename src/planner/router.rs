@@ -410,7 +410,11 @@ pub unsafe fn plan_statement(
         match cache::table_unless_reentrant((*rte).relid)? {
             Some(table) if table.method == Method::Hash => Some(table),
             Some(_) => return Err(ShardingError::internal("reference table writes are planned above")),
-            None => return Ok(None), // a local table: PostgreSQL's plan, reading through ShardScans
+            None => {
+                // A local table: PostgreSQL's plan, reading through ShardScans.
+                super::local_write::wrap_distributed_tables(parse)?;
+                return Ok(None);
+            }
         }
     } else {
         None

@@ -93,3 +93,8 @@ UPDATE "MixedCase" m SET "Value" = "Value" || '?' WHERE "Id" IN (SELECT user_id 
 UPDATE accounts a SET balance = balance + 1 FROM notes n WHERE n.user_id = a.owner AND a.id < 30 RETURNING a.id, a.balance, n.user_id;
 UPDATE users u SET (score, name) = (SELECT count(*), max(kind) FROM events e WHERE e.user_id = u.id) WHERE u.id BETWEEN 40 AND 60 RETURNING id, score, name;
 UPDATE orders o SET (amount, note) = (SELECT max(balance), 'max of ' || count(*) FROM accounts), status = 'multi' WHERE o.user_id < 8 AND random() < 2 RETURNING user_id, id, amount, note;
+-- A table that lives on the coordinator only, changed by what distributed tables hold.
+DELETE FROM notes WHERE user_id IN (SELECT user_id FROM orders WHERE amount > 240) RETURNING user_id, note;
+UPDATE notes n SET note = n.note || ' ' || u.region FROM users u WHERE u.id = n.user_id AND u.score > 30 RETURNING n.user_id, n.note;
+UPDATE notes n SET note = 'evented' WHERE EXISTS (SELECT 1 FROM events e JOIN users u ON u.id = e.user_id WHERE e.user_id = n.user_id AND e.kind = 'view') RETURNING user_id;
+DELETE FROM notes n USING users u, orders o WHERE u.id = n.user_id AND o.user_id = u.id AND o.status = 'new' AND u.region = 'eu';
