@@ -1,9 +1,10 @@
 //! UPDATE and DELETE of a table that lives on the coordinator only, reading distributed tables
 //! (`DELETE FROM local WHERE id IN (SELECT user_id FROM orders ...)`, `UPDATE local l SET ...
-//! FROM users u WHERE ...`): PostgreSQL plans them, with the distributed tables read through
-//! ShardScans. Such a plan marks every other table of the statement so that it can fetch a
-//! joined row again by its ctid when a target row changed concurrently (EvalPlanQual), which a
-//! ShardScan cannot do: the coordinator's table is empty.
+//! FROM users u WHERE ...`), and `SELECT ... FOR UPDATE OF local` joined with distributed
+//! tables: PostgreSQL plans them, with the distributed tables read through ShardScans. Such a
+//! plan marks every other table of the statement so that it can fetch a joined row again by
+//! its ctid when a target row changed concurrently (EvalPlanQual), which a ShardScan cannot
+//! do: the coordinator's table is empty.
 //!
 //! So each distributed table read by such a statement becomes a subquery over it, `(SELECT
 //! <every column> FROM t WHERE <the statement's conditions on t alone> OFFSET 0)`: PostgreSQL
@@ -21,7 +22,8 @@ use crate::commands::utility::list_pointers;
 use crate::error::Result;
 use crate::planner::broadcast::{own_conditions, renumber_vars};
 
-/// Rewrites `parse` (an UPDATE or DELETE of a local table) in place as described above.
+/// Rewrites `parse` (an UPDATE or DELETE of a local table, or a SELECT locking rows) in place
+/// as described above; distributed tables a FOR UPDATE/SHARE clause names stay as they are.
 pub unsafe fn wrap_distributed_tables(parse: *mut pg_sys::Query) -> Result<()> {
     // The queries first, then the changes: a new subquery holds the table again.
     let mut queries = Vec::new();

@@ -457,6 +457,11 @@ pub unsafe fn plan_statement(
             }
         }
         if pinned.is_none() || !statement_ships || !outputs_receivable {
+            // FOR UPDATE/SHARE of local tables only: the distributed tables it reads are read
+            // through subqueries, as for a write of a local table (local_write.rs).
+            if !(*parse).rowMarks.is_null() {
+                super::local_write::wrap_distributed_tables(parse)?;
+            }
             return push_down_subqueries(parse, query_string, cursor_options, bound_params);
         }
         // Data-modifying WITH queries run whole on the one shard group they are pinned to.

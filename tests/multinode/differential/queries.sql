@@ -28,6 +28,8 @@ SELECT * FROM users WHERE id = 5 FOR UPDATE;
 SELECT id, name FROM users WHERE score > 50 FOR UPDATE;
 SELECT u.id, o.id, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE o.amount > 200 ORDER BY 1, 2 FOR SHARE OF o;
 SELECT i.sku, o.id FROM items i JOIN orders o ON o.user_id = i.user_id AND o.id = i.order_id WHERE i.qty > 7 ORDER BY 1, 2 FOR UPDATE OF i NOWAIT;
+SELECT n.user_id, n.note FROM notes n JOIN users u ON u.id = n.user_id WHERE u.score > 50 ORDER BY 1, 2 FOR UPDATE OF n;
+SELECT n.note FROM notes n WHERE n.user_id IN (SELECT user_id FROM orders WHERE amount > 200) ORDER BY 1 LIMIT 5 FOR SHARE;
 SELECT o.* FROM orders o JOIN users u ON u.id = o.user_id WHERE o.user_id = 40 AND u.flag ORDER BY o.id;
 SELECT * FROM users WHERE id = 5 OR id = 6;
 -- Multi-shard scans: filters and projections
