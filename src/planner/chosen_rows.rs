@@ -38,25 +38,41 @@ use crate::executor::remote_scan::Broadcast;
 use crate::planner::broadcast::{function_rte, sendable_type, unnest_parameter};
 use crate::planner::scan_path::collect_params;
 
-static PLANNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// While alive, the second step of such a plan is being planned: it must not take this plan
-/// itself (a volatile function in its RETURNING, say, is an error there).
-pub struct Planning(bool);
+/// Set while the second step of such a plan is planned: it must not take this plan itself (a
+/// volatile function in its RETURNING, say, is an error there), and it may read ctid and xmin.
+static SECOND_STEP: AtomicBool = AtomicBool::new(false);
+/// Set while a statement rewritten with broadcast tables or intermediate results is planned:
+/// its array parameters exist only in its tasks, so the coordinator cannot run its first step.
+static REWRITTEN: AtomicBool = AtomicBool::new(false);
+
+/// Sets a flag while alive (and restores it after).
+pub struct Planning(&'static AtomicBool, bool);
 
 impl Planning {
-    pub fn enter() -> Self {
-        Planning(PLANNING.swap(true, std::sync::atomic::Ordering::Relaxed))
+    pub fn second_step() -> Self {
+        Planning(&SECOND_STEP, SECOND_STEP.swap(true, Ordering::Relaxed))
     }
 
-    pub fn active() -> bool {
-        PLANNING.load(std::sync::atomic::Ordering::Relaxed)
+    pub fn rewritten() -> Self {
+        Planning(&REWRITTEN, REWRITTEN.swap(true, Ordering::Relaxed))
+    }
+
+    /// Whether the statement being planned is the second step of this plan.
+    pub fn in_second_step() -> bool {
+        SECOND_STEP.load(Ordering::Relaxed)
+    }
+
+    /// Whether this plan may be taken for the statement being planned.
+    pub fn allowed() -> bool {
+        !SECOND_STEP.load(Ordering::Relaxed) && !REWRITTEN.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Planning {
     fn drop(&mut self) {
-        PLANNING.store(self.0, std::sync::atomic::Ordering::Relaxed);
+        self.0.store(self.1, Ordering::Relaxed);
     }
 }
 

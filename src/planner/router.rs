@@ -443,7 +443,7 @@ pub unsafe fn plan_statement(
     } else {
         (parse, Vec::new())
     };
-    let row_identity = super::chosen_rows::Planning::active();
+    let row_identity = super::chosen_rows::Planning::in_second_step();
     let statement_ships = shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true, row_identity });
     let outputs = output_columns(if modify { (*parse).returningList } else { (*parse).targetList });
     let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));
@@ -481,21 +481,26 @@ pub unsafe fn plan_statement(
         // Several distributed tables: fine when pinned to one shard group, or when they are all
         // joined on their distribution columns (then each shard group runs the statement).
         if pinned.is_none() && keys.len() > 1 && !(colocated && analysis.connected(&keys)) {
-            // The other tables sent to every shard of the target instead (broadcast.rs).
-            if let Some((rewritten, broadcasts)) = super::broadcast::for_modify(parse)? {
-                if let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? {
-                    crate::executor::remote_scan::add_broadcasts((*planned).planTree, broadcasts)?;
-                    append_relations(planned, parse);
-                    return Ok(Some(planned));
+            // Both need a statement the shards can run (no volatile functions per row).
+            if statement_ships {
+                // The other tables sent to every shard of the target instead (broadcast.rs).
+                if let Some((rewritten, broadcasts)) = super::broadcast::for_modify(parse)? {
+                    let _rewritten = super::chosen_rows::Planning::rewritten();
+                    if let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? {
+                        crate::executor::remote_scan::add_broadcasts((*planned).planTree, broadcasts)?;
+                        append_relations(planned, parse);
+                        return Ok(Some(planned));
+                    }
                 }
-            }
-            // Subqueries on the other tables run first, here, and their rows go to every shard
-            // of the target (intermediate.rs).
-            if let Some((rewritten, results)) = super::intermediate::for_modify(parse)? {
-                if let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? {
-                    crate::executor::remote_scan::add_broadcasts((*planned).planTree, results)?;
-                    append_relations(planned, parse);
-                    return Ok(Some(planned));
+                // Subqueries on the other tables run first, here, and their rows go to every
+                // shard of the target (intermediate.rs).
+                if let Some((rewritten, results)) = super::intermediate::for_modify(parse)? {
+                    let _rewritten = super::chosen_rows::Planning::rewritten();
+                    if let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? {
+                        crate::executor::remote_scan::add_broadcasts((*planned).planTree, results)?;
+                        append_relations(planned, parse);
+                        return Ok(Some(planned));
+                    }
                 }
             }
             // The rows to change are chosen here (chosen_rows.rs).
@@ -570,20 +575,20 @@ pub unsafe fn plan_statement(
 }
 
 /// An UPDATE or DELETE of a distributed table whose rows the coordinator chooses and the
-/// shards change (chosen_rows.rs); `None` when that plan cannot carry the statement, or for
-/// the shards' own statement of such a plan (which must not go this way again).
+/// shards change (chosen_rows.rs); `None` when that plan cannot carry the statement, or for a
+/// statement this plan must not take (see `chosen_rows::Planning`).
 unsafe fn rows_chosen_here(
     parse: *mut pg_sys::Query,
     query_string: *const std::ffi::c_char,
     cursor_options: i32,
     bound_params: pg_sys::ParamListInfo,
 ) -> Result<Option<*mut pg_sys::PlannedStmt>> {
-    if super::chosen_rows::Planning::active() {
+    if !super::chosen_rows::Planning::allowed() {
         return Ok(None);
     }
     let Some((rewritten, rows)) = super::chosen_rows::for_modify(parse)? else { return Ok(None) };
     let planned = {
-        let _planning = super::chosen_rows::Planning::enter();
+        let _planning = super::chosen_rows::Planning::second_step();
         plan_statement(rewritten, query_string, cursor_options, bound_params)?
     };
     let Some(planned) = planned else { return Ok(None) };

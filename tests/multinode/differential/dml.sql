@@ -98,3 +98,5 @@ DELETE FROM notes WHERE user_id IN (SELECT user_id FROM orders WHERE amount > 24
 UPDATE notes n SET note = n.note || ' ' || u.region FROM users u WHERE u.id = n.user_id AND u.score > 30 RETURNING n.user_id, n.note;
 UPDATE notes n SET note = 'evented' WHERE EXISTS (SELECT 1 FROM events e JOIN users u ON u.id = e.user_id WHERE e.user_id = n.user_id AND e.kind = 'view') RETURNING user_id;
 DELETE FROM notes n USING users u, orders o WHERE u.id = n.user_id AND o.user_id = u.id AND o.status = 'new' AND u.region = 'eu';
+-- Volatile, with a subquery on a table that is not co-located (found by fuzz/dml.py).
+DELETE FROM items i USING users w WHERE w.id = i.user_id AND w.score > 20 AND random() >= 0 AND i.user_id < 60 AND i.user_id IN (SELECT owner FROM accounts WHERE balance > 60) RETURNING i.order_id, i.sku;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Random differential queries: starts a coordinator + 2 workers, loads the differential dataset
 # (tests/multinode/differential/) distributed (schema d) and as plain tables (schema l), runs the
-# generators with a few seeds and prints every query whose results differ. Not part of make test.
+# generators with a few seeds and prints every query whose results differ (dml.py: every UPDATE
+# or DELETE whose RETURNING rows or resulting table differ). Not part of make test.
 #   bash tests/multinode/fuzz/run.sh [--seeds N] [--queries N]
 # Needs pg_sharding installed (make install) and python3.
 set -euo pipefail
@@ -29,7 +30,7 @@ for s in d l; do
 done
 failed=0
 for seed in $(seq 1 "$seeds"); do
-    for generator in aggregates subqueries; do
+    for generator in aggregates subqueries dml; do
         out=$(FUZZ_PORT=$port python3 "tests/multinode/fuzz/$generator.py" "$seed" "$queries")
         echo "$generator seed $seed: $(echo "$out" | tail -1)"
         if ! echo "$out" | tail -1 | grep -q "failures 0$"; then
