@@ -1,7 +1,7 @@
 //! UPDATE and DELETE of a table that lives on the coordinator only, reading distributed tables
 //! (`DELETE FROM local WHERE id IN (SELECT user_id FROM orders ...)`, `UPDATE local l SET ...
-//! FROM users u WHERE ...`), and `SELECT ... FOR UPDATE OF local` joined with distributed
-//! tables: PostgreSQL plans them, with the distributed tables read through ShardScans. Such a
+//! FROM users u WHERE ...`), MERGE into a local table, and `SELECT ... FOR UPDATE OF local`
+//! joined with distributed tables: PostgreSQL plans them, with the distributed tables read through ShardScans. Such a
 //! plan marks every other table of the statement so that it can fetch a joined row again by
 //! its ctid when a target row changed concurrently (EvalPlanQual), which a ShardScan cannot
 //! do: the coordinator's table is empty.
@@ -24,7 +24,11 @@ use crate::planner::broadcast::{own_conditions, renumber_vars};
 
 /// Rewrites `parse` (an UPDATE or DELETE of a local table, or a SELECT locking rows) in place
 /// as described above; distributed tables a FOR UPDATE/SHARE clause names stay as they are.
-pub unsafe fn wrap_distributed_tables(parse: *mut pg_sys::Query) -> Result<()> {
+///
+/// `move_conditions`: whether the statement's conditions on a table alone go into its
+/// subquery (not for MERGE, whose join condition decides between its actions rather than
+/// filtering).
+pub unsafe fn wrap_distributed_tables(parse: *mut pg_sys::Query, move_conditions: bool) -> Result<()> {
     // The queries first, then the changes: a new subquery holds the table again.
     let mut queries = Vec::new();
     collect_queries(parse.cast(), &mut queries);
@@ -45,7 +49,7 @@ pub unsafe fn wrap_distributed_tables(parse: *mut pg_sys::Query) -> Result<()> {
             if reads_whole_rows_or_system_columns(parse, query, rti as u32) || is_locked(query, rti as u32) {
                 continue;
             }
-            (*cell).ptr_value = wrapped(query, rte, rti as u32).cast();
+            (*cell).ptr_value = wrapped(query, rte, rti as u32, move_conditions).cast();
         }
     }
     Ok(())
@@ -70,8 +74,8 @@ unsafe fn collect_queries(node: *mut pg_sys::Node, out: &mut Vec<*mut pg_sys::Qu
 
 /// `(SELECT <every column> FROM <rte> WHERE <conditions on it alone> OFFSET 0)`, under the
 /// table's alias and column names; the conditions leave `query`.
-unsafe fn wrapped(query: *mut pg_sys::Query, rte: *mut pg_sys::RangeTblEntry, rti: u32) -> *mut pg_sys::RangeTblEntry {
-    let slots = own_conditions(query, rti);
+unsafe fn wrapped(query: *mut pg_sys::Query, rte: *mut pg_sys::RangeTblEntry, rti: u32, move_conditions: bool) -> *mut pg_sys::RangeTblEntry {
+    let slots = if move_conditions { own_conditions(query, rti) } else { Vec::new() };
     let mut conjuncts: *mut pg_sys::List = std::ptr::null_mut();
     for &slot in &slots {
         let condition: *mut pg_sys::Node = pg_sys::copyObjectImpl((*slot).cast()).cast();

@@ -386,6 +386,10 @@ pub unsafe fn plan_statement(
         }
         return push_down_subqueries(parse, query_string, cursor_options, bound_params);
     }
+    if command == CMD_MERGE && (*parse).utilityStmt.is_null() {
+        merge(parse)?;
+        return Ok(None);
+    }
     if !matches!(command, CMD_SELECT | CMD_UPDATE | CMD_DELETE) || !(*parse).utilityStmt.is_null() {
         return Ok(None);
     }
@@ -412,7 +416,7 @@ pub unsafe fn plan_statement(
             Some(_) => return Err(ShardingError::internal("reference table writes are planned above")),
             None => {
                 // A local table: PostgreSQL's plan, reading through ShardScans.
-                super::local_write::wrap_distributed_tables(parse)?;
+                super::local_write::wrap_distributed_tables(parse, true)?;
                 return Ok(None);
             }
         }
@@ -460,7 +464,7 @@ pub unsafe fn plan_statement(
             // FOR UPDATE/SHARE of local tables only: the distributed tables it reads are read
             // through subqueries, as for a write of a local table (local_write.rs).
             if !(*parse).rowMarks.is_null() {
-                super::local_write::wrap_distributed_tables(parse)?;
+                super::local_write::wrap_distributed_tables(parse, true)?;
             }
             return push_down_subqueries(parse, query_string, cursor_options, bound_params);
         }
@@ -572,6 +576,18 @@ pub unsafe fn plan_statement(
     plan.locks_rows = analysis.locks_rows;
     plan.at_least_one = !modify;
     Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
+}
+
+/// MERGE: into a distributed or reference table it is refused; into a local table it is
+/// PostgreSQL's plan, the distributed tables it reads read through subqueries (local_write.rs).
+unsafe fn merge(parse: *mut pg_sys::Query) -> Result<()> {
+    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+    let Some(&target) = ((*parse).resultRelation as usize).checked_sub(1).and_then(|i| rtes.get(i)) else { return Ok(()) };
+    if let Some(table) = cache::table_unless_reentrant((*target).relid)? {
+        return Err(unsupported(format!("MERGE into distributed table \"{}\" is not supported", table.name))
+            .hint("Use INSERT ... ON CONFLICT, or UPDATE ... FROM and INSERT ... SELECT."));
+    }
+    super::local_write::wrap_distributed_tables(parse, false)
 }
 
 /// An UPDATE or DELETE of a distributed table whose rows the coordinator chooses and the

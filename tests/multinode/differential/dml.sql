@@ -100,3 +100,4 @@ UPDATE notes n SET note = 'evented' WHERE EXISTS (SELECT 1 FROM events e JOIN us
 DELETE FROM notes n USING users u, orders o WHERE u.id = n.user_id AND o.user_id = u.id AND o.status = 'new' AND u.region = 'eu';
 -- Volatile, with a subquery on a table that is not co-located (found by fuzz/dml.py).
 DELETE FROM items i USING users w WHERE w.id = i.user_id AND w.score > 20 AND random() >= 0 AND i.user_id < 60 AND i.user_id IN (SELECT owner FROM accounts WHERE balance > 60) RETURNING i.order_id, i.sku;
+MERGE INTO notes n USING users u ON u.id = n.user_id AND u.score > 40 WHEN MATCHED THEN UPDATE SET note = n.note || ' merged ' || u.region WHEN NOT MATCHED AND u.id < 20 THEN INSERT VALUES (u.id, 'from ' || u.name);

@@ -16,3 +16,4 @@ WITH r AS (UPDATE regions SET label = 'x' WHERE code = 'eu' RETURNING *) SELECT 
 WITH m AS (DELETE FROM orders WHERE amount > 240 RETURNING *) INSERT INTO items SELECT id, user_id, 'x', 1 FROM m;
 WITH m AS (DELETE FROM orders WHERE user_id = 33 RETURNING *) INSERT INTO items SELECT id, user_id, 'x', 1 FROM m RETURNING (SELECT count(*) FROM m);
 UPDATE users SET score = 1 WHERE CURRENT OF no_such_cursor;
+MERGE INTO users u USING notes n ON n.user_id = u.id WHEN MATCHED THEN UPDATE SET score = 0;
