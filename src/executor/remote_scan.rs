@@ -824,6 +824,8 @@ struct RowRouter {
     input: pg_sys::FmgrInfo,
     ioparam: pg_sys::Oid,
     context: pg_sys::MemoryContext,
+    /// The key's text with its terminating NUL, reused from row to row.
+    text: Vec<u8>,
     groups: Vec<ResultGroup>,
 }
 
@@ -844,16 +846,18 @@ impl RowRouter {
             pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
             pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         );
-        Ok(RowRouter { table, kind, column, columns: broadcast.columns, input, ioparam, context, groups: Vec::new() })
+        Ok(RowRouter { table, kind, column, columns: broadcast.columns, input, ioparam, context, text: Vec::new(), groups: Vec::new() })
     }
 
     /// The arrays of the shard a row goes to; `None` for a row no task can use (NULL key).
     unsafe fn group(&mut self, row: &crate::connection::RemoteResult) -> Result<Option<&mut Vec<ArrayLiteral>>> {
         let Some(text) = row.value(self.column) else { return Ok(None) };
-        let text = CString::new(text).map_err(|e| ShardingError::internal(e.to_string()))?;
+        self.text.clear();
+        self.text.extend_from_slice(text);
+        self.text.push(0);
         pg_sys::MemoryContextReset(self.context);
         let previous = pg_sys::MemoryContextSwitchTo(self.context);
-        let value = pg_sys::InputFunctionCall(&mut self.input, text.as_ptr() as *mut std::ffi::c_char, self.ioparam, -1);
+        let value = pg_sys::InputFunctionCall(&mut self.input, self.text.as_mut_ptr().cast(), self.ioparam, -1);
         let shard = crate::routing::shard_for_value(&self.table, Some(value), self.kind);
         pg_sys::MemoryContextSwitchTo(previous);
         let group = ResultGroup::of_shard(&mut self.groups, shard?, self.columns);
@@ -875,8 +879,9 @@ struct ResultGroup {
     shard: i64,
     rows: usize,
     arrays: Vec<ArrayLiteral>,
-    /// The ctids of its rows so far, when routed: a row found twice is sent once.
-    ctids: std::collections::HashSet<Vec<u8>>,
+    /// The ctids of its rows so far (block and offset), when routed: a row found twice is
+    /// sent once.
+    ctids: std::collections::HashSet<(u32, u16)>,
 }
 
 impl ResultGroup {
@@ -1033,8 +1038,9 @@ unsafe fn intermediate_result(
                 pg_sys::MemoryContextSwitchTo(previous);
                 return Err(ShardingError::internal("a row to change came without its ctid"));
             }
-            let ctid = CStr::from_ptr(pg_sys::OutputFunctionCall(&mut outputs[0], *(*slot).tts_values)).to_bytes().to_vec();
-            if !group.ctids.insert(ctid) {
+            let tid = &*(*(*slot).tts_values).cast_mut_ptr::<pg_sys::ItemPointerData>();
+            let block = (u32::from(tid.ip_blkid.bi_hi) << 16) | u32::from(tid.ip_blkid.bi_lo);
+            if !group.ctids.insert((block, tid.ip_posid)) {
                 pg_sys::MemoryContextSwitchTo(previous);
                 continue;
             }

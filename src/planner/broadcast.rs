@@ -232,7 +232,7 @@ unsafe fn rewrite(parse: *mut pg_sys::Query, chosen: &[&Candidate]) -> Result<Op
 /// The columns of range table entry `rti` (of the top level) the statement reads, anywhere in
 /// it (also through join aliases and in subqueries); `None` when it reads whole rows or system
 /// columns, which a function scan cannot give.
-unsafe fn referenced_columns(parse: *mut pg_sys::Query, rti: u32) -> Option<Vec<i16>> {
+pub(super) unsafe fn referenced_columns(parse: *mut pg_sys::Query, rti: u32) -> Option<Vec<i16>> {
     struct Context {
         parse: *mut pg_sys::Query,
         rti: u32,

@@ -20,7 +20,7 @@ use pgrx::pg_sys;
 use crate::catalog::{cache, tables::Method};
 use crate::commands::utility::list_pointers;
 use crate::error::Result;
-use crate::planner::broadcast::{own_conditions, renumber_vars};
+use crate::planner::broadcast::{own_conditions, referenced_columns, renumber_vars};
 
 /// Rewrites `parse` (an UPDATE or DELETE of a local table, or a SELECT locking rows) in place
 /// as described above; distributed tables a FOR UPDATE/SHARE clause names stay as they are.
@@ -46,7 +46,8 @@ pub unsafe fn wrap_distributed_tables(parse: *mut pg_sys::Query, move_conditions
                 Some(table) if table.method == Method::Hash => {}
                 _ => continue,
             }
-            if reads_whole_rows_or_system_columns(parse, query, rti as u32) || is_locked(query, rti as u32) {
+            // Whole rows and system columns of a subquery would be other ones.
+            if referenced_columns(query, rti as u32).is_none() || is_locked(query, rti as u32) {
                 continue;
             }
             (*cell).ptr_value = wrapped(query, rte, rti as u32, move_conditions).cast();
@@ -123,46 +124,4 @@ unsafe fn wrapped(query: *mut pg_sys::Query, rte: *mut pg_sys::RangeTblEntry, rt
 /// Whether a FOR UPDATE/SHARE clause of `query` names entry `rti`.
 unsafe fn is_locked(query: *mut pg_sys::Query, rti: u32) -> bool {
     list_pointers::<pg_sys::RowMarkClause>((*query).rowMarks).iter().any(|&mark| (*mark).rti == rti)
-}
-
-/// Whether the statement reads whole rows or system columns of entry `rti` of `query` (a
-/// subquery would give other ones).
-unsafe fn reads_whole_rows_or_system_columns(statement: *mut pg_sys::Query, query: *mut pg_sys::Query, rti: u32) -> bool {
-    struct Context {
-        query: *mut pg_sys::Query,
-        rti: u32,
-        depth: u32,
-        inside: bool,
-    }
-    #[pgrx::pg_guard]
-    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
-        if node.is_null() {
-            return false;
-        }
-        let cx = &mut *(context as *mut Context);
-        match (*node).type_ {
-            pg_sys::NodeTag::T_Var => {
-                let var = node.cast::<pg_sys::Var>();
-                cx.inside && (*var).varlevelsup == cx.depth && (*var).varno as u32 == cx.rti && (*var).varattno <= 0
-            }
-            pg_sys::NodeTag::T_Query => {
-                let entered = node.cast::<pg_sys::Query>() == cx.query;
-                let (inside, depth) = (cx.inside, cx.depth);
-                if entered {
-                    cx.inside = true;
-                    cx.depth = 0;
-                } else if cx.inside {
-                    cx.depth += 1;
-                }
-                let found = pg_sys::query_tree_walker(node.cast(), Some(walker), context, 0);
-                let cx = &mut *(context as *mut Context);
-                cx.inside = inside;
-                cx.depth = depth;
-                found
-            }
-            _ => pg_sys::expression_tree_walker(node, Some(walker), context),
-        }
-    }
-    let mut context = Context { query, rti, depth: 0, inside: false };
-    walker(statement.cast(), (&mut context as *mut Context).cast())
 }

@@ -487,22 +487,11 @@ pub unsafe fn plan_statement(
         if pinned.is_none() && keys.len() > 1 && !(colocated && analysis.connected(&keys)) {
             // Both need a statement the shards can run (no volatile functions per row).
             if statement_ships {
-                // The other tables sent to every shard of the target instead (broadcast.rs).
-                if let Some((rewritten, broadcasts)) = super::broadcast::for_modify(parse)? {
-                    let _rewritten = super::chosen_rows::Planning::rewritten();
-                    if let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? {
-                        crate::executor::remote_scan::add_broadcasts((*planned).planTree, broadcasts)?;
-                        append_relations(planned, parse);
-                        return Ok(Some(planned));
-                    }
-                }
-                // Subqueries on the other tables run first, here, and their rows go to every
-                // shard of the target (intermediate.rs).
-                if let Some((rewritten, results)) = super::intermediate::for_modify(parse)? {
-                    let _rewritten = super::chosen_rows::Planning::rewritten();
-                    if let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? {
-                        crate::executor::remote_scan::add_broadcasts((*planned).planTree, results)?;
-                        append_relations(planned, parse);
+                // The other tables sent to every shard of the target instead (broadcast.rs);
+                // or subqueries on them run first, here, and their rows go to every shard of the
+                // target (intermediate.rs).
+                for rewrite in [super::broadcast::for_modify, super::intermediate::for_modify] {
+                    if let Some(planned) = plan_rewritten(parse, rewrite(parse)?, query_string, cursor_options, bound_params)? {
                         return Ok(Some(planned));
                     }
                 }
@@ -590,6 +579,23 @@ unsafe fn merge(parse: *mut pg_sys::Query) -> Result<()> {
     super::local_write::wrap_distributed_tables(parse, false)
 }
 
+/// The plan of `rewritten`, a copy of `parse` that reads `broadcasts` (tables or intermediate
+/// results sent to its tasks); `None` when there is no rewrite or it has no distributed plan.
+unsafe fn plan_rewritten(
+    parse: *mut pg_sys::Query,
+    rewritten: Option<(*mut pg_sys::Query, Vec<crate::executor::remote_scan::Broadcast>)>,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> Result<Option<*mut pg_sys::PlannedStmt>> {
+    let Some((rewritten, broadcasts)) = rewritten else { return Ok(None) };
+    let _rewritten = super::chosen_rows::Planning::rewritten();
+    let Some(planned) = plan_statement(rewritten, query_string, cursor_options, bound_params)? else { return Ok(None) };
+    crate::executor::remote_scan::add_broadcasts((*planned).planTree, broadcasts)?;
+    append_relations(planned, parse);
+    Ok(Some(planned))
+}
+
 /// An UPDATE or DELETE of a distributed table whose rows the coordinator chooses and the
 /// shards change (chosen_rows.rs); `None` when that plan cannot carry the statement, or for a
 /// statement this plan must not take (see `chosen_rows::Planning`).
@@ -602,15 +608,9 @@ unsafe fn rows_chosen_here(
     if !super::chosen_rows::Planning::allowed() {
         return Ok(None);
     }
-    let Some((rewritten, rows)) = super::chosen_rows::for_modify(parse)? else { return Ok(None) };
-    let planned = {
-        let _planning = super::chosen_rows::Planning::second_step();
-        plan_statement(rewritten, query_string, cursor_options, bound_params)?
-    };
-    let Some(planned) = planned else { return Ok(None) };
-    crate::executor::remote_scan::add_broadcasts((*planned).planTree, rows)?;
-    append_relations(planned, parse);
-    Ok(Some(planned))
+    let rewritten = super::chosen_rows::for_modify(parse)?;
+    let _planning = super::chosen_rows::Planning::second_step();
+    plan_rewritten(parse, rewritten, query_string, cursor_options, bound_params)
 }
 
 /// Plan 3 for a SELECT: the coordinator query over the rows of one task per shard group, when

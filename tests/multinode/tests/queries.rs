@@ -455,7 +455,8 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
         let result = c.execute(retag, &[]);
         (c, result)
     });
-    while scalar::<i64>(&mut c2, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'PgSleep'")) == 0 {
+    let paused_query = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'PgSleep'";
+    while c2.query_one(paused_query, &[&pid]).unwrap().get::<_, i64>(0) == 0 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(c2.execute("UPDATE kv SET v = 'meanwhile' WHERE k = 4", &[]).unwrap(), 1);
