@@ -48,9 +48,14 @@ pub struct ShardScanPlan {
     /// A whole SELECT: even when pruning leaves no shard (a NULL key), one shard must answer,
     /// since `count(*)` of nothing is still a row.
     pub at_least_one: bool,
-    /// UPDATE/DELETE of a reference table: the tasks change every worker's copy, the child plan
-    /// (`custom_plans`) the coordinator's, and their counts must agree.
+    /// UPDATE/DELETE of a reference table: the child plan (`custom_plans`) changes the
+    /// coordinator's copy, then the tasks every worker's copy, and their counts must agree.
     pub reference_write: bool,
+    /// The tasks change the rows the child plan changed (planner/reference_rows.rs): its
+    /// first this many columns, the key and the new values of each row, become the tasks'
+    /// array parameters `$1...`.
+    #[serde(default)]
+    pub replicated_columns: usize,
     /// Parameters the coordinator computes when the statement runs: (parameter id, index into
     /// `custom_exprs`) (see planner/hoist.rs).
     pub hoisted: Vec<(i32, usize)>,
@@ -303,8 +308,7 @@ struct Runtime {
     store: *mut pg_sys::Tuplestorestate,
     store_slot: *mut pg_sys::TupleTableSlot,
     filled: bool,
-    /// Rows the tasks of a reference-table write changed, over all copies.
-    remote_affected: u64,
+    /// Rows the coordinator's copy of a reference table changed.
     local_affected: u64,
     /// How long the tasks took (EXPLAIN ANALYZE).
     elapsed: Option<std::time::Duration>,
@@ -381,7 +385,6 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
         store_slot: pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple),
         filled: false,
         elapsed: None,
-        remote_affected: 0,
         local_affected: 0,
         inputs,
         broadcast_rows: Vec::new(),
@@ -631,13 +634,21 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
         remote::read_access()
     };
     let started = std::time::Instant::now();
+    if runtime.plan.reference_write {
+        change_coordinator_copy(node, runtime)?;
+    }
     if !runtime.plan.broadcasts.is_empty() {
         // Reading the broadcast tables writes nothing: it joins the distributed transaction
         // only where a read would.
         broadcast(node, runtime, remote::read_access())?;
     }
     let inputs = &mut runtime.inputs;
+    let reference_write = runtime.plan.reference_write;
     let affected = tasks::run(&runtime.tasks, &runtime.params, binary, access, |result| {
+        if reference_write {
+            // Its RETURNING rows are the coordinator's copy's.
+            return Err(ShardingError::internal("a task changing a copy of a reference table returned rows"));
+        }
         if result.columns() != natts {
             return Err(ShardingError::internal(format!("a task returned {} columns, expected {natts}", result.columns())));
         }
@@ -688,13 +699,129 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
         }
     }
     if runtime.plan.reference_write {
-        runtime.remote_affected = affected;
+        let copies = runtime.tasks.len() as u64;
+        if affected != runtime.local_affected * copies {
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                "the copies of a reference table differ: the statement changed a different number of rows on the workers",
+            )
+            .detail(format!("{} row(s) here, {affected} over {copies} worker copies", runtime.local_affected))
+            .hint("The statement was rolled back everywhere. Compare the copies, or recreate the reference table."));
+        }
     } else if runtime.plan.modify {
         (*(*node).ss.ps.state).es_processed += affected;
     }
     runtime.filled = true;
     runtime.elapsed = Some(started.elapsed());
     Ok(())
+}
+
+/// The coordinator's half of a reference-table write, before the workers': runs the child
+/// plan, which changes the coordinator's copy (its row locks come first, so that concurrent
+/// writes of the table wait here rather than on some worker), and stores the rows it returns.
+/// With rows replicated by key, their first columns become the tasks' parameters, and without
+/// rows changed here the tasks have nothing to do.
+unsafe fn change_coordinator_copy(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Result<()> {
+    let estate = (*node).ss.ps.state;
+    let child = (*(*(*node).custom_ps).elements).ptr_value as *mut pg_sys::PlanState;
+    let before = (*estate).es_processed;
+    loop {
+        let slot = pg_sys::ExecProcNode(child);
+        if slot.is_null() || (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 != 0 {
+            break;
+        }
+        pg_sys::tuplestore_puttupleslot(runtime.store, slot);
+    }
+    runtime.local_affected = (*estate).es_processed - before;
+    let columns = runtime.plan.replicated_columns;
+    if columns > 0 {
+        if runtime.local_affected == 0 {
+            runtime.tasks.clear();
+            runtime.task_shards.clear();
+        } else {
+            let mut arrays = vec![ArrayLiteral::new(); columns];
+            let mut text = TextColumns::new((*runtime.store_slot).tts_tupleDescriptor, columns);
+            let _settings = TransmissionSettings::enter();
+            while pg_sys::tuplestore_gettupleslot(runtime.store, true, false, runtime.store_slot) {
+                text.push(runtime.store_slot, &mut arrays)?;
+                if text.bytes > INTERMEDIATE_RESULT_LIMIT {
+                    return Err(ShardingError::new(
+                        PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                        format!("the rows changed in a reference table exceed {} MB", INTERMEDIATE_RESULT_LIMIT / (1024 * 1024)),
+                    )
+                    .hint("Change fewer rows per statement."));
+                }
+            }
+            pg_sys::tuplestore_rescan(runtime.store);
+            for (i, array) in arrays.into_iter().enumerate() {
+                let mut value = array.finish();
+                value.push(0);
+                runtime.params[i] = TaskParam { type_oid: pg_sys::TEXTOID.to_u32(), value: Some(value), format: 0 };
+            }
+        }
+    }
+    if (*(*node).ss.ps.plan).targetlist.is_null() {
+        pg_sys::tuplestore_clear(runtime.store);
+    }
+    Ok(())
+}
+
+/// Values in the workers' text form, appended column by column to text arrays (under
+/// `TransmissionSettings`, which the caller enters).
+struct TextColumns {
+    outputs: Vec<pg_sys::FmgrInfo>,
+    context: pg_sys::MemoryContext,
+    /// Text so far, in bytes.
+    bytes: usize,
+}
+
+impl TextColumns {
+    /// For the first `columns` columns of rows of `tupdesc`.
+    unsafe fn new(tupdesc: pg_sys::TupleDesc, columns: usize) -> Self {
+        let mut outputs = Vec::with_capacity(columns);
+        for i in 0..columns {
+            let attr = (*tupdesc).attrs.as_ptr().add(i);
+            let mut function = pg_sys::InvalidOid;
+            let mut varlena = false;
+            pg_sys::getTypeOutputInfo((*attr).atttypid, &mut function, &mut varlena);
+            let mut flinfo: pg_sys::FmgrInfo = std::mem::zeroed();
+            pg_sys::fmgr_info(function, &mut flinfo);
+            outputs.push(flinfo);
+        }
+        let context = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"values as text".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        TextColumns { outputs, context, bytes: 0 }
+    }
+
+    /// Appends the slot's values to `arrays`, one per column.
+    unsafe fn push(&mut self, slot: *mut pg_sys::TupleTableSlot, arrays: &mut [ArrayLiteral]) -> Result<()> {
+        pg_sys::slot_getallattrs(slot);
+        pg_sys::MemoryContextReset(self.context);
+        let previous = pg_sys::MemoryContextSwitchTo(self.context);
+        for (i, (array, output)) in arrays.iter_mut().zip(self.outputs.iter_mut()).enumerate() {
+            if *(*slot).tts_isnull.add(i) {
+                array.push(None);
+            } else {
+                let value = CStr::from_ptr(pg_sys::OutputFunctionCall(output, *(*slot).tts_values.add(i)));
+                self.bytes += value.to_bytes().len();
+                array.push(Some(value.to_bytes()));
+            }
+        }
+        pg_sys::MemoryContextSwitchTo(previous);
+        Ok(())
+    }
+}
+
+impl Drop for TextColumns {
+    fn drop(&mut self) {
+        // SAFETY: the context was created by `new` and nothing else refers to it.
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
 }
 
 /// Reads the rows of every broadcast table of the plan and puts them into the tasks'
@@ -995,26 +1122,9 @@ unsafe fn intermediate_result(
     if route.is_some() {
         groups.clear();
     }
-    let mut outputs = Vec::with_capacity(columns);
-    for i in 0..if broadcast.exists { 0 } else { columns } {
-        let attr = (*tupdesc).attrs.as_ptr().add(i);
-        let mut function = pg_sys::InvalidOid;
-        let mut varlena = false;
-        pg_sys::getTypeOutputInfo((*attr).atttypid, &mut function, &mut varlena);
-        let mut flinfo: pg_sys::FmgrInfo = std::mem::zeroed();
-        pg_sys::fmgr_info(function, &mut flinfo);
-        outputs.push(flinfo);
-    }
+    let mut text = TextColumns::new(tupdesc, if broadcast.exists { 0 } else { columns });
     let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-    let context = pg_sys::AllocSetContextCreateExtended(
-        pg_sys::CurrentMemoryContext,
-        c"intermediate result".as_ptr(),
-        pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-        pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-        pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-    );
     let _settings = TransmissionSettings::enter();
-    let mut bytes = 0usize;
     while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
         if broadcast.exists {
             groups[0].rows += 1;
@@ -1029,35 +1139,21 @@ unsafe fn intermediate_result(
                 ResultGroup::of_shard(&mut groups, crate::routing::shard_for_value(table, value, kind)?, columns)
             }
         };
-        pg_sys::MemoryContextReset(context);
-        let previous = pg_sys::MemoryContextSwitchTo(context);
         if route.is_some() {
             // The same row version, found through several join partners: changed once, with
             // the values of the first (PostgreSQL takes one of them too).
             if *(*slot).tts_isnull {
-                pg_sys::MemoryContextSwitchTo(previous);
                 return Err(ShardingError::internal("a row to change came without its ctid"));
             }
             let tid = &*(*(*slot).tts_values).cast_mut_ptr::<pg_sys::ItemPointerData>();
             let block = (u32::from(tid.ip_blkid.bi_hi) << 16) | u32::from(tid.ip_blkid.bi_lo);
             if !group.ctids.insert((block, tid.ip_posid)) {
-                pg_sys::MemoryContextSwitchTo(previous);
                 continue;
             }
         }
         group.rows += 1;
-        let arrays = &mut group.arrays;
-        for (i, (array, output)) in arrays.iter_mut().zip(outputs.iter_mut()).enumerate() {
-            if *(*slot).tts_isnull.add(i) {
-                array.push(None);
-            } else {
-                let value = CStr::from_ptr(pg_sys::OutputFunctionCall(output, *(*slot).tts_values.add(i)));
-                bytes += value.to_bytes().len();
-                array.push(Some(value.to_bytes()));
-            }
-        }
-        pg_sys::MemoryContextSwitchTo(previous);
-        if bytes > INTERMEDIATE_RESULT_LIMIT {
+        text.push(slot, &mut group.arrays)?;
+        if text.bytes > INTERMEDIATE_RESULT_LIMIT {
             return Err(ShardingError::new(
                 PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
                 format!("the intermediate result of a subquery exceeds {} MB", INTERMEDIATE_RESULT_LIMIT / (1024 * 1024)),
@@ -1068,7 +1164,6 @@ unsafe fn intermediate_result(
     }
     pg_sys::ExecDropSingleTupleTableSlot(slot);
     pg_sys::tuplestore_end(store);
-    pg_sys::MemoryContextDelete(context);
     Ok(groups)
 }
 
@@ -1088,9 +1183,6 @@ pub unsafe extern "C-unwind" fn pg_sharding_shard_scan_next(scan_state: *mut pg_
     if !runtime.filled {
         fill(scan_state.cast(), runtime).or_raise();
     }
-    if runtime.plan.reference_write {
-        return next_local_write(scan_state, runtime).or_raise();
-    }
     let slot = (*scan_state).ss_ScanTupleSlot;
     let forward = (*(*scan_state).ps.state).es_direction != pg_sys::ScanDirection::BackwardScanDirection;
     if pg_sys::tuplestore_gettupleslot(runtime.store, forward, false, runtime.store_slot) {
@@ -1098,34 +1190,6 @@ pub unsafe extern "C-unwind" fn pg_sharding_shard_scan_next(scan_state: *mut pg_
     } else {
         pg_sys::ExecClearTuple(slot)
     }
-}
-
-/// The coordinator's half of a reference-table write: its RETURNING rows, and at the end the
-/// check that every worker's copy changed as many rows as this one.
-unsafe fn next_local_write(scan_state: *mut pg_sys::ScanState, runtime: &mut Runtime) -> Result<*mut pg_sys::TupleTableSlot> {
-    let node = scan_state.cast::<pg_sys::CustomScanState>();
-    let estate = (*scan_state).ps.state;
-    let child = (*(*(*node).custom_ps).elements).ptr_value as *mut pg_sys::PlanState;
-    let before = (*estate).es_processed;
-    let slot = pg_sys::ExecProcNode(child);
-    if !slot.is_null() && (*slot).tts_flags & pg_sys::TTS_FLAG_EMPTY as u16 == 0 {
-        runtime.local_affected += (*estate).es_processed - before;
-        return Ok(slot);
-    }
-    runtime.local_affected += (*estate).es_processed - before;
-    let copies = runtime.tasks.len() as u64;
-    if runtime.remote_affected != runtime.local_affected * copies {
-        return Err(ShardingError::new(
-            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-            "the copies of a reference table differ: the statement changed a different number of rows on the workers",
-        )
-        .detail(format!(
-            "{} row(s) here, {} over {copies} worker copies",
-            runtime.local_affected, runtime.remote_affected
-        ))
-        .hint("The statement was rolled back everywhere. Compare the copies, or recreate the reference table."));
-    }
-    Ok(pg_sys::ExecClearTuple((*scan_state).ss_ScanTupleSlot))
 }
 
 #[pg_guard]

@@ -159,57 +159,17 @@ pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sy
     let mut params = Vec::new();
     collect_params(parse.cast(), &mut params);
     let first_param = params.iter().copied().max().unwrap_or(0) + 1;
-    let mut functions: *mut pg_sys::List = std::ptr::null_mut();
-    let mut colnames: *mut pg_sys::List = std::ptr::null_mut();
-    let mut row_vars = Vec::new();
-    for (i, &expr) in columns.iter().enumerate() {
-        let (type_oid, typmod, collation) = (pg_sys::exprType(expr.cast()), pg_sys::exprTypmod(expr.cast()), pg_sys::exprCollation(expr.cast()));
-        functions = pg_sys::lappend(functions, unnest_parameter(type_oid, collation, first_param + i as i32).cast());
-        colnames = pg_sys::lappend(colnames, pg_sys::makeString(pg_sys::pstrdup(column_name(i)?.as_ptr())).cast());
-        row_vars.push(pg_sys::makeVar(2, (i + 1) as i16, type_oid, typmod, collation, 0));
-    }
-    let rows_rte = function_rte(functions, colnames, pg_sys::pstrdup(ROWS_ALIAS.as_ptr()));
-    let target_copy: *mut pg_sys::RangeTblEntry = pg_sys::copyObjectImpl(target_rte.cast()).cast();
-    let tid_equal = equality(pg_sys::Oid::from(pg_sys::TIDEqualOperator), pg_sys::makeVar(1, pg_sys::SelfItemPointerAttributeNumber as i16, pg_sys::TIDOID, -1, pg_sys::InvalidOid, 0), row_vars[0], pg_sys::InvalidOid);
-    let type_cache = pg_sys::lookup_type_cache(dist_type, pg_sys::TYPECACHE_EQ_OPR as i32);
-    if type_cache.is_null() || (*type_cache).eq_opr == pg_sys::InvalidOid {
-        return Ok(None);
-    }
-    let dist_equal = equality((*type_cache).eq_opr, pg_sys::makeVar(1, dist_attno, dist_type, dist_typmod, dist_collation, 0), row_vars[1], dist_collation);
-    let xid_cache = pg_sys::lookup_type_cache(pg_sys::XIDOID, pg_sys::TYPECACHE_EQ_OPR as i32);
-    if xid_cache.is_null() || (*xid_cache).eq_opr == pg_sys::InvalidOid {
-        return Ok(None);
-    }
+    let types: Vec<_> = columns
+        .iter()
+        .map(|&expr| (pg_sys::exprType(expr.cast()), pg_sys::exprTypmod(expr.cast()), pg_sys::exprCollation(expr.cast())))
+        .collect();
+    let rows = Rows::new(&types, first_param)?;
+    let tid_equal = equality(pg_sys::Oid::from(pg_sys::TIDEqualOperator), pg_sys::makeVar(1, pg_sys::SelfItemPointerAttributeNumber as i16, pg_sys::TIDOID, -1, pg_sys::InvalidOid, 0), rows.var(0), pg_sys::InvalidOid);
+    let Some(dist_equal) = type_equality(pg_sys::makeVar(1, dist_attno, dist_type, dist_typmod, dist_collation, 0), rows.var(1)) else { return Ok(None) };
     let xmin = pg_sys::makeVar(1, pg_sys::MinTransactionIdAttributeNumber as i16, pg_sys::XIDOID, -1, pg_sys::InvalidOid, 0);
-    let xmin_equal = equality((*xid_cache).eq_opr, xmin, row_vars[2], pg_sys::InvalidOid);
-    let mut conjuncts = pg_sys::lappend(std::ptr::null_mut(), tid_equal.cast());
-    conjuncts = pg_sys::lappend(conjuncts, dist_equal.cast());
-    conjuncts = pg_sys::lappend(conjuncts, xmin_equal.cast());
-    let quals = pg_sys::make_ands_explicit(conjuncts);
-
-    let modify: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
-    (*modify).type_ = pg_sys::NodeTag::T_Query;
-    (*modify).commandType = (*parse).commandType;
-    (*modify).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
-    (*modify).canSetTag = (*parse).canSetTag;
-    (*modify).resultRelation = 1;
-    (*modify).rtable = pg_sys::lappend(pg_sys::lappend(std::ptr::null_mut(), target_copy.cast()), rows_rte.cast());
-    let mut from: *mut pg_sys::List = std::ptr::null_mut();
-    for rtindex in 1..=2 {
-        let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
-        (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
-        (*reference).rtindex = rtindex;
-        from = pg_sys::lappend(from, reference.cast());
-    }
-    (*modify).jointree = pg_sys::makeFromExpr(from, quals.cast());
-    let mut assigned: *mut pg_sys::List = std::ptr::null_mut();
-    for (entry, column) in assignments {
-        let var: *mut pg_sys::Var = pg_sys::copyObjectImpl(row_vars[column].cast()).cast();
-        let name = if (*entry).resname.is_null() { std::ptr::null_mut() } else { pg_sys::pstrdup((*entry).resname) };
-        assigned = pg_sys::lappend(assigned, pg_sys::makeTargetEntry(var.cast(), (*entry).resno, name, false).cast());
-    }
-    (*modify).targetList = assigned;
-    (*modify).returningList = returning;
+    let Some(xmin_equal) = type_equality(xmin, rows.var(2)) else { return Ok(None) };
+    let assignments: Vec<(i16, *mut std::ffi::c_char, usize)> = assignments.into_iter().map(|(entry, column)| ((*entry).resno, (*entry).resname, column)).collect();
+    let modify = rows.statement(parse, target_rte, vec![tid_equal, dist_equal, xmin_equal], &assignments, returning);
 
     let text = CStr::from_ptr(pg_sys::nodeToString(select.cast())).to_string_lossy().into_owned();
     let sql = {
@@ -242,6 +202,85 @@ unsafe fn equality(operator: pg_sys::Oid, left: *mut pg_sys::Var, right: *mut pg
     let clause = pg_sys::make_opclause(operator, pg_sys::BOOLOID, false, left.cast(), right.cast(), pg_sys::InvalidOid, collation);
     pg_sys::set_opfuncid(clause.cast());
     clause
+}
+
+/// `left = right` with the default equality of their type, under the left side's collation;
+/// `None` for a type without one.
+pub(super) unsafe fn type_equality(left: *mut pg_sys::Var, right: *mut pg_sys::Var) -> Option<*mut pg_sys::Expr> {
+    let type_cache = pg_sys::lookup_type_cache((*left).vartype, pg_sys::TYPECACHE_EQ_OPR as i32);
+    if type_cache.is_null() || (*type_cache).eq_opr == pg_sys::InvalidOid {
+        return None;
+    }
+    Some(equality((*type_cache).eq_opr, left, right, (*left).varcollid))
+}
+
+/// The rows of an intermediate result in a statement that changes them: `unnest(($first)::t1[],
+/// ($first + 1)::t2[], ...) pgs_rows(c1, c2, ...)`, entry 2 of the statement's range table.
+pub(super) struct Rows {
+    rte: *mut pg_sys::RangeTblEntry,
+    vars: Vec<*mut pg_sys::Var>,
+}
+
+impl Rows {
+    /// `columns`: the type, typmod and collation of each column.
+    pub(super) unsafe fn new(columns: &[(pg_sys::Oid, i32, pg_sys::Oid)], first_param: i32) -> Result<Self> {
+        let mut functions: *mut pg_sys::List = std::ptr::null_mut();
+        let mut colnames: *mut pg_sys::List = std::ptr::null_mut();
+        let mut vars = Vec::new();
+        for (i, &(type_oid, typmod, collation)) in columns.iter().enumerate() {
+            functions = pg_sys::lappend(functions, unnest_parameter(type_oid, collation, first_param + i as i32).cast());
+            colnames = pg_sys::lappend(colnames, pg_sys::makeString(pg_sys::pstrdup(column_name(i)?.as_ptr())).cast());
+            vars.push(pg_sys::makeVar(2, (i + 1) as i16, type_oid, typmod, collation, 0));
+        }
+        Ok(Rows { rte: function_rte(functions, colnames, pg_sys::pstrdup(ROWS_ALIAS.as_ptr())), vars })
+    }
+
+    /// A new reference to column `index` (from 0).
+    pub(super) unsafe fn var(&self, index: usize) -> *mut pg_sys::Var {
+        pg_sys::copyObjectImpl(self.vars[index].cast()).cast()
+    }
+
+    /// `UPDATE <target> SET <column> = pgs_rows.c<n>, ... FROM <rows> WHERE <conditions>
+    /// RETURNING <returning>`, or `DELETE FROM <target> USING <rows> ...`, as `parse` is an
+    /// UPDATE or a DELETE of `target` (which becomes entry 1). `assignments`: (attribute
+    /// number, column name, index of the column of the rows holding its new value).
+    pub(super) unsafe fn statement(
+        &self,
+        parse: *mut pg_sys::Query,
+        target: *mut pg_sys::RangeTblEntry,
+        conditions: Vec<*mut pg_sys::Expr>,
+        assignments: &[(i16, *mut std::ffi::c_char, usize)],
+        returning: *mut pg_sys::List,
+    ) -> *mut pg_sys::Query {
+        let modify: *mut pg_sys::Query = pg_sys::palloc0(std::mem::size_of::<pg_sys::Query>()).cast();
+        (*modify).type_ = pg_sys::NodeTag::T_Query;
+        (*modify).commandType = (*parse).commandType;
+        (*modify).querySource = pg_sys::QuerySource::QSRC_ORIGINAL;
+        (*modify).canSetTag = (*parse).canSetTag;
+        (*modify).resultRelation = 1;
+        let target: *mut pg_sys::RangeTblEntry = pg_sys::copyObjectImpl(target.cast()).cast();
+        (*modify).rtable = pg_sys::lappend(pg_sys::lappend(std::ptr::null_mut(), target.cast()), self.rte.cast());
+        let mut from: *mut pg_sys::List = std::ptr::null_mut();
+        for rtindex in 1..=2 {
+            let reference: *mut pg_sys::RangeTblRef = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblRef>()).cast();
+            (*reference).type_ = pg_sys::NodeTag::T_RangeTblRef;
+            (*reference).rtindex = rtindex;
+            from = pg_sys::lappend(from, reference.cast());
+        }
+        let mut conjuncts: *mut pg_sys::List = std::ptr::null_mut();
+        for condition in conditions {
+            conjuncts = pg_sys::lappend(conjuncts, condition.cast());
+        }
+        (*modify).jointree = pg_sys::makeFromExpr(from, pg_sys::make_ands_explicit(conjuncts).cast());
+        let mut assigned: *mut pg_sys::List = std::ptr::null_mut();
+        for &(attno, name, column) in assignments {
+            let name = if name.is_null() { std::ptr::null_mut() } else { pg_sys::pstrdup(name) };
+            assigned = pg_sys::lappend(assigned, pg_sys::makeTargetEntry(self.var(column).cast(), attno, name, false).cast());
+        }
+        (*modify).targetList = assigned;
+        (*modify).returningList = returning;
+        modify
+    }
 }
 
 /// RETURNING, moved onto the second step's range table: the target becomes entry 1, and each

@@ -1158,8 +1158,9 @@ unsafe fn contains_cte_reference(node: *mut pg_sys::Node) -> bool {
 }
 
 /// UPDATE or DELETE of a reference table: PostgreSQL's plan for the coordinator's copy, under
-/// a ShardScan that first runs the same statement on every worker's copy (in the distributed
-/// transaction) and then checks that every copy changed as many rows.
+/// a ShardScan that then changes every worker's copy (in the distributed transaction), with
+/// the same statement or, when the workers could not run it the same way, by the rows the
+/// coordinator changed (reference_rows.rs); every copy must change as many rows.
 unsafe fn reference_write(
     parse: *mut pg_sys::Query,
     analysis: &Analysis,
@@ -1171,26 +1172,27 @@ unsafe fn reference_write(
     if analysis.row_security {
         return Err(unsupported("UPDATE and DELETE of reference tables under row-level security are not supported yet"));
     }
-    if !analysis.tables.is_empty() || analysis.local {
-        return Err(unsupported(format!(
-            "UPDATE or DELETE of reference table \"{}\" reading distributed or local tables is not supported",
-            table.name
-        ))
-        .detail("Every copy of a reference table must change the same way; only other reference tables exist on every node."));
-    }
     if (*parse).hasModifyingCTE {
         return Err(unsupported("data-modifying WITH queries on reference tables are not supported yet"));
     }
     let mut user_params = Vec::new();
     collect_params(parse.cast(), &mut user_params);
     let (shipped, hoisted) = super::hoist::hoist(parse, user_params.iter().copied().max().unwrap_or(0) + 1);
-    if !shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true, row_identity: false }) {
-        return Err(unsupported(format!(
-            "UPDATE or DELETE of reference table \"{}\" with volatile functions is not supported",
-            table.name
-        ))
-        .detail("Each copy would compute its own value of random() or nextval()."));
+    // What only the coordinator has, or what each copy would compute its own way: the
+    // coordinator changes its copy, the workers' copies follow row by row.
+    if !analysis.tables.is_empty()
+        || analysis.local
+        || !shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true, row_identity: false })
+    {
+        let write = super::reference_rows::plan(parse, table)?;
+        let deparsed = deparse_query(write.remote)?;
+        let mut plan = ShardScanPlan::from_deparsed(&deparsed, table.relid);
+        plan.max_param = write.columns as i32;
+        plan.replicated_columns = write.columns;
+        return reference_plan(plan, Vec::new(), write.local, write.columns, (*parse).returningList.is_null(), query_string, cursor_options, bound_params);
     }
+    // Only the rows count: RETURNING is the coordinator's.
+    (*shipped).returningList = std::ptr::null_mut();
     let deparsed = deparse_query(shipped)?;
     let mut plan = ShardScanPlan::from_deparsed(&deparsed, table.relid);
     let mut params_used = Vec::new();
@@ -1202,19 +1204,41 @@ unsafe fn reference_write(
         plan.hoisted.push((id, exprs.len()));
         exprs.push(expr);
     }
+    reference_plan(plan, exprs, parse, 0, false, query_string, cursor_options, bound_params)
+}
+
+/// The plan of a reference-table write: PostgreSQL's plan of `local` on the coordinator's
+/// copy, under a ShardScan whose tasks then change every worker's copy. The first `hidden`
+/// columns the local plan returns are for the tasks (reference_rows.rs), the others the
+/// statement's RETURNING.
+#[allow(clippy::too_many_arguments)]
+unsafe fn reference_plan(
+    mut plan: ShardScanPlan,
+    exprs: Vec<*mut pg_sys::Node>,
+    local: *mut pg_sys::Query,
+    hidden: usize,
+    no_returning: bool,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> Result<*mut pg_sys::PlannedStmt> {
     plan.modify = true;
     plan.reference_write = true;
-
-    let planned = pg_sys::standard_planner(parse, query_string, cursor_options, bound_params);
+    let planned = pg_sys::standard_planner(local, query_string, cursor_options, bound_params);
+    if no_returning {
+        (*planned).hasReturning = false;
+    }
     let local = (*planned).planTree;
     let mut scan_tlist: *mut pg_sys::List = std::ptr::null_mut();
     let mut tlist: *mut pg_sys::List = std::ptr::null_mut();
-    for entry in list_pointers::<pg_sys::TargetEntry>((*local).targetlist) {
+    for (i, entry) in list_pointers::<pg_sys::TargetEntry>((*local).targetlist).into_iter().enumerate() {
         let expr = (*entry).expr.cast::<pg_sys::Node>();
         let var = pg_sys::makeVar(pg_sys::INDEX_VAR, (*entry).resno, pg_sys::exprType(expr), pg_sys::exprTypmod(expr), pg_sys::exprCollation(expr), 0);
         scan_tlist = pg_sys::lappend(scan_tlist, pg_sys::makeTargetEntry(var.cast(), (*entry).resno, (*entry).resname, false).cast());
-        let out = pg_sys::copyObjectImpl(var.cast());
-        tlist = pg_sys::lappend(tlist, pg_sys::makeTargetEntry(out.cast(), (*entry).resno, (*entry).resname, false).cast());
+        if i >= hidden {
+            let out = pg_sys::copyObjectImpl(var.cast());
+            tlist = pg_sys::lappend(tlist, pg_sys::makeTargetEntry(out.cast(), (i - hidden + 1) as i16, (*entry).resname, false).cast());
+        }
     }
     let scan = make_scan(&plan, exprs, 0, tlist, scan_tlist, std::ptr::null_mut())?;
     (*scan).custom_plans = pg_sys::lappend(std::ptr::null_mut(), local.cast());

@@ -101,3 +101,11 @@ DELETE FROM notes n USING users u, orders o WHERE u.id = n.user_id AND o.user_id
 -- Volatile, with a subquery on a table that is not co-located (found by fuzz/dml.py).
 DELETE FROM items i USING users w WHERE w.id = i.user_id AND w.score > 20 AND random() >= 0 AND i.user_id < 60 AND i.user_id IN (SELECT owner FROM accounts WHERE balance > 60) RETURNING i.order_id, i.sku;
 MERGE INTO notes n USING users u ON u.id = n.user_id AND u.score > 40 WHEN MATCHED THEN UPDATE SET note = n.note || ' merged ' || u.region WHEN NOT MATCHED AND u.id < 20 THEN INSERT VALUES (u.id, 'from ' || u.name);
+-- A reference table changed by what distributed tables, local tables or volatile functions
+-- give: the coordinator changes its copy, the workers' copies follow by primary key.
+UPDATE regions r SET label = coalesce(label, '?') || ' users ' || (SELECT count(*) FROM users u WHERE u.region = r.code) RETURNING code, label;
+UPDATE regions r SET label = r.label || '!' FROM users u WHERE u.region = r.code AND u.id = 3 RETURNING r.code, r.label, u.name;
+DELETE FROM regions r WHERE code LIKE 'g%' AND NOT EXISTS (SELECT 1 FROM users u WHERE 'g' || u.score = r.code AND u.flag) RETURNING code;
+UPDATE regions r SET label = 'noted ' || n.note FROM notes n WHERE r.code = 'xx' AND n.note IS NOT NULL AND n.user_id = (SELECT min(user_id) FROM notes WHERE note IS NOT NULL) RETURNING code, label;
+UPDATE regions SET label = label || '.' WHERE random() < 2 AND code IN (SELECT region FROM users WHERE score > 50) RETURNING code, label;
+DELETE FROM regions WHERE code IN (SELECT region FROM users WHERE id = 999999);

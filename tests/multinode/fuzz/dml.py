@@ -27,6 +27,9 @@ targets = [
   ("items", "i", "i.user_id", ["qty = i.qty + 1", "sku = i.sku || '+'", "qty = (SELECT count(*) FROM notes x WHERE x.user_id = i.user_id)"],
    "i.order_id, i.sku, i.qty"),
   ("events", "e", "e.user_id", ["payload = 'p' || e.id", "tag = 'b'"], "e.id, e.user_id"),
+  # a reference table: its "user id" a correlated subquery on a distributed table
+  ("regions", "g", "(SELECT min(x.id) FROM users x WHERE x.region = g.code)",
+   ["label = g.label || '?'", "label = (SELECT max(name) FROM users x WHERE x.region = g.code)", "label = upper(g.code)"], "g.code, g.label"),
 ]
 conditions = [
   "EXISTS (SELECT 1 FROM events x WHERE x.user_id = {uid} AND x.kind = 'buy')",

@@ -3,16 +3,17 @@
 # (tests/multinode/differential/) distributed (schema d) and as plain tables (schema l), runs the
 # generators with a few seeds and prints every query whose results differ (dml.py: every UPDATE
 # or DELETE whose RETURNING rows or resulting table differ). Not part of make test.
-#   bash tests/multinode/fuzz/run.sh [--seeds N] [--queries N]
+#   bash tests/multinode/fuzz/run.sh [--seeds N] [--first SEED] [--queries N]
 # Needs pg_sharding installed (make install) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-seeds=3 queries=200
+seeds=3 first=1 queries=200
 while [ $# -gt 0 ]; do
     case "$1" in
         --seeds) seeds=$2; shift 2 ;;
         --queries) queries=$2; shift 2 ;;
-        *) echo "usage: $0 [--seeds N] [--queries N]" >&2; exit 2 ;;
+        --first) first=$2; shift 2 ;;
+        *) echo "usage: $0 [--seeds N] [--first SEED] [--queries N]" >&2; exit 2 ;;
     esac
 done
 work=$(mktemp -d /tmp/pgs-fuzz-XXXXXX)
@@ -29,7 +30,7 @@ for s in d l; do
     sed -e "s/@s2/${s}2/g" -e "s/@s/$s/g" "$data/data.sql" | psql_c
 done
 failed=0
-for seed in $(seq 1 "$seeds"); do
+for seed in $(seq "$first" $((first + seeds - 1))); do
     for generator in aggregates subqueries dml; do
         out=$(FUZZ_PORT=$port python3 "tests/multinode/fuzz/$generator.py" "$seed" "$queries")
         echo "$generator seed $seed: $(echo "$out" | tail -1)"

@@ -230,6 +230,19 @@ fn distributed_queries_return_what_a_single_server_returns() {
         }
     }
 
+    // Every worker's copy of the reference table changed as the coordinator's did.
+    let coordinator_copy = run(&mut dist, "SELECT * FROM regions ORDER BY code").unwrap().0;
+    let copies = run(&mut dist, "SELECT shard_id, port FROM sharding.shards WHERE table_name = 'd.regions'::regclass").unwrap().0;
+    assert_eq!(copies.len(), 2, "a copy of d.regions on each worker");
+    for copy in copies {
+        let (shard, port) = (copy[0].clone().unwrap(), copy[1].clone().unwrap());
+        let mut worker = cluster.connect_port(port.parse().unwrap());
+        let rows = run(&mut worker, &format!("SELECT * FROM d.regions_{shard} ORDER BY code")).unwrap().0;
+        if rows != coordinator_copy {
+            failures.push(format!("the copy of d.regions on port {port} differs from the coordinator's:\n  {rows:?}\n  {coordinator_copy:?}"));
+        }
+    }
+
     for sql in lines(UNSUPPORTED) {
         match run(&mut dist, &sql) {
             Ok(_) => failures.push(format!("{sql}\n  expected SQLSTATE 0A000, it ran")),
@@ -765,4 +778,96 @@ fn rows_moved_by_a_writable_cte_into_another_table_move_whole_or_not_at_all() {
         expect_error(&mut c, "WITH m AS (DELETE FROM live WHERE amount > 190 RETURNING *) INSERT INTO archive SELECT id, owner, amount FROM m");
     assert_eq!(code, "0A000", "{message}");
     assert_eq!(count(&mut c, "SELECT count(*) FROM live WHERE amount > 190"), 9);
+}
+
+/// The rows of every copy of reference table `table` (shard tables in schema public), the
+/// coordinator's first.
+fn reference_copies(cluster: &Cluster, table: &str) -> Vec<Rows> {
+    let mut c = cluster.coordinator();
+    let mut copies = vec![run(&mut c, &format!("SELECT * FROM {table} ORDER BY 1")).unwrap().0];
+    for placement in cluster.placements(table) {
+        let mut worker = cluster.connect_port(placement.port);
+        copies.push(run(&mut worker, &format!("SELECT * FROM {} ORDER BY 1", placement.shard_name)).unwrap().0);
+    }
+    copies
+}
+
+#[test]
+fn reference_tables_change_row_by_row_when_the_workers_cannot_run_the_statement() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, region text);
+         SELECT create_distributed_table('users', 'id');
+         INSERT INTO users SELECT g, 'r' || g % 3 FROM generate_series(1, 60) g;
+         CREATE TABLE tags (id int PRIMARY KEY, label text, hits int DEFAULT 0);
+         SELECT create_reference_table('tags');
+         INSERT INTO tags SELECT g, 'r' || g % 3 FROM generate_series(1, 20) g;
+         CREATE TABLE keyless (id int, v float8);
+         SELECT create_reference_table('keyless');
+         INSERT INTO keyless VALUES (1, 0), (2, 0);",
+    )
+    .unwrap();
+
+    // Volatile values: computed once, on the coordinator, and the same on every copy.
+    let (rows, affected) = run(&mut c, "UPDATE tags SET hits = (random() * 1e6)::int WHERE id <= 15 RETURNING id, hits").unwrap();
+    assert_eq!((rows.len(), affected), (15, 15));
+    let copies = reference_copies(&cluster, "tags");
+    assert_eq!(copies.len(), 3);
+    assert!(copies.iter().all(|copy| *copy == copies[0]), "copies differ: {copies:?}");
+    // Read from the distributed table; RETURNING reads it too.
+    let (rows, _) = run(&mut c, "UPDATE tags t SET hits = u.id * 10 FROM users u WHERE u.id = t.id + 40 RETURNING t.id, t.hits, u.region").unwrap();
+    assert_eq!(rows.len(), 20);
+    assert!(rows.contains(&vec![Some("1".into()), Some("410".into()), Some("r2".into())]), "{rows:?}");
+    let (_, affected) = run(&mut c, "DELETE FROM tags t WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.region = t.label AND u.id > 58)").unwrap();
+    assert_eq!(affected, 7, "labels r1 (59 % 3 = 2, 60 % 3 = 0: r2 and r0 stay)");
+    let copies = reference_copies(&cluster, "tags");
+    assert!(copies.iter().all(|copy| *copy == copies[0]), "copies differ: {copies:?}");
+    assert_eq!(copies[0].len(), 13);
+
+    // Generic plans with parameters.
+    c.batch_execute("SET plan_cache_mode = force_generic_plan; PREPARE p(int) AS UPDATE tags t SET hits = $1 FROM users u WHERE u.id = t.id AND u.id < $1")
+        .unwrap();
+    assert_eq!(run(&mut c, "EXECUTE p(5)").unwrap().1, 2, "ids 2 and 3 remain below 5");
+    assert_eq!(run(&mut c, "EXECUTE p(100)").unwrap().1, 13);
+    let copies = reference_copies(&cluster, "tags");
+    assert!(copies.iter().all(|copy| *copy == copies[0]), "copies differ: {copies:?}");
+    c.batch_execute("DEALLOCATE p; RESET plan_cache_mode").unwrap();
+
+    // Without a key the workers' copies cannot find the rows: a clear error, nothing changed.
+    let (code, message, hint, _) = expect_error(&mut c, "UPDATE keyless SET v = random()");
+    assert_eq!(code, "0A000");
+    assert!(message.contains("needs a primary key"), "{message}");
+    assert!(hint.contains("primary key"), "{hint}");
+    let (code, message, _, _) = expect_error(&mut c, "UPDATE tags SET id = id + 100 WHERE random() < 2");
+    assert_eq!(code, "0A000");
+    assert!(message.contains("cannot set its key column \"id\""), "{message}");
+    let copies = reference_copies(&cluster, "keyless");
+    assert!(copies.iter().all(|copy| copy.iter().all(|row| row[1].as_deref() == Some("0"))), "{copies:?}");
+
+    // A copy that lost a row: the statement fails as a whole and changes no copy.
+    let placement = cluster.placements("tags").remove(0);
+    let mut worker = cluster.connect_port(placement.port);
+    worker.batch_execute(&format!("DELETE FROM {} WHERE id = 2", placement.shard_name)).unwrap();
+    let (code, message, _, _) = expect_error(&mut c, "UPDATE tags SET hits = -1 WHERE random() < 2");
+    assert_eq!(code, "XX001");
+    assert!(message.contains("copies of a reference table differ"), "{message}");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM tags WHERE hits = -1"), 0);
+    worker.batch_execute(&format!("INSERT INTO {} SELECT 2, 'r2', 100", placement.shard_name)).unwrap();
+    c.batch_execute("UPDATE tags SET hits = 100 WHERE id = 2").unwrap();
+
+    // A concurrent write of the same row waits on the coordinator's copy, then sees the
+    // committed row (READ COMMITTED), as on a single server.
+    let mut first = cluster.coordinator();
+    first.batch_execute("BEGIN; UPDATE tags SET hits = 1000 WHERE id = 2 AND random() < 2").unwrap();
+    let mut second = cluster.coordinator();
+    let waiter = std::thread::spawn(move || {
+        run(&mut second, "UPDATE tags t SET hits = t.hits + 1 FROM users u WHERE u.id = t.id AND t.id = 2 RETURNING t.hits").unwrap().0
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!waiter.is_finished(), "the second write waits for the first");
+    first.batch_execute("COMMIT").unwrap();
+    assert_eq!(waiter.join().unwrap(), vec![vec![Some("1001".to_string())]]);
+    let copies = reference_copies(&cluster, "tags");
+    assert!(copies.iter().all(|copy| *copy == copies[0]), "copies differ: {copies:?}");
 }
