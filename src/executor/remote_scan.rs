@@ -70,6 +70,14 @@ pub struct ShardScanPlan {
     /// task as parameters (planner/broadcast.rs).
     #[serde(default)]
     pub broadcasts: Vec<Broadcast>,
+    /// A statement of its own (a data-modifying WITH query, planner/modifying_ctes.rs; its
+    /// Query tree, nodeToString) that runs when the scan starts and whose RETURNING rows the
+    /// scan returns; it has no tasks.
+    #[serde(default)]
+    pub statement: Option<String>,
+    /// Its SQL, for EXPLAIN.
+    #[serde(default)]
+    pub statement_sql: String,
 }
 
 /// One table broadcast to the tasks: its rows, read by `plan` (one column per referenced
@@ -344,7 +352,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
     let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
     let plan = plan_of(scan).or_raise();
     let params = task_params(node, estate, &plan).or_raise();
-    let (tasks, task_shards) = plan_tasks(node, &plan).or_raise();
+    let (tasks, task_shards) = if plan.statement.is_some() { (Vec::new(), Vec::new()) } else { plan_tasks(node, &plan).or_raise() };
     if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
         if plan.modify || plan.writes {
             crate::stats::count_writes(&task_shards, 1);
@@ -405,6 +413,17 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
     (*callback).func = Some(drop_runtime);
     (*callback).arg = state.cast();
     pg_sys::MemoryContextRegisterResetCallback((*estate).es_query_cxt, callback);
+
+    // A statement of its own runs now, once, whether or not its rows are read later.
+    let runtime = &mut *(*state).runtime;
+    if let Some(statement) = runtime.plan.statement.clone() {
+        if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
+            let started = std::time::Instant::now();
+            run_query(node, &statement, 0, 0, runtime.store).or_raise();
+            runtime.filled = true;
+            runtime.elapsed = Some(started.elapsed());
+        }
+    }
 }
 
 /// The statement's parameter values for the workers: built-in types in binary, others as
@@ -1029,22 +1048,16 @@ impl ResultGroup {
     }
 }
 
-/// The largest intermediate result sent to the tasks, in bytes of text over all its columns
-/// (a parameter value cannot reach 1 GB).
-const INTERMEDIATE_RESULT_LIMIT: usize = 512 * 1024 * 1024;
-
-/// Runs an intermediate result's subquery here, with the statement's parameters and snapshot,
-/// and returns its rows as text arrays (one per column, values in the workers' text form): one
-/// group, or with `route`, a group per shard of that table, by the value of the second column
-/// (a row's distribution value, see planner/chosen_rows.rs). The rows are stored first and
-/// turned into text afterwards, under the settings the workers read text with, so that the
-/// subquery itself runs under the session's.
-unsafe fn intermediate_result(
+/// Plans and runs a statement here (a Query tree, nodeToString), with the statement's
+/// parameters and snapshot, and puts the rows it returns (at most `row_limit`, 0: all) into
+/// `store`; returns their descriptor. `identified_target`: see `Broadcast::target_rows`.
+unsafe fn run_query(
     node: *mut pg_sys::CustomScanState,
-    broadcast: &Broadcast,
     query: &str,
-    route: Option<&DistributedTable>,
-) -> Result<Vec<ResultGroup>> {
+    identified_target: u32,
+    row_limit: u64,
+    store: *mut pg_sys::Tuplestorestate,
+) -> Result<pg_sys::TupleDesc> {
     #[repr(C)]
     struct StoreReceiver {
         base: pg_sys::DestReceiver,
@@ -1067,15 +1080,14 @@ unsafe fn intermediate_result(
         return Err(ShardingError::internal("an intermediate result without its query"));
     }
     let source = if (*estate).es_sourceText.is_null() { c"".as_ptr() } else { (*estate).es_sourceText };
-    let planned = if broadcast.target_rows != 0 {
+    let planned = if identified_target != 0 {
         // PostgreSQL's plan over ShardScans, never one sent whole to the shards: the target's
         // scan reads the identity of its rows.
-        let _identified = crate::planner::scan_path::IdentifiedTarget::set(broadcast.target_rows);
+        let _identified = crate::planner::scan_path::IdentifiedTarget::set(identified_target);
         pg_sys::standard_planner(subquery, source, 0, params)
     } else {
         pg_sys::pg_plan_query(subquery, source, 0, params)
     };
-    let store = pg_sys::tuplestore_begin_heap(false, false, *std::ptr::addr_of!(pg_sys::work_mem));
     let mut receiver = StoreReceiver {
         base: pg_sys::DestReceiver {
             receiveSlot: Some(receive),
@@ -1097,12 +1109,33 @@ unsafe fn intermediate_result(
         0,
     );
     pg_sys::ExecutorStart(description, 0);
-    pg_sys::ExecutorRun(description, pg_sys::ScanDirection::ForwardScanDirection, broadcast.row_limit, true);
+    pg_sys::ExecutorRun(description, pg_sys::ScanDirection::ForwardScanDirection, row_limit, true);
     pg_sys::ExecutorFinish(description);
     let tupdesc = pg_sys::CreateTupleDescCopy((*description).tupDesc);
     pg_sys::ExecutorEnd(description);
     pg_sys::FreeQueryDesc(description);
 
+    Ok(tupdesc)
+}
+
+/// The largest intermediate result sent to the tasks, in bytes of text over all its columns
+/// (a parameter value cannot reach 1 GB).
+const INTERMEDIATE_RESULT_LIMIT: usize = 512 * 1024 * 1024;
+
+/// Runs an intermediate result's subquery here, with the statement's parameters and snapshot,
+/// and returns its rows as text arrays (one per column, values in the workers' text form): one
+/// group, or with `route`, a group per shard of that table, by the value of the second column
+/// (a row's distribution value, see planner/chosen_rows.rs). The rows are stored first and
+/// turned into text afterwards, under the settings the workers read text with, so that the
+/// subquery itself runs under the session's.
+unsafe fn intermediate_result(
+    node: *mut pg_sys::CustomScanState,
+    broadcast: &Broadcast,
+    query: &str,
+    route: Option<&DistributedTable>,
+) -> Result<Vec<ResultGroup>> {
+    let store = pg_sys::tuplestore_begin_heap(false, false, *std::ptr::addr_of!(pg_sys::work_mem));
+    let tupdesc = run_query(node, query, broadcast.target_rows, broadcast.row_limit, store)?;
     let natts = (*tupdesc).natts as usize;
     let columns = broadcast.columns;
     if !broadcast.exists && natts < columns {
@@ -1238,6 +1271,15 @@ unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancesto
         return;
     }
     let runtime = &*(*state).runtime;
+    if runtime.plan.statement.is_some() {
+        // A data-modifying WITH query, run first as a statement of its own.
+        let sql = CString::new(runtime.plan.statement_sql.as_str()).unwrap_or_default();
+        pg_sys::ExplainPropertyText(c"Statement Run First".as_ptr(), sql.as_ptr(), es);
+        if let Some(elapsed) = runtime.elapsed {
+            pg_sys::ExplainPropertyFloat(c"Statement Execution Time".as_ptr(), c"ms".as_ptr(), elapsed.as_secs_f64() * 1000.0, 3, es);
+        }
+        return;
+    }
     let count = runtime.tasks.len();
     pg_sys::ExplainPropertyInteger(c"Task Count".as_ptr(), std::ptr::null(), count as i64, es);
     let all = crate::guc::EXPLAIN_ALL_TASKS.get();

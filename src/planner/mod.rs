@@ -11,6 +11,7 @@ pub mod chosen_rows;
 pub mod hoist;
 pub mod intermediate;
 pub mod local_write;
+pub mod modifying_ctes;
 pub mod reference_rows;
 pub mod pins;
 pub mod router;
@@ -97,7 +98,7 @@ fn unsupported(message: String) -> ShardingError {
     ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, message)
 }
 
-unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<()> {
+pub(crate) unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::error::Result<()> {
     let rtable = list_pointers::<pg_sys::RangeTblEntry>((*planned).rtable);
     let relation_at = |index: u32| -> Option<pg_sys::Oid> {
         let rte = *rtable.get((index as usize).checked_sub(1)?)?;

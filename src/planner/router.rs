@@ -374,7 +374,18 @@ pub unsafe fn plan_statement(
     let command = (*parse).commandType;
     if command == CMD_INSERT && (*parse).utilityStmt.is_null() {
         if (*parse).hasModifyingCTE && modifies_distributed_tables(parse)? {
-            return insert_from_modifying_ctes(parse, query_string, cursor_options, bound_params).map(Some);
+            match insert_from_modifying_ctes(parse, query_string, cursor_options, bound_params) {
+                Ok(planned) => return Ok(Some(planned)),
+                // Not on one shard group: the WITH queries run first (modifying_ctes.rs).
+                Err(error) if error.code == PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED => {
+                    let original: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+                    if !super::modifying_ctes::separate(parse)? {
+                        return Err(error);
+                    }
+                    return plan_separated(parse, original, query_string, cursor_options, bound_params);
+                }
+                Err(error) => return Err(error),
+            }
         }
         if let Some(planned) = insert_select(parse)? {
             return Ok(Some(planned));
@@ -451,6 +462,14 @@ pub unsafe fn plan_statement(
     let statement_ships = shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true, row_identity });
     let outputs = output_columns(if modify { (*parse).returningList } else { (*parse).targetList });
     let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));
+    // Data-modifying WITH queries that cannot run with the statement on one shard group run
+    // first, as statements of their own (modifying_ctes.rs).
+    if (*parse).hasModifyingCTE && !(pinned.is_some() && statement_ships && outputs_receivable && check_modifying_ctes(parse).is_ok()) {
+        let original: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+        if super::modifying_ctes::separate(parse)? {
+            return plan_separated(parse, original, query_string, cursor_options, bound_params);
+        }
+    }
 
     if !modify {
         if pinned.is_none() {
@@ -681,6 +700,34 @@ pub(super) unsafe fn split_select_with(
         })
         .collect();
     super::aggregates::split(parse, analysis.tables[0].relid, &distributed, broadcasts)
+}
+
+/// Plans `parse` after its data-modifying WITH queries became statements of their own
+/// (modifying_ctes.rs). The plan lists their tables too (those of `original`), so that a
+/// change of one invalidates it.
+unsafe fn plan_separated(
+    parse: *mut pg_sys::Query,
+    original: *mut pg_sys::Query,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> Result<Option<*mut pg_sys::PlannedStmt>> {
+    let planned = match plan_statement(parse, query_string, cursor_options, bound_params)? {
+        Some(planned) => planned,
+        None => {
+            let planned = pg_sys::standard_planner(parse, query_string, cursor_options, bound_params);
+            super::check_plan(planned)?;
+            planned
+        }
+    };
+    append_relations(planned, original);
+    // Still a SELECT with data-modifying WITH queries to the portal: it runs to its end at its
+    // first fetch (as PostgreSQL's does), never at Bind or in part. (Other statements run
+    // whole anyway, and an INSERT's routing reads this flag.)
+    if (*planned).commandType == pg_sys::CmdType::CMD_SELECT {
+        (*planned).hasModifyingCTE = true;
+    }
+    Ok(Some(planned))
 }
 
 /// Every relation of `original` into a plan made from a rewritten statement: permission checks,

@@ -109,3 +109,14 @@ DELETE FROM regions r WHERE code LIKE 'g%' AND NOT EXISTS (SELECT 1 FROM users u
 UPDATE regions r SET label = 'noted ' || n.note FROM notes n WHERE r.code = 'xx' AND n.note IS NOT NULL AND n.user_id = (SELECT min(user_id) FROM notes WHERE note IS NOT NULL) RETURNING code, label;
 UPDATE regions SET label = label || '.' WHERE random() < 2 AND code IN (SELECT region FROM users WHERE score > 50) RETURNING code, label;
 DELETE FROM regions WHERE code IN (SELECT region FROM users WHERE id = 999999);
+-- Data-modifying WITH queries over many shards: they run first, as statements of their own.
+WITH d AS (DELETE FROM items WHERE qty = 1 RETURNING *) SELECT count(*), sum(qty), max(sku) FROM d;
+WITH i AS (INSERT INTO items VALUES (1, 50, 'x', 1), (2, 51, 'y', 2) RETURNING *) SELECT count(*), sum(qty) FROM i;
+WITH m AS (DELETE FROM orders WHERE amount > 240 RETURNING *) INSERT INTO items SELECT id, user_id, 'x', 1 FROM m;
+WITH m AS (DELETE FROM orders WHERE user_id = 33 RETURNING *) INSERT INTO items SELECT id, user_id, 'x', 1 FROM m RETURNING order_id, (SELECT count(*) FROM m);
+WITH d AS (DELETE FROM events WHERE kind = 'buy' RETURNING user_id) UPDATE users SET score = score + 100 WHERE id IN (SELECT user_id FROM d) RETURNING id, score;
+WITH t AS (UPDATE regions SET label = label || '+' RETURNING code) SELECT count(*) FROM users WHERE region IN (SELECT code FROM t);
+WITH a AS (DELETE FROM items WHERE qty > 8 RETURNING order_id), b AS (UPDATE accounts SET balance = 0 WHERE balance < 5 RETURNING id) SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b);
+WITH n AS (DELETE FROM notes WHERE user_id < 10 RETURNING user_id) SELECT u.id, u.name FROM users u WHERE u.id IN (SELECT user_id FROM n) ORDER BY u.id;
+WITH u AS (UPDATE orders SET status = 'touched' WHERE amount < 20 RETURNING user_id, amount) DELETE FROM events e USING u WHERE e.user_id = u.user_id AND e.kind = 'view' RETURNING e.id;
+WITH d AS (DELETE FROM items WHERE qty = 3 RETURNING user_id) SELECT count(*) FROM (SELECT * FROM d LIMIT 1) s;

@@ -60,6 +60,10 @@ const PARAMETERIZED: &[(&str, &[&str])] = &[
         &["BEGIN; EXECUTE p('buy', 10); ROLLBACK", "BEGIN; EXECUTE p('none', 0); EXECUTE p(NULL, 0); ROLLBACK"],
     ),
     (
+        "PREPARE p(int) AS WITH d AS (DELETE FROM items WHERE qty = $1 RETURNING user_id, sku) SELECT count(*), max(sku) FROM d",
+        &["BEGIN; EXECUTE p(3); EXECUTE p(3); EXECUTE p(4); ROLLBACK"],
+    ),
+    (
         "PREPARE p(text) AS SELECT o.status, count(*) FROM orders o WHERE o.user_id IN (SELECT user_id FROM events WHERE kind = $1) GROUP BY o.status",
         &["EXECUTE p('buy')", "EXECUTE p('view')", "EXECUTE p(NULL)"],
     ),
@@ -773,11 +777,28 @@ fn rows_moved_by_a_writable_cte_into_another_table_move_whole_or_not_at_all() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM archive WHERE owner = 4"), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM live") + count(&mut c, "SELECT count(*) FROM archive WHERE owner >= 0"), 200);
 
-    // Not pinned to one shard group: refused before anything runs.
+    // Over many shards: the DELETE runs first, as a statement of its own, in the same
+    // distributed transaction, and the taken id rolls it back on every shard.
     let (code, message, ..) =
         expect_error(&mut c, "WITH m AS (DELETE FROM live WHERE amount > 190 RETURNING *) INSERT INTO archive SELECT id, owner, amount FROM m");
-    assert_eq!(code, "0A000", "{message}");
+    assert_eq!(code, "23505", "{message}");
     assert_eq!(count(&mut c, "SELECT count(*) FROM live WHERE amount > 190"), 9);
+    c.batch_execute("DELETE FROM archive WHERE id = 194").unwrap();
+    let moved = c
+        .execute("WITH m AS (DELETE FROM live WHERE amount > 190 RETURNING *) INSERT INTO archive SELECT id, owner, amount FROM m", &[])
+        .unwrap();
+    assert_eq!(moved, 9);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM live WHERE amount > 190"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM live") + count(&mut c, "SELECT count(*) FROM archive"), 200);
+    // The rest of the statement must not see the WITH query's changes, which run first here:
+    // a statement that also reads the changed table is refused before anything runs.
+    let (code, message, ..) = expect_error(
+        &mut c,
+        "WITH m AS (DELETE FROM live WHERE amount > 100 RETURNING *) INSERT INTO archive SELECT m.id, m.owner, (SELECT count(*) FROM live) FROM m",
+    );
+    assert_eq!(code, "0A000", "{message}");
+    assert!(message.contains("besides changing it"), "{message}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM live WHERE amount > 100"), 81);
 }
 
 /// The rows of every copy of reference table `table` (shard tables in schema public), the
