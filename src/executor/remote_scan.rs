@@ -762,7 +762,7 @@ unsafe fn change_coordinator_copy(node: *mut pg_sys::CustomScanState, runtime: &
             let mut text = TextColumns::new((*runtime.store_slot).tts_tupleDescriptor, columns);
             let _settings = TransmissionSettings::enter();
             while pg_sys::tuplestore_gettupleslot(runtime.store, true, false, runtime.store_slot) {
-                text.push(runtime.store_slot, &mut arrays)?;
+                text.push(runtime.store_slot, &mut arrays);
                 if text.bytes > INTERMEDIATE_RESULT_LIMIT {
                     return Err(ShardingError::new(
                         PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
@@ -818,7 +818,7 @@ impl TextColumns {
     }
 
     /// Appends the slot's values to `arrays`, one per column.
-    unsafe fn push(&mut self, slot: *mut pg_sys::TupleTableSlot, arrays: &mut [ArrayLiteral]) -> Result<()> {
+    unsafe fn push(&mut self, slot: *mut pg_sys::TupleTableSlot, arrays: &mut [ArrayLiteral]) {
         pg_sys::slot_getallattrs(slot);
         pg_sys::MemoryContextReset(self.context);
         let previous = pg_sys::MemoryContextSwitchTo(self.context);
@@ -832,7 +832,6 @@ impl TextColumns {
             }
         }
         pg_sys::MemoryContextSwitchTo(previous);
-        Ok(())
     }
 }
 
@@ -1185,7 +1184,7 @@ unsafe fn intermediate_result(
             }
         }
         group.rows += 1;
-        text.push(slot, &mut group.arrays)?;
+        text.push(slot, &mut group.arrays);
         if text.bytes > INTERMEDIATE_RESULT_LIMIT {
             return Err(ShardingError::new(
                 PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
