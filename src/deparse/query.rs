@@ -171,20 +171,40 @@ pub unsafe fn deparse_query(query: *mut pg_sys::Query) -> Result<DeparsedQuery> 
     Ok(DeparsedQuery { template, relations: names.relations })
 }
 
+/// What a scan's task returns in one column.
+pub enum ScanColumn {
+    /// The table's column of that name.
+    Column(String),
+    /// The whole row, as an anonymous row of these columns (the shard's own row type means
+    /// nothing on the coordinator; the coordinator reads the row as the table's row type).
+    Row(Vec<String>),
+    /// A constant oid (the coordinator's own `tableoid`).
+    Oid(u32),
+}
+
 /// `SELECT columns FROM relation WHERE quals` for a scan of one distributed table: `quals`
 /// must refer to the table as range table entry 1.
-pub unsafe fn deparse_scan(relid: pg_sys::Oid, columns: &[String], quals: &[*mut pg_sys::Node]) -> Result<DeparsedQuery> {
+pub unsafe fn deparse_scan(relid: pg_sys::Oid, columns: &[ScanColumn], quals: &[*mut pg_sys::Node]) -> Result<DeparsedQuery> {
     let alias = format!("{ALIAS_PREFIX}1");
     let (schema, name) = relation_name(relid)?;
     let mut sql = String::from("SELECT ");
     if columns.is_empty() {
         sql.push_str("NULL");
     }
+    let qualified = |column: &String| format!("{alias}.{}", quote::ident(column));
     for (i, column) in columns.iter().enumerate() {
         if i > 0 {
             sql.push_str(", ");
         }
-        sql.push_str(&format!("{alias}.{}", quote::ident(column)));
+        match column {
+            ScanColumn::Column(name) => sql.push_str(&qualified(name)),
+            ScanColumn::Row(names) => {
+                sql.push_str("ROW(");
+                sql.push_str(&names.iter().map(qualified).collect::<Vec<_>>().join(", "));
+                sql.push(')');
+            }
+            ScanColumn::Oid(oid) => sql.push_str(&format!("{oid}::pg_catalog.oid")),
+        }
     }
     sql.push_str(&format!(" FROM {} {alias}", quote::qualified(&schema, &name)));
     if !quals.is_empty() {

@@ -13,6 +13,7 @@ pub mod intermediate;
 pub mod local_write;
 pub mod modifying_ctes;
 pub mod reference_rows;
+pub mod returning;
 pub mod pins;
 pub mod router;
 pub mod scan_path;

@@ -453,14 +453,27 @@ pub unsafe fn plan_statement(
     // Writes get the coordinator's values of now() and friends as parameters (hoist.rs).
     let mut user_params = Vec::new();
     collect_params(parse.cast(), &mut user_params);
-    let (shipped, hoisted) = if modify {
-        super::hoist::hoist(parse, user_params.iter().copied().max().unwrap_or(0) + 1)
-    } else {
-        (parse, Vec::new())
-    };
+    let first_hoisted = user_params.iter().copied().max().unwrap_or(0) + 1;
+    let (mut shipped, mut hoisted) = if modify { super::hoist::hoist(parse, first_hoisted) } else { (parse, Vec::new()) };
     let row_identity = super::chosen_rows::Planning::in_second_step();
-    let statement_ships = shippable::shippable(shipped.cast(), shippable::Rules { whole_statement: true, row_identity });
-    let outputs = output_columns(if modify { (*parse).returningList } else { (*parse).targetList });
+    let rules = shippable::Rules { whole_statement: true, row_identity };
+    let mut statement_ships = shippable::shippable(shipped.cast(), rules);
+    // A RETURNING list the shards cannot evaluate: they return the columns it reads, and the
+    // coordinator evaluates it (returning.rs).
+    let mut returning_here = None;
+    if modify && !statement_ships && !shippable::shippable((*shipped).returningList.cast(), rules) {
+        if let Some(read) = super::returning::columns_read(parse) {
+            let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+            (*copy).returningList = read.shipped;
+            (shipped, hoisted) = super::hoist::hoist(copy, first_hoisted);
+            statement_ships = shippable::shippable(shipped.cast(), rules);
+            returning_here = Some(read.outputs);
+        }
+    }
+    let outputs = match &returning_here {
+        Some(outputs) => outputs.clone(),
+        None => output_columns(if modify { (*parse).returningList } else { (*parse).targetList }),
+    };
     let outputs_receivable = outputs.iter().all(|e| receivable(pg_sys::exprType((**e).expr.cast())));
     // Data-modifying WITH queries that cannot run with the statement on one shard group run
     // first, as statements of their own (modifying_ctes.rs).
@@ -528,6 +541,12 @@ pub unsafe fn plan_statement(
             if let Some(planned) = rows_chosen_here(parse, query_string, cursor_options, bound_params)? {
                 return Ok(Some(planned));
             }
+            if !(*parse).returningList.is_null() && super::returning::columns_read(parse).is_none() {
+                return Err(unsupported(format!(
+                    "subqueries in the RETURNING list of an UPDATE or DELETE of distributed table \"{table}\" are not supported"
+                ))
+                .hint("Return the columns, and run the subqueries in a query around the statement: WITH changed AS (UPDATE ... RETURNING ...) SELECT ... FROM changed."));
+            }
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" with volatile functions per row is not supported yet"
             ))
@@ -583,7 +602,11 @@ pub unsafe fn plan_statement(
     plan.writes = (*parse).hasModifyingCTE;
     plan.locks_rows = analysis.locks_rows;
     plan.at_least_one = !modify;
-    Ok(Some(planned_statement(parse, &plan, exprs, &outputs)?))
+    let projection = match returning_here {
+        Some(_) => super::returning::over_scan_columns((*parse).returningList, &outputs),
+        None => std::ptr::null_mut(),
+    };
+    Ok(Some(planned_statement(parse, &plan, exprs, &outputs, projection)?))
 }
 
 /// MERGE: into a distributed or reference table it is refused; into a local table it is
@@ -1036,7 +1059,7 @@ unsafe fn insert_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys:
     plan.binary = outputs.iter().all(|e| pg_sys::exprType((**e).expr.cast()).to_u32() < pg_sys::FirstNormalObjectId);
     plan.modify = true;
     debug_assert!((*parse).commandType == CMD_INSERT);
-    Ok(Some(planned_statement(parse, &plan, Vec::new(), &outputs)?))
+    Ok(Some(planned_statement(parse, &plan, Vec::new(), &outputs, std::ptr::null_mut())?))
 }
 
 /// Whether a WITH query of the statement writes to a distributed or reference table.
@@ -1297,12 +1320,14 @@ unsafe fn reference_plan(
     Ok(planned)
 }
 
-/// The PlannedStmt around a ShardScan that returns `outputs`.
+/// The PlannedStmt around a ShardScan whose tasks return `outputs`; the scan returns them, or
+/// evaluates `projection` over them when there is one.
 unsafe fn planned_statement(
     parse: *mut pg_sys::Query,
     plan: &ShardScanPlan,
     exprs: Vec<*mut pg_sys::Node>,
     outputs: &[*mut pg_sys::TargetEntry],
+    projection: *mut pg_sys::List,
 ) -> Result<*mut pg_sys::PlannedStmt> {
     // Range table: every relation of the statement, so permissions are checked and cached
     // plans are locked and invalidated as for PostgreSQL's own plans; then one entry naming
@@ -1340,6 +1365,9 @@ unsafe fn planned_statement(
         scan_tlist = pg_sys::lappend(scan_tlist, pg_sys::makeTargetEntry(scan_var.cast(), resno, name, false).cast());
         let out_var = pg_sys::makeVar(pg_sys::INDEX_VAR, resno, typ, typmod, collation, 0);
         tlist = pg_sys::lappend(tlist, pg_sys::makeTargetEntry(out_var.cast(), resno, name, false).cast());
+    }
+    if !projection.is_null() {
+        tlist = projection;
     }
     let scan = make_scan(plan, exprs, 0, tlist, scan_tlist, std::ptr::null_mut())?;
     (*scan).scan.plan.startup_cost = 100.0;

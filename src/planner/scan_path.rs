@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 
 use crate::catalog::{cache, tables::Method};
 use crate::commands::utility::list_pointers;
-use crate::deparse::query::deparse_scan;
+use crate::deparse::query::{deparse_scan, ScanColumn};
 use crate::error::{OrRaise, Result, ShardingError};
 use crate::executor::remote_scan::{make_scan, ShardScanPlan};
 use crate::planner::{aggregates, pins, shippable};
@@ -224,13 +224,13 @@ unsafe fn build_scan(
             attnos.push(attno);
             continue;
         }
-        if attno <= 0 {
-            let what = if attno == 0 { "whole-row references to" } else { "system columns of" };
+        if attno < 0 && attno as i32 != pg_sys::TableOidAttributeNumber {
             return Err(ShardingError::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                format!("{what} distributed table \"{}\" are not supported in this query", table.name),
+                format!("system columns of distributed table \"{}\" are not supported in this query", table.name),
             )
-            .hint("Name the columns instead, or filter on the distribution column with one value."));
+            .detail("A row's ctid, xmin, xmax, cmin and cmax are those of its shard, on its worker.")
+            .hint("Name the columns instead."));
         }
         attnos.push(attno);
     }
@@ -247,14 +247,33 @@ unsafe fn build_scan(
     let mut names = Vec::new();
     let mut scan_tlist: *mut pg_sys::List = std::ptr::null_mut();
     let mut binary = true;
+    let builtin = |attr: *const pg_sys::FormData_pg_attribute| (*attr).atttypid.to_u32() < pg_sys::FirstNormalObjectId;
     for (i, &attno) in attnos.iter().enumerate() {
         let var = if let Some(&(_, name, type_oid)) = ROW_IDENTITY.iter().find(|&&(column, _, _)| column == attno as i32) {
-            names.push(name.to_owned());
+            names.push(ScanColumn::Column(name.to_owned()));
             pg_sys::makeVar(rti as i32, attno, type_oid, -1, pg_sys::InvalidOid, 0)
+        } else if attno as i32 == pg_sys::TableOidAttributeNumber {
+            // The coordinator's table, as on a single server.
+            names.push(ScanColumn::Oid(rte_relid.to_u32()));
+            pg_sys::makeVar(rti as i32, attno, pg_sys::OIDOID, -1, pg_sys::InvalidOid, 0)
+        } else if attno == 0 {
+            // The whole row: its columns travel as an anonymous row, which the coordinator
+            // reads as the table's row type (dropped columns are in neither's text or binary
+            // form). In binary, each column's type oid must match: built-in types only.
+            let mut columns = Vec::new();
+            for k in 0..(*tupdesc).natts as usize {
+                let attr = (*tupdesc).attrs.as_ptr().add(k);
+                if !(*attr).attisdropped {
+                    columns.push(CStr::from_ptr((*attr).attname.data.as_ptr()).to_string_lossy().into_owned());
+                    binary &= builtin(attr);
+                }
+            }
+            names.push(ScanColumn::Row(columns));
+            pg_sys::makeVar(rti as i32, 0, (*relation).rd_rel.as_ref().map_or(pg_sys::InvalidOid, |r| r.reltype), -1, pg_sys::InvalidOid, 0)
         } else {
             let attr = (*tupdesc).attrs.as_ptr().add(attno as usize - 1);
-            names.push(CStr::from_ptr((*attr).attname.data.as_ptr()).to_string_lossy().into_owned());
-            binary &= (*attr).atttypid.to_u32() < pg_sys::FirstNormalObjectId;
+            names.push(ScanColumn::Column(CStr::from_ptr((*attr).attname.data.as_ptr()).to_string_lossy().into_owned()));
+            binary &= builtin(attr);
             pg_sys::makeVar(rti as i32, attno, (*attr).atttypid, (*attr).atttypmod, (*attr).attcollation, 0)
         };
         let entry = pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, std::ptr::null_mut(), false);

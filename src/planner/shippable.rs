@@ -85,7 +85,10 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::f
             let var = node.cast::<pg_sys::Var>();
             let identity = rules.row_identity
                 && crate::planner::scan_path::ROW_IDENTITY.iter().any(|&(column, _, _)| column == (*var).varattno as i32);
-            ((*var).varattno < 0 && !identity) || (!rules.whole_statement && (*var).varlevelsup != 0)
+            // A table's whole row is a value of the shard's own row type on a worker: its type
+            // shows (`pg_typeof`, the cast ruleutils prints), so the coordinator builds it.
+            let table_row = (*var).varattno == 0 && (*var).vartype != pg_sys::RECORDOID;
+            ((*var).varattno < 0 && !identity) || table_row || (!rules.whole_statement && (*var).varlevelsup != 0)
         }
         T_Const => {
             let type_oid = (*node.cast::<pg_sys::Const>()).consttype;

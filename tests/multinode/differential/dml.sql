@@ -120,3 +120,9 @@ WITH a AS (DELETE FROM items WHERE qty > 8 RETURNING order_id), b AS (UPDATE acc
 WITH n AS (DELETE FROM notes WHERE user_id < 10 RETURNING user_id) SELECT u.id, u.name FROM users u WHERE u.id IN (SELECT user_id FROM n) ORDER BY u.id;
 WITH u AS (UPDATE orders SET status = 'touched' WHERE amount < 20 RETURNING user_id, amount) DELETE FROM events e USING u WHERE e.user_id = u.user_id AND e.kind = 'view' RETURNING e.id;
 WITH d AS (DELETE FROM items WHERE qty = 3 RETURNING user_id) SELECT count(*) FROM (SELECT * FROM d LIMIT 1) s;
+-- RETURNING the coordinator evaluates over the columns the shards return: a table's whole
+-- row, volatile functions, the row type's name.
+UPDATE users u SET score = score + 1 WHERE id < 12 RETURNING u, pg_typeof(u)::text, row_to_json(u)::text;
+UPDATE users u SET score = score - 1 WHERE id = 12 RETURNING u, score + (random() * 0)::int AS s;
+DELETE FROM events e WHERE e.id IN (5, 6, 7) RETURNING e, e.tag;
+UPDATE orders o SET note = 'whole' FROM users u WHERE u.id = o.user_id AND u.id = 21 RETURNING o, u.name, (clock_timestamp() >= now());

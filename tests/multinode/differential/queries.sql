@@ -412,3 +412,11 @@ SELECT u.region, sum(s.n), count(*) FROM users u JOIN (SELECT user_id, count(*) 
 SELECT u.id, s.k FROM users u LEFT JOIN (SELECT user_id, max(kind) k FROM events GROUP BY user_id) s ON s.user_id = u.id WHERE u.id < 30;
 SELECT s.k, count(u.id) FROM (SELECT user_id, max(kind) k FROM events GROUP BY user_id) s LEFT JOIN users u ON u.id = s.user_id GROUP BY s.k;
 SELECT e.kind, x.tag, count(*) FROM events e JOIN (SELECT DISTINCT tag FROM events WHERE tag IS NOT NULL) x ON x.tag = e.tag GROUP BY e.kind, x.tag;
+-- Whole rows and tableoid of distributed tables, built on the coordinator.
+SELECT u FROM users u;
+SELECT count(DISTINCT e), max(e::text) FROM events e;
+SELECT m, pg_typeof(m)::text FROM "MixedCase" m WHERE m."Id" < 5;
+SELECT tableoid::regclass::text, count(*) FROM orders GROUP BY 1;
+SELECT row_to_json(u)::text FROM users u WHERE id IN (3, 4, 200);
+SELECT u, o FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id < 9;
+SELECT e.id FROM events e WHERE e > ROW(390, 0, 'a', 'a', now(), 'a')::events ORDER BY 1;

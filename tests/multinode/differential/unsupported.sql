@@ -1,7 +1,7 @@
 -- Shapes refused with SQLSTATE 0A000 (documented in docs/limitations.md); the local side is
 -- not consulted.
 SELECT ctid FROM users;
-SELECT u FROM users u;
+DELETE FROM users WHERE id = 7 RETURNING (SELECT 1), users;
 SELECT * FROM users ORDER BY id LIMIT 5 FOR UPDATE;
 SELECT * FROM users TABLESAMPLE SYSTEM (10);
 UPDATE users SET id = id + 1 WHERE id = 5;
