@@ -16,8 +16,8 @@ fn placements(c: &mut Client) -> Vec<(i64, i32)> {
         .collect()
 }
 
-/// Row count and a checksum over every column (whole-row references are not supported on
-/// distributed tables).
+/// Row count and a checksum over every column (named: with a whole row, the checksum would be
+/// computed on the coordinator over every row).
 fn checksum(c: &mut Client, table: &str) -> (i64, i64) {
     let columns = if table == "users" { "id || ':' || name" } else { "user_id || ':' || n || ':' || amount" };
     let row = c
