@@ -1,5 +1,6 @@
 """Random UPDATE and DELETE statements (co-located and non-co-located subqueries, correlated or not,
-FROM/USING other tables, local tables, volatile conditions) run in a transaction on the distributed
+FROM/USING other tables, local tables, volatile conditions; whole rows and volatile functions in
+RETURNING) run in a transaction on the distributed
 (d) and local (l) copies of the differential dataset, then rolled back; the RETURNING rows and the
 target table's contents afterwards must be the same. Prints every difference and every statement
 the distributed side refuses. Usage: dml.py SEED COUNT (FUZZ_PORT: the coordinator port)."""
@@ -60,6 +61,9 @@ others = [
 failures = refused = ran = 0
 for i in range(N):
     table, alias, uid, sets, shown = random.choice(targets)
+    if random.random() < 0.2:
+        # the coordinator evaluates RETURNING over the columns the shards return
+        shown += random.choice([f", {alias}", f", row_to_json({alias})::text", ", (random() * 0)::int"])
     where = [random.choice(conditions).format(uid=uid) for _ in range(random.choice([1, 1, 2]))]
     other = random.choice([None, None] + others)
     other_clause = ""

@@ -5,7 +5,7 @@ joins with VALUES, generate_series, a recursive WITH query and the coordinator-o
 random session settings (TimeZone, DateStyle, IntervalStyle, extra_float_digits). Runs each on
 the distributed (d) and local (l) copies of the differential dataset; prints every difference.
 Usage: shapes.py SEED COUNT (FUZZ_PORT: the coordinator port)."""
-import os, random, subprocess, sys
+import os, random, re, subprocess, sys
 PORT = os.environ.get("FUZZ_PORT", "9800")
 random.seed(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 200
@@ -47,8 +47,15 @@ def allcols(sel):
 
 
 def where(a):
-    return random.choice(["", f" WHERE {num(a)} > {random.randint(0, 150)}", f" WHERE {KEY[a]} IN (1, 2, 3, 5, 8, 13, 21, 34)",
-                          f" WHERE {KEY[a]} = {random.randint(1, 60)}", f" WHERE {txt(a)} IS NOT NULL", f" WHERE {KEY[a]} < 40"])
+    return random.choice(["", f" WHERE {num(a)} > {v(random.randint(0, 150))}", f" WHERE {KEY[a]} IN ({v(1)}, 2, {v(3)}, 5, 8, 13, 21, 34)",
+                          f" WHERE {KEY[a]} = {v(random.randint(1, 60))}", f" WHERE {txt(a)} IS NOT NULL", f" WHERE {KEY[a]} < {v(40)}",
+                          f" WHERE {KEY[a]} = ANY (ARRAY[{v(random.randint(1, 60))}, {v(random.randint(1, 60))}])",
+                          f" WHERE {KEY[a]} = {v(random.randint(1, 60))} OR {KEY[a]} = {v(random.randint(1, 60))}"])
+
+
+def v(value):
+    """A constant that a prepared run of the query makes a parameter."""
+    return f"<<{value}>>"
 
 
 def window():
@@ -82,7 +89,7 @@ def distinct_on():
     sel = [c, num(a)] + T[a][1]
     sql = f"SELECT DISTINCT ON ({c}) {', '.join(sel)} FROM {T[a][0]} {a}{where(a)} ORDER BY {c} NULLS FIRST, {', '.join(T[a][1])} DESC"
     if random.random() < 0.4:
-        sql += f" LIMIT {random.randint(1, 5)}"
+        sql += f" LIMIT {v(random.randint(1, 5))}"
     return sql, True
 
 
@@ -125,9 +132,9 @@ def ties():
     c = col(a)
     sel = [c] + (T[a][1] or [])
     if random.random() < 0.5:
-        return f"SELECT {', '.join(sel)} FROM {T[a][0]} {a}{where(a)} ORDER BY {c} NULLS FIRST FETCH FIRST {random.randint(1, 7)} ROWS WITH TIES", False
+        return f"SELECT {', '.join(sel)} FROM {T[a][0]} {a}{where(a)} ORDER BY {c} NULLS FIRST FETCH FIRST {v(random.randint(1, 7))} ROWS WITH TIES", False
     order = ", ".join([f"{c} DESC NULLS LAST"] + T[a][1])
-    return f"SELECT {', '.join(sel)} FROM {T[a][0]} {a}{where(a)} ORDER BY {order} OFFSET {random.randint(0, 30)} LIMIT {random.randint(1, 9)}", True
+    return f"SELECT {', '.join(sel)} FROM {T[a][0]} {a}{where(a)} ORDER BY {order} OFFSET {v(random.randint(0, 30))} LIMIT {v(random.randint(1, 9))}", True
 
 
 def grouping():
@@ -241,6 +248,16 @@ while done < N:
     done += 1
     sql, ordered = made
     s = random.choice(settings)
+    values = re.findall(r"<<(\d+)>>", sql)
+    if values and random.random() < 0.5:
+        # Prepared, under a generic plan: shards chosen from the bound values at execution.
+        types = [random.choice(["int", "bigint"]) for _ in values]
+        count = iter(range(1, len(values) + 1))
+        body = re.sub(r"<<\d+>>", lambda m: f"${next(count)}", sql)
+        s += f"; SET plan_cache_mode = force_generic_plan; PREPARE p({', '.join(types)}) AS {body}"
+        sql = f"EXECUTE p({', '.join(values)})"
+    else:
+        sql = re.sub(r"<<(\d+)>>", r"\1", sql)
     rl, ol, el = run("l", s, sql)
     if rl != 0:
         skipped += 1
