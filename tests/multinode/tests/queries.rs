@@ -527,6 +527,27 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     assert_eq!(c.execute(update, &[]).unwrap(), 15);
     let upper: i64 = scalar(&mut c, "SELECT count(*) FROM kv WHERE k <= 40 AND v IN ('A', 'B')");
     assert_eq!(upper, 15);
+
+    // A whole row: the shards send ROW(columns), the coordinator reads it as kv's row type
+    // (also for one shard: the shard's own row type must not show).
+    let plan = explain(&mut c, "SELECT kv, pg_typeof(kv) FROM kv WHERE k = 7");
+    assert!(plan.contains("ROW(pgs_r1.k, pgs_r1.v)"), "{plan}");
+    let (rows, _) = run(&mut c, "SELECT kv::text, pg_typeof(kv)::text, tableoid::regclass::text FROM kv WHERE k IN (997, 998) ORDER BY 1").unwrap();
+    let expected = |k: &str| vec![Some(format!("({k},v{k})")), Some("kv".to_owned()), Some("kv".to_owned())];
+    assert_eq!(rows, vec![expected("997"), expected("998")]);
+    // RETURNING the shards cannot evaluate: they return the columns it reads.
+    let update = "UPDATE kv SET v = v || '!' WHERE k > 997 RETURNING kv, random() < 2 AS sure";
+    let plan = run(&mut c, &format!("EXPLAIN (VERBOSE) {update}")).unwrap().0;
+    let plan: String = plan.into_iter().map(|r| r[0].clone().unwrap_or_default() + "\n").collect();
+    assert!(plan.contains("RETURNING ROW(k, v) AS c1") && plan.contains("(random() < (2)::double precision)"), "{plan}");
+    let (rows, count) = run(&mut c, update).unwrap();
+    assert_eq!(count, 3);
+    let mut returned: Vec<_> = rows.into_iter().map(|r| (r[0].clone().unwrap_or_default(), r[1].clone())).collect();
+    returned.sort();
+    assert_eq!(returned, ["(1000,v1000!)", "(998,v998!)", "(999,v999!)"].map(|t| (t.to_owned(), Some("t".to_owned()))).to_vec());
+    let (state, message, _, _) = expect_error(&mut c, "UPDATE kv SET v = 'x' WHERE k < 4 RETURNING kv, (SELECT 1)");
+    assert_eq!(state, "0A000", "{message}");
+    assert!(message.contains("subqueries in the RETURNING list"), "{message}");
 }
 
 #[test]
