@@ -31,7 +31,7 @@ for s in d l; do
 done
 failed=0
 for seed in $(seq "$first" $((first + seeds - 1))); do
-    for generator in aggregates subqueries shapes dml inserts; do
+    for generator in aggregates subqueries shapes dml inserts transactions; do
         out=$(FUZZ_PORT=$port python3 "tests/multinode/fuzz/$generator.py" "$seed" "$queries")
         echo "$generator seed $seed: $(echo "$out" | tail -1)"
         if ! echo "$out" | tail -1 | grep -q "failures 0$"; then
