@@ -13,9 +13,8 @@
 //! Under PostgreSQL no part of the statement sees the changes of another: they all read one
 //! snapshot. Here the WITH query's changes happen first, so this applies only when no other
 //! part of the statement reads (or changes) a table the WITH query changes, except for the
-//! statement's own INSERT target, which it only adds rows to. A WITH query that nothing reads
-//! (it would not be planned) or that reads another WITH query stays as it is, with the errors
-//! it had.
+//! statement's own INSERT target, which it only adds rows to. A WITH query that reads another
+//! WITH query stays as it is, with the errors it had.
 
 use std::ffi::{CStr, CString};
 
@@ -62,10 +61,6 @@ pub unsafe fn separate(parse: *mut pg_sys::Query) -> Result<bool> {
         let refuse = |what: String| {
             ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, format!("{what} is supported only when the statement targets one shard group"))
         };
-        if (*cte).cterefcount == 0 {
-            return Err(refuse(format!("a data-modifying WITH query (\"{name}\") on {} table \"{}\" that the statement does not read", kind(&table), table.name))
-                .hint("Read its rows in the statement (SELECT count(*) FROM it), or run it as a statement of its own."));
-        }
         if reads_outer_ctes(query) {
             return Err(refuse(format!("a data-modifying WITH query (\"{name}\") on {} table \"{}\" reading another WITH query", kind(&table), table.name))
                 .hint("Run it as a statement of its own."));
@@ -123,6 +118,13 @@ pub unsafe fn separate(parse: *mut pg_sys::Query) -> Result<bool> {
         // Read from one materialized copy, never inlined into the statement (whose parts
         // could then run it again).
         (*cte).ctematerialized = pg_sys::CTEMaterialize::CTEMaterializeAlways;
+        // PostgreSQL plans a SELECT in WITH only when something reads it; this one must run
+        // even when nothing does. Counted as read, it is planned as a subplan, which the
+        // executor initializes (and so the ShardScan runs the statement) when the statement
+        // starts.
+        if (*cte).cterefcount == 0 {
+            (*cte).cterefcount = 1;
+        }
     }
     (*parse).hasModifyingCTE = false;
     Ok(true)

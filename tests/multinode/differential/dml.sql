@@ -126,3 +126,7 @@ UPDATE users u SET score = score + 1 WHERE id < 12 RETURNING u, pg_typeof(u)::te
 UPDATE users u SET score = score - 1 WHERE id = 12 RETURNING u, score + (random() * 0)::int AS s;
 DELETE FROM events e WHERE e.id IN (5, 6, 7) RETURNING e, e.tag;
 UPDATE orders o SET note = 'whole' FROM users u WHERE u.id = o.user_id AND u.id = 21 RETURNING o, u.name, (clock_timestamp() >= now());
+-- Data-modifying WITH queries that nothing reads: they run all the same.
+WITH r AS (UPDATE regions SET label = 'x' WHERE code = 'eu' RETURNING *) SELECT * FROM users WHERE id = 5;
+WITH d AS (DELETE FROM items WHERE qty = 1 RETURNING *) SELECT count(*) FROM users;
+WITH d AS (DELETE FROM orders WHERE status = 'new' AND amount < 20 RETURNING *) UPDATE users SET score = 1 WHERE id < 5;

@@ -10,7 +10,6 @@ UPDATE regions r SET code = r.code || u.id FROM users u WHERE u.region = r.code;
 UPDATE users u SET score = 1 FROM notes n WHERE n.user_id = u.id RETURNING (SELECT count(*) FROM notes);
 WITH i AS (INSERT INTO items VALUES (1, 50, 'x', 1) RETURNING *) SELECT * FROM items WHERE user_id = 50;
 WITH u AS (UPDATE users SET id = 7 WHERE id = 5 RETURNING *) SELECT * FROM u;
-WITH r AS (UPDATE regions SET label = 'x' WHERE code = 'eu' RETURNING *) SELECT * FROM users WHERE id = 5;
 UPDATE users SET score = 1 WHERE CURRENT OF no_such_cursor;
 MERGE INTO users u USING notes n ON n.user_id = u.id WHEN MATCHED THEN UPDATE SET score = 0;
 WITH d AS (DELETE FROM items WHERE qty = 1 RETURNING *) SELECT count(*) FROM d JOIN items i ON i.order_id = d.order_id;
