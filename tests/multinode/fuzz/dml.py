@@ -4,19 +4,10 @@ RETURNING) run in a transaction on the distributed
 (d) and local (l) copies of the differential dataset, then rolled back; the RETURNING rows and the
 target table's contents afterwards must be the same. Prints every difference and every statement
 the distributed side refuses. Usage: dml.py SEED COUNT (FUZZ_PORT: the coordinator port)."""
-import os, random, subprocess, sys
-PORT = os.environ.get("FUZZ_PORT", "9800")
+import random, sys
+from common import run_and_roll_back as run
 random.seed(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 200
-MARK = "--8<--"
-
-def run(schema, statement, table):
-    p = subprocess.run(["psql", "-X", "-At", "-q", "-h", "127.0.0.1", "-p", PORT, "-U", "postgres", "-d", "postgres",
-                        "-v", "ON_ERROR_STOP=1", "-c", f"SET search_path = {schema}, {schema}2; SET extra_float_digits = 0",
-                        "-c", "BEGIN", "-c", statement, "-c", f"SELECT '{MARK}'", "-c", f"SELECT * FROM {table}", "-c", "ROLLBACK"],
-                       capture_output=True, text=True)
-    returned, _, contents = p.stdout.partition(MARK + "\n")
-    return p.returncode, sorted(returned.splitlines()), sorted(contents.splitlines()), p.stderr.strip()
 
 # target, its alias, the expression of its user id, the assignments, the columns RETURNING shows
 targets = [

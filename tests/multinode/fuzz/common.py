@@ -1,0 +1,17 @@
+"""What the write generators (dml.py, inserts.py) share: running one statement in a transaction
+that is rolled back, on the distributed (d) or local (l) copy of the differential dataset."""
+import os, subprocess
+
+PORT = os.environ.get("FUZZ_PORT", "9800")
+MARK = "--8<--"
+
+
+def run_and_roll_back(schema, statement, table):
+    """The return code, the statement's rows (sorted), the contents of `table` afterwards
+    (sorted) and the error text."""
+    p = subprocess.run(["psql", "-X", "-At", "-q", "-h", "127.0.0.1", "-p", PORT, "-U", "postgres", "-d", "postgres",
+                        "-v", "ON_ERROR_STOP=1", "-c", f"SET search_path = {schema}, {schema}2; SET extra_float_digits = 0",
+                        "-c", "BEGIN", "-c", statement, "-c", f"SELECT '{MARK}'", "-c", f"SELECT * FROM {table}", "-c", "ROLLBACK"],
+                       capture_output=True, text=True)
+    returned, _, contents = p.stdout.partition(MARK + "\n")
+    return p.returncode, sorted(returned.splitlines()), sorted(contents.splitlines()), p.stderr.strip()
