@@ -15,3 +15,23 @@ def run_and_roll_back(schema, statement, table):
                        capture_output=True, text=True)
     returned, _, contents = p.stdout.partition(MARK + "\n")
     return p.returncode, sorted(returned.splitlines()), sorted(contents.splitlines()), p.stderr.strip()
+
+
+def compare(statement, table):
+    """Runs `statement` on both sides; prints it when the distributed side refuses it or differs.
+    None when one server rejects it; otherwise "same", "refused" or "differs"."""
+    rl, al, cl, el = run_and_roll_back("l", statement, table)
+    if rl != 0:
+        return None
+    rd, ad, cd, ed = run_and_roll_back("d", statement, table)
+    if rd != 0 and "not supported" in ed:
+        print("REFUSED:", statement); print("  ", ed[:200])
+        return "refused"
+    if rd != 0 or al != ad or cl != cd:
+        print("DIFF:", statement)
+        print("  local:", al[:3], len(al), el[:150])
+        print("  dist: ", ad[:3], len(ad), ed[:200])
+        if cl != cd:
+            print("  table contents differ:", len(cl), len(cd))
+        return "differs"
+    return "same"
