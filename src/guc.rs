@@ -25,7 +25,19 @@ pub static DISTRIBUTED_DEADLOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::ne
 /// other tables (0: never).
 pub static BROADCAST_JOIN_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
+/// Multi-shard reads outside the distributed transaction hand their rows to the executor as
+/// they arrive, instead of gathering them first.
+pub static STREAM_ROWS: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 pub fn define() {
+    GucRegistry::define_bool_guc(
+        c"sharding.stream_rows",
+        c"Multi-shard reads return rows while their tasks still run.",
+        c"Applies to reads outside the distributed transaction that PostgreSQL reads once, forward (not for cursors declared SCROLL, the inner side of a nested loop, or EXPLAIN ANALYZE). They use connections of their own, not the node sessions. Off: every read gathers its rows (spilling to disk beyond work_mem) before returning the first.",
+        &STREAM_ROWS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"sharding.broadcast_join_limit",
         c"Largest table that a join between tables that are not co-located sends to every task of the other tables.",

@@ -460,6 +460,24 @@ impl RemoteConnection {
     /// left, then runs `sql`, all within `timeout`.
     pub fn cancel_and_run(&self, sql: &str, timeout: Duration) -> Result<RemoteRows, RemoteError> {
         let deadline = Some(Instant::now() + timeout);
+        self.cancel_and_read(deadline)?;
+        let sql = cstring(sql)?;
+        // SAFETY: valid, idle connection.
+        if unsafe { pq::PQsendQuery(self.conn.as_ptr(), sql.as_ptr()) } != 1 {
+            return Err(RemoteError::local(self.last_error()));
+        }
+        self.flush(deadline)?;
+        self.drain_results_until(deadline).map(|(rows, _)| rows)
+    }
+
+    /// Stops the command running on the connection (outside any remote transaction: a read
+    /// whose rows are no longer wanted) and reads what is left, within `timeout`. False when
+    /// the connection is not idle afterwards.
+    pub fn cancel_and_drain(&self, timeout: Duration) -> bool {
+        self.cancel_and_read(Some(Instant::now() + timeout)).is_ok() && self.is_idle()
+    }
+
+    fn cancel_and_read(&self, deadline: Option<Instant>) -> Result<(), RemoteError> {
         // SAFETY: valid connection; the cancel object is freed exactly once.
         unsafe {
             if pq::PQtransactionStatus(self.conn.as_ptr()) == pq::PGTransactionStatusType::PQTRANS_ACTIVE {
@@ -474,13 +492,7 @@ impl RemoteConnection {
             }
         }
         while self.next_result(deadline)?.is_some() {}
-        let sql = cstring(sql)?;
-        // SAFETY: valid, idle connection.
-        if unsafe { pq::PQsendQuery(self.conn.as_ptr(), sql.as_ptr()) } != 1 {
-            return Err(RemoteError::local(self.last_error()));
-        }
-        self.flush(deadline)?;
-        self.drain_results_until(deadline).map(|(rows, _)| rows)
+        Ok(())
     }
 
     /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).

@@ -212,7 +212,9 @@ pub unsafe fn make_scan(
     (*scan).scan.plan.targetlist = targetlist;
     (*scan).scan.plan.qual = quals;
     (*scan).custom_scan_tlist = scan_tlist;
-    (*scan).flags = pg_sys::CUSTOMPATH_SUPPORT_BACKWARD_SCAN;
+    // No backward scans: a cursor declared without SCROLL then reads forward only, and may
+    // stream; a SCROLL cursor gets a Material node above the scan.
+    (*scan).flags = 0;
     (*scan).methods = std::ptr::addr_of!(SCAN_METHODS);
     let json = serde_json::to_string(plan).map_err(|e| ShardingError::internal(e.to_string()))?;
     let json = CString::new(json).map_err(|e| ShardingError::internal(e.to_string()))?;
@@ -326,6 +328,13 @@ struct Runtime {
     broadcast_rows: Vec<usize>,
     /// The rows an UPDATE or DELETE chose here, which its tasks must all change.
     chosen_rows: Option<u64>,
+    /// The executor reads this scan once, forward: its rows may go straight from the tasks to
+    /// the executor (see `streams`).
+    may_stream: bool,
+    /// Tasks under way whose rows are read one at a time, as the executor asks for them.
+    stream: Option<tasks::TaskRun>,
+    /// The rows were streamed, not stored: a rescan runs the tasks again.
+    streamed: bool,
 }
 
 #[pg_guard]
@@ -397,6 +406,13 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
         inputs,
         broadcast_rows: Vec::new(),
         chosen_rows: None,
+        may_stream: crate::guc::STREAM_ROWS.get()
+            && (*estate).es_instrument == 0
+            && eflags
+                & (pg_sys::EXEC_FLAG_BACKWARD | pg_sys::EXEC_FLAG_MARK | pg_sys::EXEC_FLAG_REWIND | pg_sys::EXEC_FLAG_EXPLAIN_ONLY) as i32
+                == 0,
+        stream: None,
+        streamed: false,
         row_context: pg_sys::AllocSetContextCreateExtended(
             pg_sys::CurrentMemoryContext,
             c"ShardScan rows".as_ptr(),
@@ -668,31 +684,7 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
             // Its RETURNING rows are the coordinator's copy's.
             return Err(ShardingError::internal("a task changing a copy of a reference table returned rows"));
         }
-        if result.columns() != natts {
-            return Err(ShardingError::internal(format!("a task returned {} columns, expected {natts}", result.columns())));
-        }
-        pg_sys::MemoryContextReset(row_context);
-        let previous = pg_sys::MemoryContextSwitchTo(row_context);
-        for (i, input) in inputs.iter_mut().enumerate() {
-            match result.value(i) {
-                None => nulls[i] = true,
-                Some(bytes) => {
-                    nulls[i] = false;
-                    values[i] = if binary {
-                        let mut buffer = pg_sys::StringInfoData {
-                            data: bytes.as_ptr() as *mut std::ffi::c_char,
-                            len: bytes.len() as i32,
-                            maxlen: bytes.len() as i32 + 1,
-                            cursor: 0,
-                        };
-                        pg_sys::ReceiveFunctionCall(&mut input.flinfo, &mut buffer, input.ioparam, input.typmod)
-                    } else {
-                        pg_sys::InputFunctionCall(&mut input.flinfo, bytes.as_ptr() as *mut std::ffi::c_char, input.ioparam, input.typmod)
-                    };
-                }
-            }
-        }
-        pg_sys::MemoryContextSwitchTo(previous);
+        decode_row(result, inputs, binary, row_context, &mut values, &mut nulls)?;
         pg_sys::tuplestore_putvalues(store, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
         Ok(())
     })
@@ -733,6 +725,93 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     runtime.filled = true;
     runtime.elapsed = Some(started.elapsed());
     Ok(())
+}
+
+/// Decodes a task's row into `values` and `nulls` (one entry per input), allocating in
+/// `row_context`, which is reset first: the previous row's values are gone.
+unsafe fn decode_row(
+    result: &crate::connection::RemoteResult,
+    inputs: &mut [Input],
+    binary: bool,
+    row_context: pg_sys::MemoryContext,
+    values: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+) -> Result<()> {
+    if result.columns() != inputs.len() {
+        return Err(ShardingError::internal(format!("a task returned {} columns, expected {}", result.columns(), inputs.len())));
+    }
+    pg_sys::MemoryContextReset(row_context);
+    let previous = pg_sys::MemoryContextSwitchTo(row_context);
+    for (i, input) in inputs.iter_mut().enumerate() {
+        match result.value(i) {
+            None => nulls[i] = true,
+            Some(bytes) => {
+                nulls[i] = false;
+                values[i] = if binary {
+                    let mut buffer = pg_sys::StringInfoData {
+                        data: bytes.as_ptr() as *mut std::ffi::c_char,
+                        len: bytes.len() as i32,
+                        maxlen: bytes.len() as i32 + 1,
+                        cursor: 0,
+                    };
+                    pg_sys::ReceiveFunctionCall(&mut input.flinfo, &mut buffer, input.ioparam, input.typmod)
+                } else {
+                    pg_sys::InputFunctionCall(&mut input.flinfo, bytes.as_ptr() as *mut std::ffi::c_char, input.ioparam, input.typmod)
+                };
+            }
+        }
+    }
+    pg_sys::MemoryContextSwitchTo(previous);
+    Ok(())
+}
+
+/// Whether the scan's rows may go straight from the tasks to the executor: a read of several
+/// shards outside the distributed transaction (it needs connections of its own: a read that
+/// must see the transaction's writes, or its snapshot, uses the node sessions, which other
+/// statements may need while the rows are read), read once, forward.
+fn streams(runtime: &Runtime) -> bool {
+    let plan = &runtime.plan;
+    runtime.may_stream
+        && runtime.tasks.len() > 1
+        && !(plan.modify || plan.writes || plan.locks_rows || plan.reference_write)
+        && plan.statement.is_none()
+        && plan.broadcasts.iter().all(|b| b.target_rows == 0)
+        && remote::read_access() == remote::Access::Autocommit
+        && runtime.tasks.iter().all(|task| !remote::in_transaction_on(&task.node))
+}
+
+/// Starts the tasks of a streamed scan (after reading its broadcast tables).
+unsafe fn start_stream(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Result<()> {
+    if !runtime.plan.broadcasts.is_empty() {
+        broadcast(node, runtime, remote::Access::Autocommit)?;
+    }
+    runtime.stream = Some(tasks::TaskRun::start(&runtime.tasks, remote::Access::Autocommit, true)?);
+    runtime.streamed = true;
+    Ok(())
+}
+
+/// The next row of a streamed scan into the scan slot, or the empty slot at the end.
+unsafe fn next_streamed(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Result<*mut pg_sys::TupleTableSlot> {
+    let slot = (*node).ss.ss_ScanTupleSlot;
+    pg_sys::ExecClearTuple(slot);
+    let Runtime { stream, tasks, params, inputs, plan, row_context, .. } = runtime;
+    let Some(run) = stream.as_mut() else { return Ok(slot) };
+    let natts = inputs.len();
+    let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
+    let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+    let mut got = false;
+    let finished = run.pump(tasks, params, plan.binary, |result| {
+        decode_row(result, inputs, plan.binary, *row_context, values, nulls)?;
+        got = true;
+        Ok(tasks::Flow::Pause)
+    })?;
+    if got {
+        pg_sys::ExecStoreVirtualTuple(slot);
+    } else if finished {
+        runtime.stream = None;
+        runtime.filled = true;
+    }
+    Ok(slot)
 }
 
 /// The coordinator's half of a reference-table write, before the workers': runs the child
@@ -1213,6 +1292,12 @@ pub unsafe extern "C-unwind" fn pg_sharding_shard_scan_next(scan_state: *mut pg_
     let state = scan_state as *mut ShardScanState;
     let runtime = &mut *(*state).runtime;
     if !runtime.filled {
+        if runtime.stream.is_none() && streams(runtime) {
+            start_stream(scan_state.cast(), runtime).or_raise();
+        }
+        if runtime.stream.is_some() {
+            return next_streamed(scan_state.cast(), runtime).or_raise();
+        }
         fill(scan_state.cast(), runtime).or_raise();
     }
     let slot = (*scan_state).ss_ScanTupleSlot;
@@ -1232,6 +1317,10 @@ unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
     }
     if !(*state).runtime.is_null() {
         let runtime = &mut *(*state).runtime;
+        // Rows no longer wanted (a LIMIT above, a cursor closed early): the tasks stop.
+        if let Some(mut run) = runtime.stream.take() {
+            run.stop();
+        }
         pg_sys::tuplestore_end(runtime.store);
         pg_sys::ExecDropSingleTupleTableSlot(runtime.store_slot);
         pg_sys::MemoryContextDelete(runtime.row_context);
@@ -1243,8 +1332,21 @@ unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
 #[pg_guard]
 unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
     let state = node as *mut ShardScanState;
-    if !(*state).runtime.is_null() && (*(*state).runtime).filled {
-        pg_sys::tuplestore_rescan((*(*state).runtime).store);
+    if (*state).runtime.is_null() {
+        return;
+    }
+    let runtime = &mut *(*state).runtime;
+    if runtime.streamed {
+        // Streamed rows were not kept: the tasks run again, this time into the tuplestore.
+        if let Some(mut run) = runtime.stream.take() {
+            run.stop();
+        }
+        runtime.streamed = false;
+        runtime.may_stream = false;
+        runtime.filled = false;
+        pg_sys::tuplestore_clear(runtime.store);
+    } else if runtime.filled {
+        pg_sys::tuplestore_rescan(runtime.store);
     }
 }
 

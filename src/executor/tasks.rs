@@ -3,10 +3,9 @@
 //! Each node's tasks go over that node's connection of the distributed transaction (so a
 //! transaction reads its own writes), one after another; different nodes work in parallel,
 //! multiplexed in one wait loop over non-blocking libpq. Rows are handed to the caller as they
-//! arrive.
+//! arrive; a caller that streams them may pause the run after any row and resume it later.
 
 use std::collections::VecDeque;
-use std::ffi::CString;
 use std::rc::Rc;
 
 use crate::catalog::nodes::Node;
@@ -16,21 +15,46 @@ use crate::transaction::remote;
 
 pub struct Task {
     pub node: Node,
-    pub sql: CString,
+    pub sql: std::ffi::CString,
     /// This task's own parameters, instead of the ones all tasks share (rows meant for its
     /// shard only, see remote_scan.rs).
     pub params: Option<Vec<TaskParam>>,
 }
 
-struct NodeQueue<'a> {
-    node: &'a Node,
+/// What the caller wants after a row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Return from `TaskRun::pump` now; the rest stays where it is until the next call.
+    Pause,
+}
+
+struct NodeQueue {
+    node: Node,
     connection: Rc<RemoteConnection>,
-    waiting: VecDeque<&'a Task>,
+    /// Indexes of the tasks still to send.
+    waiting: VecDeque<usize>,
     running: bool,
     /// A task was just sent: its answer cannot be there yet, so wait before reading.
     just_sent: bool,
     /// Statements may be prepared on this connection (the node's session keeps track of them).
     prepared: bool,
+    /// The running task's last result (its command's end or error) has been read.
+    ended: bool,
+}
+
+/// Tasks under way: the connections they use and the tasks each still has to send.
+pub struct TaskRun {
+    queues: Vec<NodeQueue>,
+    /// The sum of the affected-row counts of the command tags read so far.
+    affected: u64,
+    deadlock_after: Option<std::time::Duration>,
+    next_check: Option<std::time::Instant>,
+    /// The queue that delivered the last row: reading resumes there, where libpq most likely
+    /// has more rows buffered.
+    current: usize,
+    /// A streamed run's connections, given back to the pool when it ends.
+    leases: Vec<remote::Leased>,
 }
 
 /// Runs every task; `on_row` gets each row (a single-row result). Returns the sum of the
@@ -47,106 +71,200 @@ pub fn run(
     access: remote::Access,
     mut on_row: impl FnMut(&RemoteResult) -> Result<()>,
 ) -> Result<u64> {
-    let mut queues: Vec<NodeQueue<'_>> = Vec::new();
-    let mut nodes: Vec<(&Node, Vec<&Task>)> = Vec::new();
-    for task in tasks {
-        match nodes.iter_mut().find(|(node, _)| node.node_id == task.node.node_id) {
-            Some((_, list)) => list.push(task),
-            None => nodes.push((&task.node, vec![task])),
-        }
-    }
-    let per_node = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
-    for (node, list) in nodes {
-        let session = remote::for_statement(node, access)?;
-        // Reads outside the distributed transaction may spread a node's tasks over several
-        // connections; otherwise the node's session runs them one after another.
-        let mut connections = vec![(session, true)];
-        if access == remote::Access::Autocommit && !remote::in_transaction_on(node) && list.len() > 1 && per_node > 1 {
-            for extra in remote::extra_connections(node, (per_node - 1).min(list.len() - 1))? {
-                connections.push((extra, false));
+    let mut run = TaskRun::start(tasks, access, false)?;
+    run.pump(tasks, params, binary, |row| on_row(row).map(|()| Flow::Continue))?;
+    Ok(run.affected())
+}
+
+impl TaskRun {
+    /// Takes the connections for `tasks` (nothing is sent yet). `streamed`: the caller reads
+    /// the rows while other statements may run (a function evaluated per row may query the
+    /// same nodes), so the tasks use connections of their own, out of the node sessions; only
+    /// for reads outside the distributed transaction (`Access::Autocommit`).
+    pub fn start(tasks: &[Task], access: remote::Access, streamed: bool) -> Result<Self> {
+        let mut nodes: Vec<(&Node, Vec<usize>)> = Vec::new();
+        for (index, task) in tasks.iter().enumerate() {
+            match nodes.iter_mut().find(|(node, _)| node.node_id == task.node.node_id) {
+                Some((_, list)) => list.push(index),
+                None => nodes.push((&task.node, vec![index])),
             }
         }
-        let count = connections.len();
-        for (i, (connection, is_session)) in connections.into_iter().enumerate() {
-            queues.push(NodeQueue {
-                node,
-                connection,
-                waiting: list.iter().skip(i).step_by(count).copied().collect(),
-                running: false,
-                just_sent: false,
-                prepared: is_session,
-            });
-        }
-    }
-    let mut affected = 0u64;
-    // Statements of the distributed transaction (they hold and wait for row locks) look for a
-    // distributed deadlock once they have waited this long, and again after each period.
-    let deadlock_after = match crate::guc::DISTRIBUTED_DEADLOCK_TIMEOUT.get() {
-        ms if ms > 0 && access != remote::Access::Autocommit => Some(std::time::Duration::from_millis(ms as u64)),
-        _ => None,
-    };
-    let mut next_check: Option<std::time::Instant> = None;
-    loop {
-        let mut progress = false;
-        for queue in queues.iter_mut() {
-            if !queue.running {
-                if let Some(task) = queue.waiting.pop_front() {
-                    let params = task.params.as_deref().unwrap_or(params);
-                    let sent = if params.is_empty() || !queue.prepared {
-                        queue.connection.send_task(&task.sql, params, binary)
-                    } else {
-                        let types: Vec<u32> = params.iter().map(|p| p.type_oid).collect();
-                        let name = remote::prepared_statement(queue.node, &queue.connection, &task.sql, &types)?;
-                        queue.connection.send_prepared_task(&name, params, binary)
-                    };
-                    sent.map_err(|e| remote::remote_error(queue.node, e))?;
-                    queue.running = true;
-                    queue.just_sent = true;
-                    progress = true;
-                }
-                continue;
-            }
-            if std::mem::take(&mut queue.just_sent) {
-                continue;
-            }
-            loop {
-                match queue.connection.poll().map_err(|e| remote::remote_error(queue.node, e))? {
-                    Poll::Busy => break,
-                    Poll::Ready(None) => {
-                        queue.running = false;
-                        progress = true;
-                        break;
+        let per_node = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
+        let mut queues = Vec::new();
+        let mut leases = Vec::new();
+        for (node, list) in nodes {
+            // Reads outside the distributed transaction may spread a node's tasks over several
+            // connections; otherwise the node's session runs them one after another.
+            let connections: Vec<(Rc<RemoteConnection>, bool)> = if streamed {
+                let leased = remote::lease_connections(node, per_node.min(list.len()))?;
+                let connections = leased.iter().map(|l| (l.connection.clone(), false)).collect();
+                leases.extend(leased);
+                connections
+            } else {
+                let mut connections = vec![(remote::for_statement(node, access)?, true)];
+                if access == remote::Access::Autocommit && !remote::in_transaction_on(node) && list.len() > 1 && per_node > 1 {
+                    for extra in remote::extra_connections(node, (per_node - 1).min(list.len() - 1))? {
+                        connections.push((extra, false));
                     }
-                    Poll::Ready(Some(result)) => {
+                }
+                connections
+            };
+            let count = connections.len();
+            for (i, (connection, is_session)) in connections.into_iter().enumerate() {
+                queues.push(NodeQueue {
+                    node: node.clone(),
+                    connection,
+                    waiting: list.iter().skip(i).step_by(count).copied().collect(),
+                    running: false,
+                    just_sent: false,
+                    prepared: is_session,
+                    ended: false,
+                });
+            }
+        }
+        // Statements of the distributed transaction (they hold and wait for row locks) look for
+        // a distributed deadlock once they have waited this long, and again after each period.
+        let deadlock_after = match crate::guc::DISTRIBUTED_DEADLOCK_TIMEOUT.get() {
+            ms if ms > 0 && access != remote::Access::Autocommit => Some(std::time::Duration::from_millis(ms as u64)),
+            _ => None,
+        };
+        Ok(TaskRun { queues, affected: 0, deadlock_after, next_check: None, current: 0, leases })
+    }
+
+    pub fn affected(&self) -> u64 {
+        self.affected
+    }
+
+    /// Sends the tasks and reads their results until all have finished (true) or `on_row`
+    /// asks for a pause (false). `tasks` and `params` are the ones given to `start`.
+    pub fn pump(
+        &mut self,
+        tasks: &[Task],
+        params: &[TaskParam],
+        binary: bool,
+        mut on_row: impl FnMut(&RemoteResult) -> Result<Flow>,
+    ) -> Result<bool> {
+        loop {
+            let mut progress = false;
+            let count = self.queues.len();
+            for turn in 0..count {
+                let at = (self.current + turn) % count.max(1);
+                let queue = &mut self.queues[at];
+                if !queue.running {
+                    if let Some(index) = queue.waiting.pop_front() {
+                        let task = &tasks[index];
+                        let params = task.params.as_deref().unwrap_or(params);
+                        let sent = if params.is_empty() || !queue.prepared {
+                            queue.connection.send_task(&task.sql, params, binary)
+                        } else {
+                            let types: Vec<u32> = params.iter().map(|p| p.type_oid).collect();
+                            let name = remote::prepared_statement(&queue.node, &queue.connection, &task.sql, &types)?;
+                            queue.connection.send_prepared_task(&name, params, binary)
+                        };
+                        sent.map_err(|e| remote::remote_error(&queue.node, e))?;
+                        queue.running = true;
+                        queue.ended = false;
+                        queue.just_sent = true;
                         progress = true;
-                        match result.kind() {
-                            ResultKind::Row => on_row(&result)?,
-                            ResultKind::EndOfRows { affected: n } => affected += n,
-                            ResultKind::Command { affected: n } => affected += n,
-                            ResultKind::Error(error) => return Err(remote::remote_error(queue.node, error)),
+                    }
+                    continue;
+                }
+                if std::mem::take(&mut queue.just_sent) {
+                    continue;
+                }
+                loop {
+                    match queue.connection.poll().map_err(|e| remote::remote_error(&queue.node, e))? {
+                        Poll::Busy => break,
+                        Poll::Ready(None) if !queue.ended => {
+                            // Never read as "no more rows": something else took the connection.
+                            return Err(remote::remote_error(
+                                &queue.node,
+                                crate::connection::RemoteError::local("the connection ended a task's results before their end"),
+                            ));
+                        }
+                        Poll::Ready(None) => {
+                            queue.running = false;
+                            progress = true;
+                            break;
+                        }
+                        Poll::Ready(Some(result)) => {
+                            progress = true;
+                            match result.kind() {
+                                ResultKind::Row => {
+                                    if on_row(&result)? == Flow::Pause {
+                                        self.current = at;
+                                        return Ok(false);
+                                    }
+                                }
+                                ResultKind::EndOfRows { affected: n } | ResultKind::Command { affected: n } => {
+                                    self.affected += n;
+                                    queue.ended = true;
+                                }
+                                ResultKind::Error(error) => return Err(remote::remote_error(&queue.node, error)),
+                            }
                         }
                     }
                 }
             }
-        }
-        if queues.iter().all(|q| !q.running && q.waiting.is_empty()) {
-            return Ok(affected);
-        }
-        if !progress {
-            let busy: Vec<&RemoteConnection> = queues.iter().filter(|q| q.running).map(|q| &*q.connection).collect();
-            let Some(period) = deadlock_after else {
-                wait_any_readable(&busy, None).map_err(|e| remote::remote_error(queues[0].node, e))?;
-                continue;
-            };
-            let due = *next_check.get_or_insert_with(|| std::time::Instant::now() + period);
-            let left = due.saturating_duration_since(std::time::Instant::now());
-            wait_any_readable(&busy, Some(left)).map_err(|e| remote::remote_error(queues[0].node, e))?;
-            if std::time::Instant::now() >= due {
-                crate::transaction::deadlock::check()?;
-                next_check = Some(std::time::Instant::now() + period);
+            if self.queues.iter().all(|q| !q.running && q.waiting.is_empty()) {
+                self.leases.drain(..).for_each(remote::give_back);
+                return Ok(true);
             }
-        } else {
-            next_check = None;
+            if !progress {
+                self.wait()?;
+            } else {
+                self.next_check = None;
+            }
+        }
+    }
+
+    /// Waits for a running task to send something (and looks for distributed deadlocks when
+    /// the wait is long).
+    fn wait(&mut self) -> Result<()> {
+        let busy: Vec<&RemoteConnection> = self.queues.iter().filter(|q| q.running).map(|q| &*q.connection).collect();
+        let label = &self.queues[0].node;
+        let Some(period) = self.deadlock_after else {
+            return wait_any_readable(&busy, None).map_err(|e| remote::remote_error(label, e));
+        };
+        let due = *self.next_check.get_or_insert_with(|| std::time::Instant::now() + period);
+        let left = due.saturating_duration_since(std::time::Instant::now());
+        wait_any_readable(&busy, Some(left)).map_err(|e| remote::remote_error(label, e))?;
+        if std::time::Instant::now() >= due {
+            crate::transaction::deadlock::check()?;
+            self.next_check = Some(std::time::Instant::now() + period);
+        }
+        Ok(())
+    }
+
+    /// Ends a run whose rows are no longer wanted: what still runs is cancelled and its
+    /// results read, so that the connections can serve the next statement. A connection that
+    /// does not get there in time is closed.
+    pub fn stop(&mut self) {
+        for queue in self.queues.iter_mut() {
+            queue.waiting.clear();
+            if queue.running {
+                queue.running = false;
+                // A connection that does not get back to idle is not given back: closed.
+                queue.connection.cancel_and_drain(STOP_TIMEOUT);
+            }
+        }
+        self.leases.drain(..).for_each(remote::give_back);
+    }
+}
+
+impl Drop for TaskRun {
+    /// A streamed run dropped while its tasks run (an error ended the statement, or a
+    /// subtransaction holding the cursor aborted): the nodes are told to cancel them, and
+    /// the connections, not given back, close.
+    fn drop(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        for queue in self.queues.iter().filter(|q| q.running) {
+            queue.connection.cancel();
         }
     }
 }
+
+/// How long `TaskRun::stop` waits for a node to stop a task.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -148,7 +148,7 @@ unsafe fn add_path(rel: *mut pg_sys::RelOptInfo, shards: f64) {
     (*path).path.rows = (*rel).rows;
     (*path).path.startup_cost = 100.0;
     (*path).path.total_cost = 100.0 + (*rel).rows * (*std::ptr::addr_of!(pg_sys::cpu_tuple_cost)) * (1.0 + 2.0 / shards);
-    (*path).flags = pg_sys::CUSTOMPATH_SUPPORT_BACKWARD_SCAN;
+    (*path).flags = 0;
     (*path).methods = std::ptr::addr_of!(PATH_METHODS);
     // The coordinator's own (empty) table must never be scanned, nor in parallel workers.
     (*rel).pathlist = std::ptr::null_mut();

@@ -427,33 +427,29 @@ thread_local! {
 }
 
 /// Up to `count` more autocommit connections to `node` for reads running in parallel with the
-/// session's own (opened on first use, kept afterwards, checked before reuse).
+/// session's own (opened on first use, kept afterwards, checked before reuse). Connections
+/// still running a streamed read (see `tasks::TaskRun`) are skipped, not shared.
 pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConnection>>> {
     let wanted = current_settings();
-    let mut out = Vec::new();
-    for slot in 0..count {
-        let existing = POOL.with(|p| {
-            let mut pool = p.borrow_mut();
-            let entries = pool.entry(node.node_id).or_default();
-            if slot < entries.len()
-                && !(entries[slot].0.is_idle() && entries[slot].0.role() == connection::current_role() && entries[slot].0.probe())
-            {
-                entries.remove(slot);
-            }
-            entries.get(slot).cloned()
-        });
-        let (connection, known) = match existing {
-            Some(found) => found,
-            None => {
-                let connection = Rc::new(connection::connect_to_node(&node.host, node.port)?);
-                POOL.with(|p| p.borrow_mut().entry(node.node_id).or_default().push((connection.clone(), None)));
-                (connection, None)
-            }
-        };
+    let role = connection::current_role();
+    let mut taken: Vec<(Rc<RemoteConnection>, Option<Vec<String>>)> = POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        let entries = pool.entry(node.node_id).or_default();
+        // Idle connections of another role, or that the node closed, go; busy ones are in use.
+        entries.retain(|(c, _)| (!c.is_idle() && c.is_ok()) || (c.is_idle() && c.role() == role && c.probe()));
+        entries.iter().filter(|(c, _)| c.is_idle()).take(count).cloned().collect()
+    });
+    while taken.len() < count {
+        let connection = Rc::new(connection::connect_to_node(&node.host, node.port)?);
+        POOL.with(|p| p.borrow_mut().entry(node.node_id).or_default().push((connection.clone(), None)));
+        taken.push((connection, None));
+    }
+    let mut out = Vec::with_capacity(count);
+    for (connection, known) in taken {
         if let Some(statement) = settings_statement(known.as_ref(), &wanted) {
             connection.exec(&statement).map_err(|e| remote_error(node, e))?;
             POOL.with(|p| {
-                if let Some(entry) = p.borrow_mut().get_mut(&node.node_id).and_then(|e| e.get_mut(slot)) {
+                if let Some(entry) = p.borrow_mut().get_mut(&node.node_id).and_then(|e| e.iter_mut().find(|(c, _)| Rc::ptr_eq(c, &connection))) {
                     entry.1 = Some(wanted.clone());
                 }
             });
@@ -461,6 +457,38 @@ pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConne
         out.push(connection);
     }
     Ok(out)
+}
+
+/// An extra connection taken out of the pool for one streamed read (see `tasks::TaskRun`):
+/// nothing else uses it, nor stops it when a subtransaction aborts, until it is given back.
+/// Dropped without `give_back`, it is closed (the node then ends what it ran).
+pub struct Leased {
+    node_id: i32,
+    pub connection: Rc<RemoteConnection>,
+    settings: Option<Vec<String>>,
+}
+
+/// `count` extra connections to `node`, leased (see `Leased`).
+pub fn lease_connections(node: &Node, count: usize) -> Result<Vec<Leased>> {
+    let connections = extra_connections(node, count)?;
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        let entries = pool.entry(node.node_id).or_default();
+        Ok(connections
+            .into_iter()
+            .map(|connection| {
+                let settings = entries.iter().position(|(c, _)| Rc::ptr_eq(c, &connection)).and_then(|at| entries.remove(at).1);
+                Leased { node_id: node.node_id, connection, settings }
+            })
+            .collect())
+    })
+}
+
+/// Puts a leased connection back into the pool, when it is idle and usable.
+pub fn give_back(leased: Leased) {
+    if leased.connection.is_ok() && leased.connection.is_idle() {
+        POOL.with(|p| p.borrow_mut().entry(leased.node_id).or_default().push((leased.connection, leased.settings)));
+    }
 }
 
 /// After an error outside the distributed transaction (a subtransaction of a PL/pgSQL

@@ -651,8 +651,9 @@ fn row_level_security_applies_to_distributed_tables() {
     assert_eq!(rows, vec![vec![Some("bob".to_string()), Some("5".to_string())]]);
     let n: i64 = scalar(&mut c, "SELECT count(*) FROM docs WHERE body = 'x'");
     assert_eq!(n, 0);
-    // The role that runs on the workers follows SET ROLE between transactions: the workers'
-    // pg_stat_activity shows this session's connections as the role of its last statement.
+    // The role that runs on the workers follows SET ROLE between transactions: on each worker,
+    // the connection of this session that ran the last task is of the role of its last
+    // statement (an idle connection of an earlier role is replaced when next used).
     let pid: i32 = scalar(&mut c, "SELECT pg_backend_pid()");
     let worker_roles = |cluster: &Cluster| -> Vec<String> {
         let mut roles = Vec::new();
@@ -662,7 +663,8 @@ fn row_level_security_applies_to_distributed_tables() {
                 let mut w = cluster.worker(worker);
                 for row in w
                     .query(
-                        "SELECT usename::text FROM pg_stat_activity WHERE application_name LIKE '%:' || $1::text",
+                        "SELECT usename::text FROM pg_stat_activity WHERE application_name LIKE '%:' || $1::text
+                         ORDER BY query_start DESC LIMIT 1",
                         &[&pid.to_string()],
                     )
                     .unwrap()
