@@ -335,6 +335,8 @@ struct Runtime {
     stream: Option<tasks::TaskRun>,
     /// The rows were streamed, not stored: a rescan runs the tasks again.
     streamed: bool,
+    /// The broadcast tables were read into the tasks' parameters (once per execution).
+    broadcast_done: bool,
 }
 
 #[pg_guard]
@@ -413,6 +415,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
                 == 0,
         stream: None,
         streamed: false,
+        broadcast_done: false,
         row_context: pg_sys::AllocSetContextCreateExtended(
             pg_sys::CurrentMemoryContext,
             c"ShardScan rows".as_ptr(),
@@ -672,10 +675,11 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     if runtime.plan.reference_write {
         change_coordinator_copy(node, runtime)?;
     }
-    if !runtime.plan.broadcasts.is_empty() {
+    if !runtime.plan.broadcasts.is_empty() && !runtime.broadcast_done {
         // Reading the broadcast tables writes nothing: it joins the distributed transaction
         // only where a read would.
         broadcast(node, runtime, remote::read_access())?;
+        runtime.broadcast_done = true;
     }
     let inputs = &mut runtime.inputs;
     let reference_write = runtime.plan.reference_write;
@@ -780,14 +784,18 @@ fn streams(runtime: &Runtime) -> bool {
         && runtime.tasks.iter().all(|task| !remote::in_transaction_on(&task.node))
 }
 
-/// Starts the tasks of a streamed scan (after reading its broadcast tables).
-unsafe fn start_stream(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Result<()> {
-    if !runtime.plan.broadcasts.is_empty() {
+/// Starts the tasks of a streamed scan (after reading its broadcast tables); false when the
+/// nodes have no connections to spare for it (the rows are then gathered).
+unsafe fn start_stream(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Result<bool> {
+    // Broadcast rows meant for some shards only leave the others without a task: first.
+    if !runtime.plan.broadcasts.is_empty() && !runtime.broadcast_done {
         broadcast(node, runtime, remote::Access::Autocommit)?;
+        runtime.broadcast_done = true;
     }
-    runtime.stream = Some(tasks::TaskRun::start(&runtime.tasks, remote::Access::Autocommit, true)?);
+    let Some(run) = tasks::TaskRun::start_streamed(&runtime.tasks)? else { return Ok(false) };
+    runtime.stream = Some(run);
     runtime.streamed = true;
-    Ok(())
+    Ok(true)
 }
 
 /// The next row of a streamed scan into the scan slot, or the empty slot at the end.
@@ -1292,8 +1300,8 @@ pub unsafe extern "C-unwind" fn pg_sharding_shard_scan_next(scan_state: *mut pg_
     let state = scan_state as *mut ShardScanState;
     let runtime = &mut *(*state).runtime;
     if !runtime.filled {
-        if runtime.stream.is_none() && streams(runtime) {
-            start_stream(scan_state.cast(), runtime).or_raise();
+        if runtime.stream.is_none() && streams(runtime) && !start_stream(scan_state.cast(), runtime).or_raise() {
+            runtime.may_stream = false;
         }
         if runtime.stream.is_some() {
             return next_streamed(scan_state.cast(), runtime).or_raise();

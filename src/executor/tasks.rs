@@ -71,46 +71,67 @@ pub fn run(
     access: remote::Access,
     mut on_row: impl FnMut(&RemoteResult) -> Result<()>,
 ) -> Result<u64> {
-    let mut run = TaskRun::start(tasks, access, false)?;
+    let mut run = TaskRun::start(tasks, access)?;
     run.pump(tasks, params, binary, |row| on_row(row).map(|()| Flow::Continue))?;
     Ok(run.affected())
 }
 
-impl TaskRun {
-    /// Takes the connections for `tasks` (nothing is sent yet). `streamed`: the caller reads
-    /// the rows while other statements may run (a function evaluated per row may query the
-    /// same nodes), so the tasks use connections of their own, out of the node sessions; only
-    /// for reads outside the distributed transaction (`Access::Autocommit`).
-    pub fn start(tasks: &[Task], access: remote::Access, streamed: bool) -> Result<Self> {
-        let mut nodes: Vec<(&Node, Vec<usize>)> = Vec::new();
-        for (index, task) in tasks.iter().enumerate() {
-            match nodes.iter_mut().find(|(node, _)| node.node_id == task.node.node_id) {
-                Some((_, list)) => list.push(index),
-                None => nodes.push((&task.node, vec![index])),
-            }
+/// The tasks' indexes by node, nodes in the order of their first task.
+fn by_node(tasks: &[Task]) -> Vec<(&Node, Vec<usize>)> {
+    let mut nodes: Vec<(&Node, Vec<usize>)> = Vec::new();
+    for (index, task) in tasks.iter().enumerate() {
+        match nodes.iter_mut().find(|(node, _)| node.node_id == task.node.node_id) {
+            Some((_, list)) => list.push(index),
+            None => nodes.push((&task.node, vec![index])),
         }
+    }
+    nodes
+}
+
+impl TaskRun {
+    /// Takes the connections for `tasks` (nothing is sent yet): each node's session, and for
+    /// reads outside the distributed transaction extra connections to spread them over.
+    pub fn start(tasks: &[Task], access: remote::Access) -> Result<Self> {
         let per_node = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
-        let mut queues = Vec::new();
-        let mut leases = Vec::new();
-        for (node, list) in nodes {
-            // Reads outside the distributed transaction may spread a node's tasks over several
-            // connections; otherwise the node's session runs them one after another.
-            let connections: Vec<(Rc<RemoteConnection>, bool)> = if streamed {
-                let leased = remote::lease_connections(node, per_node.min(list.len()))?;
-                let connections = leased.iter().map(|l| (l.connection.clone(), false)).collect();
-                leases.extend(leased);
-                connections
-            } else {
-                let mut connections = vec![(remote::for_statement(node, access)?, true)];
-                if access == remote::Access::Autocommit && !remote::in_transaction_on(node) && list.len() > 1 && per_node > 1 {
-                    for extra in remote::extra_connections(node, (per_node - 1).min(list.len() - 1))? {
-                        connections.push((extra, false));
-                    }
+        let mut connections = Vec::new();
+        for (node, list) in by_node(tasks) {
+            let mut mine = vec![(remote::for_statement(node, access)?, true)];
+            if access == remote::Access::Autocommit && !remote::in_transaction_on(node) && list.len() > 1 && per_node > 1 {
+                for extra in remote::extra_connections(node, (per_node - 1).min(list.len() - 1))? {
+                    mine.push((extra, false));
                 }
-                connections
-            };
-            let count = connections.len();
-            for (i, (connection, is_session)) in connections.into_iter().enumerate() {
+            }
+            connections.push((node, list, mine));
+        }
+        Ok(Self::new(connections, access, Vec::new()))
+    }
+
+    /// `start` for a read outside the distributed transaction whose rows the caller reads
+    /// while other statements may run (a function evaluated per row may query the same
+    /// nodes): its tasks use connections leased for it alone, not the node sessions. None when
+    /// a node has no connection to spare (see `remote::extra_connections`).
+    pub fn start_streamed(tasks: &[Task]) -> Result<Option<Self>> {
+        let per_node = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
+        let mut connections = Vec::new();
+        let mut leases = Vec::new();
+        for (node, list) in by_node(tasks) {
+            let leased = remote::lease_connections(node, per_node.min(list.len()))?;
+            if leased.is_empty() {
+                leases.into_iter().for_each(remote::give_back);
+                return Ok(None);
+            }
+            connections.push((node, list, leased.iter().map(|l| (l.connection.clone(), false)).collect()));
+            leases.extend(leased);
+        }
+        Ok(Some(Self::new(connections, remote::Access::Autocommit, leases)))
+    }
+
+    /// Deals each node's tasks out over its connections (`true`: the node's session).
+    fn new(connections: Vec<(&Node, Vec<usize>, Vec<(Rc<RemoteConnection>, bool)>)>, access: remote::Access, leases: Vec<remote::Leased>) -> Self {
+        let mut queues = Vec::new();
+        for (node, list, mine) in connections {
+            let count = mine.len();
+            for (i, (connection, is_session)) in mine.into_iter().enumerate() {
                 queues.push(NodeQueue {
                     node: node.clone(),
                     connection,
@@ -128,7 +149,7 @@ impl TaskRun {
             ms if ms > 0 && access != remote::Access::Autocommit => Some(std::time::Duration::from_millis(ms as u64)),
             _ => None,
         };
-        Ok(TaskRun { queues, affected: 0, deadlock_after, next_check: None, current: 0, leases })
+        TaskRun { queues, affected: 0, deadlock_after, next_check: None, current: 0, leases }
     }
 
     pub fn affected(&self) -> u64 {

@@ -427,29 +427,37 @@ thread_local! {
 }
 
 /// Up to `count` more autocommit connections to `node` for reads running in parallel with the
-/// session's own (opened on first use, kept afterwards, checked before reuse). Connections
-/// still running a streamed read (see `tasks::TaskRun`) are skipped, not shared.
+/// session's own (opened on first use, kept afterwards, checked before reuse). A backend keeps
+/// at most `sharding.max_connections_per_node` of them per node, counting those leased to
+/// streamed reads (see `Leased`), so this may return fewer.
 pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConnection>>> {
     let wanted = current_settings();
     let role = connection::current_role();
-    let mut taken: Vec<(Rc<RemoteConnection>, Option<Vec<String>>)> = POOL.with(|p| {
+    let limit = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
+    let leased = LEASED.with(|l| l.borrow().get(&node.node_id).copied().unwrap_or(0));
+    let (mut taken, mut room): (Vec<(Rc<RemoteConnection>, Option<Vec<String>>)>, usize) = POOL.with(|p| {
         let mut pool = p.borrow_mut();
         let entries = pool.entry(node.node_id).or_default();
-        // Idle connections of another role, or that the node closed, go; busy ones are in use.
-        entries.retain(|(c, _)| (!c.is_idle() && c.is_ok()) || (c.is_idle() && c.role() == role && c.probe()));
-        entries.iter().filter(|(c, _)| c.is_idle()).take(count).cloned().collect()
+        // Connections of another role, that the node closed, or left busy, go.
+        entries.retain(|(c, _)| c.is_idle() && c.role() == role && c.probe());
+        // And those beyond the limit (it may have been lowered).
+        entries.truncate(limit.saturating_sub(leased));
+        let taken: Vec<_> = entries.iter().take(count).cloned().collect();
+        (taken, limit.saturating_sub(entries.len() + leased))
     });
-    while taken.len() < count {
+    while taken.len() < count && room > 0 {
         let connection = Rc::new(connection::connect_to_node(&node.host, node.port)?);
         POOL.with(|p| p.borrow_mut().entry(node.node_id).or_default().push((connection.clone(), None)));
         taken.push((connection, None));
+        room -= 1;
     }
-    let mut out = Vec::with_capacity(count);
+    let mut out = Vec::with_capacity(taken.len());
     for (connection, known) in taken {
         if let Some(statement) = settings_statement(known.as_ref(), &wanted) {
             connection.exec(&statement).map_err(|e| remote_error(node, e))?;
             POOL.with(|p| {
-                if let Some(entry) = p.borrow_mut().get_mut(&node.node_id).and_then(|e| e.iter_mut().find(|(c, _)| Rc::ptr_eq(c, &connection))) {
+                let mut pool = p.borrow_mut();
+                if let Some(entry) = pool.get_mut(&node.node_id).and_then(|e| e.iter_mut().find(|(c, _)| Rc::ptr_eq(c, &connection))) {
                     entry.1 = Some(wanted.clone());
                 }
             });
@@ -457,6 +465,11 @@ pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConne
         out.push(connection);
     }
     Ok(out)
+}
+
+thread_local! {
+    /// Extra connections per node leased to streamed reads (out of POOL meanwhile).
+    static LEASED: RefCell<BTreeMap<i32, usize>> = const { RefCell::new(BTreeMap::new()) };
 }
 
 /// An extra connection taken out of the pool for one streamed read (see `tasks::TaskRun`):
@@ -468,9 +481,21 @@ pub struct Leased {
     settings: Option<Vec<String>>,
 }
 
-/// `count` extra connections to `node`, leased (see `Leased`).
+impl Drop for Leased {
+    fn drop(&mut self) {
+        LEASED.with(|l| {
+            if let Some(count) = l.borrow_mut().get_mut(&self.node_id) {
+                *count = count.saturating_sub(1);
+            }
+        });
+    }
+}
+
+/// Up to `count` extra connections to `node`, leased (see `Leased`); none when the backend's
+/// extra connections to the node are all in use.
 pub fn lease_connections(node: &Node, count: usize) -> Result<Vec<Leased>> {
     let connections = extra_connections(node, count)?;
+    LEASED.with(|l| *l.borrow_mut().entry(node.node_id).or_default() += connections.len());
     POOL.with(|p| {
         let mut pool = p.borrow_mut();
         let entries = pool.entry(node.node_id).or_default();
@@ -485,9 +510,10 @@ pub fn lease_connections(node: &Node, count: usize) -> Result<Vec<Leased>> {
 }
 
 /// Puts a leased connection back into the pool, when it is idle and usable.
-pub fn give_back(leased: Leased) {
+pub fn give_back(mut leased: Leased) {
     if leased.connection.is_ok() && leased.connection.is_idle() {
-        POOL.with(|p| p.borrow_mut().entry(leased.node_id).or_default().push((leased.connection, leased.settings)));
+        let settings = leased.settings.take();
+        POOL.with(|p| p.borrow_mut().entry(leased.node_id).or_default().push((leased.connection.clone(), settings)));
     }
 }
 

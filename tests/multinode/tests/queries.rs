@@ -604,6 +604,140 @@ fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
     assert_eq!(count, 100);
 }
 
+/// pg_sharding backends on a worker that are running a statement.
+fn active_tasks(w: &mut Client) -> i64 {
+    scalar(w, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg\\_sharding:%' AND state = 'active'")
+}
+
+/// Temporary files this database has written so far (statistics flushed first).
+fn temp_files(c: &mut Client) -> i64 {
+    c.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+    c.batch_execute("SET stats_fetch_consistency = none").unwrap();
+    scalar(c, "SELECT temp_files FROM pg_stat_database WHERE datname = current_database()")
+}
+
+#[test]
+fn multi_shard_reads_stream_rows_and_stop_their_tasks_when_no_longer_read() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE s (id int PRIMARY KEY, v text);
+         SELECT create_distributed_table('s', 'id');
+         INSERT INTO s SELECT g, repeat('x', 200) FROM generate_series(1, 3000) g;",
+    )
+    .unwrap();
+    let shard: i64 = scalar(&mut c, "SELECT sharding.shard_for_value('s', 1)");
+    let port: i32 = scalar(
+        &mut c,
+        &format!("SELECT n.port FROM sharding.dist_placement p JOIN sharding.dist_node n USING (node_id) WHERE p.shard_id = {shard}"),
+    );
+    let worker = (port as u16 - cluster.worker_port(1) + 1) as usize;
+    let elsewhere = (2..3000)
+        .find(|k| scalar::<i64>(&mut c, &format!("SELECT sharding.shard_for_value('s', {k})")) != shard)
+        .expect("a key of another shard");
+
+    let locked_rows: i64 =
+        scalar(&mut c, &format!("SELECT count(*) FROM generate_series(1, 3000) k WHERE sharding.shard_for_value('s', k) = {shard}"));
+    assert!(locked_rows > 0);
+
+    // One shard is locked on its worker: a cursor still returns every other shard's rows (each
+    // task on a connection of its own, so that none waits behind the locked one).
+    let mut holder = cluster.worker(worker);
+    holder.batch_execute(&format!("BEGIN; LOCK TABLE s_{shard} IN ACCESS EXCLUSIVE MODE")).unwrap();
+    c.batch_execute("SET statement_timeout = '20s'; SET sharding.max_connections_per_node = 32").unwrap();
+    c.batch_execute("BEGIN; DECLARE cur CURSOR FOR SELECT id FROM s").unwrap();
+    let fetched = c.query(&format!("FETCH {} FROM cur", 3000 - locked_rows), &[]).unwrap();
+    assert_eq!(fetched.len() as i64, 3000 - locked_rows, "rows come while a task waits");
+    let ids: Vec<i32> = fetched.iter().map(|r| r.get(0)).collect();
+    let of_locked: i64 = c
+        .query_one(&format!("SELECT count(*) FROM unnest($1::int[]) k WHERE sharding.shard_for_value('s', k) = {shard}"), &[&ids])
+        .unwrap()
+        .get(0);
+    assert_eq!(of_locked, 0);
+    let mut w = cluster.worker(worker);
+    assert_eq!(active_tasks(&mut w), 1, "the locked shard's task waits on its worker");
+    // Other statements run meanwhile (on other connections), and a failed subtransaction
+    // leaves the cursor's tasks alone.
+    let v: String = scalar(&mut c, &format!("SELECT v FROM s WHERE id = {elsewhere}"));
+    assert_eq!(v.len(), 200);
+    c.batch_execute("SAVEPOINT a").unwrap();
+    let (code, ..) = expect_error(&mut c, "SELECT 1 / 0");
+    assert_eq!(code, "22012");
+    c.batch_execute("ROLLBACK TO SAVEPOINT a").unwrap();
+    assert_eq!(active_tasks(&mut w), 1, "the cursor's task survives the subtransaction's abort");
+    // Closing the cursor stops the task that waits.
+    c.batch_execute("CLOSE cur; COMMIT").unwrap();
+    let mut left = i64::MAX;
+    for _ in 0..50 {
+        left = active_tasks(&mut w);
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(left, 0, "the closed cursor's task still runs");
+    holder.batch_execute("ROLLBACK").unwrap();
+    c.batch_execute("RESET sharding.max_connections_per_node").unwrap();
+
+    // Read in pieces, with distributed statements in between: every row once.
+    c.batch_execute("BEGIN; DECLARE cur CURSOR FOR SELECT id FROM s WHERE v LIKE 'x%'").unwrap();
+    let mut seen: Vec<i32> = Vec::new();
+    loop {
+        let rows = c.query("FETCH 700 FROM cur", &[]).unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen.extend(rows.iter().map(|r| r.get::<_, i32>(0)));
+        let n: i64 = scalar(&mut c, "SELECT count(*) FROM s");
+        assert_eq!(n, 3000);
+    }
+    c.batch_execute("COMMIT").unwrap();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=3000).collect::<Vec<i32>>());
+
+    // A cursor without SCROLL reads forward only; a SCROLL cursor also backward.
+    c.batch_execute("BEGIN; DECLARE cur CURSOR FOR SELECT id FROM s; FETCH 5 FROM cur").unwrap();
+    let (code, ..) = expect_error(&mut c, "FETCH BACKWARD 1 FROM cur");
+    assert_eq!(code, "55000");
+    c.batch_execute("ROLLBACK; BEGIN; DECLARE cur SCROLL CURSOR FOR SELECT id FROM s").unwrap();
+    let forward: Vec<i32> = c.query("FETCH 5 FROM cur", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let backward: Vec<i32> = c.query("FETCH BACKWARD 4 FROM cur", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(backward, forward[..4].iter().rev().copied().collect::<Vec<_>>());
+    c.batch_execute("COMMIT").unwrap();
+
+    // Two streamed scans in one plan (a join on the coordinator) share the backend's
+    // connections per node: at most sharding.max_connections_per_node besides the session.
+    c.batch_execute(
+        "CREATE TABLE s2 (k int, id int); SELECT create_distributed_table('s2', 'k', colocate_with => 'none');
+         INSERT INTO s2 SELECT g, g FROM generate_series(1, 3000) g;
+         SET sharding.broadcast_join_limit = 0",
+    )
+    .unwrap();
+    let pid: i32 = scalar(&mut c, "SELECT pg_backend_pid()");
+    for _ in 0..3 {
+        let n: i64 = scalar(&mut c, "SELECT count(*) FROM s JOIN s2 USING (id) WHERE s.v LIKE 'x%' AND s2.k > 0");
+        assert_eq!(n, 3000);
+    }
+    for worker in 1..=2 {
+        let mine: i64 =
+            scalar(&mut cluster.worker(worker), &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '%:{pid}'"));
+        assert!((1..=3).contains(&mine), "{mine} connections from one backend to worker {worker}");
+    }
+    c.batch_execute("RESET sharding.broadcast_join_limit").unwrap();
+
+    // A read larger than work_mem: gathered, it spills to a temporary file; streamed, the
+    // rows pass through.
+    c.batch_execute("SET work_mem = '64kB'; SET sharding.stream_rows = off").unwrap();
+    let before = temp_files(&mut c);
+    assert_eq!(c.query("SELECT id, v FROM s", &[]).unwrap().len(), 3000);
+    let gathered = temp_files(&mut c) - before;
+    assert!(gathered >= 1, "the gathered rows spilled ({gathered} files)");
+    c.batch_execute("RESET sharding.stream_rows").unwrap();
+    let before = temp_files(&mut c);
+    assert_eq!(c.query("SELECT id, v FROM s", &[]).unwrap().len(), 3000);
+    assert_eq!(temp_files(&mut c) - before, 0, "streamed rows are not stored");
+}
+
 #[test]
 fn row_level_security_applies_to_distributed_tables() {
     let cluster = Cluster::start(2);
