@@ -9,6 +9,8 @@
 #   - an aggregating subquery joined to a local table (the subquery runs on the shards)
 #   - the top 10 users by order total (grouped by the distribution column: top-N per shard)
 #     (these three against the same query on plain tables holding all rows on one server)
+#   - all rows of orders to the coordinator, and the time to its first row, with rows streamed
+#     and gathered, against the plain table
 #   - planning time of a router query (EXPLAIN (SUMMARY))
 #   - when pgbouncer is installed: the router SELECT and UPDATE sent to the worker through
 #     pgbouncer, the cost of one extra hop by itself on this machine (the ceiling for any
@@ -223,6 +225,33 @@ compare "IN subquery, not co-located (intermediate result)" \
 EXTRA_OPTIONS="-c sharding.broadcast_join_limit=0" compare "IN subquery (intermediate result off)" \
     "SELECT o.status, count(*), sum(o.amount) FROM orders o WHERE o.product_id IN (SELECT id FROM products WHERE category = 'category 7') GROUP BY o.status" \
     "SELECT o.status, count(*), sum(o.amount) FROM orders_plain o WHERE o.product_id IN (SELECT id FROM products_plain WHERE category = 'category 7') GROUP BY o.status"
+
+echo
+echo "== all 2N rows of orders to the coordinator: COPY (SELECT ...) TO '/dev/null', and the time to"
+echo "   the first row (FETCH 1 from a cursor); ms, median of $rounds rounds; streamed = rows handed on"
+echo "   as they arrive (the default), gathered = sharding.stream_rows off (all rows first, in a"
+echo "   tuplestore that spills beyond work_mem); plain = the plain table on one server"
+first_row_ms() { # port sql: time of FETCH 1 from a cursor over sql, second of two in one session
+    { echo '\timing on'; for _ in 1 2; do echo "BEGIN;"; echo "DECLARE c NO SCROLL CURSOR FOR $2;"; echo "FETCH 1 FROM c;"; echo "COMMIT;"; done; } |
+        psql -X -q -h 127.0.0.1 -p "$1" -U postgres -d postgres | awk '/^Time:/ {print $2}' | sed -n 7p
+}
+streaming() { # label measure-function distributed-sql plain-sql
+    local plain=() streamed=() gathered=() p s g
+    for _ in $(seq 1 "$rounds"); do
+        plain+=("$("$2" "$port" "$4")")
+        streamed+=("$("$2" "$port" "$3")")
+        gathered+=("$(PGOPTIONS="-c sharding.stream_rows=off" "$2" "$port" "$3")")
+    done
+    p=$(printf '%s\n' "${plain[@]}" | median)
+    s=$(printf '%s\n' "${streamed[@]}" | median)
+    g=$(printf '%s\n' "${gathered[@]}" | median)
+    printf "%-32s plain %8.1f ms  streamed %8.1f ms (ratio %s)  gathered %8.1f ms (ratio %s)\n" \
+        "$1" "$p" "$s" "$(ratio "$s" "$p")" "$g" "$(ratio "$g" "$p")"
+    echo "    runs: plain ${plain[*]} | streamed ${streamed[*]} | gathered ${gathered[*]}"
+}
+streaming "COPY all orders rows" second_ms \
+    "COPY (SELECT * FROM orders) TO '/dev/null'" "COPY (SELECT * FROM orders_plain) TO '/dev/null'"
+streaming "first row of all orders" first_row_ms "SELECT * FROM orders" "SELECT * FROM orders_plain"
 
 echo
 echo "== planning time of a router query (EXPLAIN (SUMMARY) in one session, median of 50)"

@@ -257,17 +257,38 @@ impl TaskRun {
         Ok(())
     }
 
-    /// Ends a run whose rows are no longer wanted: what still runs is cancelled and its
-    /// results read, so that the connections can serve the next statement. A connection that
-    /// does not get there in time is closed.
+    /// Ends a run whose rows are no longer wanted: tasks not sent yet are dropped; running
+    /// ones that finish within a moment (an EXISTS or LIMIT that stopped early usually leaves
+    /// little) are read to their end, the others cancelled, which costs a new connection to
+    /// the node each, and read to their end. The connections go back to the pool; one that
+    /// does not get back to idle is closed.
     pub fn stop(&mut self) {
+        let deadline = std::time::Instant::now() + STOP_GRACE;
         for queue in self.queues.iter_mut() {
             queue.waiting.clear();
-            if queue.running {
-                queue.running = false;
-                // A connection that does not get back to idle is not given back: closed.
-                queue.connection.cancel_and_drain(STOP_TIMEOUT);
+        }
+        loop {
+            for queue in self.queues.iter_mut().filter(|q| q.running) {
+                loop {
+                    match queue.connection.poll() {
+                        Ok(Poll::Busy) | Err(_) => break,
+                        Ok(Poll::Ready(None)) => {
+                            queue.running = false;
+                            break;
+                        }
+                        Ok(Poll::Ready(Some(_))) => {}
+                    }
+                }
             }
+            let busy: Vec<&RemoteConnection> = self.queues.iter().filter(|q| q.running).map(|q| &*q.connection).collect();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if busy.is_empty() || left.is_zero() || wait_any_readable(&busy, Some(left)).is_err() {
+                break;
+            }
+        }
+        for queue in self.queues.iter_mut().filter(|q| q.running) {
+            queue.running = false;
+            queue.connection.cancel_and_drain(STOP_TIMEOUT);
         }
         self.leases.drain(..).for_each(remote::give_back);
     }
@@ -287,5 +308,7 @@ impl Drop for TaskRun {
     }
 }
 
+/// How long `TaskRun::stop` reads what its tasks still send before it cancels them.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(5);
 /// How long `TaskRun::stop` waits for a node to stop a task.
 const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
