@@ -153,8 +153,30 @@ pub unsafe extern "C-unwind" fn pg_sharding_utility_run(
     let Some((operation, targets)) = ours(pstmt).or_raise() else {
         return call.run_standard();
     };
+    not_streamed(operation.tag, &targets).or_raise();
     (operation.check)(call.statement(), &targets).or_raise();
     (operation.run)(&call, &targets).or_raise();
+}
+
+/// Statements that lock the shards exclusively while this session still streams rows of them
+/// (an open cursor): the stream's next tasks would wait for this transaction's own lock, so
+/// they are refused, as PostgreSQL refuses them for a table an open cursor reads.
+fn not_streamed(tag: pg_sys::NodeTag, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    use pg_sys::NodeTag::*;
+    let command = match tag {
+        T_TruncateStmt => "TRUNCATE",
+        T_AlterTableStmt | T_RenameStmt => "ALTER TABLE",
+        T_DropStmt => "DROP INDEX",
+        _ => return Ok(()),
+    };
+    match targets.iter().find(|t| crate::executor::remote_scan::is_streamed(t.relid)) {
+        Some(table) => Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            format!("cannot {command} \"{}\" because it is being used by active queries in this session", table.name),
+        )
+        .hint("Close the cursors reading the table first.")),
+        None => Ok(()),
+    }
 }
 
 /// SET LOCAL in a transaction block: the remote transactions get the value too.

@@ -337,6 +337,43 @@ struct Runtime {
     streamed: bool,
     /// The broadcast tables were read into the tasks' parameters (once per execution).
     broadcast_done: bool,
+    /// While the rows stream: the tables read (see `is_streamed`).
+    streamed_tables: Option<StreamedTables>,
+}
+
+thread_local! {
+    /// The tables of this backend's streams under way (once per stream).
+    static STREAMED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A stream's tables, registered while it runs.
+struct StreamedTables(Vec<u32>);
+
+impl StreamedTables {
+    fn register(tables: &[u32]) -> Self {
+        STREAMED.with(|s| s.borrow_mut().extend_from_slice(tables));
+        StreamedTables(tables.to_vec())
+    }
+}
+
+impl Drop for StreamedTables {
+    fn drop(&mut self) {
+        STREAMED.with(|s| {
+            let mut all = s.borrow_mut();
+            for table in &self.0 {
+                if let Some(at) = all.iter().position(|t| t == table) {
+                    all.swap_remove(at);
+                }
+            }
+        });
+    }
+}
+
+/// Whether a stream of this backend still reads `relid`'s shards: its tasks not yet sent will
+/// need the shards (a statement locking them exclusively in this transaction would make them
+/// wait for ever).
+pub fn is_streamed(relid: pg_sys::Oid) -> bool {
+    STREAMED.with(|s| s.borrow().contains(&relid.to_u32()))
 }
 
 #[pg_guard]
@@ -416,6 +453,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
         stream: None,
         streamed: false,
         broadcast_done: false,
+        streamed_tables: None,
         row_context: pg_sys::AllocSetContextCreateExtended(
             pg_sys::CurrentMemoryContext,
             c"ShardScan rows".as_ptr(),
@@ -795,6 +833,7 @@ unsafe fn start_stream(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime
     let Some(run) = tasks::TaskRun::start_streamed(&runtime.tasks)? else { return Ok(false) };
     runtime.stream = Some(run);
     runtime.streamed = true;
+    runtime.streamed_tables = Some(StreamedTables::register(&runtime.plan.relations));
     Ok(true)
 }
 
@@ -817,6 +856,7 @@ unsafe fn next_streamed(node: *mut pg_sys::CustomScanState, runtime: &mut Runtim
         pg_sys::ExecStoreVirtualTuple(slot);
     } else if finished {
         runtime.stream = None;
+        runtime.streamed_tables = None;
         runtime.filled = true;
     }
     Ok(slot)
@@ -1329,6 +1369,7 @@ unsafe extern "C-unwind" fn end(node: *mut pg_sys::CustomScanState) {
         if let Some(mut run) = runtime.stream.take() {
             run.stop();
         }
+        runtime.streamed_tables = None;
         pg_sys::tuplestore_end(runtime.store);
         pg_sys::ExecDropSingleTupleTableSlot(runtime.store_slot);
         pg_sys::MemoryContextDelete(runtime.row_context);
@@ -1349,6 +1390,7 @@ unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
         if let Some(mut run) = runtime.stream.take() {
             run.stop();
         }
+        runtime.streamed_tables = None;
         runtime.streamed = false;
         runtime.may_stream = false;
         runtime.filled = false;

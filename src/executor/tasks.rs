@@ -76,6 +76,10 @@ pub fn run(
     Ok(run.affected())
 }
 
+/// A node, the indexes of its tasks, and the connections to run them on (`true`: the node's
+/// session).
+type NodeConnections<'a> = (&'a Node, Vec<usize>, Vec<(Rc<RemoteConnection>, bool)>);
+
 /// The tasks' indexes by node, nodes in the order of their first task.
 fn by_node(tasks: &[Task]) -> Vec<(&Node, Vec<usize>)> {
     let mut nodes: Vec<(&Node, Vec<usize>)> = Vec::new();
@@ -127,7 +131,7 @@ impl TaskRun {
     }
 
     /// Deals each node's tasks out over its connections (`true`: the node's session).
-    fn new(connections: Vec<(&Node, Vec<usize>, Vec<(Rc<RemoteConnection>, bool)>)>, access: remote::Access, leases: Vec<remote::Leased>) -> Self {
+    fn new(connections: Vec<NodeConnections<'_>>, access: remote::Access, leases: Vec<remote::Leased>) -> Self {
         let mut queues = Vec::new();
         for (node, list, mine) in connections {
             let count = mine.len();

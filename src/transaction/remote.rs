@@ -423,8 +423,11 @@ thread_local! {
     static NEXT_STATEMENT: Cell<u64> = const { Cell::new(1) };
     /// Extra connections per node for parallel reads outside transaction blocks, with the
     /// settings last set on each.
-    static POOL: RefCell<BTreeMap<i32, Vec<(Rc<RemoteConnection>, Option<Vec<String>>)>>> = const { RefCell::new(BTreeMap::new()) };
+    static POOL: RefCell<BTreeMap<i32, Vec<PoolEntry>>> = const { RefCell::new(BTreeMap::new()) };
 }
+
+/// A pooled extra connection and the settings last set on it (None: unknown).
+type PoolEntry = (Rc<RemoteConnection>, Option<Vec<String>>);
 
 /// Up to `count` more autocommit connections to `node` for reads running in parallel with the
 /// session's own (opened on first use, kept afterwards, checked before reuse). A backend keeps
@@ -435,7 +438,7 @@ pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConne
     let role = connection::current_role();
     let limit = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
     let leased = LEASED.with(|l| l.borrow().get(&node.node_id).copied().unwrap_or(0));
-    let (mut taken, mut room): (Vec<(Rc<RemoteConnection>, Option<Vec<String>>)>, usize) = POOL.with(|p| {
+    let (mut taken, mut room): (Vec<PoolEntry>, usize) = POOL.with(|p| {
         let mut pool = p.borrow_mut();
         let entries = pool.entry(node.node_id).or_default();
         // Connections of another role, that the node closed, or left busy, go.

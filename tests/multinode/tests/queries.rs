@@ -665,6 +665,14 @@ fn multi_shard_reads_stream_rows_and_stop_their_tasks_when_no_longer_read() {
     assert_eq!(code, "22012");
     c.batch_execute("ROLLBACK TO SAVEPOINT a").unwrap();
     assert_eq!(active_tasks(&mut w), 1, "the cursor's task survives the subtransaction's abort");
+    // The cursor's tasks would wait for this transaction's own lock: refused, as PostgreSQL
+    // refuses it for a table an open cursor reads.
+    c.batch_execute("SAVEPOINT b").unwrap();
+    for statement in ["TRUNCATE s", "ALTER TABLE s ADD COLUMN w int"] {
+        let (code, message, ..) = expect_error(&mut c, statement);
+        assert_eq!(code, "55006", "{statement}: {message}");
+        c.batch_execute("ROLLBACK TO SAVEPOINT b").unwrap();
+    }
     // Closing the cursor stops the task that waits.
     c.batch_execute("CLOSE cur; COMMIT").unwrap();
     let mut left = i64::MAX;
