@@ -560,12 +560,7 @@ fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
          INSERT INTO t SELECT g, g FROM generate_series(1, 100) g;",
     )
     .unwrap();
-    let shard: i64 = scalar(&mut c, "SELECT sharding.shard_for_value('t', 1)");
-    let node_port: i32 = scalar(
-        &mut c,
-        &format!("SELECT n.port FROM sharding.dist_placement p JOIN sharding.dist_node n USING (node_id) WHERE p.shard_id = {shard}"),
-    );
-    let worker = (node_port as u16 - cluster.worker_port(1) + 1) as usize;
+    let (shard, worker) = shard_of_key_1(&cluster, &mut c, "t");
 
     // A lock on one shard holds the multi-shard scan; statement_timeout ends it everywhere.
     let mut holder = cluster.worker(worker);
@@ -576,15 +571,7 @@ fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
     let (code, _, _, _) = expect_error(&mut c, "UPDATE t SET v = v + 1");
     assert_eq!(code, "57014");
     let mut w = cluster.worker(worker);
-    let mut left = i64::MAX;
-    for _ in 0..50 {
-        left = scalar(&mut w, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg\\_sharding:%' AND state = 'active'");
-        if left == 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(left, 0, "the worker still runs the cancelled statement");
+    assert_eq!(active_tasks_after_a_while(&mut w), 0, "the worker still runs the cancelled statement");
     holder.batch_execute("ROLLBACK").unwrap();
     c.batch_execute("RESET statement_timeout").unwrap();
     let total: i64 = scalar(&mut c, "SELECT sum(v) FROM t");
@@ -604,9 +591,32 @@ fn statement_timeout_cancels_the_remote_work_and_dead_workers_are_named() {
     assert_eq!(count, 100);
 }
 
+/// The shard holding key 1 of `table`, and the number of the worker it is on.
+fn shard_of_key_1(cluster: &Cluster, c: &mut Client, table: &str) -> (i64, usize) {
+    let shard: i64 = scalar(c, &format!("SELECT sharding.shard_for_value('{table}', 1)"));
+    let port: i32 = scalar(
+        c,
+        &format!("SELECT n.port FROM sharding.dist_placement p JOIN sharding.dist_node n USING (node_id) WHERE p.shard_id = {shard}"),
+    );
+    (shard, (port as u16 - cluster.worker_port(1) + 1) as usize)
+}
+
 /// pg_sharding backends on a worker that are running a statement.
 fn active_tasks(w: &mut Client) -> i64 {
     scalar(w, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg\\_sharding:%' AND state = 'active'")
+}
+
+/// `active_tasks`, once it is 0 or after 5 s (a cancelled task takes a moment to end).
+fn active_tasks_after_a_while(w: &mut Client) -> i64 {
+    let mut left = active_tasks(w);
+    for _ in 0..50 {
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        left = active_tasks(w);
+    }
+    left
 }
 
 /// Temporary files this database has written so far (statistics flushed first).
@@ -626,12 +636,7 @@ fn multi_shard_reads_stream_rows_and_stop_their_tasks_when_no_longer_read() {
          INSERT INTO s SELECT g, repeat('x', 200) FROM generate_series(1, 3000) g;",
     )
     .unwrap();
-    let shard: i64 = scalar(&mut c, "SELECT sharding.shard_for_value('s', 1)");
-    let port: i32 = scalar(
-        &mut c,
-        &format!("SELECT n.port FROM sharding.dist_placement p JOIN sharding.dist_node n USING (node_id) WHERE p.shard_id = {shard}"),
-    );
-    let worker = (port as u16 - cluster.worker_port(1) + 1) as usize;
+    let (shard, worker) = shard_of_key_1(&cluster, &mut c, "s");
     let elsewhere = (2..3000)
         .find(|k| scalar::<i64>(&mut c, &format!("SELECT sharding.shard_for_value('s', {k})")) != shard)
         .expect("a key of another shard");
@@ -675,15 +680,7 @@ fn multi_shard_reads_stream_rows_and_stop_their_tasks_when_no_longer_read() {
     }
     // Closing the cursor stops the task that waits.
     c.batch_execute("CLOSE cur; COMMIT").unwrap();
-    let mut left = i64::MAX;
-    for _ in 0..50 {
-        left = active_tasks(&mut w);
-        if left == 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(left, 0, "the closed cursor's task still runs");
+    assert_eq!(active_tasks_after_a_while(&mut w), 0, "the closed cursor's task still runs");
     holder.batch_execute("ROLLBACK").unwrap();
     c.batch_execute("RESET sharding.max_connections_per_node").unwrap();
 
