@@ -89,23 +89,23 @@ pub unsafe fn for_each_rte(query: *mut pg_sys::Query, visit: &mut dyn FnMut(*mut
 }
 
 /// The relations a template's slots stand for, and how the lexer recognises them.
-struct SlotNames {
-    relations: Vec<pg_sys::Oid>,
+pub(crate) struct SlotNames {
+    pub(crate) relations: Vec<pg_sys::Oid>,
     names: Vec<(String, String)>,
 }
 
 impl SlotNames {
-    fn new(relations: Vec<pg_sys::Oid>) -> Result<Self> {
+    pub(crate) fn new(relations: Vec<pg_sys::Oid>) -> Result<Self> {
         let names = relations.iter().map(|&relid| relation_name(relid)).collect::<Result<_>>()?;
         Ok(Self { relations, names })
     }
 
-    fn lookup(&self, schema: &str, relation: &str) -> Option<usize> {
+    pub(crate) fn lookup(&self, schema: &str, relation: &str) -> Option<usize> {
         self.names.iter().position(|(s, r)| s == schema && r == relation)
     }
 }
 
-fn relation_name(relid: pg_sys::Oid) -> Result<(String, String)> {
+pub(crate) fn relation_name(relid: pg_sys::Oid) -> Result<(String, String)> {
     // SAFETY: syscache lookups; NULL results are checked.
     unsafe {
         let name = pg_sys::get_rel_name(relid);

@@ -116,6 +116,11 @@ pub struct Broadcast {
     pub route_column: Option<usize>,
     #[serde(default)]
     pub route_type: u32,
+    /// A row whose routing value is NULL fails (an INSERT of NULL into the distribution
+    /// column) instead of going nowhere when its column after the sent ones is true: MERGE
+    /// ... WHEN NOT MATCHED THEN INSERT (planner/merge.rs).
+    #[serde(default)]
+    pub null_key_fails: bool,
 }
 
 impl Broadcast {
@@ -982,7 +987,7 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
         let mut arrays = vec![ArrayLiteral::new(); broadcast.columns];
         let mut rows = 0usize;
         if let Some(query) = &broadcast.query {
-            let route = if broadcast.target_rows != 0 {
+            let route = if broadcast.target_rows != 0 || broadcast.route_column.is_some() {
                 Some(cache::table(pg_sys::Oid::from(plan.anchor))?.ok_or_else(|| {
                     ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "a table of this plan is no longer distributed")
                 })?)
@@ -992,7 +997,9 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
             let groups = intermediate_result(node, broadcast, query, route.as_deref())?;
             rows = groups.iter().map(|g| g.rows).sum();
             if route.is_some() {
-                runtime.chosen_rows = Some(rows as u64);
+                if broadcast.target_rows != 0 {
+                    runtime.chosen_rows = Some(rows as u64);
+                }
                 per_shard.push((broadcast, groups));
                 runtime.broadcast_rows.push(rows);
                 continue;
@@ -1267,14 +1274,17 @@ unsafe fn intermediate_result(
     if !broadcast.exists && natts < columns {
         return Err(ShardingError::internal(format!("an intermediate result has {natts} columns, expected {columns}")));
     }
+    // Rows to change carry their distribution value second (after the ctid); routed rows
+    // carry it in their route column.
+    let key = if broadcast.target_rows != 0 { 1 } else { broadcast.route_column.unwrap_or(0) };
     let route = match route {
-        Some(table) if natts >= 2 => {
-            let type_oid = (*(*tupdesc).attrs.as_ptr().add(1)).atttypid;
+        Some(table) if natts > key => {
+            let type_oid = (*(*tupdesc).attrs.as_ptr().add(key)).atttypid;
             let kind = crate::routing::DistKind::of_type(type_oid)
-                .ok_or_else(|| ShardingError::internal("the rows to change lack their distribution value"))?;
+                .ok_or_else(|| ShardingError::internal("the rows to route lack their distribution value"))?;
             Some((table, kind))
         }
-        Some(_) => return Err(ShardingError::internal("the rows to change lack their distribution value")),
+        Some(_) => return Err(ShardingError::internal("the rows to route lack their distribution value")),
         None => None,
     };
     let mut groups = vec![ResultGroup::new(0, columns)];
@@ -1294,11 +1304,21 @@ unsafe fn intermediate_result(
         let group = match route {
             None => &mut groups[0],
             Some((table, kind)) => {
-                let value = (!*(*slot).tts_isnull.add(1)).then(|| *(*slot).tts_values.add(1));
+                let value = (!*(*slot).tts_isnull.add(key)).then(|| *(*slot).tts_values.add(key));
+                if value.is_none() && broadcast.target_rows == 0 {
+                    let fails = broadcast.null_key_fails
+                        && natts > columns
+                        && !*(*slot).tts_isnull.add(columns)
+                        && (*(*slot).tts_values.add(columns)).value() != 0;
+                    if !fails {
+                        // Matches nothing anywhere, and nothing inserts it.
+                        continue;
+                    }
+                }
                 ResultGroup::of_shard(&mut groups, crate::routing::shard_for_value(table, value, kind)?, columns)
             }
         };
-        if route.is_some() {
+        if broadcast.target_rows != 0 {
             // The same row version, found through several join partners: changed once, with
             // the values of the first (PostgreSQL takes one of them too).
             if *(*slot).tts_isnull {

@@ -384,7 +384,7 @@ pub(super) unsafe fn unnest_parameter(type_oid: pg_sys::Oid, collation: pg_sys::
 }
 
 /// `unnest(NULL::integer[])`: a column nobody reads.
-unsafe fn unnest_nothing() -> *mut pg_sys::RangeTblFunction {
+pub(super) unsafe fn unnest_nothing() -> *mut pg_sys::RangeTblFunction {
     unnest_function(pg_sys::makeNullConst(pg_sys::INT4ARRAYOID, -1, pg_sys::InvalidOid).cast(), pg_sys::INT4OID, pg_sys::InvalidOid)
 }
 

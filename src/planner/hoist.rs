@@ -26,7 +26,7 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
     match (*node).type_ {
         // Sublinks and their queries stay as they are (they are checked whole later).
         T_Query | T_SubLink => return node,
-        T_TargetEntry | T_FromExpr | T_JoinExpr | T_List | T_RangeTblRef => {}
+        T_TargetEntry | T_FromExpr | T_JoinExpr | T_List | T_RangeTblRef | T_MergeAction => {}
         _ => {
             if pins::is_pin_value(node) && !shippable::shippable(node, shippable::Rules { whole_statement: true, row_identity: false }) {
                 let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();
@@ -57,6 +57,7 @@ pub unsafe fn hoist(parse: *mut pg_sys::Query, first_param: i32) -> (*mut pg_sys
     (*copy).targetList = mutate((*copy).targetList.cast(), context).cast();
     (*copy).jointree = mutate((*copy).jointree.cast(), context).cast();
     (*copy).returningList = mutate((*copy).returningList.cast(), context).cast();
+    (*copy).mergeActionList = mutate((*copy).mergeActionList.cast(), context).cast();
     for (_, expr) in &hoisting.hoisted {
         pg_sys::fix_opfuncids(*expr);
     }

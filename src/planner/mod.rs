@@ -11,6 +11,7 @@ pub mod chosen_rows;
 pub mod hoist;
 pub mod intermediate;
 pub mod local_write;
+pub mod merge;
 pub mod modifying_ctes;
 pub mod reference_rows;
 pub mod returning;

@@ -398,8 +398,7 @@ pub unsafe fn plan_statement(
         return push_down_subqueries(parse, query_string, cursor_options, bound_params);
     }
     if command == CMD_MERGE && (*parse).utilityStmt.is_null() {
-        merge(parse)?;
-        return Ok(None);
+        return merge(parse);
     }
     if !matches!(command, CMD_SELECT | CMD_UPDATE | CMD_DELETE) || !(*parse).utilityStmt.is_null() {
         return Ok(None);
@@ -609,16 +608,21 @@ pub unsafe fn plan_statement(
     Ok(Some(planned_statement(parse, &plan, exprs, &outputs, projection)?))
 }
 
-/// MERGE: into a distributed or reference table it is refused; into a local table it is
-/// PostgreSQL's plan, the distributed tables it reads read through subqueries (local_write.rs).
-unsafe fn merge(parse: *mut pg_sys::Query) -> Result<()> {
+/// MERGE: into a distributed table it runs on the shards (merge.rs), into a reference table it
+/// is refused; into a local table it is PostgreSQL's plan, the distributed tables it reads
+/// read through subqueries (local_write.rs).
+unsafe fn merge(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::PlannedStmt>> {
     let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
-    let Some(&target) = ((*parse).resultRelation as usize).checked_sub(1).and_then(|i| rtes.get(i)) else { return Ok(()) };
+    let Some(&target) = ((*parse).resultRelation as usize).checked_sub(1).and_then(|i| rtes.get(i)) else { return Ok(None) };
     if let Some(table) = cache::table_unless_reentrant((*target).relid)? {
-        return Err(unsupported(format!("MERGE into distributed table \"{}\" is not supported", table.name))
-            .hint("Use INSERT ... ON CONFLICT, or UPDATE ... FROM and INSERT ... SELECT."));
+        if table.method == Method::Reference {
+            return Err(unsupported(format!("MERGE into reference table \"{}\" is not supported", table.name))
+                .hint("Use INSERT ... ON CONFLICT, or UPDATE ... FROM and INSERT ... SELECT."));
+        }
+        return super::merge::plan(parse, &table).map(Some);
     }
-    super::local_write::wrap_distributed_tables(parse, false)
+    super::local_write::wrap_distributed_tables(parse, false)?;
+    Ok(None)
 }
 
 /// The plan of `rewritten`, a copy of `parse` that reads `broadcasts` (tables or intermediate
@@ -1322,7 +1326,7 @@ unsafe fn reference_plan(
 
 /// The PlannedStmt around a ShardScan whose tasks return `outputs`; the scan returns them, or
 /// evaluates `projection` over them when there is one.
-unsafe fn planned_statement(
+pub(super) unsafe fn planned_statement(
     parse: *mut pg_sys::Query,
     plan: &ShardScanPlan,
     exprs: Vec<*mut pg_sys::Node>,

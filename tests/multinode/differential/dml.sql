@@ -101,6 +101,17 @@ DELETE FROM notes n USING users u, orders o WHERE u.id = n.user_id AND o.user_id
 -- Volatile, with a subquery on a table that is not co-located (found by fuzz/dml.py).
 DELETE FROM items i USING users w WHERE w.id = i.user_id AND w.score > 20 AND random() >= 0 AND i.user_id < 60 AND i.user_id IN (SELECT owner FROM accounts WHERE balance > 60) RETURNING i.order_id, i.sku;
 MERGE INTO notes n USING users u ON u.id = n.user_id AND u.score > 40 WHEN MATCHED THEN UPDATE SET note = n.note || ' merged ' || u.region WHEN NOT MATCHED AND u.id < 20 THEN INSERT VALUES (u.id, 'from ' || u.name);
+-- MERGE into distributed tables: the source runs first, its rows go to the shards their key
+-- hashes to (planner/merge.rs). Sources: a local table, the target itself, VALUES with a
+-- NULL key and a key of another integer width, a join with a reference table, a quoted table.
+MERGE INTO users u USING (SELECT user_id, max(note) AS note FROM notes GROUP BY user_id) n ON n.user_id = u.id WHEN MATCHED THEN UPDATE SET score = u.score + length(n.note);
+MERGE INTO orders o USING (SELECT user_id, id, amount FROM orders WHERE status = 'paid') s ON o.user_id = s.user_id AND o.id = s.id WHEN MATCHED AND s.amount > 50 THEN UPDATE SET note = 'merged big' WHEN MATCHED THEN DELETE;
+MERGE INTO users u USING (VALUES (5, 'five'), (2001, 'new'), (NULL, 'none')) v(id, name) ON u.id = v.id WHEN MATCHED THEN UPDATE SET name = v.name WHEN NOT MATCHED AND v.id IS NOT NULL THEN INSERT (id, name, region) VALUES (v.id, v.name, 'eu');
+MERGE INTO items i USING (SELECT u.id AS user_id, r.label FROM users u JOIN regions r ON r.code = u.region) s ON i.user_id = s.user_id WHEN MATCHED AND i.qty > 5 THEN UPDATE SET sku = i.sku || s.label WHEN MATCHED AND i.qty = 2 THEN DO NOTHING WHEN MATCHED THEN UPDATE SET qty = i.qty + 100;
+MERGE INTO events e USING (SELECT id, kind, tag FROM events WHERE kind = 'buy') s ON e.id = s.id WHEN MATCHED THEN UPDATE SET tag = s.kind || coalesce(s.tag, '-'), payload = NULL;
+MERGE INTO "MixedCase" m USING (SELECT "Id" + 1 AS "Id", "Value" FROM "MixedCase" WHERE "select" = 1) s ON m."Id" = s."Id" WHEN MATCHED THEN UPDATE SET "Value" = s."Value" || '!' WHEN NOT MATCHED THEN INSERT ("Id", "Value", "select") VALUES (s."Id", s."Value", 7);
+MERGE INTO accounts a USING (SELECT id + 500 AS id, id AS owner FROM users WHERE id < 30) s ON a.id = s.id WHEN NOT MATCHED AND s.owner % 2 = 0 THEN DO NOTHING WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.owner, 1);
+MERGE INTO accounts a USING (SELECT owner, sum(balance) AS total FROM accounts GROUP BY owner) s ON a.id = s.owner WHEN MATCHED AND s.total > 100 THEN UPDATE SET balance = s.total WHEN MATCHED AND s.total IS NULL THEN DELETE;
 -- A reference table changed by what distributed tables, local tables or volatile functions
 -- give: the coordinator changes its copy, the workers' copies follow by primary key.
 UPDATE regions r SET label = coalesce(label, '?') || ' users ' || (SELECT count(*) FROM users u WHERE u.region = r.code) RETURNING code, label;

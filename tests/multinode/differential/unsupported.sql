@@ -11,6 +11,12 @@ UPDATE users u SET score = 1 FROM notes n WHERE n.user_id = u.id RETURNING (SELE
 WITH i AS (INSERT INTO items VALUES (1, 50, 'x', 1) RETURNING *) SELECT * FROM items WHERE user_id = 50;
 WITH u AS (UPDATE users SET id = 7 WHERE id = 5 RETURNING *) SELECT * FROM u;
 UPDATE users SET score = 1 WHERE CURRENT OF no_such_cursor;
-MERGE INTO users u USING notes n ON n.user_id = u.id WHEN MATCHED THEN UPDATE SET score = 0;
+MERGE INTO users u USING notes n ON n.note = u.name WHEN MATCHED THEN UPDATE SET score = 0;
+MERGE INTO users u USING notes n ON n.user_id = u.id WHEN NOT MATCHED THEN INSERT (id) VALUES (n.user_id + 1);
+MERGE INTO users u USING notes n ON n.user_id = u.id WHEN MATCHED THEN UPDATE SET id = n.user_id;
+MERGE INTO users u USING notes n ON n.user_id = u.id WHEN MATCHED AND u.id IN (SELECT user_id FROM orders) THEN DELETE;
+MERGE INTO users u USING notes n ON n.user_id = u.id WHEN MATCHED THEN UPDATE SET score = random() * 10;
+MERGE INTO users u USING notes n JOIN regions r ON r.code = n.note ON n.user_id = u.id WHEN MATCHED THEN DELETE;
+MERGE INTO regions r USING notes n ON n.note = r.code WHEN MATCHED THEN DELETE;
 WITH d AS (DELETE FROM items WHERE qty = 1 RETURNING *) SELECT count(*) FROM d JOIN items i ON i.order_id = d.order_id;
 WITH a AS (SELECT user_id FROM orders WHERE amount > 200), d AS (DELETE FROM items WHERE user_id IN (SELECT user_id FROM a) RETURNING *) SELECT count(*) FROM d;

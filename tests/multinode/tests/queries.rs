@@ -1054,3 +1054,83 @@ fn reference_tables_change_row_by_row_when_the_workers_cannot_run_the_statement(
     let copies = reference_copies(&cluster, "tags");
     assert!(copies.iter().all(|copy| *copy == copies[0]), "copies differ: {copies:?}");
 }
+
+#[test]
+fn merge_into_a_distributed_table_sends_each_source_row_to_its_shard() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE stock (id bigint PRIMARY KEY, item text NOT NULL, qty int NOT NULL, updated timestamptz DEFAULT now());
+         SELECT create_distributed_table('stock', 'id');
+         INSERT INTO stock (id, item, qty) SELECT g, 'item ' || g, 10 FROM generate_series(1, 100) g;
+         CREATE TABLE delivery (id bigint, qty int);
+         INSERT INTO delivery VALUES (1, 5), (2, -10), (150, 7), (NULL, 1);",
+    )
+    .unwrap();
+    let rows = |c: &mut Client, sql: &str| -> Vec<String> {
+        c.query(sql, &[]).unwrap().iter().map(|r| r.get::<_, String>(0)).collect()
+    };
+
+    // A delivery: matched rows change (or go), new ones are inserted on the shard of their id,
+    // the NULL key matches nothing and its WHEN NOT MATCHED clause skips it.
+    let merge = "MERGE INTO stock s USING delivery d ON s.id = d.id
+                   WHEN MATCHED AND s.qty + d.qty <= 0 THEN DELETE
+                   WHEN MATCHED THEN UPDATE SET qty = s.qty + d.qty
+                   WHEN NOT MATCHED AND d.id IS NOT NULL THEN INSERT (id, item, qty) VALUES (d.id, 'new', d.qty)";
+    assert_eq!(c.execute(merge, &[]).unwrap(), 3);
+    assert_eq!(
+        rows(&mut c, "SELECT id || ':' || qty FROM stock WHERE id IN (1, 2, 150) OR qty <> 10 ORDER BY id"),
+        ["1:15", "150:7"]
+    );
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM stock"), 100);
+    // The new row is on the shard its id hashes to: a router query for it finds it.
+    assert_eq!(task_count(&explain(&mut c, "SELECT * FROM stock WHERE id = 150")), [1]);
+    assert_eq!(scalar::<String>(&mut c, "SELECT item FROM stock WHERE id = 150"), "new");
+    // The column default (now()) is the coordinator's, the same for the whole transaction.
+    c.batch_execute("BEGIN").unwrap();
+    c.execute("MERGE INTO stock s USING (VALUES (151, 1)) d(id, qty) ON s.id = d.id WHEN NOT MATCHED THEN INSERT (id, item, qty) VALUES (d.id, 'x', d.qty)", &[])
+        .unwrap();
+    assert!(scalar::<bool>(&mut c, "SELECT updated = now() FROM stock WHERE id = 151"));
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM stock WHERE id = 151"), 0, "rolled back on its shard");
+
+    // An upsert through a prepared statement under a generic plan: one task, on the shard
+    // of the bound key.
+    c.batch_execute("SET plan_cache_mode = force_generic_plan").unwrap();
+    let upsert = c
+        .prepare(
+            "MERGE INTO stock s USING (SELECT $1::bigint AS id, $2::int AS qty) d ON s.id = d.id
+               WHEN MATCHED THEN UPDATE SET qty = s.qty + d.qty
+               WHEN NOT MATCHED THEN INSERT (id, item, qty) VALUES (d.id, 'upserted', d.qty)",
+        )
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(c.execute(&upsert, &[&300i64, &2i32]).unwrap(), 1);
+    }
+    assert_eq!(scalar::<i32>(&mut c, "SELECT qty FROM stock WHERE id = 300"), 6);
+    let plan = explain(&mut c, "ANALYZE MERGE INTO stock s USING (VALUES (3, 1)) d(id, qty) ON s.id = d.id WHEN MATCHED THEN UPDATE SET qty = 0");
+    assert_eq!(task_count(&plan), [1], "{plan}");
+    assert!(plan.contains("Intermediate Result"), "{plan}");
+    c.batch_execute("RESET plan_cache_mode").unwrap();
+
+    // As on one server: a target row matched twice fails (21000), and a NULL key that a
+    // WHEN NOT MATCHED clause would insert fails as an INSERT of NULL into the distribution
+    // column does (23502). Nothing of either statement stays.
+    let before: i64 = scalar(&mut c, "SELECT sum(qty) FROM stock");
+    let (code, message, ..) = expect_error(&mut c, "MERGE INTO stock s USING (VALUES (4, 1), (4, 2), (5, 1)) d(id, qty) ON s.id = d.id WHEN MATCHED THEN UPDATE SET qty = s.qty + d.qty");
+    assert_eq!(code, "21000", "{message}");
+    let (code, message, ..) = expect_error(&mut c, "MERGE INTO stock s USING delivery d ON s.id = d.id WHEN MATCHED THEN UPDATE SET qty = 0 WHEN NOT MATCHED THEN INSERT (id, item, qty) VALUES (d.id, 'n', d.qty)");
+    assert_eq!(code, "23502", "{message}");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT sum(qty) FROM stock"), before);
+
+    // What cannot run on the shards is refused with 0A000, naming the table.
+    for sql in [
+        "MERGE INTO stock s USING delivery d ON s.qty = d.qty WHEN MATCHED THEN DELETE",
+        "MERGE INTO stock s USING delivery d ON s.id = d.id WHEN NOT MATCHED THEN INSERT (id, item, qty) VALUES (d.id + 1, 'n', 1)",
+        "MERGE INTO stock s USING delivery d ON s.id = d.id WHEN MATCHED THEN UPDATE SET id = d.id",
+    ] {
+        let (code, message, ..) = expect_error(&mut c, sql);
+        assert_eq!(code, "0A000", "{sql}: {message}");
+        assert!(message.contains("\"stock\""), "{message}");
+    }
+}
