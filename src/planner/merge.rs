@@ -81,6 +81,10 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
     let mut inserts = false;
     for &action in &actions {
         let entries = list_pointers::<pg_sys::TargetEntry>((*action).targetList);
+        if entries.iter().any(|&e| assigns_part((*e).expr.cast())) {
+            return Err(unsupported(table, "setting array elements or fields of composite columns is not supported")
+                .hint("Set the whole column: SET col = ... ."));
+        }
         let entry = entries.iter().find(|e| (***e).resno == attno && !(***e).resjunk);
         match (*action).commandType {
             pg_sys::CmdType::CMD_UPDATE if entry.is_some() => {
@@ -94,8 +98,12 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
             pg_sys::CmdType::CMD_INSERT => {
                 inserts = true;
                 if !entry.is_some_and(|e| is_source_column((**e).expr.cast(), source, key.0)) {
+                    let type_name = CStr::from_ptr(pg_sys::format_type_with_typemod(table.distribution_type, distribution_typmod(table)))
+                        .to_string_lossy()
+                        .into_owned();
                     return Err(unsupported(table, &format!("must insert the source column it matches on into the distribution column \"{column}\""))
-                        .detail("Otherwise the new row could belong to another shard than the source row that made it."));
+                        .detail("Otherwise the new row could belong to another shard than the source row that made it; a conversion (a length limit) may change the value.")
+                        .hint(format!("Insert that column as it is, and give it the type of \"{column}\" in the source: USING (SELECT x::{type_name} AS {}, ...) s.", crate::deparse::quote::ident(&column))));
                 }
             }
             _ => {}
@@ -234,6 +242,27 @@ unsafe fn null_key_inserts(parse: *mut pg_sys::Query, key: i16, key_type: pg_sys
     (*test).nulltesttype = pg_sys::NullTestType::IS_NULL;
     (*test).location = -1;
     case(pg_sys::lappend(std::ptr::null_mut(), when(test.cast(), case(inner)).cast()))
+}
+
+/// Whether an action's new value assigns part of a column (`SET a[1] = ...`, `SET c.f = ...`).
+unsafe fn assigns_part(expr: *mut pg_sys::Node) -> bool {
+    let node = strip_relabel(expr);
+    if node.is_null() {
+        return false;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_SubscriptingRef => !(*node.cast::<pg_sys::SubscriptingRef>()).refassgnexpr.is_null(),
+        pg_sys::NodeTag::T_FieldStore => true,
+        pg_sys::NodeTag::T_CoerceToDomain => assigns_part((*node.cast::<pg_sys::CoerceToDomain>()).arg.cast()),
+        _ => false,
+    }
+}
+
+/// The typmod of a table's distribution column.
+unsafe fn distribution_typmod(table: &DistributedTable) -> i32 {
+    let (mut type_oid, mut typmod, mut collation) = (pg_sys::InvalidOid, -1, pg_sys::InvalidOid);
+    pg_sys::get_atttypetypmodcoll(table.relid, table.distribution_attnum.unwrap_or(0), &mut type_oid, &mut typmod, &mut collation);
+    typmod
 }
 
 /// Whether `expr` is column `attno` of the source, perhaps cast between integer types or

@@ -2,7 +2,7 @@
 # Random differential queries: starts a coordinator + 2 workers, loads the differential dataset
 # (tests/multinode/differential/) distributed (schema d) and as plain tables (schema l), runs the
 # generators with a few seeds and prints every query whose results differ (dml.py: every UPDATE
-# or DELETE whose RETURNING rows or resulting table differ). Not part of make test.
+# or DELETE whose RETURNING rows or resulting table differ; merge.py: every MERGE whose target differs). Not part of make test.
 #   bash tests/multinode/fuzz/run.sh [--seeds N] [--first SEED] [--queries N]
 # Needs pg_sharding installed (make install) and python3.
 set -euo pipefail
@@ -31,7 +31,7 @@ for s in d l; do
 done
 failed=0
 for seed in $(seq "$first" $((first + seeds - 1))); do
-    for generator in aggregates subqueries shapes dml inserts transactions; do
+    for generator in aggregates subqueries shapes dml merge inserts transactions; do
         out=$(FUZZ_PORT=$port python3 "tests/multinode/fuzz/$generator.py" "$seed" "$queries")
         echo "$generator seed $seed: $(echo "$out" | tail -1)"
         if ! echo "$out" | tail -1 | grep -q "failures 0$"; then
