@@ -32,7 +32,7 @@ pub unsafe fn deparse_merge(query: *mut pg_sys::Query, slot_source: bool) -> Res
         .copied()
         .ok_or_else(|| ShardingError::internal("a MERGE without its target"))?;
     let source_rti = source_index(copy).ok_or_else(|| ShardingError::internal("a MERGE source of more than one range table entry"))?;
-    let source = rtes[source_rti - 1];
+    let source = rtes.get(source_rti.wrapping_sub(1)).copied().ok_or_else(|| ShardingError::internal("a MERGE source outside the range table"))?;
 
     let mut relations = vec![(*target).relid];
     (*target).alias = pg_sys::makeAlias(alias(1)?.as_ptr(), std::ptr::null_mut());

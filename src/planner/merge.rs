@@ -46,7 +46,8 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
         return Err(unsupported(table, "under row-level security is not supported yet"));
     }
     let target = (*parse).resultRelation as u32;
-    let Some(source) = source_index(parse).map(|s| s as u32) else {
+    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
+    let Some(source) = source_index(parse).filter(|&s| s >= 1 && s <= rtes.len()).map(|s| s as u32) else {
         return Err(unsupported(table, "with a join as its source is not supported")
             .hint("Put the join in a subquery: USING (SELECT ... FROM a JOIN b ON ...) s."));
     };
@@ -56,7 +57,6 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
     }
     // now(), current_setting() and the like: computed here, once (hoist.rs), as parameters
     // after those of the source's columns.
-    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
     let width = list_pointers::<pg_sys::String>((*(*rtes[source as usize - 1]).eref).colnames).len();
     let mut user_params = Vec::new();
     collect_params(parse.cast(), &mut user_params);
