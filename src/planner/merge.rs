@@ -63,7 +63,15 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
     let first_param = user_params.iter().copied().max().unwrap_or(0) + 1;
     // The source's columns the statement reads, by number, with their types.
     let columns = source_columns(parse, source).ok_or_else(|| unsupported(table, "reading whole rows or system columns of its source is not supported"))?;
-    let (shipped, hoisted) = super::hoist::hoist(parse, first_param + columns.len() as i32);
+    // The source column the distribution column is equated with routes the source rows.
+    let key = route_key((*(*parse).jointree).quals, target, attno, source, table).ok_or_else(|| {
+        unsupported(table, "needs an ON condition that equates its distribution column with a column of the source")
+            .detail(format!("Each source row must be matched by the shard of its value of \"{column}\"."))
+            .hint(format!("Add ON target.{column} = source.column, with columns of the same type."))
+    })?;
+    // A co-located table joined on its distribution column is read where it is.
+    let in_place = colocated_source(rtes[source as usize - 1], key.0, table)?;
+    let (shipped, hoisted) = super::hoist::hoist(parse, first_param + if in_place { 0 } else { columns.len() as i32 });
     let actions = list_pointers::<pg_sys::MergeAction>((*shipped).mergeActionList);
     let quals = (*(*shipped).jointree).quals;
     let rules = shippable::Rules { whole_statement: true, row_identity: false };
@@ -72,12 +80,6 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
             .detail("random(), nextval() (a serial column's default too) and volatile user-defined functions would be evaluated on the workers."));
     }
 
-    // The source column the distribution column is equated with routes the source rows.
-    let key = route_key(quals, target, attno, source, table).ok_or_else(|| {
-        unsupported(table, "needs an ON condition that equates its distribution column with a column of the source")
-            .detail(format!("Each source row must be matched by the shard of its value of \"{column}\"."))
-            .hint(format!("Add ON target.{column} = source.column, with columns of the same type."))
-    })?;
     let mut inserts = false;
     for &action in &actions {
         let entries = list_pointers::<pg_sys::TargetEntry>((*action).targetList);
@@ -110,6 +112,19 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
         }
     }
 
+    let mut exprs = Vec::new();
+    let mut hoisted_params = Vec::new();
+    for (id, expr) in hoisted {
+        hoisted_params.push((id, exprs.len()));
+        exprs.push(expr);
+    }
+    if in_place {
+        // Each shard group runs the statement over its own rows of both tables.
+        let deparsed = deparse_merge(shipped, true)?;
+        let mut plan = shard_plan(&deparsed, shipped, table);
+        plan.hoisted = hoisted_params;
+        return super::router::planned_statement(parse, &plan, exprs, &[], std::ptr::null_mut());
+    }
     if let Some(&(_, type_oid, _, _)) = columns.iter().find(|c| !sendable_type(c.1)) {
         let name = CStr::from_ptr(pg_sys::format_type_be(type_oid)).to_string_lossy().into_owned();
         return Err(unsupported(table, &format!("cannot send source values of type {name} to the shards"))
@@ -140,13 +155,8 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
     let rewritten: *mut pg_sys::Query = pg_sys::copyObjectImpl(shipped.cast()).cast();
     replace_source(rewritten, source, width, &columns, first_param)?;
     let deparsed = deparse_merge(rewritten, false)?;
-    let mut plan = ShardScanPlan::from_deparsed(&deparsed, table.relid);
-    let mut params_used = Vec::new();
-    collect_params(rewritten.cast(), &mut params_used);
-    plan.max_param = params_used.iter().copied().max().unwrap_or(0);
-    plan.params_used = params_used;
-    plan.modify = true;
-    plan.binary = true;
+    let mut plan = shard_plan(&deparsed, rewritten, table);
+    plan.hoisted = hoisted_params;
 
     let shown = {
         let _settings = TransmissionSettings::enter();
@@ -163,14 +173,37 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
         null_key_fails: inserts,
         ..Default::default()
     };
-    let mut exprs = Vec::new();
-    for (id, expr) in hoisted {
-        plan.hoisted.push((id, exprs.len()));
-        exprs.push(expr);
-    }
     let planned = super::router::planned_statement(parse, &plan, exprs, &[], std::ptr::null_mut())?;
     add_broadcasts((*planned).planTree, vec![broadcast])?;
     Ok(planned)
+}
+
+/// The tasks' plan of a MERGE printed for the shards (`query`: the statement printed).
+unsafe fn shard_plan(deparsed: &crate::deparse::query::DeparsedQuery, query: *mut pg_sys::Query, table: &DistributedTable) -> ShardScanPlan {
+    let mut plan = ShardScanPlan::from_deparsed(deparsed, table.relid);
+    let mut params_used = Vec::new();
+    collect_params(query.cast(), &mut params_used);
+    plan.max_param = params_used.iter().copied().max().unwrap_or(0);
+    plan.params_used = params_used;
+    plan.modify = true;
+    plan.binary = true;
+    plan
+}
+
+/// Whether the source is a table co-located with the target whose distribution column is the
+/// routing column `key`: its rows are then already on the shard of their key, and each shard
+/// group can run the MERGE as it is (unless row-level security applies to it: its policies
+/// are not printed).
+unsafe fn colocated_source(rte: *mut pg_sys::RangeTblEntry, key: i16, target: &DistributedTable) -> Result<bool> {
+    if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || !(*rte).tablesample.is_null() {
+        return Ok(false);
+    }
+    let Some(source) = crate::catalog::cache::table((*rte).relid)? else { return Ok(false) };
+    Ok(source.method == crate::catalog::tables::Method::Hash
+        && source.colocation_id.is_some()
+        && source.colocation_id == target.colocation_id
+        && source.distribution_attnum == Some(key)
+        && pg_sys::check_enable_rls(source.relid, pg_sys::InvalidOid, true) != pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32)
 }
 
 /// The source column (number, type) that a conjunct of the ON condition equates with the

@@ -111,6 +111,8 @@ MERGE INTO items i USING (SELECT u.id AS user_id, r.label FROM users u JOIN regi
 MERGE INTO events e USING (SELECT id, kind, tag FROM events WHERE kind = 'buy') s ON e.id = s.id WHEN MATCHED THEN UPDATE SET tag = s.kind || coalesce(s.tag, '-'), payload = NULL;
 MERGE INTO "MixedCase" m USING (SELECT "Id" + 1 AS "Id", "Value" FROM "MixedCase" WHERE "select" = 1) s ON m."Id" = s."Id" WHEN MATCHED THEN UPDATE SET "Value" = s."Value" || '!' WHEN NOT MATCHED THEN INSERT ("Id", "Value", "select") VALUES (s."Id", s."Value", 7);
 MERGE INTO accounts a USING (SELECT id + 500 AS id, id AS owner FROM users WHERE id < 30) s ON a.id = s.id WHEN NOT MATCHED AND s.owner % 2 = 0 THEN DO NOTHING WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.owner, 1);
+MERGE INTO users u USING users s ON u.id = s.id AND s.score > 50 WHEN MATCHED AND s.region = 'eu' THEN DELETE WHEN MATCHED THEN UPDATE SET score = s.score - 1, name = u.name || s.region;
+MERGE INTO items i USING orders o ON i.user_id = o.user_id AND i.order_id = o.id AND o.amount > 100 WHEN MATCHED THEN UPDATE SET sku = i.sku || o.status;
 MERGE INTO accounts a USING (SELECT owner, sum(balance) AS total FROM accounts GROUP BY owner) s ON a.id = s.owner WHEN MATCHED AND s.total > 100 THEN UPDATE SET balance = s.total WHEN MATCHED AND s.total IS NULL THEN DELETE;
 -- A reference table changed by what distributed tables, local tables or volatile functions
 -- give: the coordinator changes its copy, the workers' copies follow by primary key.

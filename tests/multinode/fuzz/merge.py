@@ -1,5 +1,5 @@
 """Random MERGE statements into the distributed tables of the differential dataset: sources that
-are local, distributed (aggregated, limited, self-reads), reference-table joins and VALUES lists
+are local, distributed (aggregated, limited, self-reads, a co-located table read in place), reference-table joins and VALUES lists
 with NULL keys and keys of another integer width; random WHEN MATCHED / WHEN NOT MATCHED clauses
 with conditions on either side. Each runs in a transaction on the distributed (d) and local (l)
 copies, then rolled back; the target's contents afterwards must be the same. Prints every
@@ -30,6 +30,8 @@ sources = [
     "(SELECT owner AS k, count(*)::int AS n, 'acc' AS t FROM accounts GROUP BY owner) s",
     "(SELECT id AS k, score AS n, name AS t FROM users ORDER BY score DESC NULLS LAST, id LIMIT {x}) s",
     "(SELECT \"Id\" + 1 AS k, \"select\" AS n, \"Value\" AS t FROM \"MixedCase\") s",
+    # a table as it is (co-located with users, orders and items: read on the shards)
+    "users s(k, t, r, n)",
 ]
 
 failures = refused = ran = 0

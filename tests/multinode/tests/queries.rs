@@ -1133,4 +1133,23 @@ fn merge_into_a_distributed_table_sends_each_source_row_to_its_shard() {
         assert_eq!(code, "0A000", "{sql}: {message}");
         assert!(message.contains("\"stock\""), "{message}");
     }
+
+    // A co-located source joined on the distribution column is read on the shards: no
+    // intermediate result, each shard group merges its own rows.
+    c.batch_execute(
+        "CREATE TABLE stock_delta (id bigint, qty int);
+         SELECT create_distributed_table('stock_delta', 'id', colocate_with => 'stock');
+         INSERT INTO stock_delta VALUES (10, 1), (11, -10), (400, 4);",
+    )
+    .unwrap();
+    let merge = "MERGE INTO stock s USING stock_delta d ON s.id = d.id
+                   WHEN MATCHED AND s.qty + d.qty <= 0 THEN DELETE
+                   WHEN MATCHED THEN UPDATE SET qty = s.qty + d.qty
+                   WHEN NOT MATCHED THEN INSERT (id, item, qty) VALUES (d.id, 'delta', d.qty)";
+    let plan = explain(&mut c, merge);
+    assert!(!plan.contains("Intermediate Result") && plan.contains("USING public.stock_delta_"), "{plan}");
+    let count: i64 = scalar(&mut c, "SELECT count(*) FROM stock");
+    assert_eq!(c.execute(merge, &[]).unwrap(), 3);
+    assert_eq!(rows(&mut c, "SELECT id || ':' || qty FROM stock WHERE id IN (10, 11, 400) ORDER BY id"), ["10:11", "400:4"]);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM stock"), count);
 }
