@@ -67,7 +67,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
     let key = route_key((*(*parse).jointree).quals, target, attno, source, table).ok_or_else(|| {
         unsupported(table, "needs an ON condition that equates its distribution column with a column of the source")
             .detail(format!("Each source row must be matched by the shard of its value of \"{column}\"."))
-            .hint(format!("Add ON target.{column} = source.column, with columns of the same type."))
+            .hint(format!("Add ON target.{} = source.column, with columns of the same type.", crate::deparse::quote::ident(&column)))
     })?;
     // A co-located table joined on its distribution column is read where it is.
     let in_place = colocated_source(rtes[source as usize - 1], key.0, table)?;

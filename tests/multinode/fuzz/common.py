@@ -36,3 +36,21 @@ def compare(statement, table):
             print("  table contents differ:", len(cl), len(cd))
         return "differs"
     return "same"
+
+
+class Tally:
+    """What the generators print last: how many statements ran, were refused, differed."""
+
+    def __init__(self):
+        self.ran = self.refused = self.failures = 0
+
+    def add(self, statement, table):
+        outcome = compare(statement, table)
+        if outcome is None:
+            return
+        self.ran += 1
+        self.refused += outcome == "refused"
+        self.failures += outcome == "differs"
+
+    def report(self, n):
+        print("done", n, "ran", self.ran, "refused", self.refused, "failures", self.failures)

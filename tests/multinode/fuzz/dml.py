@@ -5,7 +5,7 @@ RETURNING) run in a transaction on the distributed
 target table's contents afterwards must be the same. Prints every difference and every statement
 the distributed side refuses. Usage: dml.py SEED COUNT (FUZZ_PORT: the coordinator port)."""
 import random, sys
-from common import compare
+from common import Tally
 random.seed(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 
@@ -49,7 +49,7 @@ others = [
   ("regions r", "r.code = 'eu'", None),
 ]
 
-failures = refused = ran = 0
+tally = Tally()
 for i in range(N):
     table, alias, uid, sets, shown = random.choice(targets)
     if random.random() < 0.2:
@@ -73,10 +73,5 @@ for i in range(N):
                 assignment = f"{column} = {other[2]}"
         from_clause = f" FROM {other_clause}" if other_clause else ""
         statement = f"UPDATE {table} {alias} SET {assignment}{from_clause} WHERE {' AND '.join(where)} RETURNING {shown}"
-    outcome = compare(statement, table)
-    if outcome is None:
-        continue
-    ran += 1
-    refused += outcome == "refused"
-    failures += outcome == "differs"
-print("done", N, "ran", ran, "refused", refused, "failures", failures)
+    tally.add(statement, table)
+tally.report(N)

@@ -6,7 +6,7 @@ differential dataset, then rolled back; the RETURNING rows and the target table'
 afterwards must be the same. Prints every difference and every statement the distributed side
 refuses. Usage: inserts.py SEED COUNT (FUZZ_PORT: the coordinator port)."""
 import random, sys
-from common import compare
+from common import Tally
 random.seed(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 
@@ -40,7 +40,7 @@ targets = [
     ("items", "order_id, user_id, qty, sku", None, None, "order_id, user_id, sku"),
 ]
 
-failures = refused = ran = 0
+tally = Tally()
 for i in range(N):
     table, columns, conflict, update, shown = random.choice(targets)
     cols = columns.split(", ")
@@ -65,10 +65,5 @@ for i in range(N):
                                     f" ON CONFLICT {conflict} DO UPDATE SET {update}"])
     if random.random() < 0.5:
         statement += f" RETURNING {shown}"
-    outcome = compare(statement, table)
-    if outcome is None:
-        continue
-    ran += 1
-    refused += outcome == "refused"
-    failures += outcome == "differs"
-print("done", N, "ran", ran, "refused", refused, "failures", failures)
+    tally.add(statement, table)
+tally.report(N)

@@ -6,7 +6,7 @@ copies, then rolled back; the target's contents afterwards must be the same. Pri
 difference and every statement the distributed side refuses.
 Usage: merge.py SEED COUNT (FUZZ_PORT: the coordinator port)."""
 import random, sys
-from common import compare
+from common import Tally
 random.seed(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 
@@ -34,7 +34,7 @@ sources = [
     "users s(k, t, r, n)",
 ]
 
-failures = refused = ran = 0
+tally = Tally()
 for i in range(N):
     table, alias, key, num, text, insert = random.choice(targets)
     source = random.choice(sources).format(x=random.randint(1, 60))
@@ -56,10 +56,5 @@ for i in range(N):
     # Unconditional clauses last (one server refuses clauses after them).
     clauses.sort(key=lambda c: " AND " not in c.split(" THEN ")[0])
     statement = f"MERGE INTO {table} {alias} USING {source} ON {on} {' '.join(clauses)}"
-    outcome = compare(statement, table)
-    if outcome is None:
-        continue
-    ran += 1
-    refused += outcome == "refused"
-    failures += outcome == "differs"
-print("done", N, "ran", ran, "refused", refused, "failures", failures)
+    tally.add(statement, table)
+tally.report(N)
