@@ -8,6 +8,8 @@ CREATE TABLE sharding.dist_node (
     region             text,
     is_active          boolean NOT NULL DEFAULT true,
     system_identifier  bigint,
+    -- This coordinator itself: its placements run in the coordinator's own backends.
+    is_coordinator     boolean NOT NULL DEFAULT false,
     added_at           timestamptz NOT NULL DEFAULT now(),
     UNIQUE (host, port)
 );
@@ -64,7 +66,7 @@ SELECT pg_catalog.pg_extension_config_dump('sharding.dist_shard', '');
 SELECT pg_catalog.pg_extension_config_dump('sharding.dist_placement', '');
 
 CREATE VIEW sharding.nodes AS
-    SELECT node_id, host, port, region, is_active
+    SELECT node_id, host, port, region, is_active, is_coordinator
     FROM sharding.dist_node
     ORDER BY node_id;
 

@@ -31,6 +31,19 @@ where
     Ok(pgrx::Spi::connect(|client| client.select(sql, Some(1), args)?.first().get_two::<A, B>())?)
 }
 
+/// The first row's first three columns of `sql`.
+pub fn read_three<A, B, C>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> crate::error::Result<(Option<A>, Option<B>, Option<C>)>
+where
+    A: pgrx::FromDatum + pgrx::IntoDatum,
+    B: pgrx::FromDatum + pgrx::IntoDatum,
+    C: pgrx::FromDatum + pgrx::IntoDatum,
+{
+    Ok(pgrx::Spi::connect(|client| client.select(sql, Some(1), args)?.first().get_three::<A, B, C>())?)
+}
+
 /// Runs catalog writes with the extension owner's rights when the caller is not a superuser:
 /// the commands check what the caller may do (ownership of the table), and the catalog itself
 /// stays closed to direct writes. The previous user is restored afterwards (and by abort).

@@ -13,9 +13,12 @@ pub struct Node {
     pub region: Option<String>,
     pub is_active: bool,
     pub system_identifier: Option<i64>,
+    /// This coordinator itself: statements for its placements run in the backend, in its own
+    /// transaction (see connection/local.rs), never over a connection.
+    pub is_coordinator: bool,
 }
 
-const NODE_COLUMNS: &str = "node_id, host, port, region, is_active, system_identifier";
+const NODE_COLUMNS: &str = "node_id, host, port, region, is_active, system_identifier, is_coordinator";
 
 fn node_from_row(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<Node> {
     Ok(Node {
@@ -25,6 +28,7 @@ fn node_from_row(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<Node> {
         region: row.get::<String>(4)?,
         is_active: row.get::<bool>(5)?.unwrap_or(false),
         system_identifier: row.get::<i64>(6)?,
+        is_coordinator: row.get::<bool>(7)?.unwrap_or(false),
     })
 }
 
@@ -57,17 +61,18 @@ pub fn insert(
     port: i32,
     region: Option<&str>,
     system_identifier: i64,
+    is_coordinator: bool,
 ) -> Result<i32> {
     // No row limit here: with a limit, the executor stops at the first RETURNING row and the
     // AFTER STATEMENT trigger that invalidates every backend's cache never fires.
     let node_id = Spi::connect_mut(|client| {
         client
             .update(
-                "INSERT INTO sharding.dist_node (node_id, host, port, region, system_identifier)
-                 VALUES (nextval('sharding.dist_node_id_seq'), $1, $2, $3, $4)
+                "INSERT INTO sharding.dist_node (node_id, host, port, region, system_identifier, is_coordinator)
+                 VALUES (nextval('sharding.dist_node_id_seq'), $1, $2, $3, $4, $5)
                  RETURNING node_id",
                 None,
-                &[host.into(), port.into(), region.into(), system_identifier.into()],
+                &[host.into(), port.into(), region.into(), system_identifier.into(), is_coordinator.into()],
             )?
             .first()
             .get_one::<i32>()

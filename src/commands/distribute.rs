@@ -748,7 +748,7 @@ pub fn placement_figures() -> Result<Vec<PlacementFigures>> {
             shards.iter().map(|(id, _)| PlacementFigures { shard_id: *id, node_id, bytes: None, rows: None }).collect::<Vec<_>>()
         };
         let Ok(node) = node_by_id(&nodes, node_id) else { continue };
-        let Ok(connection) = crate::connection::connect_to_node(&node.host, node.port) else {
+        let Ok(connection) = crate::connection::connect_to(node) else {
             figures.extend(unknown(&shards));
             continue;
         };

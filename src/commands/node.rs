@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use pgrx::prelude::*;
-use sharding_core::node_check::{self, KnownNode, NodeFacts, Rejection};
+use sharding_core::node_check::{self, Admission, CoordinatorFacts, KnownNode, NodeFacts, Rejection};
 
 use super::{require_superuser, required};
 use crate::catalog::{cache, nodes};
@@ -15,7 +15,8 @@ const NODE_FACTS_QUERY: &str = "SELECT
     (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_sharding'),
     pg_catalog.current_setting('max_prepared_transactions')::bigint,
     pg_catalog.pg_is_in_recovery(),
-    (SELECT system_identifier FROM pg_catalog.pg_control_system())";
+    (SELECT system_identifier FROM pg_catalog.pg_control_system()),
+    (extract(epoch FROM pg_catalog.pg_postmaster_start_time()) * 1000000)::bigint";
 
 fn validate_address(host: &str, port: i32) -> Result<()> {
     if host.trim().is_empty() {
@@ -53,20 +54,24 @@ fn remote_facts(connection: &RemoteConnection, host: &str, port: i32) -> Result<
         max_prepared_transactions: parse(rows.value(0, 1), "max_prepared_transactions")?,
         in_recovery: rows.value(0, 2) == Some("t"),
         system_identifier: parse(rows.value(0, 3), "system_identifier")?,
+        started_at: parse(rows.value(0, 4), "postmaster start time")?,
     })
 }
 
-/// The coordinator's own extension version, system identifier and port.
-fn coordinator_facts() -> Result<(String, i64, i32)> {
-    let (version, system_id) = crate::catalog::read_two::<String, i64>(
+/// The coordinator's own extension version, system identifier, port and start time.
+fn coordinator_facts() -> Result<CoordinatorFacts> {
+    let (version, system_id, started_at) = crate::catalog::read_three::<String, i64, i64>(
         "SELECT (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_sharding'),
-                (SELECT system_identifier FROM pg_catalog.pg_control_system())",
+                (SELECT system_identifier FROM pg_catalog.pg_control_system()),
+                (extract(epoch FROM pg_catalog.pg_postmaster_start_time()) * 1000000)::bigint",
         &[],
     )?;
     // SAFETY: PostPortNumber is a plain int set at postmaster start.
     let port = unsafe { *std::ptr::addr_of!(pg_sys::PostPortNumber) };
-    match (version, system_id) {
-        (Some(version), Some(system_id)) => Ok((version, system_id, port)),
+    match (version, system_id, started_at) {
+        (Some(version), Some(system_identifier), Some(started_at)) => {
+            Ok(CoordinatorFacts { version, system_identifier, port, started_at })
+        }
         _ => Err(ShardingError::internal("pg_sharding is not installed in this database")),
     }
 }
@@ -97,11 +102,6 @@ fn rejection_error(rejection: Rejection, host: &str, port: i32) -> ShardingError
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("node {node} is a standby in recovery and cannot hold shards"),
         ),
-        Rejection::IsCoordinator => ShardingError::new(
-            ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("node {node} is this coordinator"),
-        )
-        .hint("Add worker servers; the coordinator does not need to be registered."),
         Rejection::SameServerAs { node_id, host: known_host, port: known_port } => ShardingError::new(
             ERRCODE_DUPLICATE_OBJECT,
             format!(
@@ -121,7 +121,7 @@ fn add_node_impl(host: &str, port: i32, region: Option<&str>) -> Result<i32> {
             format!("node {host}:{port} is already registered as node {}", existing.node_id),
         ));
     }
-    let (version, coordinator_id, coordinator_port) = coordinator_facts()?;
+    let coordinator = coordinator_facts()?;
     let connection = connection::connect_to_node(host, port)?;
     let facts = remote_facts(&connection, host, port)?;
     drop(connection);
@@ -135,9 +135,13 @@ fn add_node_impl(host: &str, port: i32, region: Option<&str>) -> Result<i32> {
             system_identifier: n.system_identifier,
         })
         .collect();
-    node_check::check_node(&facts, port, &version, coordinator_id, coordinator_port, &known)
-        .map_err(|rejection| rejection_error(rejection, host, port))?;
-    let node_id = nodes::insert(host, port, region, facts.system_identifier)?;
+    let admission =
+        node_check::check_node(&facts, port, &coordinator, &known).map_err(|rejection| rejection_error(rejection, host, port))?;
+    let is_coordinator = admission == Admission::Coordinator;
+    if is_coordinator {
+        pgrx::notice!("node {host}:{port} is this coordinator: statements for its placements run in the coordinator's own backends, inside their transactions");
+    }
+    let node_id = nodes::insert(host, port, region, facts.system_identifier, is_coordinator)?;
     // Reference tables have a copy on every node, the new one included.
     let node = nodes::find(host, port)?.ok_or_else(|| ShardingError::internal("the new node vanished"))?;
     super::distribute::replicate_reference_tables_to(&node)?;

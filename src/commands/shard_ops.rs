@@ -250,6 +250,20 @@ fn cleanup_old_placements_sql() -> i64 {
     .or_raise()
 }
 
+/// Shards on the coordinator itself stay where they are: moving or splitting them is not
+/// supported yet (0A000).
+pub fn refuse_coordinator(nodes: &[&Node], what: &str) -> Result<()> {
+    match nodes.iter().find(|n| n.is_coordinator) {
+        Some(node) => Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("shards on the coordinator ({}:{}) cannot be {what}", node.host, node.port),
+        )
+        .detail("Placements on the coordinator run in its own backends; shard moves and splits reach nodes over connections.")
+        .hint("Keep the coordinator's shards where they are, or undistribute and distribute the table again without the coordinator.")),
+        None => Ok(()),
+    }
+}
+
 pub fn move_group(shard_id: i64, target_id: i32, mode: MoveMode) -> Result<()> {
     // One move of a group at a time; concurrent node changes wait.
     nodes::lock_for_change()?;
@@ -266,6 +280,7 @@ pub fn move_group(shard_id: i64, target_id: i32, mode: MoveMode) -> Result<()> {
     let source = nodes::load_all()?.into_iter().find(|n| n.node_id == group.source).ok_or_else(|| {
         ShardingError::internal(format!("the node {} of shard {shard_id} is not registered", group.source))
     })?;
+    refuse_coordinator(&[&source, &target], "moved")?;
     let tables: Vec<pg_sys::Oid> = group.shards.iter().map(|s| s.relid).collect();
     let online = match mode {
         MoveMode::Online => {
@@ -400,7 +415,7 @@ fn next_drain_move(node: &Node, host: &str, port: i32) -> Result<Option<(i64, i3
 fn current_layout(table: Option<pg_sys::Oid>) -> Result<(Vec<i32>, Vec<Vec<GroupPlacement>>)> {
     let nodes = Spi::connect(|client| -> Result<Vec<i32>> {
         client
-            .select("SELECT node_id FROM sharding.dist_node WHERE is_active ORDER BY node_id", None, &[])?
+            .select("SELECT node_id FROM sharding.dist_node WHERE is_active AND NOT is_coordinator ORDER BY node_id", None, &[])?
             .map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default()))
             .collect()
     })?;
@@ -412,8 +427,9 @@ fn current_layout(table: Option<pg_sys::Oid>) -> Result<(Vec<i32>, Vec<Vec<Group
                    FROM sharding.dist_shard s
                    JOIN sharding.dist_table t ON t.logicalrelid = s.logicalrelid
                    JOIN sharding.dist_placement p ON p.shard_id = s.shard_id
+                   JOIN sharding.dist_node n ON n.node_id = p.node_id
                    LEFT JOIN sizes z ON z.shard_id = s.shard_id AND z.node_id = p.node_id
-                  WHERE t.method = 'hash'
+                  WHERE t.method = 'hash' AND NOT n.is_coordinator
                     AND ($1::oid IS NULL OR t.colocation_id =
                          (SELECT colocation_id FROM sharding.dist_table WHERE logicalrelid = $1::oid::regclass))
                   GROUP BY t.colocation_id, s.shard_index
@@ -724,7 +740,7 @@ fn bytes_on_node(shard_id: i64, node_id: i32) -> Option<i64> {
     })()
     .ok()?;
     let node = crate::catalog::cache::nodes().ok()?.iter().find(|n| n.node_id == node_id).cloned()?;
-    let connection = crate::connection::connect_to_node(&node.host, node.port).ok()?;
+    let connection = crate::connection::connect_to(&node).ok()?;
     let array = super::distribute::text_array(&names);
     let rows = connection
         .query(

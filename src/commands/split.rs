@@ -343,6 +343,7 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
     let source = nodes::load_all()?.into_iter().find(|n| n.node_id == group.source).ok_or_else(|| {
         ShardingError::internal(format!("the node {} of shard {shard_id} is not registered", group.source))
     })?;
+    super::shard_ops::refuse_coordinator(&[&source], "split")?;
     let mut members = Vec::new();
     let mut colocation_id = None;
     for (member_shard, relid) in &group.shards {

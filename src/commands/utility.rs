@@ -579,10 +579,16 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
 fn run_concurrently(table: &DistributedTable, after: &table_ddl::TableDefinition, changes: &[Change]) -> Result<()> {
     let mut done: Vec<(Node, i64)> = Vec::new();
     for (node, shards) in shards_by_node(table)?.values() {
-        let connection = crate::connection::connect_to_node(&node.host, node.port)?;
+        let connection = crate::connection::connect_to(node)?;
         for shard_id in shards {
             for change in changes {
-                let sql = change.shard_sql_concurrently(after, *shard_id, &quote::ident);
+                // The coordinator's own placements build in this backend, which cannot run a
+                // CONCURRENTLY command inside its transaction: they build plainly.
+                let sql = if node.is_coordinator {
+                    change.shard_sql(after, *shard_id, &quote::ident)
+                } else {
+                    change.shard_sql_concurrently(after, *shard_id, &quote::ident)
+                };
                 if let Err(error) = connection.exec(&sql) {
                     undo_concurrent_indexes(after, changes, &done);
                     return Err(remote::remote_error(node, error).hint(
@@ -598,10 +604,16 @@ fn run_concurrently(table: &DistributedTable, after: &table_ddl::TableDefinition
 
 fn undo_concurrent_indexes(after: &table_ddl::TableDefinition, changes: &[Change], done: &[(Node, i64)]) {
     for (node, shard_id) in done {
-        let Ok(connection) = crate::connection::connect_to_node(&node.host, node.port) else { continue };
+        let Ok(connection) = crate::connection::connect_to(node) else { continue };
         for change in changes {
             if let Change::CreateIndex(index) = change {
-                let _ = connection.exec(&Change::DropIndex(index.name.clone()).shard_sql_concurrently(after, *shard_id, &quote::ident));
+                let drop = Change::DropIndex(index.name.clone());
+                let sql = if node.is_coordinator {
+                    drop.shard_sql(after, *shard_id, &quote::ident)
+                } else {
+                    drop.shard_sql_concurrently(after, *shard_id, &quote::ident)
+                };
+                let _ = connection.exec(&sql);
             }
         }
     }

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use pgrx::pg_sys;
 use pq_sys as pq;
 
+use super::local::{LocalConnection, LocalKind, LocalResult};
+
 pub struct ConnectParams<'a> {
     pub host: &'a str,
     /// Names the coordinator backend that owns the connection (see `connection::owner_tag`).
@@ -65,7 +67,7 @@ impl RemoteRows {
     }
 }
 
-pub struct RemoteConnection {
+pub struct PqConnection {
     conn: NonNull<pq::PGconn>,
     /// Latch, postmaster death and this connection's socket, made once (on the first wait)
     /// instead of per wait; freed with the connection.
@@ -91,7 +93,7 @@ unsafe fn owned_text(ptr: *const c_char) -> String {
     CStr::from_ptr(ptr).to_string_lossy().trim_end().to_string()
 }
 
-impl RemoteConnection {
+impl PqConnection {
     pub fn connect(params: &ConnectParams<'_>) -> Result<Self, RemoteError> {
         // Keyword/value arrays: no conninfo string is ever assembled, so nothing needs quoting.
         let pairs = [
@@ -125,7 +127,7 @@ impl RemoteConnection {
         let conn = NonNull::new(raw)
             .ok_or_else(|| RemoteError::local("libpq could not allocate a connection"))?;
         // Owned from here on: an interrupt during the handshake still finishes the connection.
-        let connection = RemoteConnection {
+        let connection = PqConnection {
             conn,
             events: std::cell::Cell::new(std::ptr::null_mut()),
             role: std::cell::Cell::new(pg_sys::InvalidOid),
@@ -495,11 +497,6 @@ impl RemoteConnection {
         Ok(())
     }
 
-    /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).
-    pub fn query(&self, sql: &str, params: &[Option<&str>]) -> Result<RemoteRows, RemoteError> {
-        self.query_counted(sql, params).map(|(rows, _)| rows)
-    }
-
     /// `query`, also returning how many rows the command affected (its tag's count).
     pub fn query_counted(&self, sql: &str, params: &[Option<&str>]) -> Result<(RemoteRows, u64), RemoteError> {
         let sql = cstring(sql)?;
@@ -573,7 +570,7 @@ enum Statement<'a> {
     Prepared(&'a CStr),
 }
 
-impl RemoteConnection {
+impl PqConnection {
     /// Sends one statement with parameters and returns at once; rows then come one result at a
     /// time (single-row mode) through `poll`. `binary` asks for binary result values.
     pub fn send_task(&self, sql: &CStr, params: &[TaskParam], binary: bool) -> Result<(), RemoteError> {
@@ -698,7 +695,7 @@ impl RemoteConnection {
                     return Ok(Poll::Busy);
                 }
             }
-            Ok(Poll::Ready(NonNull::new(pq::PQgetResult(self.conn.as_ptr())).map(|r| RemoteResult(ResultGuard(r)))))
+            Ok(Poll::Ready(NonNull::new(pq::PQgetResult(self.conn.as_ptr())).map(|r| RemoteResult::Pq(ResultGuard(r)))))
         }
     }
 
@@ -712,6 +709,15 @@ impl RemoteConnection {
 /// Waits until one of `connections` has something to read, an interrupt arrives (served
 /// here: a cancel raises its ERROR), or `timeout` passes.
 pub fn wait_any_readable(connections: &[&RemoteConnection], timeout: Option<Duration>) -> Result<(), RemoteError> {
+    // A local connection always has its next result ready.
+    let mut remote = Vec::with_capacity(connections.len());
+    for connection in connections {
+        match connection {
+            RemoteConnection::Local(_) => return Ok(()),
+            RemoteConnection::Pq(pq) => remote.push(pq),
+        }
+    }
+    let connections = remote.as_slice();
     if let [only] = connections {
         return only.wait_events(pg_sys::WL_SOCKET_READABLE, timeout.map(|t| Instant::now() + t)).map(|_| ());
     }
@@ -750,7 +756,10 @@ pub fn wait_any_readable(connections: &[&RemoteConnection], timeout: Option<Dura
 
 /// One result of a task: a row (single-row mode), the end of the rows, a command's
 /// completion, or an error.
-pub struct RemoteResult(ResultGuard);
+pub enum RemoteResult {
+    Pq(ResultGuard),
+    Local(LocalResult),
+}
 
 pub enum ResultKind {
     Row,
@@ -762,13 +771,23 @@ pub enum ResultKind {
 
 impl RemoteResult {
     pub fn kind(&self) -> ResultKind {
-        let res = self.0 .0.as_ptr();
+        let guard = match self {
+            RemoteResult::Pq(guard) => guard,
+            RemoteResult::Local(result) => {
+                return match result.kind {
+                    LocalKind::Row => ResultKind::Row,
+                    LocalKind::EndOfRows(affected) => ResultKind::EndOfRows { affected },
+                    LocalKind::Command(affected) => ResultKind::Command { affected },
+                }
+            }
+        };
+        let res = guard.0.as_ptr();
         // SAFETY: valid result until drop.
         match unsafe { pq::PQresultStatus(res) } {
             pq::ExecStatusType::PGRES_SINGLE_TUPLE => ResultKind::Row,
-            pq::ExecStatusType::PGRES_TUPLES_OK => ResultKind::EndOfRows { affected: self.0.affected() },
-            pq::ExecStatusType::PGRES_COMMAND_OK => ResultKind::Command { affected: self.0.affected() },
-            _ => match self.0.rows() {
+            pq::ExecStatusType::PGRES_TUPLES_OK => ResultKind::EndOfRows { affected: guard.affected() },
+            pq::ExecStatusType::PGRES_COMMAND_OK => ResultKind::Command { affected: guard.affected() },
+            _ => match guard.rows() {
                 Err(error) => ResultKind::Error(error),
                 Ok(_) => ResultKind::Error(RemoteError::local("unexpected result from the node")),
             },
@@ -776,14 +795,21 @@ impl RemoteResult {
     }
 
     pub fn columns(&self) -> usize {
-        // SAFETY: valid result.
-        unsafe { pq::PQnfields(self.0 .0.as_ptr()).max(0) as usize }
+        match self {
+            // SAFETY: valid result.
+            RemoteResult::Pq(guard) => unsafe { pq::PQnfields(guard.0.as_ptr()).max(0) as usize },
+            RemoteResult::Local(result) => result.columns(),
+        }
     }
 
     /// The value of `column` in the (only) row; `None` for NULL. Text values are followed by a
-    /// NUL byte in libpq's buffer, binary ones too.
+    /// NUL byte in libpq's buffer, binary ones too (and in a local result's).
     pub fn value(&self, column: usize) -> Option<&[u8]> {
-        let res = self.0 .0.as_ptr();
+        let guard = match self {
+            RemoteResult::Pq(guard) => guard,
+            RemoteResult::Local(result) => return result.value(column),
+        };
+        let res = guard.0.as_ptr();
         // SAFETY: row 0 exists for a PGRES_SINGLE_TUPLE result; the bytes live as long as self.
         unsafe {
             if pq::PQgetisnull(res, 0, column as i32) == 1 {
@@ -795,7 +821,7 @@ impl RemoteResult {
     }
 }
 
-impl Drop for RemoteConnection {
+impl Drop for PqConnection {
     fn drop(&mut self) {
         let set = self.events.get();
         if !set.is_null() {
@@ -815,7 +841,7 @@ extern "C" {
     fn libc_recv(socket: i32, buffer: *mut std::ffi::c_void, length: usize, flags: i32) -> isize;
 }
 
-struct ResultGuard(NonNull<pq::PGresult>);
+pub struct ResultGuard(NonNull<pq::PGresult>);
 
 impl ResultGuard {
     /// Rows the command affected, from its tag (0 when it has none).
@@ -869,5 +895,216 @@ impl Drop for ResultGuard {
     fn drop(&mut self) {
         // SAFETY: the result is cleared exactly once.
         unsafe { pq::PQclear(self.0.as_ptr()) }
+    }
+}
+
+/// A connection to a node: over libpq, or, for the coordinator's own placements, this backend
+/// itself (see `local`).
+pub enum RemoteConnection {
+    Pq(PqConnection),
+    Local(LocalConnection),
+}
+
+impl RemoteConnection {
+    pub fn connect(params: &ConnectParams<'_>) -> Result<Self, RemoteError> {
+        PqConnection::connect(params).map(RemoteConnection::Pq)
+    }
+
+    /// A connection to this coordinator's own placements.
+    pub fn local() -> Self {
+        RemoteConnection::Local(LocalConnection::new())
+    }
+
+    pub fn is_local(&self) -> bool {
+        matches!(self, RemoteConnection::Local(_))
+    }
+
+    pub fn is_ok(&self) -> bool {
+        match self {
+            RemoteConnection::Pq(c) => c.is_ok(),
+            RemoteConnection::Local(_) => true,
+        }
+    }
+
+    pub fn exec(&self, sql: &str) -> Result<RemoteRows, RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.exec(sql),
+            RemoteConnection::Local(l) => l.exec(sql),
+        }
+    }
+
+    pub fn send(&self, sql: &str) -> Result<(), RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.send(sql),
+            RemoteConnection::Local(l) => l.send(sql),
+        }
+    }
+
+    pub fn finish(&self, deadline: Option<Instant>) -> Result<RemoteRows, RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.finish(deadline),
+            RemoteConnection::Local(l) => l.finish(),
+        }
+    }
+
+    pub fn drain_results(&self) -> Result<RemoteRows, RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.drain_results(),
+            RemoteConnection::Local(l) => l.finish(),
+        }
+    }
+
+    pub fn copy_start(&self, sql: &str) -> Result<(), RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.copy_start(sql),
+            RemoteConnection::Local(l) => l.copy_start(sql),
+        }
+    }
+
+    pub fn copy_data(&self, data: &[u8]) -> Result<(), RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.copy_data(data),
+            RemoteConnection::Local(l) => l.copy_data(data),
+        }
+    }
+
+    pub fn is_busy(&self) -> Result<bool, RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.is_busy(),
+            RemoteConnection::Local(_) => Ok(false),
+        }
+    }
+
+    pub fn copy_end_async(&self) -> Result<(), RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.copy_end_async(),
+            RemoteConnection::Local(l) => l.copy_end_async(),
+        }
+    }
+
+    pub fn copy_end(&self, error: Option<&str>) -> Result<RemoteRows, RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.copy_end(error),
+            RemoteConnection::Local(l) => l.copy_end(error),
+        }
+    }
+
+    pub fn copy_out(&self, sql: &str, sink: impl FnMut(&[u8]) -> Result<(), RemoteError>) -> Result<u64, RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.copy_out(sql, sink),
+            RemoteConnection::Local(l) => l.copy_out(sql, sink),
+        }
+    }
+
+    pub fn abort_and_rollback(&self, timeout: Duration) -> bool {
+        match self {
+            RemoteConnection::Pq(c) => c.abort_and_rollback(timeout),
+            RemoteConnection::Local(l) => {
+                l.reset();
+                true
+            }
+        }
+    }
+
+    pub fn cancel_and_run(&self, sql: &str, timeout: Duration) -> Result<RemoteRows, RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.cancel_and_run(sql, timeout),
+            RemoteConnection::Local(l) => {
+                l.reset();
+                l.exec(sql)
+            }
+        }
+    }
+
+    pub fn cancel_and_drain(&self, timeout: Duration) -> bool {
+        match self {
+            RemoteConnection::Pq(c) => c.cancel_and_drain(timeout),
+            RemoteConnection::Local(l) => {
+                l.reset();
+                true
+            }
+        }
+    }
+
+    /// Runs one statement with text-format parameters ($1, $2, ...; `None` is NULL).
+    pub fn query(&self, sql: &str, params: &[Option<&str>]) -> Result<RemoteRows, RemoteError> {
+        self.query_counted(sql, params).map(|(rows, _)| rows)
+    }
+
+    pub fn query_counted(&self, sql: &str, params: &[Option<&str>]) -> Result<(RemoteRows, u64), RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.query_counted(sql, params),
+            RemoteConnection::Local(l) => l.query_counted(sql, params),
+        }
+    }
+
+    pub fn send_task(&self, sql: &CStr, params: &[TaskParam], binary: bool) -> Result<(), RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.send_task(sql, params, binary),
+            RemoteConnection::Local(l) => l.send_task(sql, params, binary),
+        }
+    }
+
+    pub fn send_prepared_task(&self, name: &CStr, params: &[TaskParam], binary: bool) -> Result<(), RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.send_prepared_task(name, params, binary),
+            RemoteConnection::Local(_) => Err(RemoteError::local("statements are not prepared on the coordinator's own placements")),
+        }
+    }
+
+    pub fn prepare(&self, name: &CStr, sql: &CStr, types: &[u32]) -> Result<(), RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.prepare(name, sql, types),
+            RemoteConnection::Local(_) => Err(RemoteError::local("statements are not prepared on the coordinator's own placements")),
+        }
+    }
+
+    pub fn role(&self) -> pg_sys::Oid {
+        match self {
+            RemoteConnection::Pq(c) => c.role(),
+            RemoteConnection::Local(l) => l.role(),
+        }
+    }
+
+    pub fn set_role(&self, role: pg_sys::Oid) {
+        match self {
+            RemoteConnection::Pq(c) => c.set_role(role),
+            RemoteConnection::Local(l) => l.set_role(role),
+        }
+    }
+
+    pub fn probe(&self) -> bool {
+        match self {
+            RemoteConnection::Pq(c) => c.probe(),
+            RemoteConnection::Local(_) => true,
+        }
+    }
+
+    pub fn cancel(&self) {
+        match self {
+            RemoteConnection::Pq(c) => c.cancel(),
+            RemoteConnection::Local(l) => l.reset(),
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        match self {
+            RemoteConnection::Pq(c) => c.is_running(),
+            RemoteConnection::Local(l) => l.is_running(),
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        match self {
+            RemoteConnection::Pq(c) => c.is_idle(),
+            RemoteConnection::Local(l) => !l.is_running(),
+        }
+    }
+
+    pub fn poll(&self) -> Result<Poll, RemoteError> {
+        match self {
+            RemoteConnection::Pq(c) => c.poll(),
+            RemoteConnection::Local(l) => l.poll().map(|result| Poll::Ready(result.map(RemoteResult::Local))),
+        }
     }
 }

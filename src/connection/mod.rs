@@ -2,6 +2,7 @@
 //! calls libpq.
 
 mod libpq;
+mod local;
 
 pub use libpq::{wait_any_readable, ConnectParams, Poll, RemoteConnection, RemoteError, RemoteResult, RemoteRows, ResultKind, TaskParam};
 
@@ -57,6 +58,15 @@ pub fn connect_to_node(host: &str, port: i32) -> crate::error::Result<RemoteConn
     })?;
     connection.set_role(current_role());
     Ok(connection)
+}
+
+/// A connection to `node` outside the distributed transaction: this backend itself for the
+/// coordinator's own placements, else a new libpq connection (see `connect_to_node`).
+pub fn connect_to(node: &crate::catalog::nodes::Node) -> crate::error::Result<RemoteConnection> {
+    if node.is_coordinator {
+        return Ok(RemoteConnection::local());
+    }
+    connect_to_node(&node.host, node.port)
 }
 
 /// The role statements run as now (SET ROLE and SECURITY DEFINER functions change it).

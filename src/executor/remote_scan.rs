@@ -646,7 +646,11 @@ unsafe fn plan_tasks(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan) -
             .into_iter()
             .map(|index| {
                 let shard = &anchor.shards[index];
-                shard.placements.first().map(|&n| (index, n)).ok_or_else(|| {
+                // A reference table read on the coordinator's own copy, when it has one.
+                let local = (anchor.method == crate::catalog::tables::Method::Reference)
+                    .then(|| shard.placements.iter().find(|&&n| nodes.iter().any(|x| x.node_id == n && x.is_coordinator)))
+                    .flatten();
+                local.or(shard.placements.first()).map(|&n| (index, n)).ok_or_else(|| {
                     ShardingError::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("shard {} has no placement", shard.shard_id))
                 })
             })

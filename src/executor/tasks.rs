@@ -142,11 +142,14 @@ impl TaskRun {
                     waiting: list.iter().skip(i).step_by(count).copied().collect(),
                     running: false,
                     just_sent: false,
-                    prepared: is_session,
+                    prepared: is_session && !node.is_coordinator,
                     ended: false,
                 });
             }
         }
+        // The coordinator's own placements run when their task is sent, in this backend: the
+        // nodes' tasks go out first, so that they work meanwhile.
+        queues.sort_by_key(|q| q.node.is_coordinator);
         // Statements of the distributed transaction (they hold and wait for row locks) look for
         // a distributed deadlock once they have waited this long, and again after each period.
         let deadlock_after = match crate::guc::DISTRIBUTED_DEADLOCK_TIMEOUT.get() {

@@ -76,7 +76,7 @@ pub fn check() -> Result<()> {
     // Backend states are cached per transaction: read them afresh.
     Spi::run("SELECT pg_catalog.pg_stat_clear_snapshot()")?;
     let mut edges = local_edges()?;
-    for node in cache::nodes()?.iter().filter(|n| n.is_active) {
+    for node in cache::nodes()?.iter().filter(|n| n.is_active && !n.is_coordinator) {
         edges.extend(worker_edges(&node.host, node.port, &prefix));
     }
     let mut pids: Vec<i32> = edges.iter().flat_map(|(a, b)| [*a, *b]).collect();

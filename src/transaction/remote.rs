@@ -363,6 +363,10 @@ pub fn in_transaction_on(node: &Node) -> bool {
 
 /// The connection to `node` for one statement's tasks, used as `access` says.
 pub fn for_statement(node: &Node, access: Access) -> Result<Rc<RemoteConnection>> {
+    // The coordinator's own placements: its statements are part of this transaction already.
+    if node.is_coordinator {
+        return Ok(Rc::new(RemoteConnection::local()));
+    }
     let (connection, open) = session_connection(node)?;
     let transactional = open || access != Access::Autocommit;
     prepare_session(node, &connection, transactional && !open, transactional)?;
@@ -379,6 +383,9 @@ pub fn for_statement(node: &Node, access: Access) -> Result<Rc<RemoteConnection>
 /// The connection of the distributed transaction on `node` as it is, for reading the results
 /// of a command already sent through `for_statement` (nothing is sent).
 pub fn open_connection(node: &Node) -> Result<Rc<RemoteConnection>> {
+    if node.is_coordinator {
+        return Ok(Rc::new(RemoteConnection::local()));
+    }
     SESSIONS.with(|s| match s.borrow().get(&node.node_id) {
         Some(session) if session.phase == Phase::Open => Ok(session.connection.clone()),
         _ => Err(ShardingError::internal(format!("no open transaction on node {}:{}", node.host, node.port))),
@@ -434,6 +441,10 @@ type PoolEntry = (Rc<RemoteConnection>, Option<Vec<String>>);
 /// at most `sharding.max_connections_per_node` of them per node, counting those leased to
 /// streamed reads (see `Leased`), so this may return fewer.
 pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConnection>>> {
+    if node.is_coordinator {
+        // One backend runs them one after the other anyway.
+        return Ok(Vec::new());
+    }
     let wanted = current_settings();
     let role = connection::current_role();
     let limit = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
@@ -497,6 +508,10 @@ impl Drop for Leased {
 /// Up to `count` extra connections to `node`, leased (see `Leased`); none when the backend's
 /// extra connections to the node are all in use.
 pub fn lease_connections(node: &Node, count: usize) -> Result<Vec<Leased>> {
+    if node.is_coordinator {
+        // A connection of its own (its cursor is apart from other statements' tasks).
+        return Ok(vec![Leased { node_id: node.node_id, connection: Rc::new(RemoteConnection::local()), settings: None }]);
+    }
     let connections = extra_connections(node, count)?;
     LEASED.with(|l| *l.borrow_mut().entry(node.node_id).or_default() += connections.len());
     POOL.with(|p| {
@@ -514,6 +529,9 @@ pub fn lease_connections(node: &Node, count: usize) -> Result<Vec<Leased>> {
 
 /// Puts a leased connection back into the pool, when it is idle and usable.
 pub fn give_back(mut leased: Leased) {
+    if leased.connection.is_local() {
+        return;
+    }
     if leased.connection.is_ok() && leased.connection.is_idle() {
         let settings = leased.settings.take();
         POOL.with(|p| p.borrow_mut().entry(leased.node_id).or_default().push((leased.connection.clone(), settings)));

@@ -15,6 +15,28 @@ pub struct NodeFacts {
     /// `system_identifier` from pg_control_system(): the same server reached by another address
     /// reports the same value.
     pub system_identifier: i64,
+    /// When the node's postmaster started (`pg_postmaster_start_time()`, in microseconds): tells
+    /// this coordinator apart from a copy of its data directory listening on the same port
+    /// elsewhere.
+    pub started_at: i64,
+}
+
+/// The coordinator running the check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorFacts {
+    pub version: String,
+    pub system_identifier: i64,
+    pub port: i32,
+    pub started_at: i64,
+}
+
+/// What an admitted node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Worker,
+    /// This coordinator itself: its placements run in the coordinator's backends, inside their
+    /// own transactions (no remote transaction, so no prepared transactions needed).
+    Coordinator,
 }
 
 /// A node the catalog already knows, as far as admission is concerned.
@@ -32,32 +54,21 @@ pub enum Rejection {
     VersionMismatch { coordinator: String, node: String },
     PreparedTransactionsDisabled,
     InRecovery,
-    IsCoordinator,
     SameServerAs { node_id: i32, host: String, port: i32 },
 }
 
-/// Decides whether a node with `facts`, listening on `port`, may join a coordinator running
-/// `coordinator_version` whose own system identifier is `coordinator_system_id`.
+/// Decides whether a node with `facts`, listening on `port`, may join `coordinator`, and
+/// whether it is the coordinator itself (same system identifier, port and start time).
 ///
 /// Two servers are taken to be the same when they share system identifier and port: copies of
 /// one data directory share the identifier, but on one port only one of them can listen per host.
-pub fn check_node(
-    facts: &NodeFacts,
-    port: i32,
-    coordinator_version: &str,
-    coordinator_system_id: i64,
-    coordinator_port: i32,
-    known: &[KnownNode],
-) -> Result<(), Rejection> {
+pub fn check_node(facts: &NodeFacts, port: i32, coordinator: &CoordinatorFacts, known: &[KnownNode]) -> Result<Admission, Rejection> {
     let node_version = facts.extension_version.as_deref().ok_or(Rejection::ExtensionMissing)?;
-    if node_version != coordinator_version {
+    if node_version != coordinator.version {
         return Err(Rejection::VersionMismatch {
-            coordinator: coordinator_version.to_string(),
+            coordinator: coordinator.version.clone(),
             node: node_version.to_string(),
         });
-    }
-    if facts.system_identifier == coordinator_system_id && port == coordinator_port {
-        return Err(Rejection::IsCoordinator);
     }
     if let Some(same) = known
         .iter()
@@ -69,13 +80,16 @@ pub fn check_node(
             port: same.port,
         });
     }
+    if facts.system_identifier == coordinator.system_identifier && port == coordinator.port && facts.started_at == coordinator.started_at {
+        return Ok(Admission::Coordinator);
+    }
     if facts.in_recovery {
         return Err(Rejection::InRecovery);
     }
     if facts.max_prepared_transactions <= 0 {
         return Err(Rejection::PreparedTransactionsDisabled);
     }
-    Ok(())
+    Ok(Admission::Worker)
 }
 
 #[cfg(test)]
@@ -88,16 +102,21 @@ mod tests {
             max_prepared_transactions: 100,
             in_recovery: false,
             system_identifier: 42,
+            started_at: 1000,
         }
     }
 
-    fn check(facts: &NodeFacts, known: &[KnownNode]) -> Result<(), Rejection> {
-        check_node(facts, 9701, "0.1.0", 7, 9700, known)
+    fn coordinator() -> CoordinatorFacts {
+        CoordinatorFacts { version: "0.1.0".into(), system_identifier: 7, port: 9700, started_at: 500 }
+    }
+
+    fn check(facts: &NodeFacts, known: &[KnownNode]) -> Result<Admission, Rejection> {
+        check_node(facts, 9701, &coordinator(), known)
     }
 
     #[test]
     fn healthy_node_is_admitted() {
-        assert_eq!(check(&healthy(), &[]), Ok(()));
+        assert_eq!(check(&healthy(), &[]), Ok(Admission::Worker));
     }
 
     #[test]
@@ -128,11 +147,19 @@ mod tests {
     }
 
     #[test]
-    fn coordinator_cannot_be_its_own_worker() {
-        let facts = NodeFacts { system_identifier: 7, ..healthy() };
-        assert_eq!(check_node(&facts, 9700, "0.1.0", 7, 9700, &[]), Err(Rejection::IsCoordinator));
+    fn the_coordinator_itself_is_admitted_as_such() {
+        // Its own placements need no prepared transactions (they are part of its transactions).
+        let facts = NodeFacts { system_identifier: 7, started_at: 500, max_prepared_transactions: 0, ..healthy() };
+        assert_eq!(check_node(&facts, 9700, &coordinator(), &[]), Ok(Admission::Coordinator));
         // Same identifier on another port is a copy of the data directory, not the coordinator.
-        assert_eq!(check_node(&facts, 9701, "0.1.0", 7, 9700, &[]), Ok(()));
+        let copy = NodeFacts { system_identifier: 7, started_at: 500, ..healthy() };
+        assert_eq!(check_node(&copy, 9701, &coordinator(), &[]), Ok(Admission::Worker));
+        // So is a copy listening on the same port on another host (it started at another time).
+        let elsewhere = NodeFacts { system_identifier: 7, started_at: 900, ..healthy() };
+        assert_eq!(check_node(&elsewhere, 9700, &coordinator(), &[]), Ok(Admission::Worker));
+        // Registered twice under two names: a duplicate.
+        let known = vec![KnownNode { node_id: 1, host: "localhost".into(), port: 9700, system_identifier: Some(7) }];
+        assert!(matches!(check_node(&facts, 9700, &coordinator(), &known), Err(Rejection::SameServerAs { node_id: 1, .. })));
     }
 
     #[test]
@@ -148,6 +175,6 @@ mod tests {
             Err(Rejection::SameServerAs { node_id: 3, host: "localhost".into(), port: 9701 })
         );
         let other_port = vec![KnownNode { port: 9702, ..known[0].clone() }];
-        assert_eq!(check(&healthy(), &other_port), Ok(()));
+        assert_eq!(check(&healthy(), &other_port), Ok(Admission::Worker));
     }
 }

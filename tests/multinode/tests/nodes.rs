@@ -78,9 +78,15 @@ fn add_remove_round_trip_and_errors_record_nothing() {
     assert!(detail.contains("Connection refused"), "detail: {detail}");
     assert!(!hint.is_empty());
 
-    // The coordinator itself.
-    let (code, ..) = expect_error(&mut c, &format!("SELECT sharding.add_node('127.0.0.1', {})", cluster.port));
-    assert_eq!(code, "22023");
+    // The coordinator itself: admitted as such (its placements run in its own backends), once.
+    let port = cluster.port as i32;
+    c.execute("SELECT sharding.add_node('127.0.0.1', $1)", &[&port]).unwrap();
+    let flags: Vec<bool> =
+        c.query("SELECT is_coordinator FROM sharding.nodes ORDER BY node_id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(flags, [false, false, true]);
+    let (code, message, ..) = expect_error(&mut c, &format!("SELECT sharding.add_node('localhost', {port})"));
+    assert_eq!(code, "42710", "{message}");
+    c.execute("SELECT sharding.remove_node('127.0.0.1', $1)", &[&port]).unwrap();
 
     // Removing an unknown node.
     let (code, ..) = expect_error(&mut c, &format!("SELECT sharding.remove_node('127.0.0.1', {dead_port})"));

@@ -150,7 +150,30 @@ fn compare(dist: &mut Client, local: &mut Client, sql: &str) -> Result<(), Strin
 
 #[test]
 fn distributed_queries_return_what_a_single_server_returns() {
-    let cluster = Cluster::start(2);
+    differential_suite(&Cluster::start(2));
+}
+
+/// The whole differential suite again with half of every table's shards on the coordinator
+/// itself (one worker, and the coordinator registered as a node): those placements run in the
+/// coordinator's backends, inside its transactions, and nothing connects back to it.
+#[test]
+fn placements_on_the_coordinator_run_locally_and_return_what_a_single_server_returns() {
+    let cluster = Cluster::start(1);
+    let mut c = cluster.coordinator();
+    let port = i32::from(cluster.port);
+    c.execute("SELECT sharding.add_node('127.0.0.1', $1)", &[&port]).unwrap();
+    let flagged: bool = c.query_one("SELECT is_coordinator FROM sharding.dist_node WHERE port = $1", &[&port]).unwrap().get(0);
+    assert!(flagged, "the coordinator is recorded as such");
+    differential_suite(&cluster);
+    let nodes: Vec<i64> = pg_sharding_multinode::shards_per_node(&mut c, "d.users");
+    assert_eq!(nodes.len(), 2, "d.users has shards on the worker and on the coordinator: {nodes:?}");
+    assert!(nodes.iter().all(|n| *n > 0), "{nodes:?}");
+    // No connection came back from the coordinator to itself.
+    let loopback: i64 = scalar(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg_sharding:%'");
+    assert_eq!(loopback, 0, "the coordinator's placements are reached without a connection");
+}
+
+fn differential_suite(cluster: &Cluster) {
     let mut dist = cluster.coordinator();
     let mut local = cluster.coordinator();
     load(&mut dist, &mut local);
@@ -237,7 +260,7 @@ fn distributed_queries_return_what_a_single_server_returns() {
     // Every worker's copy of the reference table changed as the coordinator's did.
     let coordinator_copy = run(&mut dist, "SELECT * FROM regions ORDER BY code").unwrap().0;
     let copies = run(&mut dist, "SELECT shard_id, port FROM sharding.shards WHERE table_name = 'd.regions'::regclass").unwrap().0;
-    assert_eq!(copies.len(), 2, "a copy of d.regions on each worker");
+    assert_eq!(copies.len(), 2, "a copy of d.regions on each node");
     for copy in copies {
         let (shard, port) = (copy[0].clone().unwrap(), copy[1].clone().unwrap());
         let mut worker = cluster.connect_port(port.parse().unwrap());
@@ -1152,4 +1175,144 @@ fn merge_into_a_distributed_table_sends_each_source_row_to_its_shard() {
     assert_eq!(c.execute(merge, &[]).unwrap(), 3);
     assert_eq!(rows(&mut c, "SELECT id || ':' || qty FROM stock WHERE id IN (10, 11, 400) ORDER BY id"), ["10:11", "400:4"]);
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM stock"), count);
+}
+
+/// What reaches the coordinator's own placements besides queries: COPY in and out, errors with
+/// their SQLSTATE, savepoints, a transaction that writes there and on a worker (two-phase on the
+/// worker, the coordinator's part in its own commit), privileges, and the operations that are
+/// refused (moves) or leave them alone (rebalancing), then undistribute.
+#[test]
+fn coordinator_placements_take_copy_transactions_and_privileges() {
+    let cluster = Cluster::start(1);
+    let mut c = cluster.coordinator();
+    let port = i32::from(cluster.port);
+    c.execute("SELECT sharding.add_node('127.0.0.1', $1)", &[&port]).unwrap();
+    c.batch_execute(
+        "CREATE TABLE kv (k int PRIMARY KEY, v text, n numeric);
+         SELECT create_distributed_table('kv', 'k', shard_count => 4);",
+    )
+    .unwrap();
+    let coordinator_node: i32 = scalar(&mut c, "SELECT node_id FROM sharding.nodes WHERE is_coordinator");
+    let local_shards: i64 =
+        scalar(&mut c, &format!("SELECT count(*) FROM sharding.dist_placement WHERE node_id = {coordinator_node}"));
+    assert_eq!(local_shards, 2, "half of the shards are on the coordinator");
+
+    // COPY in (text and CSV, non-ASCII text, NULLs) and out again, whole.
+    let mut text = String::new();
+    for k in 1..=500 {
+        text.push_str(&format!("{k}\tvalue é {k}\t{}\n", if k % 7 == 0 { "\\N".to_string() } else { format!("{k}.5") }));
+    }
+    assert_eq!(pg_sharding_multinode::copy_in(&mut c, "COPY kv FROM STDIN", text.as_bytes()).unwrap(), 500);
+    let csv = "501,\"with, comma\",1\n502,\"line\nbreak\",\n";
+    assert_eq!(pg_sharding_multinode::copy_in(&mut c, "COPY kv FROM STDIN WITH (FORMAT csv)", csv.as_bytes()).unwrap(), 2);
+    // The coordinator's shards are tables of its own database.
+    let local_ids: Vec<i64> = c
+        .query("SELECT shard_id FROM sharding.dist_placement WHERE node_id = $1", &[&coordinator_node])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let on_coordinator: i64 = local_ids.iter().map(|id| scalar::<i64>(&mut c, &format!("SELECT count(*) FROM public.kv_{id}"))).sum();
+    assert!(on_coordinator > 100 && on_coordinator < 402, "rows stored in the coordinator's shards: {on_coordinator}");
+    let out = String::from_utf8(pg_sharding_multinode::copy_out(&mut c, "COPY kv TO STDOUT").unwrap()).unwrap();
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    let mut expected: Vec<&str> = text.lines().collect();
+    expected.sort();
+    assert_eq!(lines.len(), 502, "every row comes out (text format escapes the line break)");
+    assert!(expected.iter().all(|l| lines.contains(l)), "COPY TO returns what COPY FROM stored");
+    let csv_out = String::from_utf8(pg_sharding_multinode::copy_out(&mut c, "COPY (SELECT v FROM kv WHERE k > 500 ORDER BY k) TO STDOUT WITH (FORMAT csv)").unwrap()).unwrap();
+    assert_eq!(csv_out, "\"with, comma\"\n\"line\nbreak\"\n");
+
+    // A local shard's error keeps its SQLSTATE; nothing of the statement stays.
+    let (code, ..) = expect_error(&mut c, "INSERT INTO kv SELECT g, 'dup', 0 FROM generate_series(495, 510) g");
+    assert_eq!(code, "23505");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM kv"), 502);
+
+    // Savepoints: a rolled-back subtransaction undoes local and remote writes alike.
+    c.batch_execute(
+        "BEGIN;
+         UPDATE kv SET v = 'kept' WHERE k <= 10;
+         SAVEPOINT s;
+         UPDATE kv SET v = 'undone' WHERE k <= 100;
+         DELETE FROM kv WHERE k > 400;
+         ROLLBACK TO SAVEPOINT s;
+         INSERT INTO kv SELECT g, 'new', g FROM generate_series(1001, 1100) g;
+         COMMIT;",
+    )
+    .unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM kv WHERE v = 'kept'"), 10);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM kv WHERE v = 'undone'"), 0);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM kv"), 602);
+    // That transaction wrote on the worker and on the coordinator: the worker prepared, and
+    // nothing is left in doubt anywhere.
+    let mut w = cluster.worker(1);
+    assert_eq!(scalar::<i64>(&mut w, "SELECT count(*) FROM pg_prepared_xacts"), 0);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM pg_prepared_xacts"), 0);
+    let new_on_worker: i64 = scalar(&mut w, "SELECT count(*) FROM pg_class WHERE relname LIKE 'kv\\_%' AND relkind = 'r'");
+    assert_eq!(new_on_worker, 2);
+    // Rolled back whole.
+    c.batch_execute("BEGIN; DELETE FROM kv; INSERT INTO kv VALUES (1, 'only', 1); ROLLBACK;").unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM kv"), 602);
+
+    // The task for a key of a coordinator shard names the coordinator; prepared statements
+    // under generic plans reach it too.
+    let key_on_coordinator: i32 = scalar(
+        &mut c,
+        &format!("SELECT min(k) FROM generate_series(11, 100) k WHERE sharding.shard_for_value('kv', k) = ANY ('{{{}}}'::int8[])",
+            local_ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+    );
+    let plan = explain(&mut c, &format!("SELECT * FROM kv WHERE k = {key_on_coordinator}"));
+    assert!(plan.contains(&format!("Task Node: 127.0.0.1:{port}")), "{plan}");
+    c.batch_execute("SET plan_cache_mode = force_generic_plan; PREPARE get(int) AS SELECT v FROM kv WHERE k = $1").unwrap();
+    for k in [key_on_coordinator, 2, 3, 4, 5] {
+        let v: String = c.query_one(&format!("EXECUTE get({k})"), &[]).unwrap().get(0);
+        assert_eq!(v, if k <= 10 { "kept".to_string() } else { format!("value é {k}") });
+    }
+    c.batch_execute("DEALLOCATE get; RESET plan_cache_mode").unwrap();
+
+    // Privileges apply to the coordinator's shards as on a worker's.
+    w.batch_execute("CREATE ROLE reader LOGIN").unwrap();
+    c.batch_execute("CREATE ROLE reader LOGIN; GRANT SELECT ON kv TO reader; GRANT USAGE ON SCHEMA sharding TO reader").unwrap();
+    c.batch_execute("SET ROLE reader").unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM kv"), 602);
+    let (code, ..) = expect_error(&mut c, "INSERT INTO kv VALUES (5000, 'no', 0)");
+    assert_eq!(code, "42501");
+    c.batch_execute("RESET ROLE").unwrap();
+    // (A client of its own: the error comes before COPY starts, which leaves this client's
+    // connection out of step.)
+    let mut r = cluster.coordinator();
+    r.batch_execute("SET ROLE reader").unwrap();
+    let copy = pg_sharding_multinode::copy_in(&mut r, "COPY kv FROM STDIN", b"5001\tno\t0\n");
+    assert_eq!(copy.err().and_then(|e| e.code().map(|c| c.code().to_string())).as_deref(), Some("42501"));
+    drop(r);
+
+    // Moves of the coordinator's shards are refused; the rebalancer leaves them alone.
+    let local_shard: i64 =
+        scalar(&mut c, &format!("SELECT min(shard_id) FROM sharding.dist_placement WHERE node_id = {coordinator_node}"));
+    let worker_node: i32 = scalar(&mut c, "SELECT node_id FROM sharding.nodes WHERE NOT is_coordinator");
+    let (code, message, ..) = expect_error(&mut c, &format!("SELECT sharding.move_shard({local_shard}, {worker_node})"));
+    assert_eq!(code, "0A000", "{message}");
+    let (code, ..) = expect_error(&mut c, &format!("SELECT sharding.split_shard({local_shard}, ARRAY[0])"));
+    assert_eq!(code, "0A000");
+    let planned: i64 = scalar(
+        &mut c,
+        &format!("SELECT count(*) FROM sharding.rebalance_plan() WHERE from_node = {coordinator_node} OR to_node = {coordinator_node}"),
+    );
+    assert_eq!(planned, 0);
+
+    // DDL reaches the coordinator's shards (a plain CREATE INDEX for CONCURRENTLY there).
+    c.batch_execute("ALTER TABLE kv ADD COLUMN extra int DEFAULT 3").unwrap();
+    c.batch_execute("CREATE INDEX CONCURRENTLY kv_v ON kv (v)").unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT sum(extra) FROM kv"), 3 * 602);
+    let indexes: i64 = scalar(&mut c, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'kv\\_v\\_%'");
+    assert_eq!(indexes, 2, "the index on each of the coordinator's shards");
+
+    // Back to a local table, with every row.
+    c.batch_execute("SELECT undistribute_table('kv')").unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM ONLY kv"), 602);
+    let leftovers: i64 = scalar(&mut c, "SELECT count(*) FROM pg_class WHERE relname ~ '^kv_[0-9]+$'");
+    assert_eq!(leftovers, 0, "the coordinator's shards are dropped");
+    let loopback: i64 = scalar(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg_sharding:%'");
+    assert_eq!(loopback, 0);
 }
