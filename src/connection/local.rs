@@ -607,7 +607,7 @@ unsafe fn copy_parse_state(
     let natts = (*desc).natts as usize;
     let attrs = (*desc).attrs.as_slice(natts);
     let mut selected: *mut pg_sys::Bitmapset = std::ptr::null_mut();
-    let offset = pg_sys::FirstLowInvalidHeapAttributeNumber as i32;
+    let offset = pg_sys::FirstLowInvalidHeapAttributeNumber;
     let listed = if columns.is_null() { 0 } else { (*columns).length as usize };
     for (i, attr) in attrs.iter().enumerate() {
         if attr.attisdropped {
@@ -640,10 +640,16 @@ unsafe fn copy_from(sql: &str, data: &[u8]) -> Result<u64, RemoteError> {
     if !(*statement).is_from || (*statement).relation.is_null() {
         return Err(RemoteError::local("expected COPY ... FROM STDIN"));
     }
-    let relation = pg_sys::table_openrv((*statement).relation, pg_sys::RowExclusiveLock as _);
     let source = text(sql)?;
+    let relation = pg_sys::table_openrv((*statement).relation, pg_sys::RowExclusiveLock as _);
     let pstate =
-        copy_parse_state(&source, relation, pg_sys::RowExclusiveLock, (*statement).attlist, pg_sys::ACL_INSERT as pg_sys::AclMode)?;
+        match copy_parse_state(&source, relation, pg_sys::RowExclusiveLock, (*statement).attlist, pg_sys::ACL_INSERT as pg_sys::AclMode) {
+            Ok(pstate) => pstate,
+            Err(error) => {
+                pg_sys::table_close(relation, pg_sys::NoLock as _);
+                return Err(error);
+            }
+        };
     let pushed = !pg_sys::ActiveSnapshotSet();
     if pushed {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
@@ -718,7 +724,16 @@ unsafe fn copy_to(sql: &str, path: &str) -> Result<(u64, bool), RemoteError> {
     } else {
         let relation = pg_sys::table_openrv((*statement).relation, pg_sys::AccessShareLock as _);
         let pstate =
-            copy_parse_state(&source, relation, pg_sys::AccessShareLock, (*statement).attlist, pg_sys::ACL_SELECT as pg_sys::AclMode)?;
+            match copy_parse_state(&source, relation, pg_sys::AccessShareLock, (*statement).attlist, pg_sys::ACL_SELECT as pg_sys::AclMode) {
+                Ok(pstate) => pstate,
+                Err(error) => {
+                    pg_sys::table_close(relation, pg_sys::NoLock as _);
+                    if pushed {
+                        pg_sys::PopActiveSnapshot();
+                    }
+                    return Err(error);
+                }
+            };
         let state = pg_sys::BeginCopyTo(
             pstate,
             relation,
