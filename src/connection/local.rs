@@ -699,56 +699,36 @@ unsafe fn copy_to(sql: &str, path: &str) -> Result<(u64, bool), RemoteError> {
     let source = text(sql)?;
     (*pstate).p_sourcetext = source.as_ptr();
     let file = text(path)?;
-    let pushed = !pg_sys::ActiveSnapshotSet();
-    if pushed {
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let rows = if (*statement).relation.is_null() {
+    // COPY (query) TO: the query, analysed by BeginCopyTo; COPY table TO: the table, whose
+    // privileges are checked here.
+    let (relation, raw, pstate) = if (*statement).relation.is_null() {
         let raw = pg_sys::palloc0(std::mem::size_of::<pg_sys::RawStmt>()).cast::<pg_sys::RawStmt>();
         (*raw).type_ = pg_sys::NodeTag::T_RawStmt;
         (*raw).stmt = (*statement).query;
         (*raw).stmt_location = -1;
-        let state = pg_sys::BeginCopyTo(
-            pstate,
-            std::ptr::null_mut(),
-            raw,
-            pg_sys::InvalidOid,
-            file.as_ptr(),
-            false,
-            (*statement).attlist,
-            options_with_encoding(options),
-        );
-        let rows = pg_sys::DoCopyTo(state);
-        pg_sys::EndCopyTo(state);
-        rows
+        (std::ptr::null_mut(), raw, pstate)
     } else {
         let relation = pg_sys::table_openrv((*statement).relation, pg_sys::AccessShareLock as _);
-        let pstate =
-            match copy_parse_state(&source, relation, pg_sys::AccessShareLock, (*statement).attlist, pg_sys::ACL_SELECT as pg_sys::AclMode) {
-                Ok(pstate) => pstate,
-                Err(error) => {
-                    pg_sys::table_close(relation, pg_sys::NoLock as _);
-                    if pushed {
-                        pg_sys::PopActiveSnapshot();
-                    }
-                    return Err(error);
-                }
-            };
-        let state = pg_sys::BeginCopyTo(
-            pstate,
-            relation,
-            std::ptr::null_mut(),
-            (*relation).rd_id,
-            file.as_ptr(),
-            false,
-            (*statement).attlist,
-            options_with_encoding(options),
-        );
-        let rows = pg_sys::DoCopyTo(state);
-        pg_sys::EndCopyTo(state);
-        pg_sys::table_close(relation, pg_sys::NoLock as _);
-        rows
+        match copy_parse_state(&source, relation, pg_sys::AccessShareLock, (*statement).attlist, pg_sys::ACL_SELECT as pg_sys::AclMode) {
+            Ok(pstate) => (relation, std::ptr::null_mut(), pstate),
+            Err(error) => {
+                pg_sys::table_close(relation, pg_sys::NoLock as _);
+                return Err(error);
+            }
+        }
     };
+    let pushed = !pg_sys::ActiveSnapshotSet();
+    if pushed {
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let relid = if relation.is_null() { pg_sys::InvalidOid } else { (*relation).rd_id };
+    let state =
+        pg_sys::BeginCopyTo(pstate, relation, raw, relid, file.as_ptr(), false, (*statement).attlist, options_with_encoding(options));
+    let rows = pg_sys::DoCopyTo(state);
+    pg_sys::EndCopyTo(state);
+    if !relation.is_null() {
+        pg_sys::table_close(relation, pg_sys::NoLock as _);
+    }
     if pushed {
         pg_sys::PopActiveSnapshot();
     }
