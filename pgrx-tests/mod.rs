@@ -59,10 +59,14 @@ mod tests {
     }
 
     #[pg_test]
-    fn this_server_cannot_be_its_own_worker() {
+    fn this_server_registers_as_the_coordinator_node() {
         let port = Spi::get_one::<String>("SELECT current_setting('port')").unwrap().unwrap();
-        let code = sqlstate_of(&format!("SELECT sharding.add_node('127.0.0.1', {port})"));
-        assert_eq!(code.as_deref(), Some("ERRCODE_INVALID_PARAMETER_VALUE"));
+        Spi::run(&format!("SELECT sharding.add_node('127.0.0.1', {port})")).unwrap();
+        let flag = Spi::get_one::<bool>(&format!("SELECT is_coordinator FROM sharding.nodes WHERE port = {port}")).unwrap();
+        assert_eq!(flag, Some(true));
+        // Once only, also under another name.
+        let code = sqlstate_of(&format!("SELECT sharding.add_node('localhost', {port})"));
+        assert_eq!(code.as_deref(), Some("ERRCODE_DUPLICATE_OBJECT"));
     }
 
     #[pg_test]
