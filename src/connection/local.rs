@@ -581,7 +581,7 @@ unsafe fn options_with_encoding(options: *mut pg_sys::List) -> *mut pg_sys::List
 /// A parse state for a COPY on `relation` whose range table holds it, and checks the
 /// privileges the COPY needs (COPY checks them in DoCopy, which a local COPY does not go
 /// through): `permission` on the listed columns (all when none are listed). Row-level security
-/// is refused: COPY handles it by rewriting into a query.
+/// is refused (the relation is then closed): COPY handles it by rewriting into a query.
 unsafe fn copy_parse_state(
     sql: &CStr,
     relation: pg_sys::Relation,
@@ -591,6 +591,7 @@ unsafe fn copy_parse_state(
 ) -> Result<*mut pg_sys::ParseState, RemoteError> {
     let relid = (*relation).rd_id;
     if pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, false) == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+        pg_sys::table_close(relation, pg_sys::NoLock as _);
         return Err(RemoteError {
             sqlstate: Some("0A000".into()),
             message: "COPY of a placement on the coordinator with row-level security is not supported".into(),
@@ -643,13 +644,7 @@ unsafe fn copy_from(sql: &str, data: &[u8]) -> Result<u64, RemoteError> {
     let source = text(sql)?;
     let relation = pg_sys::table_openrv((*statement).relation, pg_sys::RowExclusiveLock as _);
     let pstate =
-        match copy_parse_state(&source, relation, pg_sys::RowExclusiveLock, (*statement).attlist, pg_sys::ACL_INSERT as pg_sys::AclMode) {
-            Ok(pstate) => pstate,
-            Err(error) => {
-                pg_sys::table_close(relation, pg_sys::NoLock as _);
-                return Err(error);
-            }
-        };
+        copy_parse_state(&source, relation, pg_sys::RowExclusiveLock, (*statement).attlist, pg_sys::ACL_INSERT as pg_sys::AclMode)?;
     let pushed = !pg_sys::ActiveSnapshotSet();
     if pushed {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
@@ -709,13 +704,9 @@ unsafe fn copy_to(sql: &str, path: &str) -> Result<(u64, bool), RemoteError> {
         (std::ptr::null_mut(), raw, pstate)
     } else {
         let relation = pg_sys::table_openrv((*statement).relation, pg_sys::AccessShareLock as _);
-        match copy_parse_state(&source, relation, pg_sys::AccessShareLock, (*statement).attlist, pg_sys::ACL_SELECT as pg_sys::AclMode) {
-            Ok(pstate) => (relation, std::ptr::null_mut(), pstate),
-            Err(error) => {
-                pg_sys::table_close(relation, pg_sys::NoLock as _);
-                return Err(error);
-            }
-        }
+        let pstate =
+            copy_parse_state(&source, relation, pg_sys::AccessShareLock, (*statement).attlist, pg_sys::ACL_SELECT as pg_sys::AclMode)?;
+        (relation, std::ptr::null_mut(), pstate)
     };
     let pushed = !pg_sys::ActiveSnapshotSet();
     if pushed {
