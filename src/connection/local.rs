@@ -20,6 +20,8 @@ use std::io::{BufRead, Read};
 
 use pgrx::pg_sys;
 
+use sharding_core::statement_cache::StatementCache;
+
 use super::libpq::{RemoteError, RemoteRows, TaskParam};
 
 /// Rows fetched from a local cursor per call.
@@ -385,29 +387,72 @@ unsafe extern "C-unwind" fn parser_setup(pstate: *mut pg_sys::ParseState, arg: *
     setup_parse_variable_parameters(pstate, &mut (*params).types, &mut (*params).count);
 }
 
+/// Statements the coordinator keeps prepared for its placements, per backend.
+const KEPT_STATEMENTS: usize = 256;
+
+/// A kept statement: its text and the parameter types it was given (0: inferred).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct StatementKey {
+    sql: CString,
+    types: Vec<u32>,
+}
+
+/// A statement prepared and kept (`SPI_keepplan`), and its parameters' types as inferred.
+struct KeptPlan {
+    plan: pg_sys::SPIPlanPtr,
+    types: Vec<pg_sys::Oid>,
+}
+
+thread_local! {
+    static KEPT: RefCell<StatementCache<StatementKey, KeptPlan>> = RefCell::new(StatementCache::new(KEPT_STATEMENTS));
+    /// Statements of this module running, one inside another when a statement on a placement
+    /// calls a function that reads a distributed table.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Counts a running statement for as long as it lives (also when an error unwinds it).
+struct Running;
+
+impl Running {
+    fn enter() -> Running {
+        DEPTH.with(|d| d.set(d.get() + 1));
+        Running
+    }
+
+    /// Whether this is the only statement running: only then may a kept statement be let go
+    /// (one running further out may still be about to use it).
+    fn outermost() -> bool {
+        DEPTH.with(|d| d.get() == 1)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
 /// Prepares `sql` with `params` (types given, or inferred where 0) and runs it; with `cursor`,
 /// a single SELECT opens a cursor instead.
 ///
+/// A statement seen before is kept prepared (parsed, analysed and, once PostgreSQL's plan cache
+/// settles on a generic plan, planned once): the plan cache replans it when a table it reads
+/// changes, as it does for PL/pgSQL's statements.
+///
 /// SAFETY: SPI must be connected; the results are copied out before the caller finishes it.
 unsafe fn run_statement(sql: &CStr, params: &[TaskParam], binary: bool, cursor: bool) -> Result<Ran, RemoteError> {
+    let _running = Running::enter();
     let count = params.len();
-    let types = pg_sys::palloc0(count.max(1) * std::mem::size_of::<pg_sys::Oid>()).cast::<pg_sys::Oid>();
-    for (i, param) in params.iter().enumerate() {
-        *types.add(i) = pg_sys::Oid::from(param.type_oid);
-    }
-    let mut var = VarParams { types, count: count as c_int };
-    let plan = pg_sys::SPI_prepare_params(sql.as_ptr(), Some(parser_setup), (&mut var as *mut VarParams).cast(), 0);
-    if plan.is_null() {
-        return Err(spi_error(pg_sys::SPI_result));
-    }
+    let key = StatementKey { sql: sql.to_owned(), types: params.iter().map(|p| p.type_oid).collect() };
+    let kept = KEPT.with(|kept| kept.borrow_mut().get(&key).map(|k| (k.plan, k.types.clone())));
+    let (plan, types) = match kept {
+        Some(kept) => kept,
+        None => prepare(key, params)?,
+    };
     let list = pg_sys::makeParamList(count as c_int);
     let slots = (*list).params.as_mut_slice(count);
     for (i, param) in params.iter().enumerate() {
-        let mut type_oid = if (i as c_int) < var.count { *var.types.add(i) } else { pg_sys::InvalidOid };
-        if type_oid == pg_sys::InvalidOid {
-            // Not referenced by the statement: any type does.
-            type_oid = pg_sys::UNKNOWNOID;
-        }
+        let type_oid = types[i];
         slots[i] = pg_sys::ParamExternData {
             value: pg_sys::Datum::from(0usize),
             isnull: param.value.is_none(),
@@ -450,6 +495,52 @@ unsafe fn run_statement(sql: &CStr, params: &[TaskParam], binary: bool, cursor: 
         values: Vec::new(),
     });
     Ok(Ran::Whole(results, affected))
+}
+
+/// Prepares the statement of `key`, its parameters' types inferred where not given; keeps a
+/// copy prepared when it was seen before. The plan for this run, and the parameter types.
+///
+/// SAFETY: SPI must be connected.
+unsafe fn prepare(key: StatementKey, params: &[TaskParam]) -> Result<(pg_sys::SPIPlanPtr, Vec<pg_sys::Oid>), RemoteError> {
+    let count = params.len();
+    let given = pg_sys::palloc0(count.max(1) * std::mem::size_of::<pg_sys::Oid>()).cast::<pg_sys::Oid>();
+    for (i, param) in params.iter().enumerate() {
+        *given.add(i) = pg_sys::Oid::from(param.type_oid);
+    }
+    let mut var = VarParams { types: given, count: count as c_int };
+    let plan = pg_sys::SPI_prepare_params(key.sql.as_ptr(), Some(parser_setup), (&mut var as *mut VarParams).cast(), 0);
+    if plan.is_null() {
+        return Err(spi_error(pg_sys::SPI_result));
+    }
+    let mut types: Vec<pg_sys::Oid> = (0..count)
+        .map(|i| if (i as c_int) < var.count { *var.types.add(i) } else { pg_sys::InvalidOid })
+        // Not referenced by the statement: any type does.
+        .map(|t| if t == pg_sys::InvalidOid { pg_sys::UNKNOWNOID } else { t })
+        .collect();
+    // The kept copy is prepared again with the inferred types fixed: a plan prepared with
+    // inferred types would call back into `var` (gone by then) whenever it is replanned.
+    if Running::outermost() && keepable(plan) && KEPT.with(|kept| kept.borrow_mut().admit(&key)) {
+        let fixed = pg_sys::SPI_prepare(key.sql.as_ptr(), count as c_int, types.as_mut_ptr());
+        if !fixed.is_null() && pg_sys::SPI_keepplan(fixed) == 0 {
+            let released = KEPT.with(|kept| kept.borrow_mut().insert(key, KeptPlan { plan: fixed, types: types.clone() }));
+            for old in released {
+                pg_sys::SPI_freeplan(old.plan);
+            }
+        }
+    }
+    Ok((plan, types))
+}
+
+/// Whether `plan` is worth keeping: one SELECT, INSERT, UPDATE, DELETE or MERGE (not a
+/// utility statement, which PostgreSQL does not plan).
+unsafe fn keepable(plan: pg_sys::SPIPlanPtr) -> bool {
+    use pg_sys::CommandTag::*;
+    let sources = pg_sys::SPI_plan_get_plan_sources(plan);
+    if sources.is_null() || (*sources).length != 1 {
+        return false;
+    }
+    let source = (*(*sources).elements).ptr_value.cast::<pg_sys::CachedPlanSource>();
+    matches!((*source).commandTag, CMDTAG_SELECT | CMDTAG_INSERT | CMDTAG_UPDATE | CMDTAG_DELETE | CMDTAG_MERGE)
 }
 
 /// Whether `plan` is one plain SELECT (its rows can stream from a cursor).

@@ -11,6 +11,7 @@ pub mod node_check;
 pub mod pinning;
 pub mod rebalance;
 pub mod sql_template;
+pub mod statement_cache;
 pub mod subxact;
 pub mod table_def;
 pub mod twophase;

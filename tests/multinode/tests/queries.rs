@@ -1316,3 +1316,93 @@ fn coordinator_placements_take_copy_transactions_and_privileges() {
     let loopback: i64 = scalar(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg_sharding:%'");
     assert_eq!(loopback, 0);
 }
+
+/// The coordinator's statements on its own placements, named in its memory contexts (a kept
+/// statement's context carries its text).
+fn kept_statements(c: &mut Client, table: &str) -> i64 {
+    let pattern = format!("{table}_[0-9]+");
+    c.query_one("SELECT count(*) FROM pg_backend_memory_contexts WHERE name = 'CachedPlanSource' AND ident ~ $1", &[&pattern])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn coordinator_keeps_its_placements_statements_prepared_and_replans_them_when_tables_change() {
+    let cluster = Cluster::start(1);
+    let mut c = cluster.coordinator();
+    let port = i32::from(cluster.port);
+    c.execute("SELECT sharding.add_node('127.0.0.1', $1)", &[&port]).unwrap();
+    c.batch_execute(
+        "CREATE TABLE kv (k int PRIMARY KEY, v text, n numeric);
+         SELECT create_distributed_table('kv', 'k', shard_count => 4);
+         INSERT INTO kv SELECT g, 'value ' || g, g + 0.5 FROM generate_series(1, 200) g;",
+    )
+    .unwrap();
+    let coordinator_node: i32 = scalar(&mut c, "SELECT node_id FROM sharding.nodes WHERE is_coordinator");
+    let key: i32 = scalar(
+        &mut c,
+        &format!(
+            "SELECT min(k) FROM generate_series(1, 200) k WHERE sharding.shard_for_value('kv', k) IN
+               (SELECT shard_id FROM sharding.dist_placement WHERE node_id = {coordinator_node})"
+        ),
+    );
+    // Generic plans: the statement sent to the placement carries the key as $1, so it is the
+    // same statement for every key of that shard.
+    c.batch_execute("SET plan_cache_mode = force_generic_plan").unwrap();
+    let get = "SELECT v, n FROM kv WHERE k = $1";
+    assert_eq!(kept_statements(&mut c, "kv"), 0);
+    for _ in 0..3 {
+        let row = c.query_one(get, &[&key]).unwrap();
+        assert_eq!(row.get::<_, String>(0), format!("value {key}"));
+        assert_eq!(row.columns()[1].type_().name(), "numeric");
+    }
+    assert_eq!(kept_statements(&mut c, "kv"), 1, "kept the second time it ran, once");
+
+    // A column's type changes under the kept statement: its text stays the same, its plan is
+    // made again (a stale plan would read the rewritten table with the old column type).
+    c.batch_execute("ALTER TABLE kv ALTER COLUMN n TYPE text").unwrap();
+    for _ in 0..3 {
+        let row = c.query_one(get, &[&key]).unwrap();
+        assert_eq!(row.get::<_, String>(1), format!("{key}.5"));
+    }
+    // A write through a kept statement, then read back through one.
+    let set = "UPDATE kv SET v = $2 WHERE k = $1";
+    for round in 0..3 {
+        let changed = c.execute(set, &[&key, &format!("round {round}")]).unwrap();
+        assert_eq!(changed, 1);
+        assert_eq!(c.query_one(get, &[&key]).unwrap().get::<_, String>(0), format!("round {round}"));
+    }
+    // Inside a transaction that rolls back, kept statements see and undo its writes.
+    c.batch_execute("BEGIN").unwrap();
+    c.execute(set, &[&key, &"in transaction"]).unwrap();
+    assert_eq!(c.query_one(get, &[&key]).unwrap().get::<_, String>(0), "in transaction");
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(c.query_one(get, &[&key]).unwrap().get::<_, String>(0), "round 2");
+
+    // Dropped with the table; a table of the same name gets statements of its own.
+    c.batch_execute(
+        "DROP TABLE kv;
+         CREATE TABLE kv (k int PRIMARY KEY, v text, n int);
+         SELECT create_distributed_table('kv', 'k', shard_count => 4);
+         INSERT INTO kv SELECT g, 'again ' || g, g FROM generate_series(1, 200) g;",
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let key2: i32 = 1;
+        let rows = c.query(get, &[&key2]).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, i32>(1), 1);
+    }
+
+    // At most 256 statements are kept: the least recently used ones are let go.
+    for i in 0..300 {
+        let sql = format!("SELECT v FROM kv WHERE k = $1 AND v <> 'not {i}'");
+        for _ in 0..2 {
+            assert_eq!(c.query(&sql, &[&key]).unwrap().len(), 1);
+        }
+    }
+    let kept = kept_statements(&mut c, "kv");
+    assert_eq!(kept, 256, "kept statements");
+    let loopback: i64 = scalar(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg_sharding:%'");
+    assert_eq!(loopback, 0);
+}
