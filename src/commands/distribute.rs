@@ -113,18 +113,7 @@ fn check_local_table(relid: pg_sys::Oid) -> Result<LocalTable> {
 fn check_definition(table: &LocalTable, definition: &TableDefinition, distribution_attnum: Option<i16>) -> Result<()> {
     use PgSqlErrorCode::*;
     let display = &table.display;
-    for column in &definition.columns {
-        if column.type_oid >= pg_sys::FirstNormalObjectId {
-            return Err(ShardingError::new(
-                ERRCODE_FEATURE_NOT_SUPPORTED,
-                format!(
-                    "cannot distribute {display}: column \"{}\" has the user-defined type {}",
-                    column.name, column.type_sql
-                ),
-            )
-            .hint("Only built-in column types are supported on distributed tables so far."));
-        }
-    }
+    super::types::check(definition, display)?;
     let Some(attnum) = distribution_attnum else { return Ok(()) };
     let column_name = definition
         .columns
@@ -199,6 +188,7 @@ fn create_shards_on_workers(definition: &TableDefinition, shards: &[Shard], node
     }
     for (node_id, statements) in per_node {
         let node = node_by_id(nodes, node_id)?;
+        super::types::ensure_on(definition, node)?;
         let sql = format!(
             "CREATE SCHEMA IF NOT EXISTS {}; {}",
             quote::ident(&definition.schema),
@@ -575,6 +565,7 @@ pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
             continue;
         }
         let definition = table_ddl::read(relid)?;
+        super::types::ensure_on(&definition, node)?;
         let shard_name = definition.shard_name(shard.shard_id, &quote::ident);
         let sql = format!(
             "CREATE SCHEMA IF NOT EXISTS {}; DROP TABLE IF EXISTS {shard_name}; {}",

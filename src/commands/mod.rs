@@ -9,6 +9,7 @@ pub mod online_move;
 pub mod shard_ops;
 pub mod split;
 pub mod steps;
+pub mod types;
 pub mod utility;
 
 use crate::error::{Result, ShardingError};

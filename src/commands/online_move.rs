@@ -194,6 +194,7 @@ pub fn run(
 
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         for (definition, id) in &definitions {
+            super::types::ensure_with(definition, target, &|sql| on(target, &tgt, sql))?;
             on(target, &tgt, &super::shard_ops::create_shard_sql(definition, *id))?;
         }
         on(source, &src, &format!("CREATE PUBLICATION {} FOR TABLE {}", quote::ident(&name), names.join(", ")))?;

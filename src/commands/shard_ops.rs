@@ -120,16 +120,18 @@ pub(super) fn active_node(node_id: i32) -> Result<Node> {
     Ok(node)
 }
 
-/// Copies one shard's rows from `source` to `target` (binary COPY streamed through the
-/// coordinator), both inside the distributed transaction.
-fn copy_rows(source: &Node, target: &Node, from: &str, to: &str, columns: &str) -> Result<u64> {
+/// Copies one shard's rows from `source` to `target` (COPY streamed through the coordinator),
+/// both inside the distributed transaction. In binary unless a column has a user-defined type:
+/// an array's binary form names its element type by OID, which differs from node to node.
+fn copy_rows(source: &Node, target: &Node, from: &str, to: &str, columns: &str, binary: bool) -> Result<u64> {
     let reader = remote::for_statement(source, remote::Access::Read)?;
     let writer = remote::in_transaction(target)?;
+    let format = if binary { "binary" } else { "text" };
     writer
-        .copy_start(&format!("COPY {to} ({columns}) FROM STDIN WITH (FORMAT binary)"))
+        .copy_start(&format!("COPY {to} ({columns}) FROM STDIN WITH (FORMAT {format})"))
         .map_err(|e| remote::remote_error(target, e))?;
     let mut sink_error = None;
-    let copied = reader.copy_out(&format!("COPY {from} ({columns}) TO STDOUT WITH (FORMAT binary)"), |chunk| {
+    let copied = reader.copy_out(&format!("COPY {from} ({columns}) TO STDOUT WITH (FORMAT {format})"), |chunk| {
         writer.copy_data(chunk).map_err(|e| {
             sink_error = Some(remote::remote_error(target, e));
             crate::connection::RemoteError::local("the target node stopped taking rows")
@@ -310,11 +312,13 @@ pub fn move_group(shard_id: i64, target_id: i32, mode: MoveMode) -> Result<()> {
     let mut dropped = Vec::new();
     for member in &group.shards {
         let definition = table_ddl::read(member.relid)?;
+        super::types::ensure_on(&definition, &target)?;
         remote::execute(&target, &create_shard_sql(&definition, member.shard_id))?;
         let shard = quote::qualified(&definition.schema, &shard_object_name(&definition.name, member.shard_id));
         let columns: Vec<String> =
             definition.columns.iter().filter(|c| c.generated_sql.is_none()).map(|c| quote::ident(&c.name)).collect();
-        copy_rows(&source, &target, &shard, &shard, &columns.join(", "))?;
+        let binary = definition.columns.iter().all(|c| c.type_oid < pg_sys::FirstNormalObjectId);
+        copy_rows(&source, &target, &shard, &shard, &columns.join(", "), binary)?;
         dropped.push(shard);
     }
     switch_placements(&group, &source, &target, &dropped)

@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use sharding_core::table_def::{diff, Change};
 
+use super::types;
 use crate::catalog::cache;
 use crate::catalog::nodes::Node;
 use crate::catalog::tables::{DistributedTable, Method};
@@ -111,6 +112,13 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_RuleStmt, targets: rule_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_AlterObjectSchemaStmt, targets: set_schema_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_ClusterStmt, targets: cluster_targets, check: refuse, run: never },
+    // Types of the tables' columns (commands/types.rs): enum values reach the nodes; other
+    // changes are refused.
+    Operation { tag: pg_sys::NodeTag::T_AlterEnumStmt, targets: types::enum_targets, check: no_check, run: types::run_enum_change },
+    Operation { tag: pg_sys::NodeTag::T_AlterDomainStmt, targets: types::domain_targets, check: types::refuse, run: never },
+    Operation { tag: pg_sys::NodeTag::T_DropStmt, targets: types::drop_targets, check: types::refuse, run: never },
+    Operation { tag: pg_sys::NodeTag::T_RenameStmt, targets: types::rename_targets, check: types::refuse, run: never },
+    Operation { tag: pg_sys::NodeTag::T_AlterObjectSchemaStmt, targets: types::set_schema_targets, check: types::refuse, run: never },
 ];
 
 /// The operation and targets for a statement, when it touches distributed tables.
@@ -119,12 +127,18 @@ unsafe fn ours(pstmt: *mut pg_sys::PlannedStmt) -> Result<Option<(&'static Opera
     // catalog may be read then.
     let statement = (*pstmt).utilityStmt;
     let tag = (*statement).type_;
-    let Some(operation) = OPERATIONS.iter().find(|op| op.tag == tag) else { return Ok(None) };
-    if !pg_sys::IsTransactionState() || !cache::extension_active() {
+    if !OPERATIONS.iter().any(|op| op.tag == tag) || !pg_sys::IsTransactionState() || !cache::extension_active() {
         return Ok(None);
     }
-    let targets = (operation.targets)(statement)?;
-    Ok((!targets.is_empty()).then_some((operation, targets)))
+    // The first operation of the statement's kind that finds targets (DROP INDEX and DROP
+    // TYPE are both a DropStmt).
+    for operation in OPERATIONS.iter().filter(|op| op.tag == tag) {
+        let targets = (operation.targets)(statement)?;
+        if !targets.is_empty() {
+            return Ok(Some((operation, targets)));
+        }
+    }
+    Ok(None)
 }
 
 /// Called by the C hook: does pg_sharding handle this statement?
@@ -563,7 +577,11 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
             run_concurrently(table, &after, &changes)?;
             continue;
         }
+        // A column of a user-defined type (added, or changed to one): the nodes get the type.
+        let display = quote::qualified(&after.schema, &after.name);
+        types::check(&after, &display)?;
         for (node, shards) in shards_by_node(table)?.values() {
+            types::ensure_on(&after, node)?;
             let statements: Vec<String> = shards
                 .iter()
                 .flat_map(|shard_id| changes.iter().map(|c| c.shard_sql(&after, *shard_id, &quote::ident)))

@@ -814,3 +814,129 @@ fn privileges_follow_the_table_to_its_shards() {
     let (code, ..) = expect_error(&mut admin, "GRANT SELECT (note) ON events TO app");
     assert_eq!(code, "0A000");
 }
+
+/// The rows of `sql` as text, one line per row.
+fn text_rows(c: &mut Client, sql: &str) -> Vec<String> {
+    c.simple_query(sql)
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => {
+                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()).collect::<Vec<_>>().join("|"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn enum_and_domain_columns_are_created_on_the_nodes_and_keep_their_order() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    let port2 = cluster.worker_port(2);
+    // Worker 2 joins later: it gets the types with a reference table's copy and a shard move.
+    c.batch_execute(&format!("SELECT sharding.remove_node('127.0.0.1', {port2})")).unwrap();
+    c.batch_execute(
+        "CREATE SCHEMA app;
+         CREATE TYPE app.mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+         CREATE DOMAIN app.goodmood AS app.mood NOT NULL DEFAULT 'ok' CHECK (VALUE <> 'sad');
+         CREATE TABLE app.t (id int PRIMARY KEY, m app.mood, ms app.mood[], n posint, g app.goodmood);
+         CREATE TABLE app.t_local (LIKE app.t INCLUDING ALL);
+         SELECT create_distributed_table('app.t', 'id', shard_count => 4);
+         CREATE TABLE app.labels (m app.mood PRIMARY KEY, label text);
+         INSERT INTO app.labels VALUES ('sad', ':('), ('ok', ':|'), ('happy', ':)');
+         SELECT create_reference_table('app.labels');",
+    )
+    .unwrap();
+    for table in ["app.t", "app.t_local"] {
+        c.batch_execute(&format!(
+            "INSERT INTO {table} SELECT g, (ARRAY['sad','ok','happy']::app.mood[])[g % 3 + 1],
+                    CASE WHEN g % 5 = 0 THEN NULL ELSE ARRAY[(ARRAY['happy','sad']::app.mood[])[g % 2 + 1]] END,
+                    g, (CASE WHEN g % 2 = 0 THEN 'happy' ELSE 'ok' END)::app.mood FROM generate_series(1, 60) g"
+        ))
+        .unwrap();
+    }
+    let queries = [
+        "SELECT id, m, ms, n, g FROM {t} ORDER BY m, id",
+        "SELECT m, count(*), min(id), max(g::app.mood) FROM {t} GROUP BY m ORDER BY m",
+        "SELECT id FROM {t} WHERE m > 'sad' AND 'sad' = ANY (ms) ORDER BY id",
+        "SELECT min(m), max(m), array_agg(DISTINCT g ORDER BY g) FROM {t}",
+        "SELECT t.id, l.label FROM {t} t JOIN app.labels l ON l.m = t.m WHERE t.id <= 10 ORDER BY t.id",
+    ];
+    let compare = |c: &mut Client, when: &str| {
+        for q in queries {
+            let distributed = text_rows(c, &q.replace("{t}", "app.t"));
+            let local = text_rows(c, &q.replace("{t}", "app.t_local"));
+            assert!(!local.is_empty(), "{q}");
+            assert_eq!(distributed, local, "{when}: {q}");
+        }
+    };
+    compare(&mut c, "distributed");
+
+    // Domain constraints hold on the shards too: INSERT, and COPY (whose rows only the workers
+    // convert).
+    let (code, ..) = expect_error(&mut c, "INSERT INTO app.t VALUES (100, 'ok', NULL, -1, 'ok')");
+    assert_eq!(code, "23514");
+    let copy = pg_sharding_multinode::copy_in(&mut c, "COPY app.t FROM STDIN", b"101\tok\t\\N\t1\tsad\n");
+    assert_eq!(copy.err().map(|e| pg_sharding_multinode::sqlstate(&e)).as_deref(), Some("23514"));
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM app.t"), 60);
+
+    // A new value in the middle of the order, then a renamed one: on every node, in order.
+    c.batch_execute(&format!("SELECT sharding.add_node('127.0.0.1', {port2})")).unwrap();
+    c.batch_execute("ALTER TYPE app.mood ADD VALUE 'meh' BEFORE 'ok'").unwrap();
+    for table in ["app.t", "app.t_local"] {
+        c.batch_execute(&format!("INSERT INTO {table} VALUES (61, 'meh', '{{meh,happy}}', 61, 'meh')")).unwrap();
+    }
+    c.batch_execute("INSERT INTO app.labels VALUES ('meh', ':/')").unwrap();
+    compare(&mut c, "after ADD VALUE");
+    c.batch_execute("ALTER TYPE app.mood RENAME VALUE 'meh' TO 'so-so'").unwrap();
+    compare(&mut c, "after RENAME VALUE");
+    let labels = "SELECT string_agg(enumlabel::text, ',' ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = 'app.mood'::regtype";
+    for worker in [1, 2] {
+        let mut w = cluster.worker(worker);
+        assert_eq!(scalar::<String>(&mut w, labels), "sad,so-so,ok,happy", "worker {worker}");
+    }
+
+    // Shards moved to the new node (both ways of copying) find their types there.
+    let w2: i32 = scalar(&mut c, &format!("SELECT node_id FROM sharding.nodes WHERE port = {port2}"));
+    let shards: Vec<i64> = c
+        .query("SELECT shard_id FROM sharding.dist_shard WHERE logicalrelid = 'app.t'::regclass ORDER BY shard_id LIMIT 2", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    c.batch_execute(&format!("SELECT sharding.move_shard({}, {w2}, 'block_writes')", shards[0])).unwrap();
+    c.batch_execute(&format!("SELECT sharding.move_shard({}, {w2})", shards[1])).unwrap();
+    let mut w = cluster.worker(2);
+    assert_eq!(scalar::<i64>(&mut w, "SELECT count(*) FROM pg_type WHERE typname IN ('mood', 'goodmood', 'posint')"), 3);
+    compare(&mut c, "after the moves");
+
+    // Changes that would leave the nodes' types behind are refused, and change nothing.
+    for (sql, code) in [
+        ("DROP TYPE app.mood CASCADE", "0A000"),
+        ("ALTER DOMAIN posint ADD CONSTRAINT small CHECK (VALUE < 10)", "0A000"),
+        ("ALTER TYPE app.mood RENAME TO feeling", "0A000"),
+        ("ALTER DOMAIN app.goodmood SET SCHEMA public", "0A000"),
+    ] {
+        assert_eq!(expect_error(&mut c, sql).0, code, "{sql}");
+    }
+    compare(&mut c, "after the refusals");
+    // Types the nodes cannot get: composite types; a node's own type of the same name that
+    // differs. Nothing is distributed.
+    w.batch_execute("CREATE TYPE public.color AS ENUM ('blue', 'red')").unwrap();
+    c.batch_execute(
+        "CREATE TYPE pair AS (a int, b text);
+         CREATE TABLE pairs (id int, p pair);
+         CREATE TYPE color AS ENUM ('red', 'blue');
+         CREATE TABLE colors (id int, c color);",
+    )
+    .unwrap();
+    let (code, message, ..) = expect_error(&mut c, "SELECT create_distributed_table('pairs', 'id')");
+    assert_eq!(code, "0A000", "{message}");
+    let (code, message, ..) = expect_error(&mut c, "SELECT create_distributed_table('colors', 'id')");
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("color"), "{message}");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_table WHERE logicalrelid IN ('pairs'::regclass, 'colors'::regclass)"), 0);
+    assert_eq!(scalar::<i64>(&mut w, "SELECT count(*) FROM pg_class WHERE relname LIKE 'colors\\_%'"), 0);
+}
