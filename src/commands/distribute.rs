@@ -11,7 +11,9 @@ use pgrx::PgRelation;
 use sharding_core::copy_text;
 use sharding_core::interval::{split_hash_space, HashInterval};
 
+use super::foreign_keys::{self, NewShard};
 use super::required;
+use sharding_core::foreign_key::Kind;
 use crate::catalog::tables::{self, DistributedTable, Method, Shard};
 use crate::catalog::{self, cache};
 use crate::catalog::nodes::Node;
@@ -95,15 +97,6 @@ fn check_local_table(relid: pg_sys::Oid) -> Result<LocalTable> {
             format!("table {display} is already distributed"),
         )
         .hint("undistribute_table() turns it back into a local table."));
-    }
-    let foreign_keys = catalog::read_one::<String>(
-        "SELECT string_agg(conname::text, ', ') FROM pg_catalog.pg_constraint
-          WHERE contype = 'f' AND (conrelid = $1 OR confrelid = $1)",
-        &[relid.into()],
-    )?;
-    if let Some(names) = foreign_keys {
-        return Err(unsupported("foreign keys to or from distributed tables are not supported yet")
-            .detail(format!("foreign keys: {names}")));
     }
     Ok(LocalTable { display })
 }
@@ -195,6 +188,25 @@ fn create_shards_on_workers(definition: &TableDefinition, shards: &[Shard], node
             statements.join("; ")
         );
         remote::execute(node, &sql)?;
+    }
+    Ok(())
+}
+
+/// Creates the foreign keys `keys` of `relid` on its new shards (after their rows are in, so
+/// each key is checked once over the whole shard).
+fn create_keys_on_shards(relid: pg_sys::Oid, keys: &[foreign_keys::ForeignKey], shards: &[Shard], nodes: &[Node]) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut per_node: BTreeMap<i32, Vec<NewShard>> = BTreeMap::new();
+    for shard in shards {
+        for node_id in &shard.placements {
+            per_node.entry(*node_id).or_default().push(NewShard { relid, shard_id: shard.shard_id, interval: shard.interval });
+        }
+    }
+    for (node_id, shards) in per_node {
+        let statements = foreign_keys::shard_statements(relid, keys, &shards, &[])?;
+        remote::execute(node_by_id(nodes, node_id)?, &statements.join("; "))?;
     }
     Ok(())
 }
@@ -355,21 +367,30 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
     // Colocation: an existing group fixes the shard count and where each shard index lives.
     Spi::run("LOCK TABLE sharding.dist_colocation IN SHARE ROW EXCLUSIVE MODE")?;
     let colocate_with = request.colocate_with.trim();
-    let (group, shard_count) = match colocate_with.to_lowercase().as_str() {
-        "none" => (None, request.shard_count.unwrap_or(crate::guc::SHARD_COUNT.get())),
-        "default" => {
+    let keys = table_ddl::foreign_keys(request.relid)?;
+    // A key to another distributed table needs its colocation group: 'default' takes it.
+    let implied = keys
+        .iter()
+        .map(|k| pg_sys::Oid::from(k.referenced_relid))
+        .filter(|r| *r != request.relid)
+        .find(|r| matches!(foreign_keys::kind_of(*r), Ok(Kind::Distributed { .. })));
+    let (group, shard_count) = match (colocate_with.to_lowercase().as_str(), implied) {
+        ("none", _) => (None, request.shard_count.unwrap_or(crate::guc::SHARD_COUNT.get())),
+        ("default", None) => {
             let count = request.shard_count.unwrap_or(crate::guc::SHARD_COUNT.get());
             (tables::find_colocation_group(count, type_oid)?, count)
         }
-        _ => {
-            let other_relid = catalog::read_one::<pg_sys::Oid>(
-                "SELECT pg_catalog.to_regclass($1)::oid",
-                &[colocate_with.into()],
-            )?
-            .ok_or_else(|| {
-                ShardingError::new(ERRCODE_UNDEFINED_TABLE, format!("relation \"{colocate_with}\" does not exist"))
-                    .hint("colocate_with takes a distributed table's name, 'default' or 'none'.")
-            })?;
+        (named, implied) => {
+            let other_relid = match implied.filter(|_| named == "default") {
+                Some(relid) => relid,
+                None => catalog::read_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::oid", &[colocate_with.into()])?
+                    .ok_or_else(|| {
+                        ShardingError::new(ERRCODE_UNDEFINED_TABLE, format!("relation \"{colocate_with}\" does not exist"))
+                            .hint("colocate_with takes a distributed table's name, 'default' or 'none'.")
+                    })?,
+            };
+            let colocate_with = catalog::read_one::<String>("SELECT $1::regclass::text", &[other_relid.into()])?.unwrap_or_default();
+            let colocate_with = colocate_with.as_str();
             let other = cache::table(other_relid)?
                 .filter(|t| t.method == Method::Hash)
                 .ok_or_else(|| {
@@ -404,6 +425,10 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
             (other.colocation_id, count)
         }
     };
+
+    let kind = Kind::Distributed { colocation: Some(group.unwrap_or(foreign_keys::NEW_GROUP)), distribution_attnum: attnum };
+    foreign_keys::check_keys(request.relid, kind, &keys)?;
+    let referenced_locally = foreign_keys::check_referencing(request.relid, kind)?;
 
     // A new group splits the hash space evenly; a member of an existing group gets its
     // intervals (uneven after a split) and placements.
@@ -447,8 +472,11 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
     };
     super::grants::sync_shards(&routing_table, &[])?;
     send_local_rows(&definition, &shards, Some(attnum), Some(&routing_table))?;
+    create_keys_on_shards(request.relid, &keys, &shards, &nodes)?;
     // Rows now live in the shards; the coordinator's table stays as the empty shell queries name.
-    Spi::run(&format!("TRUNCATE ONLY {}", quote::qualified(&definition.schema, &definition.name)))?;
+    // (An empty local table referencing it keeps its key: TRUNCATE would refuse.)
+    let emptying = if referenced_locally { "DELETE FROM ONLY" } else { "TRUNCATE ONLY" };
+    Spi::run(&format!("{emptying} {}", quote::qualified(&definition.schema, &definition.name)))?;
 
     catalog::as_catalog_owner(|| {
         let group = match group {
@@ -469,6 +497,9 @@ pub(super) fn create_reference_table_impl(relid: pg_sys::Oid) -> Result<()> {
     let table = check_local_table(relid)?;
     let definition = table_ddl::read(relid)?;
     check_definition(&table, &definition, None)?;
+    let keys = table_ddl::foreign_keys(relid)?;
+    foreign_keys::check_keys(relid, Kind::Reference, &keys)?;
+    foreign_keys::check_referencing(relid, Kind::Reference)?;
     let nodes = active_nodes()?;
     let shard = Shard {
         shard_id: tables::next_shard_id()?,
@@ -495,6 +526,7 @@ pub(super) fn create_reference_table_impl(relid: pg_sys::Oid) -> Result<()> {
     )?;
     // The coordinator's own table keeps its rows: it is the coordinator's placement.
     send_local_rows(&definition, &shards, None, None)?;
+    create_keys_on_shards(relid, &keys, &shards, &nodes)?;
     catalog::as_catalog_owner(|| {
         tables::insert_table(relid, Method::Reference, None, None)?;
         tables::insert_shard(relid, &shards[0])
@@ -558,6 +590,7 @@ mod pg_catalog {
 /// Gives a node that just joined a copy of every reference table, filled from the
 /// coordinator's own copy, inside the distributed transaction of the add_node call.
 pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
+    let mut copied = Vec::new();
     for relid in tables::reference_tables()? {
         let Some(table) = cache::table(relid)? else { continue };
         let shard = &table.shards[0];
@@ -568,7 +601,7 @@ pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
         super::types::ensure_on(&definition, node)?;
         let shard_name = definition.shard_name(shard.shard_id, &quote::ident);
         let sql = format!(
-            "CREATE SCHEMA IF NOT EXISTS {}; DROP TABLE IF EXISTS {shard_name}; {}",
+            "CREATE SCHEMA IF NOT EXISTS {}; DROP TABLE IF EXISTS {shard_name} CASCADE; {}",
             quote::ident(&definition.schema),
             definition.shard_ddl(shard.shard_id, &quote::ident).join("; ")
         );
@@ -577,6 +610,16 @@ pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
         super::grants::sync_shards(&DistributedTable { shards: vec![target.clone()], ..(*table).clone() }, &[])?;
         send_local_rows(&definition, &[target], None, None)?;
         catalog::as_catalog_owner(|| tables::insert_placement(shard.shard_id, node.node_id))?;
+        copied.push(NewShard { relid, shard_id: shard.shard_id, interval: None });
+    }
+    // Keys between reference tables once every copy is filled.
+    let mut statements = Vec::new();
+    for shard in &copied {
+        let keys = table_ddl::foreign_keys(shard.relid)?;
+        statements.extend(foreign_keys::shard_statements(shard.relid, &keys, &[*shard], &[])?);
+    }
+    if !statements.is_empty() {
+        remote::execute(node, &statements.join("; "))?;
     }
     Ok(())
 }
@@ -622,6 +665,35 @@ fn pull_shard_rows(definition: &TableDefinition, shard: &Shard, node: &Node) -> 
     Ok(())
 }
 
+/// A table that becomes local keeps its foreign keys only where the coordinator can enforce
+/// them: to itself (a reference table's rows never leave the coordinator) or to reference
+/// tables. Keys of distributed or reference tables to it would lose their shards.
+fn check_undistributable(relid: pg_sys::Oid, table: &DistributedTable) -> Result<()> {
+    let display = quote::qualified(&table.schema, &table.name);
+    let refuse = |why: String| {
+        ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, format!("cannot undistribute {display}: {why}"))
+            .hint("Drop the foreign key first.")
+    };
+    for key in table_ddl::foreign_keys(relid)? {
+        let referenced = pg_sys::Oid::from(key.referenced_relid);
+        if referenced == relid && table.method == Method::Hash {
+            return Err(refuse(format!("its foreign key \"{}\" references the table itself", key.name))
+                .detail("Its rows come back shard by shard: a row may reference one that has not come back yet."));
+        }
+        if referenced != relid && matches!(foreign_keys::kind_of(referenced)?, Kind::Distributed { .. }) {
+            return Err(refuse(format!("its foreign key \"{}\" references the distributed table {}", key.name,
+                quote::qualified(&key.referenced_schema, &key.referenced_name))));
+        }
+    }
+    for (other, key) in table_ddl::referencing_tables(relid)? {
+        if cache::table(other)?.is_some() {
+            let other = catalog::read_one::<String>("SELECT $1::regclass::text", &[other.into()])?.unwrap_or_default();
+            return Err(refuse(format!("the table {other} references it (foreign key \"{key}\")")));
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn undistribute_table_impl(relid: pg_sys::Oid) -> Result<()> {
     lock_table(relid, "ACCESS EXCLUSIVE")?;
     let table = cache::table(relid)?.ok_or_else(|| {
@@ -635,6 +707,7 @@ pub(super) fn undistribute_table_impl(relid: pg_sys::Oid) -> Result<()> {
         ));
     }
     let definition = table_ddl::read(relid)?;
+    check_undistributable(relid, &table)?;
     let nodes: Vec<Node> = cache::nodes()?.iter().cloned().collect();
     // The catalog goes first, so the rows written below land in the local table.
     catalog::as_catalog_owner(|| tables::delete_table(relid, table.colocation_id))?;

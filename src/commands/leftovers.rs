@@ -67,7 +67,7 @@ pub fn clear(wait: bool) -> Result<i64> {
             );
             if let Some((tables, holder)) = shard_of(&name, "pgs_move_").map(group_names).transpose()?.flatten() {
                 if holder != node.node_id && !tables.is_empty() {
-                    sql.push_str(&format!("; DROP TABLE IF EXISTS {}", tables.join(", ")));
+                    sql.push_str(&format!("; DROP TABLE IF EXISTS {} CASCADE", tables.join(", ")));
                 }
             }
             if c.exec(&sql).is_ok() {
@@ -129,7 +129,7 @@ pub fn clear(wait: bool) -> Result<i64> {
                 .collect();
             let mut sql = format!("SET lock_timeout = '1s'; DROP FUNCTION IF EXISTS {function}() CASCADE");
             if !children.is_empty() {
-                sql.push_str(&format!("; DROP TABLE IF EXISTS {}", children.join(", ")));
+                sql.push_str(&format!("; DROP TABLE IF EXISTS {} CASCADE", children.join(", ")));
             }
             if c.exec(&sql).is_ok() {
                 removed += 1;

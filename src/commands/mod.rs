@@ -2,6 +2,7 @@
 //! typed errors of the layers below into PostgreSQL errors at this boundary.
 
 pub mod distribute;
+pub mod foreign_keys;
 pub mod grants;
 pub mod leftovers;
 pub mod node;

@@ -197,6 +197,13 @@ pub fn run(
             super::types::ensure_with(definition, target, &|sql| on(target, &tgt, sql))?;
             on(target, &tgt, &super::shard_ops::create_shard_sql(definition, *id))?;
         }
+        // The foreign keys now, on empty shards: the subscription's copy and changes arrive as
+        // replication (session_replication_role = replica), which the keys' triggers skip, and
+        // the source already held them.
+        let keys = super::foreign_keys::group_statements(&super::foreign_keys::existing(shards)?)?;
+        if !keys.is_empty() {
+            on(target, &tgt, &keys.join("; "))?;
+        }
         on(source, &src, &format!("CREATE PUBLICATION {} FOR TABLE {}", quote::ident(&name), names.join(", ")))?;
         let (dbname, user) = connection::session_identity()?;
         let conninfo = format!(

@@ -219,7 +219,8 @@ pub fn cleanup_old_placements() -> Result<i64> {
         let drop = if kind == "function" {
             format!("DROP FUNCTION IF EXISTS {name} CASCADE")
         } else {
-            format!("DROP TABLE IF EXISTS {name}")
+            // CASCADE: the keys of the group's other old shards to this one.
+            format!("DROP TABLE IF EXISTS {name} CASCADE")
         };
         let done = match nodes.iter().find(|n| n.node_id == node_id) {
             // The node is gone: nothing to drop any more.
@@ -320,6 +321,13 @@ pub fn move_group(shard_id: i64, target_id: i32, mode: MoveMode) -> Result<()> {
         let binary = definition.columns.iter().all(|c| c.type_oid < pg_sys::FirstNormalObjectId);
         copy_rows(&source, &target, &shard, &shard, &columns.join(", "), binary)?;
         dropped.push(shard);
+    }
+    // The foreign keys once every shard of the group is filled (a key checks its rows then).
+    let keys = super::foreign_keys::group_statements(&super::foreign_keys::existing(
+        &group.shards.iter().map(|m| (m.shard_id, m.relid)).collect::<Vec<_>>(),
+    )?)?;
+    if !keys.is_empty() {
+        remote::execute(&target, &keys.join("; "))?;
     }
     switch_placements(&group, &source, &target, &dropped)
 }

@@ -164,7 +164,7 @@ fn clear_sql(member: &Member, drop_children: bool) -> String {
     );
     if drop_children && !member.children.is_empty() {
         let names: Vec<&str> = member.children.iter().map(|(_, _, n)| n.as_str()).collect();
-        sql.push_str(&format!("; DROP TABLE IF EXISTS {}", names.join(", ")));
+        sql.push_str(&format!("; DROP TABLE IF EXISTS {} CASCADE", names.join(", ")));
     }
     sql
 }
@@ -207,7 +207,7 @@ fn clear_leftovers(source: &Node, members: &[Member]) -> Result<()> {
             .collect();
         let mut sql = clear_sql(member, false);
         if !children.is_empty() {
-            sql.push_str(&format!("; DROP TABLE IF EXISTS {}", children.join(", ")));
+            sql.push_str(&format!("; DROP TABLE IF EXISTS {} CASCADE", children.join(", ")));
         }
         on(source, &connection, &sql)?;
     }
@@ -332,6 +332,22 @@ fn switch_catalog(members: &[Member], source: &Node, colocation_id: Option<i32>)
 
 /// Splits shard `shard_id` (and its co-located shards) on its node; returns the new shard ids
 /// of `shard_id`'s table in hash order.
+/// The statements creating the foreign keys of every child (keys to co-located tables go to
+/// the sibling child covering the same hash values).
+fn children_keys(members: &[Member]) -> Result<Vec<String>> {
+    let children: Vec<super::foreign_keys::NewShard> = members
+        .iter()
+        .flat_map(|m| {
+            m.children.iter().map(|(id, interval, _)| super::foreign_keys::NewShard {
+                relid: m.relid,
+                shard_id: *id,
+                interval: Some(*interval),
+            })
+        })
+        .collect();
+    super::foreign_keys::group_statements(&children)
+}
+
 fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64>> {
     nodes::lock_for_change()?;
     super::shard_ops::cleanup_old_placements()?;
@@ -394,6 +410,10 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
             ));
             remote::execute(&source, &sql.join("; "))?;
         }
+        let keys = children_keys(&members)?;
+        if !keys.is_empty() {
+            remote::execute(&source, &keys.join("; "))?;
+        }
         switch_catalog(&members, &source, colocation_id)?;
         return Ok(ids_of(&members));
     }
@@ -433,6 +453,11 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
         on(&source, &connection, "SET lock_timeout = '200ms'")?;
         copy_chunks(&source, &connection, &members)?;
         on(&source, &connection, "RESET lock_timeout")?;
+        // The foreign keys once the children are filled (the triggers keep them in step after).
+        let keys = children_keys(&members)?;
+        if !keys.is_empty() {
+            on(&source, &connection, &keys.join("; "))?;
+        }
         crate::transaction::fault::point("split_before_switch");
         // The children are complete and kept so by the trigger: writes wait from here to commit.
         super::lock_tables_together(&relids, "EXCLUSIVE")?;

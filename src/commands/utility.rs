@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use sharding_core::table_def::{diff, Change};
 
+use super::foreign_keys::{self, NewShard};
 use super::types;
 use crate::catalog::cache;
 use crate::catalog::nodes::Node;
@@ -406,7 +407,6 @@ fn unsupported(message: impl Into<String>) -> ShardingError {
 
 unsafe fn check_constraint_node(constraint: *mut pg_sys::Constraint) -> Result<()> {
     match (*constraint).contype {
-        pg_sys::ConstrType::CONSTR_FOREIGN => Err(unsupported("foreign keys on distributed tables are not supported yet")),
         pg_sys::ConstrType::CONSTR_EXCLUSION => Err(unsupported("exclusion constraints on distributed tables are not supported")),
         _ => Ok(()),
     }
@@ -431,7 +431,7 @@ unsafe fn check_alter_table(node: *mut pg_sys::Node, _targets: &[Rc<DistributedT
                 }
             }
             AT_AddConstraint => check_constraint_node((*command).def.cast())?,
-            AT_ColumnDefault | AT_DropNotNull | AT_SetNotNull | AT_DropColumn | AT_DropConstraint => {}
+            AT_ColumnDefault | AT_DropNotNull | AT_SetNotNull | AT_DropColumn | AT_DropConstraint | AT_ValidateConstraint => {}
             // Row-level security is enforced by the coordinator's planner (its policies become
             // conditions of the plan); the shards keep none of their own.
             AT_EnableRowSecurity | AT_DisableRowSecurity | AT_ForceRowSecurity | AT_NoForceRowSecurity => {}
@@ -439,7 +439,7 @@ unsafe fn check_alter_table(node: *mut pg_sys::Node, _targets: &[Rc<DistributedT
                 return Err(unsupported(format!(
                     "this ALTER TABLE subcommand (AlterTableType {other}) is not supported on distributed tables"
                 ))
-                .hint("Supported: ADD/DROP/RENAME COLUMN, ALTER COLUMN TYPE/SET DEFAULT/DROP DEFAULT/SET NOT NULL/DROP NOT NULL, ADD/DROP CONSTRAINT, ENABLE/DISABLE/FORCE ROW LEVEL SECURITY."))
+                .hint("Supported: ADD/DROP/RENAME COLUMN, ALTER COLUMN TYPE/SET DEFAULT/DROP DEFAULT/SET NOT NULL/DROP NOT NULL, ADD/DROP/VALIDATE CONSTRAINT, ENABLE/DISABLE/FORCE ROW LEVEL SECURITY."))
             }
         }
     }
@@ -502,8 +502,11 @@ fn run_truncate(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<
             entry.1.extend(shards.iter().map(|id| definition.shard_name(*id, &quote::ident)));
         }
     }
+    // CASCADE reaches the shards of the referencing tables through the shards' own keys.
+    // SAFETY: the statement of the call being run is a TruncateStmt.
+    let cascade = unsafe { (*call.statement().cast::<pg_sys::TruncateStmt>()).behavior } == pg_sys::DropBehavior::DROP_CASCADE;
     for (node, names) in per_node.values() {
-        remote::execute(node, &format!("TRUNCATE {}", names.join(", ")))?;
+        remote::execute(node, &format!("TRUNCATE {}{}", names.join(", "), if cascade { " CASCADE" } else { "" }))?;
     }
     Ok(())
 }
@@ -561,6 +564,23 @@ fn validate_changes(table: &DistributedTable, changes: &[Change]) -> Result<()> 
     Ok(())
 }
 
+/// The foreign keys an ALTER added, once checked that the shards can enforce them.
+fn added_foreign_keys(table: &DistributedTable, changes: &[Change]) -> Result<Vec<foreign_keys::ForeignKey>> {
+    let names: Vec<&str> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::AddConstraint(constraint) if constraint.kind == 'f' => Some(constraint.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<_> = table_ddl::foreign_keys(table.relid)?.into_iter().filter(|k| names.contains(&k.name.as_str())).collect();
+    foreign_keys::check_keys(table.relid, foreign_keys::kind_of(table.relid)?, &keys)?;
+    Ok(keys)
+}
+
 fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
     // SAFETY: the statement of the call being run.
     let concurrent = unsafe { is_concurrent(call.statement()) };
@@ -580,12 +600,26 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
         // A column of a user-defined type (added, or changed to one): the nodes get the type.
         let display = quote::qualified(&after.schema, &after.name);
         types::check(&after, &display)?;
+        let new_keys = added_foreign_keys(table, &changes)?;
         for (node, shards) in shards_by_node(table)?.values() {
             types::ensure_on(&after, node)?;
-            let statements: Vec<String> = shards
-                .iter()
-                .flat_map(|shard_id| changes.iter().map(|c| c.shard_sql(&after, *shard_id, &quote::ident)))
-                .collect();
+            let mut statements = Vec::new();
+            for shard_id in shards {
+                for change in &changes {
+                    match change {
+                        Change::AddConstraint(constraint) if constraint.kind == 'f' => {
+                            let key: Vec<_> = new_keys.iter().filter(|k| k.name == constraint.name).cloned().collect();
+                            let shard = NewShard {
+                                relid: table.relid,
+                                shard_id: *shard_id,
+                                interval: table.shards.iter().find(|s| s.shard_id == *shard_id).and_then(|s| s.interval),
+                            };
+                            statements.extend(foreign_keys::shard_statements(table.relid, &key, &[shard], &[])?);
+                        }
+                        other => statements.push(other.shard_sql(&after, *shard_id, &quote::ident)),
+                    }
+                }
+            }
             remote::execute(node, &statements.join("; "))?;
         }
     }
@@ -667,7 +701,9 @@ unsafe fn drop_distributed_table(relid: pg_sys::Oid) -> Result<()> {
     let definition = table_ddl::read(relid)?;
     for (node, shards) in shards_by_node(&table)?.values() {
         let names: Vec<String> = shards.iter().map(|id| definition.shard_name(*id, &quote::ident)).collect();
-        remote::execute(node, &format!("DROP TABLE IF EXISTS {}", names.join(", ")))?;
+        // CASCADE: the keys of other shards to these (PostgreSQL has dropped the coordinator's
+        // keys, or refused the DROP).
+        remote::execute(node, &format!("DROP TABLE IF EXISTS {} CASCADE", names.join(", ")))?;
     }
     crate::catalog::as_catalog_owner(|| crate::catalog::tables::delete_table(relid, table.colocation_id))
 }

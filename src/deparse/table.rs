@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 
 use crate::error::{Result, ShardingError};
 
+pub use sharding_core::foreign_key::ForeignKey;
 pub use sharding_core::table_def::{shard_object_name, Column, Constraint, Index, TableDefinition};
 
 const COLUMNS_QUERY: &str = "
@@ -145,3 +146,61 @@ pub fn read(relid: pg_sys::Oid) -> Result<TableDefinition> {
     })
 }
 
+
+const FOREIGN_KEYS_QUERY: &str = "
+SELECT c.conname::text, c.confrelid, rn.nspname::text, rc.relname::text,
+       ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.i),
+       c.conkey,
+       ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, i)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.i),
+       c.confkey, c.confmatchtype::text, c.confupdtype::text, c.confdeltype::text,
+       COALESCE(c.confdelsetcols, '{}')::int2[], c.condeferrable, c.condeferred, c.convalidated
+  FROM pg_catalog.pg_constraint c
+  JOIN pg_catalog.pg_class rc ON rc.oid = c.confrelid
+  JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+ WHERE c.contype = 'f' AND c.conrelid = $1
+ ORDER BY c.conname";
+
+/// The foreign keys of `relid` (the keys it holds, referencing other tables or itself).
+pub fn foreign_keys(relid: pg_sys::Oid) -> Result<Vec<ForeignKey>> {
+    let code = |value: Option<String>| value.and_then(|v| v.chars().next()).unwrap_or('a');
+    Spi::connect(|client| {
+        let mut keys = Vec::new();
+        for row in client.select(FOREIGN_KEYS_QUERY, None, &[relid.into()])? {
+            keys.push(ForeignKey {
+                name: row.get::<String>(1)?.unwrap_or_default(),
+                referenced_relid: row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid).to_u32(),
+                referenced_schema: row.get::<String>(3)?.unwrap_or_default(),
+                referenced_name: row.get::<String>(4)?.unwrap_or_default(),
+                columns: row.get::<Vec<String>>(5)?.unwrap_or_default(),
+                attnums: row.get::<Vec<i16>>(6)?.unwrap_or_default(),
+                referenced_columns: row.get::<Vec<String>>(7)?.unwrap_or_default(),
+                referenced_attnums: row.get::<Vec<i16>>(8)?.unwrap_or_default(),
+                match_type: code(row.get::<String>(9)?),
+                on_update: code(row.get::<String>(10)?),
+                on_delete: code(row.get::<String>(11)?),
+                delete_set_columns: row.get::<Vec<i16>>(12)?.unwrap_or_default(),
+                deferrable: row.get::<bool>(13)?.unwrap_or(false),
+                deferred: row.get::<bool>(14)?.unwrap_or(false),
+                validated: row.get::<bool>(15)?.unwrap_or(true),
+            });
+        }
+        Ok(keys)
+    })
+}
+
+/// The other tables whose foreign keys reference `relid`: (table, key name) each.
+pub fn referencing_tables(relid: pg_sys::Oid) -> Result<Vec<(pg_sys::Oid, String)>> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT conrelid, conname::text FROM pg_catalog.pg_constraint
+                  WHERE contype = 'f' AND confrelid = $1 AND conrelid <> $1 ORDER BY conrelid, conname",
+                None,
+                &[relid.into()],
+            )?
+            .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<String>(2)?.unwrap_or_default())))
+            .collect()
+    })
+}

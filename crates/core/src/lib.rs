@@ -5,6 +5,7 @@
 pub mod array_literal;
 pub mod copy_text;
 pub mod counters;
+pub mod foreign_key;
 pub mod hash;
 pub mod interval;
 pub mod node_check;

@@ -164,6 +164,8 @@ pub enum Change {
     AddConstraint(Constraint),
     DropConstraint(Constraint),
     RenameConstraint { from: Constraint, to: String },
+    /// VALIDATE CONSTRAINT of a key or check that was NOT VALID.
+    ValidateConstraint(Constraint),
     CreateIndex(Index),
     DropIndex(String),
     RenameIndex { from: String, to: String },
@@ -201,6 +203,14 @@ pub fn diff(before: &TableDefinition, after: &TableDefinition) -> Vec<Change> {
     for new in added {
         if !renamed_to.contains(&new.name.as_str()) {
             additions.push(Change::AddConstraint(new.clone()));
+        }
+    }
+    for new in &after.constraints {
+        let was_not_valid = before.constraints.iter().any(|old| {
+            old.name == new.name && old.definition.strip_suffix(" NOT VALID") == Some(new.definition.as_str())
+        });
+        if was_not_valid {
+            additions.push(Change::ValidateConstraint(new.clone()));
         }
     }
 
@@ -288,7 +298,10 @@ impl Change {
                 quote(&shard_object_name(to, shard_id))
             ),
             Change::AddColumn(column) => alter(format!("ADD COLUMN {}", TableDefinition::column_sql(column, quote))),
-            Change::DropColumn(name) => alter(format!("DROP COLUMN {}", quote(name))),
+            // CASCADE: what depends on it on the coordinator was dropped there (PostgreSQL has
+            // refused the statement otherwise), the same objects go on the shard: foreign keys
+            // of other shards included.
+            Change::DropColumn(name) => alter(format!("DROP COLUMN {} CASCADE", quote(name))),
             Change::RenameColumn { from, to } => alter(format!("RENAME COLUMN {} TO {}", quote(from), quote(to))),
             Change::AlterType(column) => {
                 let mut sql = format!("ALTER COLUMN {} TYPE {}", quote(&column.name), column.type_sql);
@@ -309,7 +322,7 @@ impl Change {
                 alter(format!("ADD {}", TableDefinition::constraint_sql(constraint, shard_id, quote).unwrap_or_default()))
             }
             Change::DropConstraint(constraint) => {
-                alter(format!("DROP CONSTRAINT IF EXISTS {}", quote(&shard_constraint_name(constraint, shard_id))))
+                alter(format!("DROP CONSTRAINT IF EXISTS {} CASCADE", quote(&shard_constraint_name(constraint, shard_id))))
             }
             Change::RenameConstraint { from, to } => alter(format!(
                 "RENAME CONSTRAINT {} TO {}",
@@ -318,7 +331,10 @@ impl Change {
             )),
             Change::CreateIndex(index) => table.index_ddl(index, shard_id, quote),
             Change::DropIndex(name) => {
-                format!("DROP INDEX IF EXISTS {}.{}", quote(&table.schema), quote(&shard_object_name(name, shard_id)))
+                format!("DROP INDEX IF EXISTS {}.{} CASCADE", quote(&table.schema), quote(&shard_object_name(name, shard_id)))
+            }
+            Change::ValidateConstraint(constraint) => {
+                alter(format!("VALIDATE CONSTRAINT {}", quote(&shard_constraint_name(constraint, shard_id))))
             }
             Change::RenameIndex { from, to } => format!(
                 "ALTER INDEX {}.{} RENAME TO {}",
@@ -437,7 +453,21 @@ mod tests {
         after.columns.truncate(1);
         let changes = diff(&before, &after);
         assert_eq!(changes, vec![Change::DropConstraint(before.constraints[1].clone()), Change::DropColumn("note".into())]);
-        assert_eq!(changes[0].shard_sql(&after, 1, &q), "ALTER TABLE \"public\".\"events_1\" DROP CONSTRAINT IF EXISTS \"note_set\"");
+        assert_eq!(changes[0].shard_sql(&after, 1, &q), "ALTER TABLE \"public\".\"events_1\" DROP CONSTRAINT IF EXISTS \"note_set\" CASCADE");
+        assert_eq!(changes[1].shard_sql(&after, 1, &q), "ALTER TABLE \"public\".\"events_1\" DROP COLUMN \"note\" CASCADE");
+    }
+
+    #[test]
+    fn validating_a_not_valid_constraint() {
+        let key = |definition: &str| Constraint { name: "fk".into(), kind: 'f', definition: definition.into(), columns: vec![1] };
+        let mut before = table();
+        before.constraints.push(key("FOREIGN KEY (id) REFERENCES other(id) NOT VALID"));
+        let mut after = table();
+        after.constraints.push(key("FOREIGN KEY (id) REFERENCES other(id)"));
+        let changes = diff(&before, &after);
+        assert_eq!(changes, vec![Change::ValidateConstraint(after.constraints[1].clone())]);
+        assert_eq!(changes[0].shard_sql(&after, 2, &q), "ALTER TABLE \"public\".\"events_2\" VALIDATE CONSTRAINT \"fk\"");
+        assert!(diff(&after, &after).is_empty());
     }
 
     #[test]

@@ -371,6 +371,7 @@ fn bad_input_errors_and_leaves_nothing_behind() {
          CREATE TABLE noprimary (id int, doc jsonb);
          CREATE TABLE parent (id int PRIMARY KEY);
          CREATE TABLE child (id int REFERENCES parent (id));
+         INSERT INTO parent VALUES (1); INSERT INTO child VALUES (1);
          CREATE TABLE parted (id int) PARTITION BY RANGE (id);
          CREATE UNLOGGED TABLE unlogged_t (id int);
          CREATE TABLE other (id bigint);
@@ -390,7 +391,7 @@ fn bad_input_errors_and_leaves_nothing_behind() {
         ("SELECT create_distributed_table('noprimary', 'doc')", "0A000"),
         ("SELECT create_distributed_table('good', 'id')", "0A000"), // unique (u) lacks the column
         ("SELECT create_distributed_table('child', 'id')", "0A000"),
-        ("SELECT create_distributed_table('parent', 'id')", "0A000"), // referenced by a foreign key
+        ("SELECT create_distributed_table('parent', 'id')", "0A000"), // referenced by a local table's rows
         ("SELECT create_distributed_table('parted', 'id')", "0A000"),
         ("SELECT create_distributed_table('unlogged_t', 'id')", "0A000"),
         ("SELECT create_distributed_table('other', 'id')", "42710"),
@@ -939,4 +940,221 @@ fn enum_and_domain_columns_are_created_on_the_nodes_and_keep_their_order() {
     assert!(message.contains("color"), "{message}");
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_table WHERE logicalrelid IN ('pairs'::regclass, 'colors'::regclass)"), 0);
     assert_eq!(scalar::<i64>(&mut w, "SELECT count(*) FROM pg_class WHERE relname LIKE 'colors\\_%'"), 0);
+}
+
+/// Foreign keys of the shards in one node's schema: (shard table, key name, valid) each.
+fn shard_keys(w: &mut Client) -> Vec<(String, String, bool)> {
+    w.query(
+        "SELECT conrelid::regclass::text, conname::text, convalidated FROM pg_constraint
+          WHERE contype = 'f' AND connamespace = 'public'::regnamespace ORDER BY 1, 2",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+fn keys_on_workers(cluster: &Cluster) -> usize {
+    (1..=2).map(|w| shard_keys(&mut cluster.worker(w)).len()).sum()
+}
+
+#[test]
+fn foreign_keys_hold_on_the_shards_through_moves_splits_and_ddl() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    let port2 = cluster.worker_port(2);
+    // Worker 2 joins later: it gets the reference tables' copies with their key.
+    c.batch_execute(&format!("SELECT sharding.remove_node('127.0.0.1', {port2})")).unwrap();
+    // The usual multi-tenant schema, keys declared before distributing (local rows included).
+    c.batch_execute(
+        "CREATE TABLE currencies (code text PRIMARY KEY);
+         CREATE TABLE countries (code text PRIMARY KEY, currency text NOT NULL REFERENCES currencies (code));
+         CREATE TABLE companies (id bigint PRIMARY KEY, country text REFERENCES countries (code), name text);
+         CREATE TABLE campaigns (company_id bigint REFERENCES companies (id) ON DELETE CASCADE, id bigint,
+                                 name text, PRIMARY KEY (company_id, id));
+         CREATE TABLE ads (company_id bigint, campaign_id bigint, id bigint, PRIMARY KEY (company_id, id),
+                           FOREIGN KEY (company_id, campaign_id) REFERENCES campaigns (company_id, id) ON DELETE CASCADE);
+         INSERT INTO currencies VALUES ('JPY'), ('EUR'), ('BRL');
+         INSERT INTO countries VALUES ('jp', 'JPY'), ('fr', 'EUR'), ('br', 'BRL');
+         INSERT INTO companies SELECT g, (ARRAY['jp','fr','br'])[g % 3 + 1], 'company ' || g FROM generate_series(1, 40) g;
+         SELECT create_reference_table('currencies');
+         SELECT create_reference_table('countries');
+         SELECT create_distributed_table('companies', 'id', shard_count => 4);
+         SELECT create_distributed_table('campaigns', 'company_id');
+         SELECT create_distributed_table('ads', 'company_id');
+         INSERT INTO campaigns SELECT c, k, 'c' FROM generate_series(1, 40) c, generate_series(1, 3) k;
+         INSERT INTO ads SELECT c, k, k * 10 + a FROM generate_series(1, 40) c, generate_series(1, 3) k, generate_series(1, 2) a;",
+    )
+    .unwrap();
+    // A key to a distributed table put the table in that table's colocation group.
+    assert_eq!(
+        scalar::<i64>(&mut c, "SELECT count(DISTINCT colocation_id) FROM sharding.dist_table WHERE logicalrelid IN ('companies'::regclass, 'campaigns'::regclass, 'ads'::regclass)"),
+        1
+    );
+    // Every shard holds its key: 4 shards of 3 tables, and the reference copy's.
+    assert_eq!(shard_keys(&mut cluster.worker(1)).len(), 13);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM companies"), 40);
+
+    let violations = |c: &mut Client, when: &str| {
+        for sql in [
+            "INSERT INTO companies VALUES (100, 'xx', 'n')",
+            "INSERT INTO campaigns VALUES (999, 1, 'x')",
+            "INSERT INTO ads VALUES (1, 7, 1)",
+            "DELETE FROM countries WHERE code = 'jp'",
+            "INSERT INTO countries VALUES ('de', 'DEM')",
+            "UPDATE companies SET country = 'de' WHERE id = 2",
+        ] {
+            assert_eq!(expect_error(c, sql).0, "23503", "{when}: {sql}");
+        }
+        // Every shard group's ads check their campaign.
+        for id in [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13] {
+            assert_eq!(expect_error(c, &format!("INSERT INTO ads VALUES ({id}, 9, 1)")).0, "23503", "{when}: company {id}");
+        }
+        let copy = copy_in(c, "COPY campaigns FROM STDIN", b"1\t50\tok\n998\t1\tno company\n");
+        assert_eq!(copy.err().map(|e| pg_sharding_multinode::sqlstate(&e)).as_deref(), Some("23503"), "{when}: COPY");
+    };
+    violations(&mut c, "distributed");
+    // ON DELETE CASCADE runs inside each shard group.
+    c.batch_execute("DELETE FROM companies WHERE id = 5").unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM campaigns"), 117);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM ads"), 234);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM ads WHERE company_id = 5"), 0);
+    c.batch_execute(
+        "BEGIN; INSERT INTO companies VALUES (200, 'fr', 'new'); INSERT INTO campaigns VALUES (200, 1, 'new');
+         INSERT INTO ads VALUES (200, 1, 1); COMMIT;",
+    )
+    .unwrap();
+
+    // Keys added later: checked on the shards, NOT VALID and VALIDATE CONSTRAINT included.
+    c.batch_execute(
+        "CREATE TABLE notes (company_id bigint, id int, body text, PRIMARY KEY (company_id, id));
+         SELECT create_distributed_table('notes', 'company_id', colocate_with => 'companies');
+         INSERT INTO notes VALUES (1, 1, 'fine'), (777, 1, 'orphan');",
+    )
+    .unwrap();
+    let add = "ALTER TABLE notes ADD CONSTRAINT notes_company FOREIGN KEY (company_id) REFERENCES companies (id)";
+    assert_eq!(expect_error(&mut c, add).0, "23503");
+    c.batch_execute(&format!("{add} NOT VALID")).unwrap();
+    assert_eq!(expect_error(&mut c, "INSERT INTO notes VALUES (778, 1, 'new orphan')").0, "23503");
+    assert_eq!(expect_error(&mut c, "ALTER TABLE notes VALIDATE CONSTRAINT notes_company").0, "23503");
+    c.batch_execute("DELETE FROM notes WHERE company_id = 777; ALTER TABLE notes VALIDATE CONSTRAINT notes_company").unwrap();
+    let notes_keys: Vec<bool> = shard_keys(&mut cluster.worker(1)).into_iter().filter(|k| k.1 == "notes_company").map(|k| k.2).collect();
+    assert_eq!(notes_keys, vec![true; 4]);
+    // A table referencing itself within a tenant: rows that reference later rows move in.
+    c.batch_execute(
+        "CREATE TABLE tree (company_id bigint, id int, parent int, PRIMARY KEY (company_id, id),
+                            FOREIGN KEY (company_id, parent) REFERENCES tree (company_id, id) DEFERRABLE);
+         BEGIN; SET CONSTRAINTS ALL DEFERRED;
+         INSERT INTO tree SELECT c, k, CASE WHEN k < 5 THEN k + 1 END FROM generate_series(10, 30) c, generate_series(1, 5) k;
+         COMMIT;
+         SELECT create_distributed_table('tree', 'company_id', colocate_with => 'companies');",
+    )
+    .unwrap();
+    assert_eq!(expect_error(&mut c, "INSERT INTO tree VALUES (10, 6, 99)").0, "23503");
+    c.batch_execute("INSERT INTO tree VALUES (10, 6, 1)").unwrap();
+
+    // Keys the shards could not enforce are refused, and nothing changes.
+    let tables_before = scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_table");
+    c.batch_execute(
+        "CREATE TABLE elsewhere (company_id bigint REFERENCES companies (id));
+         CREATE TABLE by_other_column (id bigint, company_id bigint REFERENCES companies (id));
+         CREATE TABLE nulling (company_id bigint REFERENCES companies (id) ON DELETE SET NULL);
+         CREATE TABLE plain (id int PRIMARY KEY);
+         CREATE TABLE to_plain (id int REFERENCES plain (id));
+         CREATE TABLE ref_to_distributed (company_id bigint REFERENCES companies (id));
+         CREATE TABLE parents (id int PRIMARY KEY);
+         CREATE TABLE kids (parent int REFERENCES parents (id));
+         INSERT INTO parents VALUES (1); INSERT INTO kids VALUES (1);",
+    )
+    .unwrap();
+    for sql in [
+        "SELECT create_distributed_table('elsewhere', 'company_id', colocate_with => 'none')",
+        "SELECT create_distributed_table('by_other_column', 'id', colocate_with => 'companies')",
+        "SELECT create_distributed_table('nulling', 'company_id')",
+        "SELECT create_distributed_table('to_plain', 'id')",
+        "SELECT create_reference_table('ref_to_distributed')",
+        "SELECT create_distributed_table('parents', 'id')",
+        "SELECT undistribute_table('companies')",
+        "ALTER TABLE campaigns ADD CONSTRAINT by_id FOREIGN KEY (id) REFERENCES companies (id)",
+    ] {
+        let (code, message, ..) = expect_error(&mut c, sql);
+        assert_eq!(code, "0A000", "{sql}: {message}");
+    }
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_table"), tables_before);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM pg_constraint WHERE conname = 'by_id'"), 0);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM kids"), 1);
+    assert_eq!(shard_keys(&mut cluster.worker(1)).len(), 21);
+
+    // A node that joins gets the reference tables' key; shard groups moved there (both ways)
+    // and split keep theirs, pointing at their own group's shards.
+    c.batch_execute(&format!("SELECT sharding.add_node('127.0.0.1', {port2})")).unwrap();
+    assert_eq!(shard_keys(&mut cluster.worker(2)).len(), 1);
+    let w2: i32 = scalar(&mut c, &format!("SELECT node_id FROM sharding.nodes WHERE port = {port2}"));
+    let shards: Vec<(i64, i32, i32)> = c
+        .query(
+            "SELECT shard_id, min_hash, max_hash FROM sharding.dist_shard WHERE logicalrelid = 'companies'::regclass ORDER BY shard_index",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    c.batch_execute(&format!("SELECT sharding.move_shard({}, {w2}, 'block_writes')", shards[0].0)).unwrap();
+    c.batch_execute(&format!("SELECT sharding.move_shard({}, {w2})", shards[1].0)).unwrap();
+    let (split, min, max) = shards[2];
+    c.batch_execute(&format!("SELECT sharding.split_shard({split}, ARRAY[{}])", (min as i64 + max as i64) / 2)).unwrap();
+    c.batch_execute("SELECT sharding.cleanup_old_placements()").unwrap();
+    // 5 shards of 5 tables, and the two reference copies' keys.
+    assert_eq!(keys_on_workers(&cluster), 27);
+    // Each ads shard references the campaigns shard covering the same hash values.
+    let pairs = |client: &mut Client, sql: &str| -> Vec<(String, String)> {
+        client.query(sql, &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    let expected = pairs(
+        &mut c,
+        "SELECT 'ads_' || a.shard_id, 'campaigns_' || m.shard_id FROM sharding.dist_shard a
+           JOIN sharding.dist_shard m ON m.min_hash = a.min_hash AND m.logicalrelid = 'campaigns'::regclass
+          WHERE a.logicalrelid = 'ads'::regclass ORDER BY 1",
+    );
+    let mut actual: Vec<(String, String)> = (1..=2)
+        .flat_map(|w| {
+            pairs(
+                &mut cluster.worker(w),
+                "SELECT conrelid::regclass::text, confrelid::regclass::text FROM pg_constraint
+                  WHERE contype = 'f' AND conrelid::regclass::text LIKE 'ads\\_%'",
+            )
+        })
+        .collect();
+    actual.sort();
+    assert_eq!(actual, expected);
+    assert_eq!(actual.len(), 5);
+    violations(&mut c, "after the moves and the split");
+    // notes references company 1 without an action: the whole DELETE is refused.
+    let delete = "DELETE FROM companies WHERE id = ANY (ARRAY[1, 2, 3, 4, 6, 7, 8])";
+    assert_eq!(expect_error(&mut c, delete).0, "23503");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM campaigns"), 118);
+    c.batch_execute(&format!("DELETE FROM notes; {delete}")).unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM campaigns"), 97);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM ads WHERE company_id <= 8"), 0);
+
+    // TRUNCATE needs CASCADE as on one server, which empties the referencing tables' shards.
+    assert_eq!(expect_error(&mut c, "TRUNCATE companies").0, "0A000");
+    c.batch_execute("TRUNCATE companies CASCADE").unwrap();
+    for table in ["companies", "campaigns", "ads", "notes"] {
+        assert_eq!(scalar::<i64>(&mut c, &format!("SELECT count(*) FROM {table}")), 0, "{table}");
+    }
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM countries"), 3);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM tree"), 106);
+    // DROP ... CASCADE drops the keys of the other tables' shards too.
+    c.batch_execute("DROP TABLE companies CASCADE").unwrap();
+    let mut left: Vec<String> = (1..=2)
+        .flat_map(|w| shard_keys(&mut cluster.worker(w)))
+        .map(|k| k.1)
+        .filter(|n| !n.starts_with("countries") && !n.starts_with("tree"))
+        .collect();
+    left.dedup();
+    assert_eq!(left, vec!["ads_company_id_campaign_id_fkey".to_string()]);
+    c.batch_execute("INSERT INTO campaigns VALUES (1, 1, 'no company needed now'); INSERT INTO ads VALUES (1, 1, 1)").unwrap();
+    assert_eq!(expect_error(&mut c, "INSERT INTO ads VALUES (1, 2, 2)").0, "23503");
 }
