@@ -194,7 +194,13 @@ fn create_shards_on_workers(definition: &TableDefinition, shards: &[Shard], node
 
 /// Creates the foreign keys `keys` of `relid` on its new shards (after their rows are in, so
 /// each key is checked once over the whole shard).
-fn create_keys_on_shards(relid: pg_sys::Oid, keys: &[foreign_keys::ForeignKey], shards: &[Shard], nodes: &[Node]) -> Result<()> {
+fn create_keys_on_shards(
+    relid: pg_sys::Oid,
+    definition: &TableDefinition,
+    keys: &[foreign_keys::ForeignKey],
+    shards: &[Shard],
+    nodes: &[Node],
+) -> Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -205,7 +211,7 @@ fn create_keys_on_shards(relid: pg_sys::Oid, keys: &[foreign_keys::ForeignKey], 
         }
     }
     for (node_id, shards) in per_node {
-        let statements = foreign_keys::shard_statements(relid, keys, &shards, &[])?;
+        let statements = foreign_keys::shard_statements(relid, definition, keys, &shards, &[])?;
         remote::execute(node_by_id(nodes, node_id)?, &statements.join("; "))?;
     }
     Ok(())
@@ -472,7 +478,7 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
     };
     super::grants::sync_shards(&routing_table, &[])?;
     send_local_rows(&definition, &shards, Some(attnum), Some(&routing_table))?;
-    create_keys_on_shards(request.relid, &keys, &shards, &nodes)?;
+    create_keys_on_shards(request.relid, &definition, &keys, &shards, &nodes)?;
     // Rows now live in the shards; the coordinator's table stays as the empty shell queries name.
     // (An empty local table referencing it keeps its key: TRUNCATE would refuse.)
     let emptying = if referenced_locally { "DELETE FROM ONLY" } else { "TRUNCATE ONLY" };
@@ -526,7 +532,7 @@ pub(super) fn create_reference_table_impl(relid: pg_sys::Oid) -> Result<()> {
     )?;
     // The coordinator's own table keeps its rows: it is the coordinator's placement.
     send_local_rows(&definition, &shards, None, None)?;
-    create_keys_on_shards(relid, &keys, &shards, &nodes)?;
+    create_keys_on_shards(relid, &definition, &keys, &shards, &nodes)?;
     catalog::as_catalog_owner(|| {
         tables::insert_table(relid, Method::Reference, None, None)?;
         tables::insert_shard(relid, &shards[0])
@@ -610,13 +616,13 @@ pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
         super::grants::sync_shards(&DistributedTable { shards: vec![target.clone()], ..(*table).clone() }, &[])?;
         send_local_rows(&definition, &[target], None, None)?;
         catalog::as_catalog_owner(|| tables::insert_placement(shard.shard_id, node.node_id))?;
-        copied.push(NewShard { relid, shard_id: shard.shard_id, interval: None });
+        copied.push((NewShard { relid, shard_id: shard.shard_id, interval: None }, definition));
     }
     // Keys between reference tables once every copy is filled.
     let mut statements = Vec::new();
-    for shard in &copied {
+    for (shard, definition) in &copied {
         let keys = table_ddl::foreign_keys(shard.relid)?;
-        statements.extend(foreign_keys::shard_statements(shard.relid, &keys, &[*shard], &[])?);
+        statements.extend(foreign_keys::shard_statements(shard.relid, definition, &keys, &[*shard], &[])?);
     }
     if !statements.is_empty() {
         remote::execute(node, &statements.join("; "))?;

@@ -86,8 +86,9 @@ pub fn check_keys(relid: pg_sys::Oid, kind: Kind, keys: &[ForeignKey]) -> Result
 /// (TRUNCATE refuses a referenced table).
 pub fn check_referencing(relid: pg_sys::Oid, kind: Kind) -> Result<bool> {
     let mut local = false;
-    for (other, key) in table_ddl::referencing_tables(relid)? {
-        let display = display_of(relid)?;
+    let referencing = table_ddl::referencing_tables(relid)?;
+    let display = if referencing.is_empty() { String::new() } else { display_of(relid)? };
+    for (other, key) in referencing {
         let other_display = display_of(other)?;
         match (kind_of(other)?, kind) {
             // The coordinator's copy of a reference table keeps its rows: the key holds there.
@@ -151,12 +152,15 @@ fn referenced_shard(relid: pg_sys::Oid, key: &ForeignKey, shard: &NewShard, sibl
     })
 }
 
-/// The statements creating `keys` (keys of `relid`) on each of `shards` (shards of `relid`).
-pub fn shard_statements(relid: pg_sys::Oid, keys: &[ForeignKey], shards: &[NewShard], siblings: &[NewShard]) -> Result<Vec<String>> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    let definition = table_ddl::read(relid)?;
+/// The statements creating `keys` (keys of `relid`, defined as `definition`) on each of
+/// `shards` (shards of `relid`).
+pub fn shard_statements(
+    relid: pg_sys::Oid,
+    definition: &table_ddl::TableDefinition,
+    keys: &[ForeignKey],
+    shards: &[NewShard],
+    siblings: &[NewShard],
+) -> Result<Vec<String>> {
     let mut statements = Vec::new();
     for shard in shards {
         for key in keys {
@@ -180,8 +184,11 @@ pub fn group_statements(shards: &[NewShard]) -> Result<Vec<String>> {
     relids.dedup();
     for relid in relids {
         let keys = table_ddl::foreign_keys(relid)?;
+        if keys.is_empty() {
+            continue;
+        }
         let own: Vec<NewShard> = shards.iter().filter(|s| s.relid == relid).copied().collect();
-        statements.extend(shard_statements(relid, &keys, &own, shards)?);
+        statements.extend(shard_statements(relid, &table_ddl::read(relid)?, &keys, &own, shards)?);
     }
     Ok(statements)
 }

@@ -614,7 +614,7 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
                                 shard_id: *shard_id,
                                 interval: table.shards.iter().find(|s| s.shard_id == *shard_id).and_then(|s| s.interval),
                             };
-                            statements.extend(foreign_keys::shard_statements(table.relid, &key, &[shard], &[])?);
+                            statements.extend(foreign_keys::shard_statements(table.relid, &after, &key, &[shard], &[])?);
                         }
                         other => statements.push(other.shard_sql(&after, *shard_id, &quote::ident)),
                     }
