@@ -541,9 +541,10 @@ unsafe fn conditions_met(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut p
 /// conjuncts of WHERE and of the inner joins above it, when no outer join can null it. Given
 /// as the places that hold them, so that a rewrite can take them out.
 pub(super) unsafe fn own_conditions(parse: *mut pg_sys::Query, rti: u32) -> Vec<*mut *mut pg_sys::Node> {
+    let relid = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable).get(rti as usize - 1).map_or(pg_sys::InvalidOid, |rte| (**rte).relid);
     conditions_met(parse, rti)
         .into_iter()
-        .filter(|&slot| only_reads(*slot, rti) && shippable::shippable(*slot, shippable::Rules { whole_statement: false, row_identity: false }))
+        .filter(|&slot| only_reads(*slot, rti) && shippable::shippable_over(*slot, shippable::Rules { whole_statement: false, row_identity: false }, relid))
         .collect()
 }
 

@@ -188,7 +188,7 @@ unsafe fn build_scan(
     let mut local: *mut pg_sys::List = std::ptr::null_mut();
     let infos: Vec<*mut pg_sys::RestrictInfo> =
         list_pointers::<pg_sys::RestrictInfo>(clauses).into_iter().filter(|i| !(**i).pseudoconstant).collect();
-    let ships = |info: *mut pg_sys::RestrictInfo| shippable::shippable((*info).clause.cast(), shippable::Rules { whole_statement: false, row_identity: false });
+    let ships = |info: *mut pg_sys::RestrictInfo| shippable::shippable_over((*info).clause.cast(), shippable::Rules { whole_statement: false, row_identity: false }, rte_relid);
     // Row-level security: shards evaluate their conditions before the coordinator evaluates
     // the rest, so a condition that could leak values may only be sent when no condition of a
     // lower security level stays here.

@@ -3,11 +3,13 @@
 //!
 //! Sent: built-in functions, operators, types and collations that give the same result
 //! wherever they run: immutable ones, and stable ones that depend only on the settings workers
-//! get from the coordinator (time zone, date style, ...). Kept on the coordinator: anything
-//! user-defined (it may not exist on the workers), volatile functions, stable ones that read
-//! the clock, the session or the catalogs (now(), current_setting(), to_regclass(), ...),
-//! object identifiers (a regclass names a coordinator table), system columns (a shard's ctid is
-//! not the table's), and executor-internal parameters.
+//! get from the coordinator (time zone, date style, ...), and values of the enum types and
+//! domains that the statement's tables' columns use (pg_sharding creates those on the nodes).
+//! Kept on the coordinator: other user-defined objects (they may not exist on the workers),
+//! volatile functions, stable ones that read the clock, the session or the catalogs (now(),
+//! current_setting(), to_regclass(), ...), object identifiers (a regclass names a coordinator
+//! table), system columns (a shard's ctid is not the table's), and executor-internal
+//! parameters.
 
 use pgrx::pg_sys;
 
@@ -75,11 +77,17 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::f
     if node.is_null() {
         return false;
     }
-    let rules = *(context as *const Rules);
+    let context = context.cast::<Context>();
+    let rules = (*context).rules;
     use pg_sys::NodeTag::*;
+    if let Some(type_oid) = value_type(node) {
+        if !type_on_workers(context, type_oid) {
+            return true;
+        }
+    }
     let unshippable = match (*node).type_ {
         T_Query => {
-            return pg_sys::query_tree_walker(node.cast(), Some(walker), context, 0);
+            return pg_sys::query_tree_walker(node.cast(), Some(walker), context.cast(), 0);
         }
         T_Var => {
             let var = node.cast::<pg_sys::Var>();
@@ -90,10 +98,7 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::f
             let table_row = (*var).varattno == 0 && (*var).vartype != pg_sys::RECORDOID;
             ((*var).varattno < 0 && !identity) || table_row || (!rules.whole_statement && (*var).varlevelsup != 0)
         }
-        T_Const => {
-            let type_oid = (*node.cast::<pg_sys::Const>()).consttype;
-            !builtin_type(type_oid) || names_local_object(type_oid)
-        }
+        T_Const => names_local_object((*node.cast::<pg_sys::Const>()).consttype),
         T_Param => {
             let param = node.cast::<pg_sys::Param>();
             // A sublink's own parameters (`x IN (SELECT ...)`) travel with the statement.
@@ -122,20 +127,152 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::f
     if (output && !builtin(pg_sys::exprCollation(node))) || (input && !builtin(pg_sys::exprInputCollation(node))) {
         return true;
     }
-    pg_sys::expression_tree_walker(node, Some(walker), context)
+    pg_sys::expression_tree_walker(node, Some(walker), context.cast())
 }
 
-/// Types the workers know by the same OID: built-in ones. (Values of other types are sent as
-/// text, but expressions built on them are kept on the coordinator.)
-fn builtin_type(type_oid: pg_sys::Oid) -> bool {
-    builtin(type_oid)
+/// The statement being checked, and what is known of the types its workers have.
+struct Context {
+    rules: Rules,
+    /// The whole statement (a Query), whose tables tell which user-defined types the workers
+    /// have; or an expression over one table's rows, `relid`.
+    top: *mut pg_sys::Node,
+    relid: Option<pg_sys::Oid>,
+    /// The distributed and reference tables of the statement, read at the first value of a
+    /// user-defined type.
+    tables: Option<Vec<pg_sys::Oid>>,
+}
+
+/// The type of the value an expression node computes, for the nodes that name it in the SQL
+/// a worker gets (a constant's or a cast's type, a function's result). Columns and parameters
+/// are not among them: a shard's column has its type on the worker, and parameters travel as
+/// text of no stated type.
+unsafe fn value_type(node: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
+    use pg_sys::NodeTag::*;
+    match (*node).type_ {
+        T_Const | T_FuncExpr | T_CoerceViaIO | T_CoerceToDomain | T_ArrayCoerceExpr | T_RelabelType | T_ArrayExpr | T_RowExpr
+        | T_CaseExpr | T_CoalesceExpr | T_MinMaxExpr | T_NullIfExpr | T_Aggref | T_WindowFunc | T_SubscriptingRef
+        | T_FieldSelect | T_CollateExpr | T_ConvertRowtypeExpr => Some(pg_sys::exprType(node)),
+        _ => None,
+    }
+}
+
+/// Whether the workers that run the statement know `type_oid` under the coordinator's name
+/// for it: a built-in type (same OID everywhere), or an enum or domain (or an array of one)
+/// that a column of a distributed or reference table of the statement is built on. types.rs
+/// creates those, with the coordinator's definition, on every node before a shard of such a
+/// table, and refuses renaming or dropping them while tables use them.
+unsafe fn type_on_workers(context: *mut Context, type_oid: pg_sys::Oid) -> bool {
+    if builtin(type_oid) {
+        return true;
+    }
+    let element = pg_sys::get_element_type(type_oid);
+    let wanted = if element == pg_sys::InvalidOid { type_oid } else { element };
+    if builtin(wanted) {
+        return true;
+    }
+    if (*context).tables.is_none() {
+        let tables = statement_tables((*context).top, (*context).relid);
+        (*context).tables = Some(tables);
+    }
+    (*context).tables.as_deref().unwrap_or_default().iter().any(|&relid| columns_reach(relid, wanted))
+}
+
+/// The distributed and reference tables whose shards run the check's expression.
+unsafe fn statement_tables(top: *mut pg_sys::Node, relid: Option<pg_sys::Oid>) -> Vec<pg_sys::Oid> {
+    let mut relids = Vec::new();
+    match relid {
+        Some(relid) => relids.push(relid),
+        None if !top.is_null() && (*top).type_ == pg_sys::NodeTag::T_Query => {
+            relations_walker(top, (&mut relids as *mut Vec<pg_sys::Oid>).cast());
+        }
+        None => {}
+    }
+    relids.retain(|&relid| matches!(crate::catalog::cache::table(relid), Ok(Some(_))));
+    relids
+}
+
+#[pgrx::pg_guard]
+
+unsafe extern "C-unwind" fn relations_walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_Query => {
+            pg_sys::query_tree_walker(node.cast(), Some(relations_walker), context, pg_sys::QTW_EXAMINE_RTES_BEFORE as i32)
+        }
+        pg_sys::NodeTag::T_RangeTblEntry => {
+            let rte = node.cast::<pg_sys::RangeTblEntry>();
+            let relids = &mut *context.cast::<Vec<pg_sys::Oid>>();
+            if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION && !relids.contains(&(*rte).relid) {
+                relids.push((*rte).relid);
+            }
+            false
+        }
+        _ => pg_sys::expression_tree_walker(node, Some(relations_walker), context),
+    }
+}
+
+/// Whether a column of table `relid` has the type `wanted`, directly or as the element of an
+/// array or the base of a domain (at any depth).
+unsafe fn columns_reach(relid: pg_sys::Oid, wanted: pg_sys::Oid) -> bool {
+    let relation = pg_sys::RelationIdGetRelation(relid);
+    if relation.is_null() {
+        return false;
+    }
+    let tupdesc = (*relation).rd_att;
+    let mut found = false;
+    for k in 0..(*tupdesc).natts as usize {
+        let attr = (*tupdesc).attrs.as_ptr().add(k);
+        if !(*attr).attisdropped && type_reaches((*attr).atttypid, wanted) {
+            found = true;
+            break;
+        }
+    }
+    pg_sys::RelationClose(relation);
+    found
+}
+
+/// Whether `wanted` is `type_oid`, or what an array or domain of it is built on. (A domain's
+/// base is followed to the bottom, so a domain between two others is not found: such a value
+/// stays on the coordinator.)
+unsafe fn type_reaches(type_oid: pg_sys::Oid, wanted: pg_sys::Oid) -> bool {
+    let mut current = type_oid;
+    // Each step goes from an array to its element or from a domain to its base.
+    for _ in 0..8 {
+        if current == wanted {
+            return true;
+        }
+        if builtin(current) {
+            return false;
+        }
+        let element = pg_sys::get_element_type(current);
+        current = if element != pg_sys::InvalidOid {
+            element
+        } else if pg_sys::get_typtype(current) as u8 == b'd' {
+            pg_sys::getBaseType(current)
+        } else {
+            return false;
+        };
+    }
+    false
 }
 
 /// Whether `node` may be evaluated on a worker.
 pub unsafe fn shippable(node: *mut pg_sys::Node, rules: Rules) -> bool {
+    check(node, rules, None)
+}
+
+/// Whether `node`, an expression over the rows of table `relid` alone, may be evaluated on
+/// that table's shards.
+pub unsafe fn shippable_over(node: *mut pg_sys::Node, rules: Rules, relid: pg_sys::Oid) -> bool {
+    check(node, rules, Some(relid))
+}
+
+unsafe fn check(node: *mut pg_sys::Node, rules: Rules, relid: Option<pg_sys::Oid>) -> bool {
     if pg_sys::contain_volatile_functions(node) {
         return false;
     }
-    let mut rules = rules;
-    !walker(node, (&mut rules as *mut Rules).cast())
+    let mut context = Context { rules, top: node, relid, tables: None };
+    !walker(node, (&mut context as *mut Context).cast())
 }
