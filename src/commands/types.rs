@@ -3,9 +3,10 @@
 //! enum's values reach the nodes that have it.
 //!
 //! A type is recreated from the coordinator's catalog under the same schema and name. A node
-//! that already has a type of that name must have the same definition (compared as the
-//! statement that creates it); otherwise the shard is not created there, since values and
-//! their order (an enum's) would differ from the coordinator's.
+//! that already has a type of that name in use there must have the same definition (compared
+//! as the statement that creates it); otherwise the shard is not created there, since values
+//! and their order (an enum's) would differ from the coordinator's. One that nothing on the
+//! node uses (a table's type that was dropped and created anew on the coordinator) is replaced.
 
 use std::ffi::{c_char, CStr};
 use std::rc::Rc;
@@ -134,6 +135,13 @@ pub fn ensure_with(definition: &table_ddl::TableDefinition, node: &Node, run: &d
         let there = run(&CREATE_STATEMENT.replace("{target}", &target))?;
         match there.value(0, 0) {
             Some(existing) if existing == user_type.create => {}
+            // A type nothing on the node uses (left there by a table since dropped, with the
+            // type, on the coordinator) is replaced by the coordinator's definition.
+            Some(existing) if !in_use_on_node(&user_type.name, run)? => {
+                let kind = if existing.starts_with("CREATE DOMAIN") { "DOMAIN" } else { "TYPE" };
+                // CASCADE: the node's arrays and domains of it, which nothing uses either.
+                run(&format!("DROP {kind} {} CASCADE; {}", user_type.name, user_type.create))?;
+            }
             Some(existing) => {
                 return Err(ShardingError::new(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -154,6 +162,27 @@ pub fn ensure_with(definition: &table_ddl::TableDefinition, node: &Node, run: &d
         }
     }
     Ok(())
+}
+
+/// Whether anything on the node uses the type `name` (quoted `schema.name`): a column, a
+/// function's argument, ... of it, of its array type, or of a domain built on it. Only types
+/// built on it (arrays, domains and their constraints) do not count: they go with it.
+fn in_use_on_node(name: &str, run: &dyn Fn(&str) -> Result<RemoteRows>) -> Result<bool> {
+    let rows = run(&format!(
+        "WITH RECURSIVE types(oid) AS (
+            SELECT pg_catalog.to_regtype({})::pg_catalog.oid
+            UNION
+            SELECT d.objid FROM pg_catalog.pg_depend d JOIN types ON d.refobjid = types.oid
+             WHERE d.refclassid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass)
+         SELECT 1 FROM pg_catalog.pg_depend d JOIN types ON d.refobjid = types.oid
+          WHERE d.refclassid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.deptype = 'n'
+            AND d.classid <> 'pg_catalog.pg_type'::pg_catalog.regclass
+            AND NOT (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+                     AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c JOIN types t ON t.oid = c.contypid WHERE c.oid = d.objid))
+          LIMIT 1",
+        quote::literal(name)
+    ))?;
+    Ok(!rows.rows.is_empty())
 }
 
 /// The quoted schema of a quoted `schema.name` (quote_ident output: a dot inside quotes is part

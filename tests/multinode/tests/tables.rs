@@ -947,9 +947,33 @@ fn enum_and_domain_columns_are_created_on_the_nodes_and_keep_their_order() {
         assert_eq!(expect_error(&mut c, sql).0, code, "{sql}");
     }
     compare(&mut c, "after the refusals");
+    // A table dropped with its types, and the types created anew with other values: the
+    // nodes' old types, which nothing there uses any more, are replaced.
+    c.batch_execute(
+        "CREATE TYPE app.tmp AS ENUM ('a', 'b');
+         CREATE DOMAIN app.tmpd AS app.tmp CHECK (VALUE <> 'a');
+         CREATE TABLE app.u (id int, c app.tmpd);
+         SELECT create_distributed_table('app.u', 'id', shard_count => 4);
+         DROP TABLE app.u;
+         DROP DOMAIN app.tmpd;
+         DROP TYPE app.tmp;
+         CREATE TYPE app.tmp AS ENUM ('z', 'y', 'a');
+         CREATE DOMAIN app.tmpd AS app.tmp CHECK (VALUE <> 'y');
+         CREATE TABLE app.u (id int, c app.tmpd, cs app.tmp[]);
+         SELECT create_distributed_table('app.u', 'id', shard_count => 4);
+         INSERT INTO app.u SELECT g, (ARRAY['z', 'a']::app.tmp[])[g % 2 + 1], ARRAY['y'::app.tmp] FROM generate_series(1, 10) g;",
+    )
+    .unwrap();
+    assert_eq!(text_rows(&mut c, "SELECT c, count(*) FROM app.u GROUP BY c ORDER BY c"), ["z|5", "a|5"]);
+    assert_eq!(expect_error(&mut c, "INSERT INTO app.u VALUES (11, 'y')").0, "23514");
+    let tmp_labels = "SELECT string_agg(enumlabel::text, ',' ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = 'app.tmp'::regtype";
+    for worker in [1, 2] {
+        assert_eq!(scalar::<String>(&mut cluster.worker(worker), tmp_labels), "z,y,a", "worker {worker}");
+    }
+
     // Types the nodes cannot get: composite types; a node's own type of the same name that
-    // differs. Nothing is distributed.
-    w.batch_execute("CREATE TYPE public.color AS ENUM ('blue', 'red')").unwrap();
+    // differs and that the node uses. Nothing is distributed.
+    w.batch_execute("CREATE TYPE public.color AS ENUM ('blue', 'red'); CREATE TABLE public.palette (c public.color)").unwrap();
     c.batch_execute(
         "CREATE TYPE pair AS (a int, b text);
          CREATE TABLE pairs (id int, p pair);
