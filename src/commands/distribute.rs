@@ -325,9 +325,11 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
     lock_table(request.relid, "EXCLUSIVE")?;
     let table = check_local_table(request.relid)?;
 
-    let column = Spi::connect(|client| -> Result<Option<(i16, pg_sys::Oid, String, bool)>> {
+    let column = Spi::connect(|client| -> Result<Option<(i16, pg_sys::Oid, String, bool, Option<String>)>> {
         let mut rows = client.select(
-            "SELECT attnum, atttypid, pg_catalog.format_type(atttypid, atttypmod), attgenerated <> ''
+            "SELECT attnum, atttypid, pg_catalog.format_type(atttypid, atttypmod), attgenerated <> '',
+                    (SELECT pg_catalog.quote_ident(collname) FROM pg_catalog.pg_collation
+                      WHERE oid = attcollation AND NOT collisdeterministic)
                FROM pg_catalog.pg_attribute
               WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
             Some(1),
@@ -340,10 +342,11 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
                 row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                 row.get::<String>(3)?.unwrap_or_default(),
                 row.get::<bool>(4)?.unwrap_or(false),
+                row.get::<String>(5)?,
             )),
         })
     })?;
-    let Some((attnum, type_oid, type_name, generated)) = column else {
+    let Some((attnum, type_oid, type_name, generated, nondeterministic)) = column else {
         return Err(ShardingError::new(
             ERRCODE_UNDEFINED_COLUMN,
             format!("column \"{}\" of relation {} does not exist", request.column, table.display),
@@ -357,6 +360,16 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
     }
     if DistKind::of_type(type_oid).is_none() {
         return Err(routing::unsupported_type(request.column, &type_name));
+    }
+    // Values equal under the collation (`'ABC'` and `'abc'` when it ignores case) would hash
+    // to different shards: a lookup by one would miss rows stored under the other.
+    if let Some(collation) = nondeterministic {
+        return Err(ShardingError::new(
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("the distribution column \"{}\" has the nondeterministic collation {collation}", request.column),
+        )
+        .detail("Rows are placed by a hash of the value's bytes; values the collation treats as equal may differ in their bytes.")
+        .hint("Distribute by a column with a deterministic collation (lower(value) in a column of its own, say)."));
     }
     if let Some(count) = request.shard_count {
         if !(1..=64000).contains(&count) {

@@ -11,7 +11,7 @@
 use std::ffi::{c_char, CStr};
 use std::rc::Rc;
 
-use pgrx::{pg_sys, PgSqlErrorCode};
+use pgrx::{pg_sys, PgSqlErrorCode, Spi};
 
 use crate::catalog::nodes::Node;
 use crate::catalog::tables::DistributedTable;
@@ -46,11 +46,50 @@ LEFT JOIN pg_catalog.pg_collation co ON co.oid = t.typcollation
 LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
 WHERE t.oid = {target}";
 
-/// A user-defined type a table's column needs on the nodes.
+/// The statement that creates the collation `{target}` selects (as CREATE_STATEMENT); NULL for
+/// a provider that cannot be named.
+const CREATE_COLLATION_STATEMENT: &str = "
+SELECT 'CREATE COLLATION ' || pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.collname) || ' ('
+    || CASE c.collprovider
+         WHEN 'i' THEN 'provider = icu, locale = ' || pg_catalog.quote_literal(c.colliculocale)
+         WHEN 'c' THEN 'provider = libc, lc_collate = ' || pg_catalog.quote_literal(c.collcollate)
+                       || ', lc_ctype = ' || pg_catalog.quote_literal(c.collctype) END
+    || CASE WHEN c.collisdeterministic THEN '' ELSE ', deterministic = false' END || ')'
+FROM pg_catalog.pg_collation c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.collnamespace
+WHERE c.oid = {target}";
+
+/// The user-defined collations a table needs on the nodes (quoted `schema.name` and creating
+/// statement): those its columns, indexes, constraints and defaults use (the catalog records
+/// each use as a dependency), and those of the domains in `$2`.
+const COLLATIONS_QUERY: &str = "
+SELECT pg_catalog.quote_ident(on_.nspname) || '.' || pg_catalog.quote_ident(o.collname), ({statement})
+  FROM pg_catalog.pg_collation o JOIN pg_catalog.pg_namespace on_ ON on_.oid = o.collnamespace
+ WHERE o.oid >= 16384 AND o.oid IN (
+   SELECT d.refobjid FROM pg_catalog.pg_depend d
+    WHERE d.refclassid = 'pg_catalog.pg_collation'::pg_catalog.regclass
+      AND ((d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+            AND (d.objid = $1 OR d.objid IN (SELECT indexrelid FROM pg_catalog.pg_index WHERE indrelid = $1)))
+        OR (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+            AND d.objid IN (SELECT oid FROM pg_catalog.pg_constraint WHERE conrelid = $1))
+        OR (d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass
+            AND d.objid IN (SELECT oid FROM pg_catalog.pg_attrdef WHERE adrelid = $1))
+        OR (d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.objid = ANY ($2))))
+ ORDER BY 1";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Collation,
+    Type,
+}
+
+/// A user-defined collation or type a table needs on the nodes.
 struct UserType {
+    kind: Kind,
     /// `schema.name`, quoted.
     name: String,
     create: String,
+    oid: pg_sys::Oid,
 }
 
 /// The user-defined types the table's columns need, each after the types it is built on; an
@@ -62,7 +101,33 @@ fn needed(definition: &table_ddl::TableDefinition, display: &str) -> Result<Vec<
             add(pg_sys::Oid::from(column.type_oid), &mut types, &|| unsupported(display, &column.name, &column.type_sql))?;
         }
     }
-    Ok(types)
+    // Collations first: a domain may name one.
+    let mut objects = collations(display, &types)?;
+    objects.extend(types);
+    Ok(objects)
+}
+
+/// The user-defined collations the table `display` and its `types` use.
+fn collations(display: &str, types: &[UserType]) -> Result<Vec<UserType>> {
+    let relid = crate::catalog::read_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid", &[display.into()])?
+        .unwrap_or(pg_sys::InvalidOid);
+    let type_oids: Vec<pg_sys::Oid> = types.iter().map(|t| t.oid).collect();
+    let query = COLLATIONS_QUERY.replace("{statement}", &CREATE_COLLATION_STATEMENT.replace("{target}", "o.oid"));
+    let mut found = Vec::new();
+    Spi::connect(|client| -> Result<()> {
+        for row in client.select(&query, None, &[relid.into(), type_oids.into()])? {
+            let name = row.get::<String>(1)?.unwrap_or_default();
+            let Some(create) = row.get::<String>(2)? else {
+                return Err(ShardingError::new(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!("{display} uses the collation {name}, which pg_sharding cannot create on the nodes"),
+                ));
+            };
+            found.push(UserType { kind: Kind::Collation, name, create, oid: pg_sys::InvalidOid });
+        }
+        Ok(())
+    })?;
+    Ok(found)
 }
 
 fn add(type_oid: pg_sys::Oid, types: &mut Vec<UserType>, refuse: &dyn Fn() -> ShardingError) -> Result<()> {
@@ -100,7 +165,7 @@ fn add_named(type_oid: pg_sys::Oid, types: &mut Vec<UserType>, refuse: &dyn Fn()
     )?;
     let (Some(name), Some(create)) = (name, create) else { return Err(refuse()) };
     if !types.iter().any(|t| t.name == name) {
-        types.push(UserType { name, create });
+        types.push(UserType { kind: Kind::Type, name, create, oid: type_oid });
     }
     Ok(())
 }
@@ -131,21 +196,33 @@ pub fn ensure_with(definition: &table_ddl::TableDefinition, node: &Node, run: &d
     }
     let display = quote::qualified(&definition.schema, &definition.name);
     for user_type in needed(definition, &display)? {
-        let target = format!("pg_catalog.to_regtype({})", quote::literal(&user_type.name));
-        let there = run(&CREATE_STATEMENT.replace("{target}", &target))?;
+        let (what, there) = match user_type.kind {
+            Kind::Type => {
+                let target = format!("pg_catalog.to_regtype({})", quote::literal(&user_type.name));
+                ("type", run(&CREATE_STATEMENT.replace("{target}", &target))?)
+            }
+            Kind::Collation => {
+                let target = format!("pg_catalog.to_regcollation({})", quote::literal(&user_type.name));
+                ("collation", run(&CREATE_COLLATION_STATEMENT.replace("{target}", &target))?)
+            }
+        };
         match there.value(0, 0) {
             Some(existing) if existing == user_type.create => {}
             // A type nothing on the node uses (left there by a table since dropped, with the
             // type, on the coordinator) is replaced by the coordinator's definition.
-            Some(existing) if !in_use_on_node(&user_type.name, run)? => {
-                let kind = if existing.starts_with("CREATE DOMAIN") { "DOMAIN" } else { "TYPE" };
+            Some(existing) if !in_use_on_node(&user_type, run)? => {
+                let drop = match user_type.kind {
+                    Kind::Collation => "COLLATION",
+                    Kind::Type if existing.starts_with("CREATE DOMAIN") => "DOMAIN",
+                    Kind::Type => "TYPE",
+                };
                 // CASCADE: the node's arrays and domains of it, which nothing uses either.
-                run(&format!("DROP {kind} {} CASCADE; {}", user_type.name, user_type.create))?;
+                run(&format!("DROP {drop} {} CASCADE; {}", user_type.name, user_type.create))?;
             }
             Some(existing) => {
                 return Err(ShardingError::new(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("type {} on node {}:{} differs from the coordinator's", user_type.name, node.host, node.port),
+                    format!("{what} {} on node {}:{} differs from the coordinator's", user_type.name, node.host, node.port),
                 )
                 .detail(format!("coordinator: {}; node: {existing}", user_type.create))
                 .hint("Drop or change the node's type to match the coordinator's."))
@@ -156,7 +233,12 @@ pub fn ensure_with(definition: &table_ddl::TableDefinition, node: &Node, run: &d
             None => {
                 return Err(ShardingError::new(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("type {} on node {}:{} is not an enum or a domain", user_type.name, node.host, node.port),
+                    match user_type.kind {
+                        Kind::Type => format!("type {} on node {}:{} is not an enum or a domain", user_type.name, node.host, node.port),
+                        Kind::Collation => {
+                            format!("collation {} on node {}:{} is neither an ICU nor a libc collation", user_type.name, node.host, node.port)
+                        }
+                    },
                 ))
             }
         }
@@ -164,10 +246,20 @@ pub fn ensure_with(definition: &table_ddl::TableDefinition, node: &Node, run: &d
     Ok(())
 }
 
-/// Whether anything on the node uses the type `name` (quoted `schema.name`): a column, a
-/// function's argument, ... of it, of its array type, or of a domain built on it. Only types
-/// built on it (arrays, domains and their constraints) do not count: they go with it.
-fn in_use_on_node(name: &str, run: &dyn Fn(&str) -> Result<RemoteRows>) -> Result<bool> {
+/// Whether anything on the node uses the type (quoted `schema.name`): a column, a function's
+/// argument, ... of it, of its array type, or of a domain built on it. Only types built on it
+/// (arrays, domains and their constraints) do not count: they go with it. For a collation:
+/// anything.
+fn in_use_on_node(user_type: &UserType, run: &dyn Fn(&str) -> Result<RemoteRows>) -> Result<bool> {
+    let name = &user_type.name;
+    if user_type.kind == Kind::Collation {
+        let rows = run(&format!(
+            "SELECT 1 FROM pg_catalog.pg_depend WHERE refclassid = 'pg_catalog.pg_collation'::pg_catalog.regclass
+                AND refobjid = pg_catalog.to_regcollation({}) LIMIT 1",
+            quote::literal(name)
+        ))?;
+        return Ok(!rows.rows.is_empty());
+    }
     let rows = run(&format!(
         "WITH RECURSIVE types(oid) AS (
             SELECT pg_catalog.to_regtype({})::pg_catalog.oid

@@ -3,8 +3,9 @@
 //!
 //! Sent: built-in functions, operators, types and collations that give the same result
 //! wherever they run: immutable ones, and stable ones that depend only on the settings workers
-//! get from the coordinator (time zone, date style, ...), and values of the enum types and
-//! domains that the statement's tables' columns use (pg_sharding creates those on the nodes).
+//! get from the coordinator (time zone, date style, ...); values of the enum types and domains,
+//! and the collations, that the statement's tables' columns use (pg_sharding creates those on
+//! the nodes).
 //! Kept on the coordinator: other user-defined objects (they may not exist on the workers),
 //! volatile functions, stable ones that read the clock, the session or the catalogs (now(),
 //! current_setting(), to_regclass(), ...), object identifiers (a regclass names a coordinator
@@ -124,7 +125,9 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::f
         }
         _ => (false, false),
     };
-    if (output && !builtin(pg_sys::exprCollation(node))) || (input && !builtin(pg_sys::exprInputCollation(node))) {
+    if (output && !collation_on_workers(context, pg_sys::exprCollation(node)))
+        || (input && !collation_on_workers(context, pg_sys::exprInputCollation(node)))
+    {
         return true;
     }
     pg_sys::expression_tree_walker(node, Some(walker), context.cast())
@@ -170,11 +173,22 @@ unsafe fn type_on_workers(context: *mut Context, type_oid: pg_sys::Oid) -> bool 
     if builtin(wanted) {
         return true;
     }
+    tables(context).iter().any(|&relid| columns_reach(relid, wanted))
+}
+
+/// Whether the workers that run the statement have the collation: a built-in one, or one that
+/// a column of a distributed or reference table of the statement uses (types.rs creates those
+/// on the nodes with the tables' types).
+unsafe fn collation_on_workers(context: *mut Context, collation: pg_sys::Oid) -> bool {
+    builtin(collation) || tables(context).iter().any(|&relid| columns_have_collation(relid, collation))
+}
+
+unsafe fn tables<'a>(context: *mut Context) -> &'a [pg_sys::Oid] {
     if (*context).tables.is_none() {
         let tables = statement_tables((*context).top, (*context).relid);
         (*context).tables = Some(tables);
     }
-    (*context).tables.as_deref().unwrap_or_default().iter().any(|&relid| columns_reach(relid, wanted))
+    (*context).tables.as_deref().unwrap_or_default()
 }
 
 /// The distributed and reference tables whose shards run the check's expression.
@@ -216,6 +230,15 @@ unsafe extern "C-unwind" fn relations_walker(node: *mut pg_sys::Node, context: *
 /// Whether a column of table `relid` has the type `wanted`, directly or as the element of an
 /// array or the base of a domain (at any depth).
 unsafe fn columns_reach(relid: pg_sys::Oid, wanted: pg_sys::Oid) -> bool {
+    any_column(relid, |attr| type_reaches(attr.atttypid, wanted))
+}
+
+unsafe fn columns_have_collation(relid: pg_sys::Oid, collation: pg_sys::Oid) -> bool {
+    any_column(relid, |attr| attr.attcollation == collation)
+}
+
+/// Whether a column of table `relid` (not a dropped one) meets `test`.
+unsafe fn any_column(relid: pg_sys::Oid, test: impl Fn(&pg_sys::FormData_pg_attribute) -> bool) -> bool {
     let relation = pg_sys::RelationIdGetRelation(relid);
     if relation.is_null() {
         return false;
@@ -223,8 +246,8 @@ unsafe fn columns_reach(relid: pg_sys::Oid, wanted: pg_sys::Oid) -> bool {
     let tupdesc = (*relation).rd_att;
     let mut found = false;
     for k in 0..(*tupdesc).natts as usize {
-        let attr = (*tupdesc).attrs.as_ptr().add(k);
-        if !(*attr).attisdropped && type_reaches((*attr).atttypid, wanted) {
+        let attr = &*(*tupdesc).attrs.as_ptr().add(k);
+        if !attr.attisdropped && test(attr) {
             found = true;
             break;
         }

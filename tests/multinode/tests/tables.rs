@@ -990,6 +990,95 @@ fn enum_and_domain_columns_are_created_on_the_nodes_and_keep_their_order() {
     assert_eq!(scalar::<i64>(&mut w, "SELECT count(*) FROM pg_class WHERE relname LIKE 'colors\\_%'"), 0);
 }
 
+#[test]
+fn collations_of_columns_and_indexes_are_created_on_the_nodes() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE SCHEMA words;
+         CREATE COLLATION words.german (provider = icu, locale = 'de-DE');
+         CREATE COLLATION words.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         CREATE COLLATION bytewise (provider = libc, lc_collate = 'C', lc_ctype = 'C');
+         CREATE DOMAIN words.label AS text COLLATE words.ci;
+         CREATE TABLE words.w (id int PRIMARY KEY, word text COLLATE words.german, tag words.label, raw text);
+         CREATE INDEX w_raw ON words.w (raw COLLATE bytewise);
+         CREATE TABLE words.w_local (LIKE words.w INCLUDING ALL);
+         SELECT create_distributed_table('words.w', 'id', shard_count => 4);",
+    )
+    .unwrap();
+    for table in ["words.w", "words.w_local"] {
+        c.batch_execute(&format!(
+            "INSERT INTO {table} SELECT g, (ARRAY['Äpfel', 'apfel', 'Zebra', 'über', 'Ober'])[g % 5 + 1],
+                    (ARRAY['Red', 'RED', 'red', 'Blue'])[g % 4 + 1], (ARRAY['b', 'B', 'a', 'é'])[g % 4 + 1]
+               FROM generate_series(1, 40) g"
+        ))
+        .unwrap();
+    }
+    for worker in [1, 2] {
+        let names = "SELECT string_agg(collname::text || ':' || collisdeterministic, ',' ORDER BY collname) FROM pg_collation WHERE oid >= 16384";
+        assert_eq!(scalar::<String>(&mut cluster.worker(worker), names), "bytewise:true,ci:false,german:true", "worker {worker}");
+    }
+    // Conditions on the columns run on the shards, under the columns' collations; sorting,
+    // grouping and DISTINCT give what one server gives.
+    for (q, shipped) in [
+        ("SELECT id FROM {t} WHERE word < 'b' ORDER BY id", true),
+        ("SELECT id FROM {t} WHERE tag = 'rEd' ORDER BY id", true),
+        // A collation only an index uses: the nodes have it, but the condition stays on the
+        // coordinator (only the columns' collations are looked for).
+        ("SELECT id FROM {t} WHERE raw < 'a' COLLATE bytewise ORDER BY id", false),
+        ("SELECT word, count(*) FROM {t} GROUP BY word ORDER BY word", false),
+        ("SELECT lower(tag), count(*) FROM {t} GROUP BY tag ORDER BY 1", false),
+        ("SELECT count(DISTINCT tag), count(DISTINCT raw COLLATE bytewise), min(word), max(word) FROM {t}", false),
+        ("SELECT id, word FROM {t} ORDER BY word COLLATE bytewise, id LIMIT 7", false),
+    ] {
+        let local = text_rows(&mut c, &q.replace("{t}", "words.w_local"));
+        assert!(!local.is_empty(), "{q}");
+        assert_eq!(text_rows(&mut c, &q.replace("{t}", "words.w")), local, "{q}");
+        if shipped {
+            let plan = text_rows(&mut c, &format!("EXPLAIN (VERBOSE, COSTS OFF) {}", q.replace("{t}", "words.w"))).join("\n");
+            let coordinator_part = plan.split("Remote SQL").next().unwrap_or_default();
+            assert!(!coordinator_part.contains("Filter:"), "{q}: {plan}");
+        }
+    }
+
+    // A nondeterministic collation on the distribution column: 'RED' and 'red' are equal but
+    // would hash to different shards. Refused, nothing changes.
+    c.batch_execute("CREATE TABLE words.tags (t text COLLATE words.ci PRIMARY KEY)").unwrap();
+    let (code, message, ..) = expect_error(&mut c, "SELECT create_distributed_table('words.tags', 't')");
+    assert_eq!(code, "0A000", "{message}");
+    assert!(message.contains("nondeterministic"), "{message}");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_table WHERE logicalrelid = 'words.tags'::regclass"), 0);
+    // ... as a reference table it is fine (no hashing).
+    c.batch_execute("INSERT INTO words.tags VALUES ('Red'), ('Blue'); SELECT create_reference_table('words.tags')").unwrap();
+    assert_eq!(expect_error(&mut c, "INSERT INTO words.tags VALUES ('BLUE')").0, "23505");
+
+    // A column added later with a new collation; a node's leftover collation of that name with
+    // another definition, unused there, is replaced; one in use there is not.
+    let mut w1 = cluster.worker(1);
+    w1.batch_execute("CREATE COLLATION words.french (provider = icu, locale = 'de-DE')").unwrap();
+    c.batch_execute(
+        "CREATE COLLATION words.french (provider = icu, locale = 'fr-FR');
+         ALTER TABLE words.w ADD COLUMN fr text COLLATE words.french;
+         ALTER TABLE words.w_local ADD COLUMN fr text COLLATE words.french;
+         UPDATE words.w SET fr = word; UPDATE words.w_local SET fr = word;",
+    )
+    .unwrap();
+    let locale = "SELECT colliculocale FROM pg_collation WHERE collname = 'french'";
+    assert_eq!(scalar::<String>(&mut w1, locale), "fr-FR");
+    let q = "SELECT id FROM {t} WHERE fr > 'b' ORDER BY id";
+    assert_eq!(text_rows(&mut c, &q.replace("{t}", "words.w")), text_rows(&mut c, &q.replace("{t}", "words.w_local")));
+    w1.batch_execute(
+        "CREATE COLLATION public.swedish (provider = icu, locale = 'de-DE');
+         CREATE TABLE public.mine (t text COLLATE public.swedish);",
+    )
+    .unwrap();
+    c.batch_execute("CREATE COLLATION swedish (provider = icu, locale = 'sv-SE'); CREATE TABLE sv (id int, t text COLLATE swedish)").unwrap();
+    let (code, message, ..) = expect_error(&mut c, "SELECT create_distributed_table('sv', 'id')");
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("collation"), "{message}");
+    assert_eq!(scalar::<i64>(&mut w1, "SELECT count(*) FROM pg_class WHERE relname LIKE 'sv\\_%'"), 0);
+}
+
 /// Foreign keys of the shards in one node's schema: (shard table, key name, valid) each.
 fn shard_keys(w: &mut Client) -> Vec<(String, String, bool)> {
     w.query(
