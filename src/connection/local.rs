@@ -461,6 +461,7 @@ unsafe fn run_statement(sql: &CStr, params: &[TaskParam], binary: bool, cursor: 
         };
         if let Some(bytes) = &param.value {
             slots[i].value = if param.format == 1 {
+                let _encoding = super::DatabaseEncoding::enter();
                 let mut receive = pg_sys::InvalidOid;
                 let mut ioparam = pg_sys::InvalidOid;
                 pg_sys::getTypeBinaryInputInfo(type_oid, &mut receive, &mut ioparam);
@@ -592,6 +593,7 @@ unsafe fn tuptable_rows(binary: bool) -> Vec<LocalResult> {
                 continue;
             }
             let mut bytes = if binary {
+                let _encoding = super::DatabaseEncoding::enter();
                 let sent = pg_sys::OidSendFunctionCall(*function, datum);
                 pgrx::varlena::varlena_to_byte_slice(sent).to_vec()
             } else {

@@ -27,6 +27,41 @@ pub(crate) fn database_encoding() -> String {
         .into_owned()
 }
 
+/// While alive, the session's client encoding is the database's, so that the binary send and
+/// receive functions of the text types (pq_sendtext, pq_getmsgtext) do not convert: values to
+/// and from the nodes are in the database encoding, which is their connections'
+/// client_encoding, whatever the client of this session uses. Restored on drop (also when an
+/// ERROR unwinds); nothing to do when the two encodings are the same.
+pub(crate) struct DatabaseEncoding {
+    client: Option<i32>,
+}
+
+impl DatabaseEncoding {
+    pub(crate) fn enter() -> Self {
+        // SAFETY: reads the session's encodings; switching to the database encoding needs no
+        // conversion function, so it cannot fail.
+        unsafe {
+            let client = pgrx::pg_sys::pg_get_client_encoding();
+            let database = pgrx::pg_sys::GetDatabaseEncoding();
+            if client == database {
+                return DatabaseEncoding { client: None };
+            }
+            pgrx::pg_sys::SetClientEncoding(database);
+            DatabaseEncoding { client: Some(client) }
+        }
+    }
+}
+
+impl Drop for DatabaseEncoding {
+    fn drop(&mut self) {
+        if let Some(client) = self.client {
+            // SAFETY: back to the encoding the session had, whose conversion functions were
+            // looked up when the client chose it (SetClientEncoding finds them in its cache).
+            unsafe { pgrx::pg_sys::SetClientEncoding(client) };
+        }
+    }
+}
+
 /// The application_name of worker connections starts with this, followed by the coordinator
 /// backend's process id: the distributed deadlock detector joins the nodes' lock waits by it.
 pub fn owner_tag_prefix() -> String {

@@ -51,6 +51,7 @@ impl RowEncoder {
     ///
     /// SAFETY: `values` and `nulls` must hold the relation's natts entries of matching types.
     pub unsafe fn encode(&mut self, values: &[pg_sys::Datum], nulls: &[bool], row: &mut Vec<u8>) {
+        let _output = crate::deparse::query::ValueOutput::enter();
         for (position, column) in self.columns.iter_mut().enumerate() {
             if position > 0 {
                 row.push(b'\t');

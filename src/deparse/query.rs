@@ -60,6 +60,47 @@ impl Drop for TransmissionSettings {
     }
 }
 
+/// The lossless text form of values that travel between nodes as text (rows sent to shards,
+/// broadcast rows), whatever the session's output settings: ISO dates and times (a time zone
+/// as a numeric offset, never an abbreviation another node may read differently), floats with
+/// the shortest exact digits, intervals in the postgres style. Every node reads these forms
+/// under any DateStyle and IntervalStyle. Set on the variables the output functions read
+/// (cheap enough per row, unlike a GUC change), and restored on drop, also when an ERROR
+/// unwinds.
+pub struct ValueOutput {
+    date_style: std::ffi::c_int,
+    float_digits: std::ffi::c_int,
+    interval_style: std::ffi::c_int,
+}
+
+impl ValueOutput {
+    pub fn enter() -> Self {
+        // SAFETY: backend-local variables of the output functions, restored in drop.
+        unsafe {
+            let saved = ValueOutput {
+                date_style: pg_sys::DateStyle,
+                float_digits: pg_sys::extra_float_digits,
+                interval_style: pg_sys::IntervalStyle,
+            };
+            pg_sys::DateStyle = pg_sys::USE_ISO_DATES as std::ffi::c_int;
+            pg_sys::extra_float_digits = saved.float_digits.max(1);
+            pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as std::ffi::c_int;
+            saved
+        }
+    }
+}
+
+impl Drop for ValueOutput {
+    fn drop(&mut self) {
+        // SAFETY: puts back what enter() saved.
+        unsafe {
+            pg_sys::DateStyle = self.date_style;
+            pg_sys::extra_float_digits = self.float_digits;
+            pg_sys::IntervalStyle = self.interval_style;
+        }
+    }
+}
+
 /// Calls `visit` for every range table entry of `query` and of every query nested in it
 /// (subqueries in FROM, CTEs, sublinks anywhere in expressions).
 pub unsafe fn for_each_rte(query: *mut pg_sys::Query, visit: &mut dyn FnMut(*mut pg_sys::RangeTblEntry)) {

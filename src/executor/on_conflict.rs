@@ -362,12 +362,14 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
             (!nulls[distribution_index]).then(|| values[distribution_index]),
             kind,
         );
+        let printing = crate::deparse::query::ValueOutput::enter();
         let row: Vec<Option<String>> = columns
             .iter_mut()
             .map(|(index, _, output)| {
                 (!nulls[*index]).then(|| cstr(pg_sys::OutputFunctionCall(output, values[*index])))
             })
             .collect();
+        drop(printing);
         pg_sys::MemoryContextSwitchTo(previous);
         let shard_id = shard_id?;
         let shard = table

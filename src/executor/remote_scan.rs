@@ -121,6 +121,12 @@ pub struct Broadcast {
     /// ... WHEN NOT MATCHED THEN INSERT (planner/merge.rs).
     #[serde(default)]
     pub null_key_fails: bool,
+    /// The types of the columns a table's rows are read with (empty for an intermediate
+    /// result): when all are built-in, the rows come in binary and are printed here in the
+    /// lossless text form (`ValueOutput`), not in the session's DateStyle or
+    /// extra_float_digits, which the workers print with.
+    #[serde(default)]
+    pub column_types: Vec<u32>,
 }
 
 impl Broadcast {
@@ -526,6 +532,7 @@ unsafe fn task_params(node: *mut pg_sys::CustomScanState, estate: *mut pg_sys::E
         let value = if isnull {
             None
         } else if builtin {
+            let _encoding = crate::connection::DatabaseEncoding::enter();
             let mut send = pg_sys::InvalidOid;
             let mut varlena = false;
             pg_sys::getTypeBinaryOutputInfo(type_oid, &mut send, &mut varlena);
@@ -792,6 +799,7 @@ unsafe fn decode_row(
         return Err(ShardingError::internal(format!("a task returned {} columns, expected {}", result.columns(), inputs.len())));
     }
     pg_sys::MemoryContextReset(row_context);
+    let _encoding = binary.then(crate::connection::DatabaseEncoding::enter);
     let previous = pg_sys::MemoryContextSwitchTo(row_context);
     for (i, input) in inputs.iter_mut().enumerate() {
         match result.value(i) {
@@ -1018,7 +1026,9 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
                 Some(column) => Some(RowRouter::new(&plan, broadcast, column)?),
                 None => None,
             };
-            tasks::run(&tasks, &runtime.params[..used], false, access, |result| {
+            let mut printer = BinaryToText::new(&broadcast.column_types);
+            let binary = printer.is_some();
+            tasks::run(&tasks, &runtime.params[..used], binary, access, |result| {
                 if result.columns() != broadcast.columns {
                     return Err(ShardingError::internal(format!(
                         "a broadcast task returned {} columns, expected {}",
@@ -1026,15 +1036,23 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
                         broadcast.columns
                     )));
                 }
+                let printed = match printer.as_mut() {
+                    Some(printer) => Some(printer.print(result)?),
+                    None => None,
+                };
+                let value = |i: usize| match &printed {
+                    Some(values) => values[i].as_deref(),
+                    None => result.value(i),
+                };
                 let arrays = match router.as_mut() {
                     None => &mut arrays,
-                    Some(router) => match router.group(result)? {
+                    Some(router) => match router.group(value(router.column))? {
                         Some(group) => group,
                         None => return Ok(()),
                     },
                 };
                 for (i, array) in arrays.iter_mut().enumerate() {
-                    array.push(result.value(i));
+                    array.push(value(i));
                 }
                 rows += 1;
                 Ok(())
@@ -1132,9 +1150,10 @@ impl RowRouter {
         Ok(RowRouter { table, kind, column, columns: broadcast.columns, input, ioparam, context, text: Vec::new(), groups: Vec::new() })
     }
 
-    /// The arrays of the shard a row goes to; `None` for a row no task can use (NULL key).
-    unsafe fn group(&mut self, row: &crate::connection::RemoteResult) -> Result<Option<&mut Vec<ArrayLiteral>>> {
-        let Some(text) = row.value(self.column) else { return Ok(None) };
+    /// The arrays of the shard a row goes to, by the text of its key; `None` for a row no task
+    /// can use (NULL key).
+    unsafe fn group(&mut self, key: Option<&[u8]>) -> Result<Option<&mut Vec<ArrayLiteral>>> {
+        let Some(text) = key else { return Ok(None) };
         self.text.clear();
         self.text.extend_from_slice(text);
         self.text.push(0);
@@ -1146,6 +1165,72 @@ impl RowRouter {
         let group = ResultGroup::of_shard(&mut self.groups, shard?, self.columns);
         group.rows += 1;
         Ok(Some(&mut group.arrays))
+    }
+}
+
+/// Values that came in binary, printed in the lossless text form the workers read back.
+struct BinaryToText {
+    /// Receive and output functions per column, with the receive function's I/O parameter.
+    columns: Vec<(pg_sys::FmgrInfo, pg_sys::Oid, pg_sys::FmgrInfo)>,
+    context: pg_sys::MemoryContext,
+}
+
+impl BinaryToText {
+    /// `None` unless every column has a built-in type (whose binary form is the same on every
+    /// node).
+    unsafe fn new(types: &[u32]) -> Option<Self> {
+        if types.is_empty() || types.iter().any(|&t| t >= pg_sys::FirstNormalObjectId) {
+            return None;
+        }
+        let mut columns = Vec::with_capacity(types.len());
+        for &type_oid in types {
+            let (mut receive, mut ioparam, mut output, mut varlena) = (pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid, false);
+            pg_sys::getTypeBinaryInputInfo(pg_sys::Oid::from(type_oid), &mut receive, &mut ioparam);
+            pg_sys::getTypeOutputInfo(pg_sys::Oid::from(type_oid), &mut output, &mut varlena);
+            let mut receive_info: pg_sys::FmgrInfo = std::mem::zeroed();
+            pg_sys::fmgr_info(receive, &mut receive_info);
+            let mut output_info: pg_sys::FmgrInfo = std::mem::zeroed();
+            pg_sys::fmgr_info(output, &mut output_info);
+            columns.push((receive_info, ioparam, output_info));
+        }
+        let context = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"broadcast values".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        Some(BinaryToText { columns, context })
+    }
+
+    /// The row's values as text (NUL-free byte strings; `None` for NULL).
+    unsafe fn print(&mut self, row: &crate::connection::RemoteResult) -> Result<Vec<Option<Vec<u8>>>> {
+        pg_sys::MemoryContextReset(self.context);
+        let previous = pg_sys::MemoryContextSwitchTo(self.context);
+        let _encoding = crate::connection::DatabaseEncoding::enter();
+        let _output = crate::deparse::query::ValueOutput::enter();
+        let mut values = Vec::with_capacity(self.columns.len());
+        for (i, (receive, ioparam, output)) in self.columns.iter_mut().enumerate() {
+            values.push(row.value(i).map(|bytes| {
+                let mut buffer = pg_sys::StringInfoData {
+                    data: bytes.as_ptr() as *mut std::ffi::c_char,
+                    len: bytes.len() as i32,
+                    maxlen: bytes.len() as i32 + 1,
+                    cursor: 0,
+                };
+                let datum = pg_sys::ReceiveFunctionCall(receive, &mut buffer, *ioparam, -1);
+                CStr::from_ptr(pg_sys::OutputFunctionCall(output, datum)).to_bytes().to_vec()
+            }));
+        }
+        pg_sys::MemoryContextSwitchTo(previous);
+        Ok(values)
+    }
+}
+
+impl Drop for BinaryToText {
+    fn drop(&mut self) {
+        // SAFETY: the context was created by `new` and nothing else refers to it.
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
     }
 }
 

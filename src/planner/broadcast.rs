@@ -222,6 +222,7 @@ unsafe fn rewrite(parse: *mut pg_sys::Query, chosen: &[&Candidate]) -> Result<Op
             columns: columns.len(),
             route_column,
             route_type: route.map(|attno| column_type(relid, attno).0.to_u32()).unwrap_or(0),
+            column_types: columns.iter().map(|&attno| column_type(relid, attno).0.to_u32()).collect(),
             ..Default::default()
         });
         next_param += columns.len() as i32;

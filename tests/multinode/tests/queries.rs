@@ -1406,3 +1406,76 @@ fn coordinator_keeps_its_placements_statements_prepared_and_replans_them_when_ta
     let loopback: i64 = scalar(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg_sharding:%'");
     assert_eq!(loopback, 0);
 }
+
+#[test]
+fn values_move_between_nodes_intact_under_any_output_settings_and_client_encoding() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    // ra and rb are not co-located: joins between them broadcast one side's rows, and
+    // INSERT ... SELECT between them goes through the coordinator.
+    c.batch_execute(
+        "CREATE TABLE ra (id int PRIMARY KEY, f float8, r real, ts timestamptz, iv interval);
+         CREATE TABLE rb (LIKE ra INCLUDING ALL);
+         CREATE TABLE rc (LIKE ra INCLUDING ALL);
+         CREATE TABLE la (LIKE ra INCLUDING ALL);
+         SELECT create_distributed_table('ra', 'id');
+         SELECT create_distributed_table('rb', 'id', colocate_with => 'none', shard_count => 3);
+         SELECT create_distributed_table('rc', 'id', colocate_with => 'none', shard_count => 5);
+         INSERT INTO la VALUES (1, 1/3.0, 1/3.0, '2024-01-01 00:00+00', '-1 day +02:03:04'),
+                               (2, 0.1, 0.1, '2024-06-01 12:00+00', '1 year -2 mons'),
+                               (3, 1.7976931348623157e308, 3.4e38, '0044-03-15 12:00+00 BC', '-3 hours');
+         INSERT INTO ra SELECT * FROM la;
+         INSERT INTO rb SELECT * FROM la;",
+    )
+    .unwrap();
+    // Output settings under which the text of these values loses precision (floats), names a
+    // time zone by an abbreviation another node reads differently ("IST"), or cannot be read
+    // back at all (a BC date in the SQL style with a local-mean-time offset).
+    for settings in [
+        "SET extra_float_digits = 0; SET DateStyle = 'Postgres, MDY'; SET TimeZone = 'Asia/Kolkata'; SET IntervalStyle = 'sql_standard'",
+        "SET extra_float_digits = -3; SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Pacific/Chatham'; SET IntervalStyle = 'iso_8601'",
+    ] {
+        c.batch_execute(&format!("RESET ALL; {settings}")).unwrap();
+        for column in ["f", "r", "ts", "iv"] {
+            let join = format!("SELECT count(*) FROM ra JOIN rb ON rb.{column} = ra.{column}");
+            assert!(explain(&mut c, &join).contains("Broadcast:"), "{join}");
+            assert_eq!(scalar::<i64>(&mut c, &join), 3, "{settings}: {join}");
+        }
+        c.batch_execute(
+            "TRUNCATE rc;
+             INSERT INTO rc SELECT * FROM ra;
+             INSERT INTO rc SELECT * FROM ra ON CONFLICT (id) DO UPDATE SET f = excluded.f, ts = excluded.ts;
+             UPDATE rb SET r = ra.r, iv = ra.iv FROM ra WHERE ra.ts = rb.ts;
+             MERGE INTO rc USING rb ON rc.id = rb.id WHEN MATCHED THEN UPDATE SET r = rb.r;",
+        )
+        .unwrap();
+        c.batch_execute("RESET ALL").unwrap();
+        for table in ["rb", "rc"] {
+            let same = format!("SELECT count(*) FROM {table} t JOIN la USING (id) WHERE (t.f, t.r, t.ts, t.iv) = (la.f, la.r, la.ts, la.iv)");
+            assert_eq!(scalar::<i64>(&mut c, &same), 3, "{settings}: {table}");
+        }
+    }
+
+    // A client in another encoding than the database's: text values come from the shards
+    // and go to them (as parameters) in the database's encoding, and reach the client in its
+    // own. (Only ASCII crosses this test's own connection, which expects UTF-8.)
+    c.batch_execute(
+        "RESET ALL;
+         CREATE TABLE enc (id int PRIMARY KEY, t text);
+         SELECT create_distributed_table('enc', 'id');
+         INSERT INTO enc VALUES (1, 'Ünïcödé'), (2, 'plain');
+         SET client_encoding = 'LATIN1';",
+    )
+    .unwrap();
+    let word = "chr(220) || 'n' || chr(239) || 'c' || chr(246) || 'd' || chr(233)";
+    let digest = |from: &str| format!("SELECT string_agg(md5(t) || ':' || length(t) || ':' || octet_length(t), ',' ORDER BY id) FROM {from}");
+    let expected: String = scalar(&mut c, &digest(&format!("(VALUES (1, {word}), (2, 'plain')) v(id, t)")));
+    assert!(expected.contains(":7:11,"), "{expected}");
+    assert_eq!(scalar::<String>(&mut c, &digest("enc")), expected);
+    assert!(scalar::<bool>(&mut c, &format!("SELECT t = {word} FROM enc WHERE id = 1")));
+    c.batch_execute("PREPARE q(text) AS SELECT count(*) FROM enc WHERE t = $1; CREATE TABLE enc_copy AS SELECT * FROM enc").unwrap();
+    for _ in 0..7 {
+        assert_eq!(scalar::<i64>(&mut c, &format!("EXECUTE q({word})")), 1);
+    }
+    assert_eq!(scalar::<String>(&mut c, &digest("enc_copy")), expected);
+}
