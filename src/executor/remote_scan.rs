@@ -232,7 +232,10 @@ pub unsafe fn make_scan(
     (*scan).custom_private = pg_sys::lappend(std::ptr::null_mut(), pg_sys::makeString(pg_sys::pstrdup(json.as_ptr())).cast());
     let mut list: *mut pg_sys::List = std::ptr::null_mut();
     for expr in exprs {
-        list = pg_sys::lappend(list, expr.cast());
+        // Made executable as PostgreSQL's planner makes its expressions (a COLLATE clause
+        // becomes a relabeling, operators get their functions): the values come straight
+        // from the parse tree.
+        list = pg_sys::lappend(list, pg_sys::expression_planner(expr.cast()).cast());
     }
     (*scan).custom_exprs = list;
     Ok(scan)
@@ -593,6 +596,7 @@ unsafe fn pruned_indexes(node: *mut pg_sys::CustomScanState, plan: &ShardScanPla
                 matched = (0..anchor.shards.len()).collect();
                 break;
             };
+            let kind = crate::routing::DistKind::hashing(anchor.distribution_kind, kind);
             let mut add = |datum: pg_sys::Datum| {
                 let hash = crate::routing::hash_datum(datum, kind);
                 if let Some(position) = anchor.shards.iter().position(|s| s.interval.is_some_and(|i| i.contains(hash))) {
@@ -1136,6 +1140,7 @@ impl RowRouter {
             .ok_or_else(|| ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "a table of this plan is no longer distributed"))?;
         let type_oid = pg_sys::Oid::from(broadcast.route_type);
         let kind = crate::routing::DistKind::of_type(type_oid).ok_or_else(|| ShardingError::internal("a broadcast routed by a value that has no hash"))?;
+        let kind = crate::routing::DistKind::hashing(table.distribution_kind, kind);
         let (mut function, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
         pg_sys::getTypeInputInfo(type_oid, &mut function, &mut ioparam);
         let mut input: pg_sys::FmgrInfo = std::mem::zeroed();
@@ -1371,6 +1376,7 @@ unsafe fn intermediate_result(
             let type_oid = (*(*tupdesc).attrs.as_ptr().add(key)).atttypid;
             let kind = crate::routing::DistKind::of_type(type_oid)
                 .ok_or_else(|| ShardingError::internal("the rows to route lack their distribution value"))?;
+            let kind = crate::routing::DistKind::hashing(table.distribution_kind, kind);
             Some((table, kind))
         }
         Some(_) => return Err(ShardingError::internal("the rows to route lack their distribution value")),

@@ -17,7 +17,19 @@ pub unsafe fn strip_relabel(mut node: *mut pg_sys::Node) -> *mut pg_sys::Node {
     node
 }
 
-/// The two sides of `a = b`, when `node` is an equality.
+/// `node` without the relabelings and COLLATE clauses around it: the value an equality under
+/// a deterministic collation compares (equal means the same bytes, whatever the collation).
+unsafe fn compared_value(mut node: *mut pg_sys::Node) -> *mut pg_sys::Node {
+    loop {
+        node = strip_relabel(node);
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_CollateExpr {
+            return node;
+        }
+        node = (*node.cast::<pg_sys::CollateExpr>()).arg.cast();
+    }
+}
+
+/// The two sides of `a = b`, when `node` is an equality that compares them as what they are.
 pub unsafe fn equality_sides(node: *mut pg_sys::Node) -> Option<(*mut pg_sys::Node, *mut pg_sys::Node)> {
     if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_OpExpr {
         return None;
@@ -27,7 +39,23 @@ pub unsafe fn equality_sides(node: *mut pg_sys::Node) -> Option<(*mut pg_sys::No
         return None;
     }
     let args = crate::commands::utility::list_pointers::<pg_sys::Node>((*op).args);
-    Some((strip_relabel(args[0]), strip_relabel(args[1])))
+    if args.iter().any(|&arg| column_compared_as_char(arg)) {
+        return None;
+    }
+    Some((compared_value(args[0]), compared_value(args[1])))
+}
+
+/// A text or varchar column compared as char(n) (`varchar_column = 'a '::char(3)`): that
+/// comparison ignores trailing spaces, which the column's hash does not, so equal values may
+/// lie in different shards.
+pub unsafe fn column_compared_as_char(arg: *mut pg_sys::Node) -> bool {
+    let inner = strip_relabel(arg);
+    !arg.is_null()
+        && (*arg).type_ == pg_sys::NodeTag::T_RelabelType
+        && (*arg.cast::<pg_sys::RelabelType>()).resulttype == pg_sys::BPCHAROID
+        && !inner.is_null()
+        && (*inner).type_ == pg_sys::NodeTag::T_Var
+        && DistKind::of_type((*inner.cast::<pg_sys::Var>()).vartype) == Some(DistKind::Text)
 }
 
 unsafe fn is_equality(opno: pg_sys::Oid, collation: pg_sys::Oid) -> bool {
@@ -100,10 +128,10 @@ pub unsafe fn scan_pins(
                 continue;
             }
             let args = crate::commands::utility::list_pointers::<pg_sys::Node>((*saop).args);
-            if args.len() != 2 || !is_column(strip_relabel(args[0])) {
+            if args.len() != 2 || !is_column(compared_value(args[0])) || column_compared_as_char(args[0]) {
                 continue;
             }
-            let array = strip_relabel(args[1]);
+            let array = compared_value(args[1]);
             if is_pin_value(array) {
                 let element = pg_sys::get_element_type(pg_sys::exprType(array));
                 if element != pg_sys::InvalidOid && hashes_like(table, element) {

@@ -289,7 +289,7 @@ unsafe fn same_shard_constants(analysis: &mut Analysis, keys: &[Key]) -> Option<
             return None;
         }
         let constant = node.cast::<pg_sys::Const>();
-        let kind = crate::routing::DistKind::of_type((*constant).consttype)?;
+        let kind = crate::routing::DistKind::hashing(anchor.distribution_kind, crate::routing::DistKind::of_type((*constant).consttype)?);
         let hash = crate::routing::hash_datum((*constant).constvalue, kind);
         let index = anchor.shards.iter().position(|s| s.interval.is_some_and(|i| i.contains(hash)))?;
         if *shard.get_or_insert(index) != index {

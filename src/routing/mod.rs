@@ -44,6 +44,17 @@ impl DistKind {
         })
     }
 
+    /// How to hash a value of kind `value` compared with a distribution column of kind
+    /// `column` (a kind of the same family): as the value's own kind, except text or varchar
+    /// compared with a char(n) column. That comparison is char's, which ignores trailing
+    /// spaces (`k = 'a '::varchar` is true for k = 'a'): the value hashes as char does.
+    pub fn hashing(column: Option<DistKind>, value: DistKind) -> DistKind {
+        match (column, value) {
+            (Some(DistKind::PaddedText), DistKind::Text) => DistKind::PaddedText,
+            _ => value,
+        }
+    }
+
     /// Kinds whose equal values hash equally (integers and numerics; text, varchar and char).
     pub fn family(self) -> u8 {
         match self {

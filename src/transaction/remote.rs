@@ -203,9 +203,22 @@ fn begin_statement() -> String {
     )
 }
 
-/// Settings that change how values are parsed and printed; workers get the coordinator's.
-const PROPAGATED_SETTINGS: &[&CStr] =
-    &[c"DateStyle", c"IntervalStyle", c"TimeZone", c"extra_float_digits", c"standard_conforming_strings"];
+/// Settings that change how values are parsed and printed (by casts to text and the like in
+/// the expressions the shards evaluate); workers get the coordinator's. Not among them:
+/// default_text_search_config (a configuration of the user's own would not exist on the
+/// workers, and setting it would fail there) and the lc_* locales.
+const PROPAGATED_SETTINGS: &[&CStr] = &[
+    c"DateStyle",
+    c"IntervalStyle",
+    c"TimeZone",
+    c"extra_float_digits",
+    c"standard_conforming_strings",
+    c"bytea_output",
+    c"array_nulls",
+    c"xmlbinary",
+    c"xmloption",
+    c"quote_all_identifiers",
+];
 
 fn current_settings() -> Vec<String> {
     PROPAGATED_SETTINGS.iter().map(|name| setting_value(name).unwrap_or_default()).collect()

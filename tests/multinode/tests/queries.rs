@@ -1479,3 +1479,79 @@ fn values_move_between_nodes_intact_under_any_output_settings_and_client_encodin
     }
     assert_eq!(scalar::<String>(&mut c, &digest("enc_copy")), expected);
 }
+
+#[test]
+fn pins_follow_the_comparison_and_settings_reach_the_shards() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE bc (k char(5), v int);
+         CREATE TABLE vc (k varchar, v int, b bytea);
+         CREATE TABLE tt (k text, v int);
+         CREATE SCHEMA l;
+         CREATE TABLE l.bc (LIKE bc); CREATE TABLE l.vc (LIKE vc); CREATE TABLE l.tt (LIKE tt);
+         SELECT create_distributed_table('bc', 'k');
+         SELECT create_distributed_table('vc', 'k', colocate_with => 'none');
+         SELECT create_distributed_table('tt', 'k', colocate_with => 'none');",
+    )
+    .unwrap();
+    for schema in ["public", "l"] {
+        c.batch_execute(&format!(
+            "INSERT INTO {schema}.bc VALUES ('a', 1), ('a  ', 2), ('', 3), ('  ', 4), ('b', 5);
+             INSERT INTO {schema}.vc VALUES ('a', 1, 'a'), ('a  ', 2, 'b'), ('', 3, '\\x00'), ('  ', 4, NULL), ('b', 5, 'c');
+             INSERT INTO {schema}.tt SELECT 'abc' || g, g FROM generate_series(1, 20) g;"
+        ))
+        .unwrap();
+    }
+    let both = |c: &mut Client, sql: &str| {
+        let distributed = run(c, &format!("SET search_path = public; {sql}")).unwrap();
+        let local = run(c, &format!("SET search_path = l; {sql}")).unwrap();
+        c.batch_execute("RESET search_path").unwrap();
+        assert_eq!(distributed, local, "{sql}");
+        assert!(!local.0.is_empty() || local.1 > 0, "{sql}");
+    };
+    // char(n) compares without trailing spaces: a varchar or text value pins the shard of its
+    // value without them. A varchar column compared as char(n) pins nothing.
+    for sql in [
+        "SELECT * FROM bc WHERE k = 'a '::varchar ORDER BY v",
+        "SELECT * FROM bc WHERE k = 'a '::text::bpchar ORDER BY v",
+        "SELECT * FROM bc WHERE k = ' '::varchar ORDER BY v",
+        "SELECT * FROM bc WHERE k IN ('a '::varchar, 'b  '::varchar) ORDER BY v",
+        "SELECT * FROM vc WHERE k = 'a '::bpchar ORDER BY v",
+        "SELECT * FROM vc WHERE k = ANY (ARRAY['a'::bpchar]) ORDER BY v",
+        "SELECT * FROM vc WHERE k = 'a  ' ORDER BY v",
+        // A COLLATE clause on the value: the value still pins.
+        "SELECT * FROM tt WHERE k = 'abc1' COLLATE \"C\"",
+        "SELECT * FROM tt WHERE k IN ('abc1' COLLATE \"C\", 'abc2') ORDER BY v",
+        "SELECT * FROM tt WHERE k = 'abc1' COLLATE \"default\"",
+    ] {
+        both(&mut c, sql);
+    }
+    assert_eq!(task_count(&explain(&mut c, "SELECT * FROM bc WHERE k = 'a '::varchar")), [1]);
+    assert_eq!(task_count(&explain(&mut c, "SELECT * FROM tt WHERE k IN ('abc1' COLLATE \"C\", 'abc2')")).iter().sum::<i64>(), 2);
+    assert!(task_count(&explain(&mut c, "SELECT * FROM vc WHERE k = 'a '::bpchar"))[0] > 1);
+    for sql in [
+        "PREPARE p(varchar) AS SELECT count(*) FROM bc WHERE k = $1",
+        "PREPARE q(text) AS SELECT v FROM tt WHERE k = $1 COLLATE \"C\"",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    for _ in 0..7 {
+        assert_eq!(scalar::<i64>(&mut c, "EXECUTE p('a ')"), 2);
+        assert_eq!(scalar::<i32>(&mut c, "EXECUTE q('abc4')"), 4);
+    }
+    // Writes pinned the same way change the same rows.
+    both(&mut c, "UPDATE bc SET v = v + 10 WHERE k = 'a '::varchar RETURNING v");
+    both(&mut c, "DELETE FROM tt WHERE k = 'abc3' COLLATE \"C\" RETURNING v");
+    both(&mut c, "SELECT * FROM bc ORDER BY v");
+
+    // Output settings that the shards' own casts to text follow.
+    for sql in [
+        "SET bytea_output = 'escape'; SELECT k, b::text FROM vc WHERE b IS NOT NULL ORDER BY v",
+        "SET quote_all_identifiers = on; SELECT v, quote_ident(k) FROM vc WHERE k <> '' ORDER BY v",
+        "SET xmlbinary = 'hex'; SELECT v, xmlelement(name x, b)::text FROM vc WHERE b IS NOT NULL ORDER BY v",
+    ] {
+        both(&mut c, sql);
+        c.batch_execute("RESET ALL").unwrap();
+    }
+}
