@@ -43,6 +43,9 @@ unsafe extern "C-unwind" fn user_defined_function(func: pg_sys::Oid, _context: *
         _ => {
             let name = std::ffi::CStr::from_ptr(pg_sys::get_func_name(func)).to_string_lossy();
             ["now", "transaction_timestamp", "statement_timestamp", "version", "timeofday"].contains(&name.as_ref())
+                // Text search with the session's default configuration, when the workers do
+                // not get it (a configuration of the user's own; transaction/remote.rs).
+                || (TEXT_SEARCH_DEFAULTS.contains(&name.as_ref()) && !crate::transaction::remote::builtin_text_search_config())
                 // Text to object identifier: resolved through the session's search_path and
                 // catalogs, which are the coordinator's.
                 || (name.starts_with("reg") && name.ends_with("in"))
@@ -52,6 +55,20 @@ unsafe extern "C-unwind" fn user_defined_function(func: pg_sys::Oid, _context: *
         }
     }
 }
+
+/// Stable built-ins that read default_text_search_config (their forms without a configuration
+/// argument).
+const TEXT_SEARCH_DEFAULTS: &[&str] = &[
+    "to_tsvector",
+    "to_tsquery",
+    "plainto_tsquery",
+    "phraseto_tsquery",
+    "websearch_to_tsquery",
+    "ts_headline",
+    "json_to_tsvector",
+    "jsonb_to_tsvector",
+    "get_current_ts_config",
+];
 
 /// Object identifier types: a value names a coordinator object by OID.
 fn names_local_object(type_oid: pg_sys::Oid) -> bool {

@@ -204,9 +204,10 @@ fn begin_statement() -> String {
 }
 
 /// Settings that change how values are parsed and printed (by casts to text and the like in
-/// the expressions the shards evaluate); workers get the coordinator's. Not among them:
-/// default_text_search_config (a configuration of the user's own would not exist on the
-/// workers, and setting it would fail there) and the lc_* locales.
+/// the expressions the shards evaluate); workers get the coordinator's. default_text_search_config
+/// only when it names a built-in configuration: one of the user's own would not exist on the
+/// workers (and text search functions that use it are then evaluated on the coordinator, see
+/// planner/shippable.rs). Not among them: the lc_* locales.
 const PROPAGATED_SETTINGS: &[&CStr] = &[
     c"DateStyle",
     c"IntervalStyle",
@@ -218,17 +219,30 @@ const PROPAGATED_SETTINGS: &[&CStr] = &[
     c"xmlbinary",
     c"xmloption",
     c"quote_all_identifiers",
+    c"default_text_search_config",
 ];
 
+/// Whether the session's default_text_search_config is one every node has.
+pub fn builtin_text_search_config() -> bool {
+    setting_value(c"default_text_search_config").is_some_and(|value| value.starts_with("pg_catalog."))
+}
+
 fn current_settings() -> Vec<String> {
-    PROPAGATED_SETTINGS.iter().map(|name| setting_value(name).unwrap_or_default()).collect()
+    PROPAGATED_SETTINGS
+        .iter()
+        .map(|&name| match setting_value(name) {
+            // Not sent (settings_statement skips empty values): the nodes keep what they have.
+            Some(_) if name == c"default_text_search_config" && !builtin_text_search_config() => String::new(),
+            value => value.unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// `SELECT set_config(...)` for the settings that differ from what the node has.
 fn settings_statement(known: Option<&Vec<String>>, wanted: &[String]) -> Option<String> {
     let mut calls = Vec::new();
     for (i, (name, value)) in PROPAGATED_SETTINGS.iter().zip(wanted).enumerate() {
-        if known.is_some_and(|k| k.get(i) == Some(value)) {
+        if known.is_some_and(|k| k.get(i) == Some(value)) || value.is_empty() {
             continue;
         }
         calls.push(format!(

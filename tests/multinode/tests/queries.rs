@@ -1545,8 +1545,20 @@ fn pins_follow_the_comparison_and_settings_reach_the_shards() {
     both(&mut c, "DELETE FROM tt WHERE k = 'abc3' COLLATE \"C\" RETURNING v");
     both(&mut c, "SELECT * FROM bc ORDER BY v");
 
-    // Output settings that the shards' own casts to text follow.
+    // Output settings that the shards' own casts to text follow; text search with the
+    // session's default configuration, a built-in one (sent to the workers) or one of the
+    // user's own (the workers lack it: evaluated here).
+    c.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, body text);
+         SELECT create_distributed_table('docs', 'id');
+         INSERT INTO docs VALUES (1, 'Die Häuser sind schön'), (2, 'the houses are running');
+         CREATE TABLE l.docs AS SELECT * FROM docs;
+         CREATE TEXT SEARCH CONFIGURATION mine (COPY = pg_catalog.simple);",
+    )
+    .unwrap();
     for sql in [
+        "SET default_text_search_config = 'pg_catalog.german'; SELECT id, to_tsvector(body)::text FROM docs ORDER BY id",
+        "SET default_text_search_config = 'public.mine'; SELECT id, to_tsvector(body)::text, to_tsvector(body) @@ to_tsquery('houses') FROM docs ORDER BY id",
         "SET bytea_output = 'escape'; SELECT k, b::text FROM vc WHERE b IS NOT NULL ORDER BY v",
         "SET quote_all_identifiers = on; SELECT v, quote_ident(k) FROM vc WHERE k <> '' ORDER BY v",
         "SET xmlbinary = 'hex'; SELECT v, xmlelement(name x, b)::text FROM vc WHERE b IS NOT NULL ORDER BY v",
