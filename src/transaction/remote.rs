@@ -224,7 +224,11 @@ const PROPAGATED_SETTINGS: &[&CStr] = &[
 
 /// Whether the session's default_text_search_config is one every node has.
 pub fn builtin_text_search_config() -> bool {
-    setting_value(c"default_text_search_config").is_some_and(|value| value.starts_with("pg_catalog."))
+    setting_value(c"default_text_search_config").is_some_and(|value| builtin_configuration(&value))
+}
+
+fn builtin_configuration(value: &str) -> bool {
+    value.starts_with("pg_catalog.")
 }
 
 fn current_settings() -> Vec<String> {
@@ -232,7 +236,7 @@ fn current_settings() -> Vec<String> {
         .iter()
         .map(|&name| match setting_value(name) {
             // Not sent (settings_statement skips empty values): the nodes keep what they have.
-            Some(_) if name == c"default_text_search_config" && !builtin_text_search_config() => String::new(),
+            Some(value) if name == c"default_text_search_config" && !builtin_configuration(&value) => String::new(),
             value => value.unwrap_or_default(),
         })
         .collect()
