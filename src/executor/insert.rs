@@ -103,6 +103,7 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
             }
         }
     }
+    rows.end();
     (*estate).es_processed = router.finish(relation)?;
     if returning {
         if let Some(shutdown) = (*dest).rShutdown {

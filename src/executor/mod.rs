@@ -40,6 +40,19 @@ impl InsertRows {
         rows
     }
 
+    /// Frees the gathered rows (a tuplestore past work_mem holds a temporary file, which must
+    /// be closed before the transaction commits).
+    ///
+    /// SAFETY: called once, after the last `next`.
+    pub(crate) unsafe fn end(self) {
+        if !self.store.is_null() {
+            if !self.slot.is_null() {
+                pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+            }
+            pg_sys::tuplestore_end(self.store);
+        }
+    }
+
     /// The next complete new row, with the per-row memory of `context` reset first; `None`
     /// when done. The slices live until the next call.
     ///

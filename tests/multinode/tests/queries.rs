@@ -764,6 +764,18 @@ fn multi_shard_reads_stream_rows_and_stop_their_tasks_when_no_longer_read() {
     let before = temp_files(&mut c);
     assert_eq!(c.query("SELECT id, v FROM s", &[]).unwrap().len(), 3000);
     assert_eq!(temp_files(&mut c) - before, 0, "streamed rows are not stored");
+
+    // INSERT ... SELECT through the coordinator gathers the rows first when its SELECT reads
+    // shards: past work_mem they spill, and the file is closed before the commit (PostgreSQL
+    // warns "temporary file leak" at commit otherwise).
+    let before = temp_files(&mut c);
+    c.batch_execute("INSERT INTO s2 SELECT id, id FROM s WHERE id <= 3000").unwrap();
+    assert!(temp_files(&mut c) - before >= 1, "the gathered rows spilled");
+    let n: i64 = scalar(&mut c, "SELECT count(*) FROM s2");
+    assert_eq!(n, 6000);
+    c.batch_execute("RESET work_mem").unwrap();
+    let log = cluster.log("coordinator");
+    assert!(!log.contains("temporary file leak"), "a temporary file stayed open past the commit");
 }
 
 #[test]
