@@ -107,6 +107,10 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_IndexStmt, targets: index_targets, check: check_index, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_DropStmt, targets: drop_index_targets, check: no_check, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: grant_targets, check: check_grant, run: run_grant },
+    // A local table's new foreign key to a distributed table: refused (the coordinator holds
+    // neither the rows it would check nor sees the local rows when a shard deletes one).
+    Operation { tag: pg_sys::NodeTag::T_CreateStmt, targets: local_key_targets, check: refuse_local_key, run: never },
+    Operation { tag: pg_sys::NodeTag::T_AlterTableStmt, targets: local_key_targets, check: refuse_local_key, run: never },
     // Statements that would change the coordinator's table alone: refused. (Row-level security
     // policies are not here: the coordinator's planner enforces them on distributed tables.)
     Operation { tag: pg_sys::NodeTag::T_CreateTrigStmt, targets: trigger_targets, check: refuse, run: never },
@@ -224,6 +228,22 @@ unsafe fn refuse(statement: *mut pg_sys::Node, targets: &[Rc<DistributedTable>])
     .detail(format!("\"{}\" is a {} table.", targets[0].name, targets[0].method.as_str())))
 }
 
+/// Refuses a new foreign key of a local table (`statement` creates or alters it) to the
+/// distributed table `targets[0]`.
+unsafe fn refuse_local_key(statement: *mut pg_sys::Node, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let relation = match (*statement).type_ {
+        pg_sys::NodeTag::T_CreateStmt => (*statement.cast::<pg_sys::CreateStmt>()).relation,
+        _ => (*statement.cast::<pg_sys::AlterTableStmt>()).relation,
+    };
+    let local = CStr::from_ptr((*relation).relname).to_string_lossy().into_owned();
+    let referenced = &targets[0].name;
+    Err(unsupported(format!("a foreign key from local table \"{local}\" to distributed table \"{referenced}\" is not supported"))
+        .detail("The coordinator does not hold the rows of a distributed table, and a shard deleting a row does not see the local rows that reference it.")
+        .hint(format!(
+            "Distribute \"{local}\" with colocate_with => '{referenced}' first (create it without the key, distribute it, then add the key), or make \"{referenced}\" a reference table."
+        )))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finding targets
 
@@ -303,6 +323,53 @@ unsafe fn table_target(objtype: pg_sys::ObjectType::Type, relation: *mut pg_sys:
 unsafe fn alter_table_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
     let statement = node.cast::<pg_sys::AlterTableStmt>();
     table_target((*statement).objtype, (*statement).relation)
+}
+
+/// The distributed tables that foreign keys of a new table, or of a local table being altered,
+/// would reference.
+unsafe fn local_key_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    use pg_sys::NodeTag::*;
+    let column_constraints =
+        |definition: *mut pg_sys::ColumnDef| list_pointers::<pg_sys::Constraint>((*definition).constraints);
+    let mut constraints = Vec::new();
+    if (*node).type_ == T_CreateStmt {
+        let statement = node.cast::<pg_sys::CreateStmt>();
+        constraints.extend(list_pointers::<pg_sys::Constraint>((*statement).constraints));
+        for element in list_pointers::<pg_sys::Node>((*statement).tableElts) {
+            if (*element).type_ == T_ColumnDef {
+                constraints.extend(column_constraints(element.cast()));
+            }
+        }
+    } else {
+        let statement = node.cast::<pg_sys::AlterTableStmt>();
+        if distributed_by_rangevar((*statement).relation)?.is_some() {
+            // The keys of distributed and reference tables are checked with their changes.
+            return Ok(Vec::new());
+        }
+        for command in list_pointers::<pg_sys::AlterTableCmd>((*statement).cmds) {
+            let definition = (*command).def;
+            if definition.is_null() {
+                continue;
+            }
+            match (*definition).type_ {
+                T_Constraint => constraints.push(definition.cast()),
+                T_ColumnDef => constraints.extend(column_constraints(definition.cast())),
+                _ => {}
+            }
+        }
+    }
+    let mut found: Vec<Rc<DistributedTable>> = Vec::new();
+    for constraint in constraints {
+        if (*constraint).contype != pg_sys::ConstrType::CONSTR_FOREIGN {
+            continue;
+        }
+        if let Some(table) = distributed_by_rangevar((*constraint).pktable)? {
+            if table.method == Method::Hash && !found.iter().any(|t| t.relid == table.relid) {
+                found.push(table);
+            }
+        }
+    }
+    Ok(found)
 }
 
 unsafe fn rename_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {

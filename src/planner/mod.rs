@@ -40,7 +40,82 @@ pub unsafe extern "C-unwind" fn pg_sharding_plan(
     if !cache::extension_active() {
         return std::ptr::null_mut();
     }
+    check_referenced_by_local(parse).or_raise();
     router::plan_statement(parse, query_string, cursor_options, bound_params).or_raise().unwrap_or(std::ptr::null_mut())
+}
+
+/// Refuses UPDATE, DELETE, MERGE and INSERT ... ON CONFLICT DO UPDATE of a distributed table
+/// that a local table references (a key made before the table was distributed, allowed while
+/// the local table was empty): a shard changing a row cannot see the local rows that reference
+/// it. The local table's own rows are checked (its key's check reads the shards).
+unsafe fn check_referenced_by_local(parse: *mut pg_sys::Query) -> crate::error::Result<()> {
+    let mut queries = vec![parse];
+    for cte in list_pointers::<pg_sys::CommonTableExpr>((*parse).cteList) {
+        let query = (*cte).ctequery;
+        if !query.is_null() && (*query).type_ == pg_sys::NodeTag::T_Query {
+            queries.push(query.cast());
+        }
+    }
+    for query in queries {
+        use pg_sys::CmdType::*;
+        let changes_rows = match (*query).commandType {
+            CMD_UPDATE | CMD_DELETE | CMD_MERGE => true,
+            CMD_INSERT => {
+                let on_conflict = (*query).onConflict;
+                !on_conflict.is_null() && (*on_conflict).action == pg_sys::OnConflictAction::ONCONFLICT_UPDATE
+            }
+            _ => false,
+        };
+        let Some(index) = usize::try_from((*query).resultRelation).ok().and_then(|i| i.checked_sub(1)) else { continue };
+        let Some(&rte) = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable).get(index) else { continue };
+        if !changes_rows || (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION {
+            continue;
+        }
+        let relid = (*rte).relid;
+        let Some(table) = cache::table_unless_reentrant(relid)? else { continue };
+        if table.method != Method::Hash {
+            continue;
+        }
+        for other in constraint_partners(relid) {
+            if cache::table_unless_reentrant(other)?.is_some() {
+                continue;
+            }
+            let name = pg_sys::get_rel_name(other);
+            let local = if name.is_null() { other.to_u32().to_string() } else { std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned() };
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("cannot change rows of distributed table \"{}\": the local table \"{local}\" references it", table.name),
+            )
+            .detail("A shard changing or deleting a row does not see the local rows that reference it.")
+            .hint(format!("Distribute \"{local}\" too (create_distributed_table with colocate_with => '{}'), or drop its foreign key.", table.name)));
+        }
+    }
+    Ok(())
+}
+
+/// The tables linked to `relid` by the foreign-key triggers on its coordinator table (the
+/// tables referencing it, and those it references).
+unsafe fn constraint_partners(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
+    // The relation is locked: parse analysis opened it as the statement's target.
+    let relation = pg_sys::RelationIdGetRelation(relid);
+    if relation.is_null() {
+        return Vec::new();
+    }
+    let mut partners = Vec::new();
+    let triggers = (*relation).trigdesc;
+    if !triggers.is_null() {
+        for i in 0..usize::try_from((*triggers).numtriggers).unwrap_or(0) {
+            let trigger = &*(*triggers).triggers.add(i);
+            let other = trigger.tgconstrrelid;
+            if trigger.tgisinternal && trigger.tgconstraint != pg_sys::InvalidOid && other != pg_sys::InvalidOid && other != relid
+                && !partners.contains(&other)
+            {
+                partners.push(other);
+            }
+        }
+    }
+    pg_sys::RelationClose(relation);
+    partners
 }
 
 /// Called by the C planner hook with every plan PostgreSQL made.

@@ -1097,6 +1097,42 @@ fn keys_on_workers(cluster: &Cluster) -> usize {
 }
 
 #[test]
+fn a_local_table_referencing_a_table_being_distributed_blocks_its_changes_until_distributed_too() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    // Allowed while the local table is empty: it is meant to be distributed right after.
+    c.batch_execute(
+        "CREATE TABLE par (id int PRIMARY KEY, v text);
+         CREATE TABLE chi (id int, p int REFERENCES par (id));
+         SELECT create_distributed_table('par', 'id');
+         INSERT INTO par SELECT g, 'v' FROM generate_series(1, 10) g;
+         INSERT INTO chi VALUES (1, 2);",
+    )
+    .unwrap();
+    // The local rows' key is checked against the shards.
+    assert_eq!(expect_error(&mut c, "INSERT INTO chi VALUES (2, 99)").0, "23503");
+    // A shard changing a row would not see the local row that references it: refused.
+    for sql in [
+        "DELETE FROM par WHERE id = 2",
+        "UPDATE par SET v = 'w' WHERE id = 2",
+        "WITH d AS (DELETE FROM par WHERE id = 2 RETURNING id) SELECT count(*) FROM d",
+        "INSERT INTO par VALUES (2, 'x') ON CONFLICT (id) DO UPDATE SET v = 'x'",
+        "MERGE INTO par USING (SELECT 2 AS id) s ON par.id = s.id WHEN MATCHED THEN DELETE",
+    ] {
+        let (code, message, ..) = expect_error(&mut c, sql);
+        assert_eq!(code, "0A000", "{sql}: {message}");
+        assert!(message.contains("\"chi\""), "{message}");
+    }
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM par WHERE id = 2 AND v = 'v'"), 1);
+    c.batch_execute("INSERT INTO par VALUES (11, 'v') ON CONFLICT DO NOTHING").unwrap();
+    // Distributed too, the key holds on the shards and the parent's rows change again.
+    c.batch_execute("SELECT create_distributed_table('chi', 'p', colocate_with => 'par')").unwrap();
+    assert_eq!(expect_error(&mut c, "DELETE FROM par WHERE id = 2").0, "23503");
+    c.batch_execute("DELETE FROM par WHERE id = 3; UPDATE par SET v = 'w' WHERE id = 2").unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM par"), 10);
+}
+
+#[test]
 fn foreign_keys_hold_on_the_shards_through_moves_splits_and_ddl() {
     let cluster = Cluster::start(2);
     let mut c = cluster.coordinator();
@@ -1192,25 +1228,33 @@ fn foreign_keys_hold_on_the_shards_through_moves_splits_and_ddl() {
     c.batch_execute("INSERT INTO tree VALUES (10, 6, 1)").unwrap();
 
     // Keys the shards could not enforce are refused, and nothing changes.
-    let tables_before = scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_table");
     c.batch_execute(
-        "CREATE TABLE elsewhere (company_id bigint REFERENCES companies (id));
-         CREATE TABLE by_other_column (id bigint, company_id bigint REFERENCES companies (id));
-         CREATE TABLE nulling (company_id bigint REFERENCES companies (id) ON DELETE SET NULL);
+        "CREATE TABLE elsewhere (company_id bigint); SELECT create_distributed_table('elsewhere', 'company_id', colocate_with => 'none');
+         CREATE TABLE by_other_column (id bigint PRIMARY KEY, company_id bigint);
+         SELECT create_distributed_table('by_other_column', 'id', colocate_with => 'companies');
+         CREATE TABLE nulling (company_id bigint, id bigint, PRIMARY KEY (company_id, id)); SELECT create_distributed_table('nulling', 'company_id', colocate_with => 'companies');
+         CREATE TABLE ref_to_distributed (company_id bigint); SELECT create_reference_table('ref_to_distributed');
          CREATE TABLE plain (id int PRIMARY KEY);
          CREATE TABLE to_plain (id int REFERENCES plain (id));
-         CREATE TABLE ref_to_distributed (company_id bigint REFERENCES companies (id));
          CREATE TABLE parents (id int PRIMARY KEY);
          CREATE TABLE kids (parent int REFERENCES parents (id));
          INSERT INTO parents VALUES (1); INSERT INTO kids VALUES (1);",
     )
     .unwrap();
+    let tables_before = scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_table");
+    let keys_to_companies = "SELECT count(*) FROM pg_constraint WHERE confrelid = 'companies'::regclass";
+    let keys_before = scalar::<i64>(&mut c, keys_to_companies);
     for sql in [
-        "SELECT create_distributed_table('elsewhere', 'company_id', colocate_with => 'none')",
-        "SELECT create_distributed_table('by_other_column', 'id', colocate_with => 'companies')",
-        "SELECT create_distributed_table('nulling', 'company_id')",
+        "ALTER TABLE elsewhere ADD FOREIGN KEY (company_id) REFERENCES companies (id)",
+        "ALTER TABLE by_other_column ADD FOREIGN KEY (company_id) REFERENCES companies (id)",
+        "ALTER TABLE nulling ADD FOREIGN KEY (company_id) REFERENCES companies (id) ON DELETE SET NULL",
+        "ALTER TABLE ref_to_distributed ADD FOREIGN KEY (company_id) REFERENCES companies (id)",
+        // A local table cannot reference a distributed table: its coordinator table has no rows.
+        "CREATE TABLE local_to_distributed (company_id bigint REFERENCES companies (id))",
+        "CREATE TABLE local_to_distributed (company_id bigint, FOREIGN KEY (company_id) REFERENCES companies (id))",
+        "ALTER TABLE plain ADD COLUMN company_id bigint REFERENCES companies (id)",
+        "ALTER TABLE to_plain ADD FOREIGN KEY (id) REFERENCES companies (id)",
         "SELECT create_distributed_table('to_plain', 'id')",
-        "SELECT create_reference_table('ref_to_distributed')",
         "SELECT create_distributed_table('parents', 'id')",
         "SELECT undistribute_table('companies')",
         "ALTER TABLE campaigns ADD CONSTRAINT by_id FOREIGN KEY (id) REFERENCES companies (id)",
@@ -1220,6 +1264,8 @@ fn foreign_keys_hold_on_the_shards_through_moves_splits_and_ddl() {
     }
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM sharding.dist_table"), tables_before);
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM pg_constraint WHERE conname = 'by_id'"), 0);
+    assert_eq!(scalar::<i64>(&mut c, keys_to_companies), keys_before);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM pg_class WHERE relname = 'local_to_distributed'"), 0);
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM kids"), 1);
     assert_eq!(shard_keys(&mut cluster.worker(1)).len(), 21);
 
