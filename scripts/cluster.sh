@@ -129,7 +129,9 @@ init_node() {
 start_node() {
     local name=$1
     is_running "$name" && return 0
-    if ! as_server_user "$BIN/pg_ctl" -D "$dir/$name" -l "$dir/$name.log" -w -t 60 start >/dev/null 2>&1; then
+    # Without the shell's RUST_BACKTRACE: the servers would append a Rust backtrace to the
+    # DETAIL of errors raised through the extension.
+    if ! as_server_user env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$BIN/pg_ctl" -D "$dir/$name" -l "$dir/$name.log" -w -t 60 start >/dev/null 2>&1; then
         tail -n 20 "$dir/$name.log" >&2 || true
         die "$name did not start (port $(node_port "$name")); log: $dir/$name.log"
     fi
