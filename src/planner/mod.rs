@@ -49,13 +49,14 @@ pub unsafe extern "C-unwind" fn pg_sharding_plan(
 /// the local table was empty): a shard changing a row cannot see the local rows that reference
 /// it. The local table's own rows are checked (its key's check reads the shards).
 unsafe fn check_referenced_by_local(parse: *mut pg_sys::Query) -> crate::error::Result<()> {
-    let mut queries = vec![parse];
-    for cte in list_pointers::<pg_sys::CommonTableExpr>((*parse).cteList) {
-        let query = (*cte).ctequery;
-        if !query.is_null() && (*query).type_ == pg_sys::NodeTag::T_Query {
-            queries.push(query.cast());
-        }
-    }
+    let with_queries = || {
+        list_pointers::<pg_sys::CommonTableExpr>((*parse).cteList)
+            .into_iter()
+            .map(|cte| (*cte).ctequery)
+            .filter(|query| !query.is_null() && (*(*query)).type_ == pg_sys::NodeTag::T_Query)
+            .map(|query| query.cast::<pg_sys::Query>())
+    };
+    let queries = std::iter::once(parse).chain((!(*parse).cteList.is_null()).then(with_queries).into_iter().flatten());
     for query in queries {
         use pg_sys::CmdType::*;
         let changes_rows = match (*query).commandType {
@@ -66,9 +67,12 @@ unsafe fn check_referenced_by_local(parse: *mut pg_sys::Query) -> crate::error::
             }
             _ => false,
         };
+        if !changes_rows {
+            continue;
+        }
         let Some(index) = usize::try_from((*query).resultRelation).ok().and_then(|i| i.checked_sub(1)) else { continue };
         let Some(&rte) = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable).get(index) else { continue };
-        if !changes_rows || (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION {
+        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION {
             continue;
         }
         let relid = (*rte).relid;
