@@ -26,7 +26,9 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
     match (*node).type_ {
         // Sublinks and their queries stay as they are (they are checked whole later).
         T_Query | T_SubLink => return node,
-        T_TargetEntry | T_FromExpr | T_JoinExpr | T_List | T_RangeTblRef | T_MergeAction => {}
+        // Containers, not expressions (a CaseWhen is a part of its CASE, which PostgreSQL's
+        // walkers only enter through the CaseExpr).
+        T_TargetEntry | T_FromExpr | T_JoinExpr | T_List | T_RangeTblRef | T_MergeAction | T_CaseWhen => {}
         _ => {
             if pins::is_pin_value(node) && !shippable::shippable(node, shippable::Rules { whole_statement: true, row_identity: false }) {
                 let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();

@@ -86,6 +86,8 @@ pub unsafe fn is_pin_value(node: *mut pg_sys::Node) -> bool {
         match (*node).type_ {
             T_Var | T_Aggref | T_WindowFunc | T_GroupingFunc | T_SubLink | T_SubPlan | T_AlternativeSubPlan
             | T_PlaceHolderVar | T_CurrentOfExpr | T_NextValueExpr | T_Query => true,
+            // The value of the enclosing CASE's operand, or of the domain being checked.
+            T_CaseTestExpr | T_CoerceToDomainValue => true,
             T_Param => (*node.cast::<pg_sys::Param>()).paramkind != pg_sys::ParamKind::PARAM_EXTERN,
             _ => pg_sys::expression_tree_walker(node, Some(row_dependent), context),
         }

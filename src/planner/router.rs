@@ -150,6 +150,18 @@ impl Analysis {
         }
         let Some((outer_key, _)) = self.key_of(outer) else { return };
         let query = (*sublink).subselect.cast::<pg_sys::Query>();
+        // The subquery's rows must be the union of what each shard group gives: no step that
+        // looks at the rows of several groups together (`ORDER BY v LIMIT 1` keeps one row in
+        // all, not one per group).
+        if !(*query).limitCount.is_null()
+            || !(*query).limitOffset.is_null()
+            || (*query).hasDistinctOn
+            || (*query).hasWindowFuncs
+            || !(*query).groupingSets.is_null()
+            || !(*query).setOperations.is_null()
+        {
+            return;
+        }
         let Some(&first) = list_pointers::<pg_sys::TargetEntry>((*query).targetList).first() else { return };
         // The subquery's column, resolved at its own level.
         self.stack.push((inner_level, query));
@@ -416,6 +428,13 @@ pub unsafe fn plan_statement(
         }
     }
     if analysis.tables.is_empty() {
+        // Data-modifying WITH queries on reference tables run first (modifying_ctes.rs).
+        if (*parse).hasModifyingCTE && modifies_distributed_tables(parse)? {
+            let original: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
+            if super::modifying_ctes::separate(parse)? {
+                return plan_separated(parse, original, query_string, cursor_options, bound_params);
+            }
+        }
         return Ok(None);
     }
     let target: Option<Rc<DistributedTable>> = if modify {

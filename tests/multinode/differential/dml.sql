@@ -143,3 +143,14 @@ UPDATE orders o SET note = 'whole' FROM users u WHERE u.id = o.user_id AND u.id 
 WITH r AS (UPDATE regions SET label = 'x' WHERE code = 'eu' RETURNING *) SELECT * FROM users WHERE id = 5;
 WITH d AS (DELETE FROM items WHERE qty = 1 RETURNING *) SELECT count(*) FROM users;
 WITH d AS (DELETE FROM orders WHERE status = 'new' AND amount < 20 RETURNING *) UPDATE users SET score = 1 WHERE id < 5;
+-- CASE in the statement's own expressions (computed per row on the shards).
+UPDATE users SET region = CASE WHEN region IS NULL THEN 'none' ELSE region END WHERE score > 50 RETURNING id, region;
+UPDATE orders SET status = CASE status WHEN 'paid' THEN 'settled' ELSE status END WHERE user_id = 8 RETURNING CASE WHEN amount > 10 THEN 'big' END, id;
+DELETE FROM items WHERE CASE WHEN qty > 3 THEN sku LIKE 'x%' ELSE false END RETURNING order_id;
+-- Rows chosen by an IN subquery with LIMIT: the statement's first rows in all, not per shard group.
+DELETE FROM items WHERE user_id IN (SELECT user_id FROM orders ORDER BY amount DESC, user_id, id LIMIT 2) RETURNING order_id, user_id;
+UPDATE users SET flag = NOT flag WHERE id IN (SELECT user_id FROM orders ORDER BY amount, user_id, id LIMIT 5) RETURNING id;
+-- Data-modifying WITH queries on a reference table, the statement reading only their rows.
+WITH u AS (UPDATE regions SET label = label || '!' WHERE code <> 'jp' RETURNING code, label) SELECT * FROM u;
+WITH i AS (INSERT INTO regions VALUES ('yy', 'Why') RETURNING *) SELECT * FROM i;
+WITH d AS (DELETE FROM regions WHERE code = 'yy' RETURNING code) SELECT count(*) FROM d;

@@ -420,3 +420,13 @@ SELECT tableoid::regclass::text, count(*) FROM orders GROUP BY 1;
 SELECT row_to_json(u)::text FROM users u WHERE id IN (3, 4, 200);
 SELECT u, o FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id < 9;
 SELECT e.id FROM events e WHERE e > ROW(390, 0, 'a', 'a', now(), 'a')::events ORDER BY 1;
+-- IN subqueries that look at the rows of every shard group together (LIMIT, OFFSET, DISTINCT ON,
+-- window functions): not run per group even when they compare distribution columns.
+SELECT count(*), sum(id) FROM users WHERE id IN (SELECT user_id FROM orders ORDER BY amount DESC, user_id, id LIMIT 3);
+SELECT count(*) FROM users WHERE id IN (SELECT user_id FROM orders ORDER BY amount, user_id, id OFFSET 5);
+SELECT count(*) FROM users WHERE id NOT IN (SELECT user_id FROM orders ORDER BY amount, user_id, id LIMIT 10);
+SELECT count(*), sum(id) FROM users WHERE id IN (SELECT DISTINCT user_id FROM orders ORDER BY user_id LIMIT 4);
+SELECT count(*), sum(id) FROM users WHERE id IN (SELECT DISTINCT ON (status) user_id FROM orders ORDER BY status, amount DESC, user_id);
+SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = ANY (SELECT user_id FROM orders ORDER BY amount DESC, user_id, id FETCH FIRST 2 ROWS WITH TIES);
+SELECT count(*) FROM users WHERE (id, 1) IN (SELECT user_id, row_number() OVER (ORDER BY amount, id) FROM orders);
+SELECT count(*) FROM users WHERE id IN (SELECT user_id FROM orders WHERE status = 'paid');
