@@ -26,6 +26,20 @@ pub fn run_copy(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<
             ));
         }
         check_privileges(statement, &targets[0])?;
+        // Row-level security: COPY FROM is refused as PostgreSQL refuses it; COPY TO would read
+        // the shards without the policies.
+        if pg_sys::check_enable_rls(targets[0].relid, pg_sys::InvalidOid, false) == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+            return Err(if (*statement).is_from {
+                ShardingError::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, "COPY FROM not supported with row-level security")
+                    .hint("Use INSERT statements instead.")
+            } else {
+                ShardingError::new(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!("COPY {} TO under row-level security is not supported yet", targets[0].name),
+                )
+                .hint(format!("Use COPY (SELECT * FROM {}) TO instead.", targets[0].name))
+            });
+        }
         if (*statement).is_from {
             // The checks DoCopy makes before writing.
             pg_sys::PreventCommandIfReadOnly(c"COPY FROM".as_ptr());

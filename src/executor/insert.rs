@@ -87,6 +87,7 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
     let context = pg_sys::MakePerTupleExprContext(estate);
     let mut rows = super::InsertRows::new(subplan, (*query_desc).plannedstmt);
     while let Some((slot, values, nulls)) = rows.next(context, natts)? {
+        super::check_new_row(result, slot, estate);
         router.route_tuple(values, nulls, (*context).ecxt_per_tuple_memory)?;
         if returning {
             let projection = (*result).ri_projectReturning;

@@ -10,6 +10,25 @@ use pgrx::pg_sys;
 
 use crate::error::{Result, ShardingError};
 
+/// The kinds of WITH CHECK options of the INSERT's target (row-level security policies, the
+/// WITH CHECK OPTION of the views it was written through), as a bit set by `WCOKind`.
+pub(crate) unsafe fn check_option_kinds(result: *mut pg_sys::ResultRelInfo) -> u32 {
+    crate::commands::utility::list_pointers::<pg_sys::WithCheckOption>((*result).ri_WithCheckOptions)
+        .into_iter()
+        .fold(0, |kinds, option| kinds | (1 << (*option).kind))
+}
+
+/// Checks a new row as ExecInsert does before storing it: the row-level security INSERT
+/// policies, then the views' WITH CHECK OPTION (an ERROR when it fails). The shards have
+/// neither, so the coordinator checks each row before it is sent.
+pub(crate) unsafe fn check_new_row(result: *mut pg_sys::ResultRelInfo, slot: *mut pg_sys::TupleTableSlot, estate: *mut pg_sys::EState) {
+    if (*result).ri_WithCheckOptions.is_null() {
+        return;
+    }
+    pg_sys::ExecWithCheckOptions(pg_sys::WCOKind::WCO_RLS_INSERT_CHECK, result, slot, estate);
+    pg_sys::ExecWithCheckOptions(pg_sys::WCOKind::WCO_VIEW_CHECK, result, slot, estate);
+}
+
 /// The rows an INSERT inserts: its subplan's, read as they come, or first all gathered into a
 /// tuplestore when the subplan reads shards itself (its tasks use the same worker connections
 /// the inserted rows are streamed over, so they must be done first).

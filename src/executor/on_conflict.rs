@@ -104,6 +104,21 @@ unsafe fn shard_statement(
     let result_index = crate::planner::insert_target(planned).unwrap_or(1);
     let everything = pg_sys::bms_add_range(std::ptr::null_mut(), 1, (*rtable).length);
     let names = pg_sys::select_rtable_names_for_explain(rtable, everything);
+    // The shard statement names the proposed row `excluded`, whatever name the plan's entry
+    // got (an INSERT through a view has two entries of that name).
+    let excluded = usize::try_from((*modify).exclRelRTI).unwrap_or(0);
+    if excluded > 0 && !names.is_null() && excluded <= (*names).length as usize {
+        for (i, name) in list_pointers::<std::ffi::c_char>(names).into_iter().enumerate() {
+            let renamed = if i + 1 == excluded {
+                c"excluded".as_ptr()
+            } else if !name.is_null() && CStr::from_ptr(name).to_bytes() == b"excluded" {
+                c"excluded_rel".as_ptr()
+            } else {
+                continue;
+            };
+            (*(*names).elements.add(i)).ptr_value = pg_sys::pstrdup(renamed).cast();
+        }
+    }
     let context = pg_sys::deparse_context_for_plan_tree(planned, names);
     let context = pg_sys::set_deparse_context_plan(context, modify.cast(), std::ptr::null_mut());
     let deparse = |node: *mut pg_sys::Node| cstr(pg_sys::deparse_expression(node, context, true, false));
@@ -113,6 +128,7 @@ unsafe fn shard_statement(
         .map(|name| cstr(*name))
         .unwrap_or_else(|| table.name.clone());
 
+    check_shard_expressions(modify, table)?;
     let action = match (*modify).onConflictAction {
         pg_sys::OnConflictAction::ONCONFLICT_NOTHING => "DO NOTHING".to_string(),
         _ => {
@@ -156,6 +172,54 @@ unsafe fn shard_statement(
     };
 
     Ok(ShardStatement { alias, columns, target: conflict_target(modify, table)?, action, returning })
+}
+
+/// Refuses what the shard statement cannot say as the plan has it: subqueries (executor
+/// parameters of the coordinator's plan), assignments to an element or field of a column,
+/// system columns (a shard's tableoid or ctid is not the table's) and values naming local
+/// objects.
+unsafe fn check_shard_expressions(modify: *mut pg_sys::ModifyTable, table: &DistributedTable) -> Result<()> {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, found: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        use pg_sys::NodeTag::*;
+        let problem = match (*node).type_ {
+            T_SubPlan | T_AlternativeSubPlan => Some("subqueries"),
+            T_Param if (*node.cast::<pg_sys::Param>()).paramkind != pg_sys::ParamKind::PARAM_EXTERN => Some("subqueries"),
+            T_SubscriptingRef if !(*node.cast::<pg_sys::SubscriptingRef>()).refassgnexpr.is_null() => {
+                Some("assignments to an element of a column")
+            }
+            T_FieldStore => Some("assignments to a field of a column"),
+            T_Var if (*node.cast::<pg_sys::Var>()).varattno < 0 => Some("system columns"),
+            T_Const => {
+                let type_oid = (*node.cast::<pg_sys::Const>()).consttype;
+                crate::planner::shippable::names_local_object(type_oid).then_some("object identifiers")
+            }
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            *found.cast::<Option<&'static str>>() = Some(problem);
+            return true;
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), found)
+    }
+    let mut found: Option<&'static str> = None;
+    let context = (&mut found as *mut Option<&'static str>).cast();
+    for list in [(*modify).onConflictSet, (*modify).onConflictWhere.cast(), (*modify).returningLists] {
+        if !list.is_null() && walker(list.cast(), context) {
+            break;
+        }
+    }
+    match found {
+        None => Ok(()),
+        Some(problem) => Err(unsupported(format!(
+            "{problem} in the DO UPDATE or RETURNING clauses of INSERT ... ON CONFLICT into distributed table \"{}\" are not supported yet",
+            table.name
+        ))
+        .hint("Insert without ON CONFLICT and UPDATE separately, or compute the value in the inserted rows.")),
+    }
 }
 
 /// The conflict target on the shards, from the arbiter index(es) PostgreSQL inferred.
@@ -290,8 +354,21 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
     let estate = (*query_desc).estate;
     let state = (*query_desc).planstate.cast::<pg_sys::ModifyTableState>();
     let subplan = (*state).ps.lefttree;
-    let relation = (*(*state).resultRelInfo).ri_RelationDesc;
+    let result = (*state).resultRelInfo;
+    let relation = (*result).ri_RelationDesc;
     let natts = (*(*relation).rd_att).natts as usize;
+    // The shard decides between inserting and updating, and has no policies or views: only a
+    // proposed row's INSERT policies can be checked here, before it is sent.
+    let kinds = super::check_option_kinds(result);
+    let update = (*modify).onConflictAction == pg_sys::OnConflictAction::ONCONFLICT_UPDATE;
+    let checked_here = 1 << pg_sys::WCOKind::WCO_RLS_INSERT_CHECK;
+    if kinds & !checked_here != 0 || (update && kinds != 0) {
+        return Err(unsupported(format!(
+            "INSERT ... ON CONFLICT into distributed table \"{}\" under row-level security or through a view WITH CHECK OPTION is not supported yet",
+            table.name
+        ))
+        .hint("Insert without ON CONFLICT, or into the table itself."));
+    }
 
     // Columns sent: all stored ones, with their output functions.
     let mut columns: Vec<(usize, String, pg_sys::FmgrInfo)> = Vec::new();
@@ -355,7 +432,8 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
         Ok(result.1)
     };
     let mut rows = super::InsertRows::new(subplan, (*query_desc).plannedstmt);
-    while let Some((_slot, values, nulls)) = rows.next(context, natts)? {
+    while let Some((slot, values, nulls)) = rows.next(context, natts)? {
+        super::check_new_row(result, slot, estate);
         let previous = pg_sys::MemoryContextSwitchTo((*context).ecxt_per_tuple_memory);
         let shard_id = routing::shard_for_value(
             table,

@@ -71,7 +71,7 @@ const TEXT_SEARCH_DEFAULTS: &[&str] = &[
 ];
 
 /// Object identifier types: a value names a coordinator object by OID.
-fn names_local_object(type_oid: pg_sys::Oid) -> bool {
+pub(crate) fn names_local_object(type_oid: pg_sys::Oid) -> bool {
     [
         pg_sys::REGCLASSOID,
         pg_sys::REGTYPEOID,

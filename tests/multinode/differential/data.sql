@@ -27,3 +27,4 @@ INSERT INTO @s.notes SELECT g % 150 + 1, 'note ' || g FROM generate_series(1, 20
 INSERT INTO @s2.accounts SELECT g, g % 200 + 1, g * 1.25 FROM generate_series(1, 100) g;
 CREATE VIEW @s.region_counts AS SELECT region, count(*) AS n, avg(score) AS a FROM @s.users GROUP BY region;
 CREATE VIEW @s.user_orders AS SELECT u.id, u.name, o.id AS order_id, o.amount FROM @s.users u JOIN @s.orders o ON o.user_id = u.id;
+CREATE VIEW @s.orders_view AS SELECT * FROM @s.orders;

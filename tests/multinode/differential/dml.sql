@@ -154,3 +154,5 @@ UPDATE users SET flag = NOT flag WHERE id IN (SELECT user_id FROM orders ORDER B
 WITH u AS (UPDATE regions SET label = label || '!' WHERE code <> 'jp' RETURNING code, label) SELECT * FROM u;
 WITH i AS (INSERT INTO regions VALUES ('yy', 'Why') RETURNING *) SELECT * FROM i;
 WITH d AS (DELETE FROM regions WHERE code = 'yy' RETURNING code) SELECT count(*) FROM d;
+-- ON CONFLICT through a view naming EXCLUDED.
+INSERT INTO orders_view VALUES (1, 1, 5.5, 'viewed', 'v') ON CONFLICT (user_id, id) DO UPDATE SET status = EXCLUDED.status, amount = EXCLUDED.amount RETURNING user_id, id, status;

@@ -872,6 +872,34 @@ fn row_level_security_applies_to_distributed_tables() {
     let n: i64 = scalar(&mut c, count_all);
     assert_eq!(n, 10, "the coordinator still applies alice's policy");
     c.batch_execute("COMMIT").unwrap();
+
+    // New rows pass the policy's check on the coordinator, as on one server (the shards have
+    // no policies); COPY is refused, as PostgreSQL refuses COPY FROM under row-level security.
+    c.batch_execute("GRANT INSERT ON docs TO alice; SET ROLE alice").unwrap();
+    for sql in ["INSERT INTO docs VALUES (100, 'bob', 'x')", "INSERT INTO docs SELECT 101, 'bob', 'x'"] {
+        assert_eq!(expect_error(&mut c, sql).0, "42501", "{sql}");
+    }
+    c.batch_execute("INSERT INTO docs VALUES (100, 'alice', 'mine')").unwrap();
+    for sql in [
+        "INSERT INTO docs VALUES (100, 'alice', 'x') ON CONFLICT (id) DO UPDATE SET owner = 'bob'",
+        "COPY docs FROM STDIN",
+        "COPY docs TO STDOUT",
+    ] {
+        assert_eq!(expect_error(&mut c, sql).0, "0A000", "{sql}");
+    }
+    c.batch_execute("RESET ROLE").unwrap();
+    let owners: Vec<String> = c.query("SELECT owner FROM docs WHERE id >= 100", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(owners, vec!["alice".to_string()]);
+
+    // A view's WITH CHECK OPTION holds for rows inserted through it.
+    c.batch_execute("CREATE VIEW low_docs AS SELECT * FROM docs WHERE id < 1000 WITH CHECK OPTION").unwrap();
+    for sql in ["INSERT INTO low_docs VALUES (1001, 'bob', 'x')", "INSERT INTO low_docs SELECT 1002, 'bob', 'x'"] {
+        assert_eq!(expect_error(&mut c, sql).0, "44000", "{sql}");
+    }
+    let (code, ..) = expect_error(&mut c, "INSERT INTO low_docs VALUES (1003, 'bob', 'x') ON CONFLICT DO NOTHING");
+    assert_eq!(code, "0A000");
+    c.batch_execute("INSERT INTO low_docs VALUES (999, 'bob', 'x')").unwrap();
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM docs WHERE id > 100"), 1);
 }
 
 #[test]
