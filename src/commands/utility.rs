@@ -668,6 +668,7 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
         let display = quote::qualified(&after.schema, &after.name);
         types::check(&after, &display)?;
         let new_keys = added_foreign_keys(table, &changes)?;
+        let changes = with_fixed_defaults(table.relid, changes)?;
         for (node, shards) in shards_by_node(table)?.values() {
             types::ensure_on(&after, node)?;
             let mut statements = Vec::new();
@@ -691,6 +692,56 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
         }
     }
     Ok(())
+}
+
+/// A column added with a default that is one value for every row but depends on where it is
+/// computed (`now()`, `current_user`, ...): PostgreSQL fills the existing rows with the value
+/// it computes once, and so do the shards, with the coordinator's value as the column's default
+/// while they fill their rows; the default itself follows. Volatile defaults (`random()`,
+/// `clock_timestamp()`) are computed per row, on the shards as on one server.
+fn with_fixed_defaults(relid: pg_sys::Oid, changes: Vec<Change>) -> Result<Vec<Change>> {
+    let mut result = Vec::with_capacity(changes.len());
+    for change in changes {
+        let Change::AddColumn(column) = &change else {
+            result.push(change);
+            continue;
+        };
+        let Some(default) = column.shard_default.clone() else {
+            result.push(change);
+            continue;
+        };
+        let tree = crate::catalog::read_one::<String>(
+            "SELECT adbin::text FROM pg_catalog.pg_attrdef WHERE adrelid = $1 AND adnum = $2",
+            &[relid.into(), column.attnum.into()],
+        )?;
+        let Some(tree) = tree else {
+            result.push(change);
+            continue;
+        };
+        let tree = std::ffi::CString::new(tree).map_err(|e| ShardingError::internal(e.to_string()))?;
+        // SAFETY: a node tree PostgreSQL stored for this default.
+        let fixed = unsafe {
+            let expression = pg_sys::stringToNode(tree.as_ptr()).cast::<pg_sys::Node>();
+            pg_sys::contain_mutable_functions(expression) && !pg_sys::contain_volatile_functions(expression)
+        };
+        if !fixed {
+            result.push(change);
+            continue;
+        }
+        let value = {
+            let _output = crate::deparse::query::ValueOutput::enter();
+            // The catalog's own text of the default, computed here once.
+            crate::catalog::read_one::<String>(&format!("SELECT ({default})::text"), &[])?
+        };
+        let mut filling = column.clone();
+        filling.shard_default = Some(match value {
+            Some(value) => format!("{}::{}", quote::literal(&value), column.type_sql),
+            None => format!("NULL::{}", column.type_sql),
+        });
+        result.push(Change::AddColumn(filling));
+        result.push(Change::SetDefault(column.clone()));
+    }
+    Ok(result)
 }
 
 /// Runs CONCURRENTLY index changes on every shard over autocommit connections. When a shard

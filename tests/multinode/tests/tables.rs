@@ -143,6 +143,18 @@ fn ddl_reaches_every_shard() {
 
     c.batch_execute("ALTER TABLE items ADD COLUMN price numeric(10,2) DEFAULT 9.99 NOT NULL").unwrap();
     assert_eq!(column_count(&cluster, "price"), shards);
+    // A default computed once (now(), under any DateStyle) fills every shard's rows with the
+    // coordinator's value, as on one server; a volatile one is computed per row.
+    c.batch_execute(
+        "SET DateStyle = 'Postgres, DMY'; BEGIN;
+         ALTER TABLE items ADD COLUMN added timestamptz DEFAULT now(), ADD COLUMN draw float8 DEFAULT random();",
+    )
+    .unwrap();
+    assert!(scalar::<i64>(&mut c, "SELECT count(*) FROM items") > 1);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(DISTINCT added) FROM items WHERE added = now()"), 1);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM items WHERE added <> now()"), 0);
+    assert!(scalar::<i64>(&mut c, "SELECT count(DISTINCT draw) FROM items") > 1);
+    c.batch_execute("COMMIT; RESET DateStyle; ALTER TABLE items DROP COLUMN added, DROP COLUMN draw").unwrap();
     c.batch_execute("ALTER TABLE items RENAME COLUMN \"Label\" TO title").unwrap();
     assert_eq!(column_count(&cluster, "title"), shards);
     assert_eq!(column_count(&cluster, "Label"), 0);
