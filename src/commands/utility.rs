@@ -706,10 +706,10 @@ fn with_fixed_defaults(relid: pg_sys::Oid, changes: Vec<Change>) -> Result<Vec<C
             result.push(change);
             continue;
         };
-        let Some(default) = column.shard_default.clone() else {
+        if column.shard_default.is_none() {
             result.push(change);
             continue;
-        };
+        }
         let tree = crate::catalog::read_one::<String>(
             "SELECT adbin::text FROM pg_catalog.pg_attrdef WHERE adrelid = $1 AND adnum = $2",
             &[relid.into(), column.attnum.into()],
@@ -719,19 +719,30 @@ fn with_fixed_defaults(relid: pg_sys::Oid, changes: Vec<Change>) -> Result<Vec<C
             continue;
         };
         let tree = std::ffi::CString::new(tree).map_err(|e| ShardingError::internal(e.to_string()))?;
-        // SAFETY: a node tree PostgreSQL stored for this default.
-        let fixed = unsafe {
+        // SAFETY: a node tree PostgreSQL stored for this default; evaluate_expr plans and runs
+        // it and returns a Const of the expression's own type.
+        let value = unsafe {
             let expression = pg_sys::stringToNode(tree.as_ptr()).cast::<pg_sys::Node>();
-            pg_sys::contain_mutable_functions(expression) && !pg_sys::contain_volatile_functions(expression)
-        };
-        if !fixed {
-            result.push(change);
-            continue;
-        }
-        let value = {
-            let _output = crate::deparse::query::ValueOutput::enter();
-            // The catalog's own text of the default, computed here once.
-            crate::catalog::read_one::<String>(&format!("SELECT ({default})::text"), &[])?
+            if !pg_sys::contain_mutable_functions(expression) || pg_sys::contain_volatile_functions(expression) {
+                result.push(change);
+                continue;
+            }
+            let constant = pg_sys::evaluate_expr(
+                expression.cast(),
+                pg_sys::exprType(expression),
+                pg_sys::exprTypmod(expression),
+                pg_sys::exprCollation(expression),
+            )
+            .cast::<pg_sys::Const>();
+            if (*constant).constisnull {
+                None
+            } else {
+                let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
+                pg_sys::getTypeOutputInfo((*constant).consttype, &mut output, &mut varlena);
+                let _output = crate::deparse::query::ValueOutput::enter();
+                let text = pg_sys::OidOutputFunctionCall(output, (*constant).constvalue);
+                Some(CStr::from_ptr(text).to_string_lossy().into_owned())
+            }
         };
         let mut filling = column.clone();
         filling.shard_default = Some(match value {
