@@ -129,6 +129,11 @@ unsafe fn shard_statement(
         .unwrap_or_else(|| table.name.clone());
 
     check_shard_expressions(modify, table)?;
+    // The statement's parameters, now() and the like: the coordinator's values (hoist.rs).
+    let estate = (*query_desc).estate;
+    let set_list = crate::planner::hoist::computed_here((*modify).onConflictSet.cast(), estate).cast::<pg_sys::List>();
+    let condition = crate::planner::hoist::computed_here((*modify).onConflictWhere, estate);
+    let returning_lists = crate::planner::hoist::computed_here((*modify).returningLists.cast(), estate).cast::<pg_sys::List>();
     let action = match (*modify).onConflictAction {
         pg_sys::OnConflictAction::ONCONFLICT_NOTHING => "DO NOTHING".to_string(),
         _ => {
@@ -138,7 +143,7 @@ unsafe fn shard_statement(
             // assigns is the matching element of onConflictCols.
             let targets: Vec<usize> =
                 crate::commands::utility::int_list((*modify).onConflictCols).into_iter().map(|a| a as usize).collect();
-            let entries = list_pointers::<pg_sys::TargetEntry>((*modify).onConflictSet);
+            let entries = list_pointers::<pg_sys::TargetEntry>(set_list);
             if entries.len() != targets.len() {
                 return Err(ShardingError::internal("ON CONFLICT SET list and its target columns differ in length"));
             }
@@ -154,7 +159,6 @@ unsafe fn shard_statement(
                 assignments.push(format!("{} = {}", quote::ident(&name), deparse((*entry).expr.cast())));
             }
             let mut action = format!("DO UPDATE SET {}", assignments.join(", "));
-            let condition = (*modify).onConflictWhere;
             if !condition.is_null() {
                 let condition = pg_sys::make_ands_explicit(condition.cast());
                 action.push_str(&format!(" WHERE {}", deparse(condition.cast())));
@@ -164,7 +168,7 @@ unsafe fn shard_statement(
     };
 
     let returning = if (*planned).hasReturning {
-        let lists = list_pointers::<pg_sys::List>((*modify).returningLists);
+        let lists = list_pointers::<pg_sys::List>(returning_lists);
         let entries = list_pointers::<pg_sys::TargetEntry>(lists.first().copied().unwrap_or(std::ptr::null_mut()));
         Some(entries.iter().map(|e| deparse((**e).expr.cast())).collect::<Vec<_>>().join(", "))
     } else {

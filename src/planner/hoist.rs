@@ -6,14 +6,21 @@
 //! (now(), CURRENT_TIMESTAMP, current_setting(), user-defined functions, ...) becomes a new
 //! parameter `$n` of the task, evaluated once by the coordinator's executor when the statement
 //! runs. Volatile functions (random(), nextval()) stay per row and are not hoisted.
+//!
+//! INSERT ... ON CONFLICT deparses its clauses from the plan when it runs (executor/on_conflict.rs):
+//! there the same parts, and the statement's own parameters, are replaced by constants holding
+//! their values (`computed_here`).
 
 use pgrx::pg_sys;
 
 use crate::planner::{pins, shippable};
 
-struct Hoisting {
-    next_param: i32,
-    hoisted: Vec<(i32, *mut pg_sys::Node)>,
+enum Replacement {
+    /// New parameters numbered from `next_param`; the replaced parts are kept to be evaluated
+    /// when the statement runs.
+    Params { next_param: i32, hoisted: Vec<(i32, *mut pg_sys::Node)> },
+    /// Constants evaluated now, with the statement's parameters.
+    Values { estate: *mut pg_sys::EState },
 }
 
 #[pgrx::pg_guard]
@@ -21,7 +28,7 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
     if node.is_null() {
         return node;
     }
-    let hoisting = &mut *(context as *mut Hoisting);
+    let replacement = &mut *(context as *mut Replacement);
     use pg_sys::NodeTag::*;
     match (*node).type_ {
         // Sublinks and their queries stay as they are (they are checked whole later).
@@ -30,18 +37,30 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
         // walkers only enter through the CaseExpr).
         T_TargetEntry | T_FromExpr | T_JoinExpr | T_List | T_RangeTblRef | T_MergeAction | T_CaseWhen => {}
         _ => {
-            if pins::is_pin_value(node) && !shippable::shippable(node, shippable::Rules { whole_statement: true, row_identity: false }) {
-                let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();
-                (*param).xpr.type_ = T_Param;
-                (*param).paramkind = pg_sys::ParamKind::PARAM_EXTERN;
-                (*param).paramid = hoisting.next_param;
-                (*param).paramtype = pg_sys::exprType(node);
-                (*param).paramtypmod = pg_sys::exprTypmod(node);
-                (*param).paramcollid = pg_sys::exprCollation(node);
-                (*param).location = -1;
-                hoisting.hoisted.push((hoisting.next_param, node));
-                hoisting.next_param += 1;
-                return param.cast();
+            let worker_unsafe =
+                pins::is_pin_value(node) && !shippable::shippable(node, shippable::Rules { whole_statement: true, row_identity: false });
+            match replacement {
+                Replacement::Params { next_param, hoisted } if worker_unsafe => {
+                    let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();
+                    (*param).xpr.type_ = T_Param;
+                    (*param).paramkind = pg_sys::ParamKind::PARAM_EXTERN;
+                    (*param).paramid = *next_param;
+                    (*param).paramtype = pg_sys::exprType(node);
+                    (*param).paramtypmod = pg_sys::exprTypmod(node);
+                    (*param).paramcollid = pg_sys::exprCollation(node);
+                    (*param).location = -1;
+                    hoisted.push((*next_param, node));
+                    *next_param += 1;
+                    return param.cast();
+                }
+                Replacement::Values { estate }
+                    if worker_unsafe
+                        || ((*node).type_ == T_Param
+                            && (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_EXTERN) =>
+                {
+                    return evaluate(node, *estate);
+                }
+                _ => {}
             }
         }
     }
@@ -50,18 +69,81 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
     pg_sys::expression_tree_mutator(node, Some(std::mem::transmute(mutator)), context)
 }
 
+/// A Const holding the value of the row-independent `node` in the statement running in `estate`
+/// (its parameters included), allocated in the current memory context.
+unsafe fn evaluate(node: *mut pg_sys::Node, estate: *mut pg_sys::EState) -> *mut pg_sys::Node {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn with_values(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> *mut pg_sys::Node {
+        if node.is_null() {
+            return node;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Param {
+            let param = node.cast::<pg_sys::Param>();
+            if (*param).paramkind == pg_sys::ParamKind::PARAM_EXTERN {
+                return param_value(param, context.cast());
+            }
+        }
+        let mutator: unsafe extern "C-unwind" fn(*mut pg_sys::Node, *mut std::ffi::c_void) -> *mut pg_sys::Node = with_values;
+        // SAFETY: as in mutate().
+        pg_sys::expression_tree_mutator(node, Some(std::mem::transmute(mutator)), context)
+    }
+    let list = (*estate).es_param_list_info;
+    let expr = with_values(node, list.cast());
+    if (*expr).type_ == pg_sys::NodeTag::T_Const {
+        return expr;
+    }
+    pg_sys::fix_opfuncids(expr);
+    // Plans and runs the expression, and copies the value into the current memory context.
+    pg_sys::evaluate_expr(expr.cast(), pg_sys::exprType(expr), pg_sys::exprTypmod(expr), pg_sys::exprCollation(expr)).cast()
+}
+
+/// A Const of the value of the statement's parameter `param` in `list` (NULL when unset).
+unsafe fn param_value(param: *mut pg_sys::Param, list: pg_sys::ParamListInfo) -> *mut pg_sys::Node {
+    let (type_oid, typmod, collation) = ((*param).paramtype, (*param).paramtypmod, (*param).paramcollid);
+    let (mut length, mut by_value) = (0i16, false);
+    pg_sys::get_typlenbyval(type_oid, &mut length, &mut by_value);
+    let id = (*param).paramid;
+    let (value, isnull) = if list.is_null() || id < 1 || id > (*list).numParams {
+        (pg_sys::Datum::from(0usize), true)
+    } else {
+        let mut workspace: pg_sys::ParamExternData = std::mem::zeroed();
+        let data: *mut pg_sys::ParamExternData = match (*list).paramFetch {
+            Some(fetch) => fetch(list, id, false, &mut workspace),
+            None => (*list).params.as_mut_ptr().add(id as usize - 1),
+        };
+        ((*data).value, (*data).isnull)
+    };
+    pg_sys::makeConst(type_oid, typmod, collation, length.into(), value, isnull, by_value).cast()
+}
+
 /// A copy of the write `parse` with its row-independent, worker-unsafe parts replaced by new
 /// parameters numbered after `first_param - 1`, and those parts (parameter id, expression).
 pub unsafe fn hoist(parse: *mut pg_sys::Query, first_param: i32) -> (*mut pg_sys::Query, Vec<(i32, *mut pg_sys::Node)>) {
     let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(parse.cast()).cast();
-    let mut hoisting = Hoisting { next_param: first_param, hoisted: Vec::new() };
-    let context = (&mut hoisting as *mut Hoisting).cast();
+    let mut replacement = Replacement::Params { next_param: first_param, hoisted: Vec::new() };
+    let context = (&mut replacement as *mut Replacement).cast();
     (*copy).targetList = mutate((*copy).targetList.cast(), context).cast();
     (*copy).jointree = mutate((*copy).jointree.cast(), context).cast();
     (*copy).returningList = mutate((*copy).returningList.cast(), context).cast();
     (*copy).mergeActionList = mutate((*copy).mergeActionList.cast(), context).cast();
-    for (_, expr) in &hoisting.hoisted {
+    let hoisted = match replacement {
+        Replacement::Params { hoisted, .. } => hoisted,
+        Replacement::Values { .. } => Vec::new(),
+    };
+    for (_, expr) in &hoisted {
         pg_sys::fix_opfuncids(*expr);
     }
-    (copy, hoisting.hoisted)
+    (copy, hoisted)
+}
+
+/// A copy of the plan expression `node` (a clause of the statement running in `estate`) with
+/// its row-independent, worker-unsafe parts and its parameters replaced by constants of their
+/// values, for a worker that runs the clause in a statement of its own.
+pub unsafe fn computed_here(node: *mut pg_sys::Node, estate: *mut pg_sys::EState) -> *mut pg_sys::Node {
+    if node.is_null() {
+        return node;
+    }
+    let copy: *mut pg_sys::Node = pg_sys::copyObjectImpl(node.cast()).cast();
+    let mut replacement = Replacement::Values { estate };
+    mutate(copy, (&mut replacement as *mut Replacement).cast())
 }

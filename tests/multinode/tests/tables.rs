@@ -583,9 +583,35 @@ fn insert_on_conflict_matches_a_single_server() {
         let plain = c.query(&statement.replace("{t}", "kv_plain"), &[]).unwrap();
         assert_eq!(text(distributed), text(plain), "RETURNING of: {statement}");
     }
+    // A generic plan's parameters in the clauses the shard runs are the statement's values (the
+    // shard statement has parameters of its own).
+    c.batch_execute("SET plan_cache_mode = force_generic_plan").unwrap();
+    let with_params = "INSERT INTO {t} AS t (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = $3 + excluded.v, note = $4
+                       WHERE t.v < $3 RETURNING k, v, note, $3 + 1";
+    for (k, v, limit) in [(1i32, 2i32, 1000i32), (3, 4, 1), (600, 6, 7), (4, 1, 100)] {
+        let run = |c: &mut postgres::Client, table: &str| -> Vec<String> {
+            let rows = c.query(&with_params.replace("{t}", table), &[&k, &v, &limit, &format!("note {k}")]).unwrap();
+            rows.iter()
+                .map(|r| format!("{:?} {:?} {:?} {:?}", r.get::<_, i32>(0), r.get::<_, i32>(1), r.get::<_, Option<String>>(2), r.get::<_, i32>(3)))
+                .collect()
+        };
+        assert_eq!(run(&mut c, "kv"), run(&mut c, "kv_plain"), "generic plan with ({k}, {v}, {limit})");
+    }
+    c.batch_execute("RESET plan_cache_mode").unwrap();
     let distributed = all_rows(&mut c, "kv");
     let plain = all_rows(&mut c, "kv_plain");
     assert_eq!(distributed, plain, "final contents");
+    // now() in DO UPDATE and RETURNING is the coordinator's transaction time, not a worker's.
+    let mut tx = c.transaction().unwrap();
+    let started: String = tx.query_one("SELECT now()::text", &[]).unwrap().get(0);
+    tx.batch_execute("SELECT pg_sleep(0.3)").unwrap();
+    let returned: String = tx
+        .query_one("INSERT INTO kv (k, v) VALUES (2, 1) ON CONFLICT (k) DO UPDATE SET note = now()::text RETURNING now()::text", &[])
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    let stored: String = c.query_one("SELECT note FROM kv WHERE k = 2", &[]).unwrap().get(0);
+    assert_eq!((stored.as_str(), returned.as_str()), (started.as_str(), started.as_str()));
     let (code, ..) = expect_error(&mut c, "INSERT INTO kv (k, v) VALUES (NULL, 1) ON CONFLICT DO NOTHING");
     assert_eq!(code, "23502");
 
