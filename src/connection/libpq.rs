@@ -455,7 +455,12 @@ impl PqConnection {
     /// back. False when that did not work (the caller then closes the connection, which makes
     /// the node roll back by itself).
     pub fn abort_and_rollback(&self, timeout: Duration) -> bool {
-        self.cancel_and_run("ROLLBACK", timeout).is_ok()
+        if self.cancel_and_read(Some(Instant::now() + timeout)).is_err() {
+            return false;
+        }
+        // A statement that failed outside a transaction block left nothing to roll back (a
+        // ROLLBACK would only log a warning on the node).
+        self.is_idle() || self.cancel_and_run("ROLLBACK", timeout).is_ok()
     }
 
     /// Stops what the connection is doing (an open COPY, a running command), reads what is

@@ -128,12 +128,25 @@ unsafe fn shard_statement(
         .map(|name| cstr(*name))
         .unwrap_or_else(|| table.name.clone());
 
-    check_shard_expressions(modify, table)?;
-    // The statement's parameters, now() and the like: the coordinator's values (hoist.rs).
+    // The statement's parameters, now() and the like: the coordinator's values (hoist.rs); the
+    // target's tableoid: the table's. What is left must mean the same on the shard.
     let estate = (*query_desc).estate;
-    let set_list = crate::planner::hoist::computed_here((*modify).onConflictSet.cast(), estate).cast::<pg_sys::List>();
-    let condition = crate::planner::hoist::computed_here((*modify).onConflictWhere, estate);
-    let returning_lists = crate::planner::hoist::computed_here((*modify).returningLists.cast(), estate).cast::<pg_sys::List>();
+    let here = |node: *mut pg_sys::Node| crate::planner::hoist::computed_here(node, estate, (result_index as i32, table.relid));
+    let set_list = here((*modify).onConflictSet.cast()).cast::<pg_sys::List>();
+    let condition = here((*modify).onConflictWhere);
+    let returning_lists = here((*modify).returningLists.cast()).cast::<pg_sys::List>();
+    // An object identifier returned as such (`RETURNING tableoid::regclass`, now a constant)
+    // travels as its number, which the coordinator reads with the type's input function.
+    for list in list_pointers::<pg_sys::List>(returning_lists) {
+        for entry in list_pointers::<pg_sys::TargetEntry>(list) {
+            let value = (*entry).expr.cast::<pg_sys::Const>();
+            if (*value).xpr.type_ == pg_sys::NodeTag::T_Const && crate::planner::shippable::names_local_object((*value).consttype) {
+                let number = pg_sys::Datum::from(i64::from((*value).constvalue.value() as u32));
+                (*entry).expr = pg_sys::makeConst(pg_sys::INT8OID, -1, pg_sys::InvalidOid, 8, number, (*value).constisnull, true).cast();
+            }
+        }
+    }
+    check_shard_expressions(&[set_list.cast(), condition, returning_lists.cast()], table)?;
     let action = match (*modify).onConflictAction {
         pg_sys::OnConflictAction::ONCONFLICT_NOTHING => "DO NOTHING".to_string(),
         _ => {
@@ -178,11 +191,11 @@ unsafe fn shard_statement(
     Ok(ShardStatement { alias, columns, target: conflict_target(modify, table)?, action, returning })
 }
 
-/// Refuses what the shard statement cannot say as the plan has it: subqueries (executor
-/// parameters of the coordinator's plan), assignments to an element or field of a column,
-/// system columns (a shard's tableoid or ctid is not the table's) and values naming local
-/// objects.
-unsafe fn check_shard_expressions(modify: *mut pg_sys::ModifyTable, table: &DistributedTable) -> Result<()> {
+/// Refuses what the shard statement cannot say (in `lists`, the clauses as computed_here left
+/// them): subqueries (executor parameters of the coordinator's plan), assignments to an element
+/// or field of a column, system columns (a shard's ctid is not the table's; the target's
+/// tableoid was replaced) and values naming local objects (`tableoid::regclass` among them).
+unsafe fn check_shard_expressions(lists: &[*mut pg_sys::Node], table: &DistributedTable) -> Result<()> {
     #[pgrx::pg_guard]
     unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, found: *mut std::ffi::c_void) -> bool {
         if node.is_null() {
@@ -211,8 +224,8 @@ unsafe fn check_shard_expressions(modify: *mut pg_sys::ModifyTable, table: &Dist
     }
     let mut found: Option<&'static str> = None;
     let context = (&mut found as *mut Option<&'static str>).cast();
-    for list in [(*modify).onConflictSet, (*modify).onConflictWhere.cast(), (*modify).returningLists] {
-        if !list.is_null() && walker(list.cast(), context) {
+    for &list in lists {
+        if !list.is_null() && walker(list, context) {
             break;
         }
     }

@@ -21,6 +21,8 @@ enum Replacement {
     Params { next_param: i32, hoisted: Vec<(i32, *mut pg_sys::Node)> },
     /// Constants evaluated now, with the statement's parameters.
     Values { estate: *mut pg_sys::EState },
+    /// The tableoid of range table entry `target.0` is the oid `target.1`.
+    TableOid { target: (i32, pg_sys::Oid) },
 }
 
 #[pgrx::pg_guard]
@@ -52,6 +54,14 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
                     hoisted.push((*next_param, node));
                     *next_param += 1;
                     return param.cast();
+                }
+                Replacement::TableOid { target }
+                    if (*node).type_ == T_Var
+                        && (*node.cast::<pg_sys::Var>()).varno == target.0
+                        && (*node.cast::<pg_sys::Var>()).varattno as i32 == pg_sys::TableOidAttributeNumber =>
+                {
+                    let oid = pg_sys::Datum::from(target.1.to_u32());
+                    return pg_sys::makeConst(pg_sys::OIDOID, -1, pg_sys::InvalidOid, 4, oid, false, true).cast();
                 }
                 Replacement::Values { estate }
                     if worker_unsafe
@@ -128,7 +138,7 @@ pub unsafe fn hoist(parse: *mut pg_sys::Query, first_param: i32) -> (*mut pg_sys
     (*copy).mergeActionList = mutate((*copy).mergeActionList.cast(), context).cast();
     let hoisted = match replacement {
         Replacement::Params { hoisted, .. } => hoisted,
-        Replacement::Values { .. } => Vec::new(),
+        Replacement::Values { .. } | Replacement::TableOid { .. } => Vec::new(),
     };
     for (_, expr) in &hoisted {
         pg_sys::fix_opfuncids(*expr);
@@ -138,12 +148,17 @@ pub unsafe fn hoist(parse: *mut pg_sys::Query, first_param: i32) -> (*mut pg_sys
 
 /// A copy of the plan expression `node` (a clause of the statement running in `estate`) with
 /// its row-independent, worker-unsafe parts and its parameters replaced by constants of their
-/// values, for a worker that runs the clause in a statement of its own.
-pub unsafe fn computed_here(node: *mut pg_sys::Node, estate: *mut pg_sys::EState) -> *mut pg_sys::Node {
+/// values, for a worker that runs the clause in a statement of its own; the tableoid of the
+/// statement's target (range table entry `target.0`) becomes its oid `target.1`.
+pub unsafe fn computed_here(node: *mut pg_sys::Node, estate: *mut pg_sys::EState, target: (i32, pg_sys::Oid)) -> *mut pg_sys::Node {
     if node.is_null() {
         return node;
     }
     let copy: *mut pg_sys::Node = pg_sys::copyObjectImpl(node.cast()).cast();
+    // First the tableoid, so that what is computed from it (`tableoid::regclass::text`) is then
+    // computed here too.
+    let mut replacement = Replacement::TableOid { target };
+    let copy = mutate(copy, (&mut replacement as *mut Replacement).cast());
     let mut replacement = Replacement::Values { estate };
     mutate(copy, (&mut replacement as *mut Replacement).cast())
 }

@@ -1,5 +1,5 @@
-//! RETURNING lists the shards cannot evaluate: volatile or user-defined functions, or a table's
-//! whole row (which is a value of the shard's own row type on a worker). The shards return the
+//! RETURNING lists the shards cannot evaluate: volatile or user-defined functions, a table's
+//! whole row (which is a value of the shard's own row type on a worker) or its tableoid. The shards return the
 //! columns the list reads instead, and the coordinator evaluates the list over them, once per
 //! changed row, as a single server does.
 
@@ -28,8 +28,13 @@ pub unsafe fn columns_read(parse: *mut pg_sys::Query) -> Option<ColumnsRead> {
         let resno = (i + 1) as i16;
         let name = pg_sys::pstrdup(format!("c{resno}\0").as_ptr().cast());
         let rte = *rtable.get((*var).varno as usize - 1)?;
-        let expr: *mut pg_sys::Node = if (*var).varattno == 0 && (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
+        let relation = (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION;
+        let expr: *mut pg_sys::Node = if (*var).varattno == 0 && relation {
             whole_row((*var).varno, (*rte).relid)?
+        } else if (*var).varattno as i32 == pg_sys::TableOidAttributeNumber && relation {
+            // The table's oid, as on a single server (a shard's tableoid is its own).
+            pg_sys::makeConst(pg_sys::OIDOID, -1, pg_sys::InvalidOid, 4, pg_sys::Datum::from((*rte).relid.to_u32()), false, true)
+                .cast()
         } else {
             pg_sys::copyObjectImpl(var.cast()).cast()
         };

@@ -565,6 +565,13 @@ pub unsafe fn plan_statement(
                 ))
                 .hint("Return the columns, and run the subqueries in a query around the statement: WITH changed AS (UPDATE ... RETURNING ...) SELECT ... FROM changed."));
             }
+            if reads_system_columns(parse) {
+                return Err(unsupported(format!(
+                    "system columns of distributed table \"{table}\" are not supported in UPDATE or DELETE"
+                ))
+                .detail("A row's ctid, xmin, xmax, cmin and cmax are those of its shard, on its worker.")
+                .hint("Name the columns instead."));
+            }
             return Err(unsupported(format!(
                 "UPDATE or DELETE of distributed table \"{table}\" with volatile functions per row is not supported yet"
             ))
@@ -1410,4 +1417,23 @@ pub(super) unsafe fn planned_statement(
     (*stmt).stmt_location = (*parse).stmt_location;
     (*stmt).stmt_len = (*parse).stmt_len;
     Ok(stmt)
+}
+
+/// Whether the statement's own clauses read a system column other than tableoid (ctid, xmin, ...).
+unsafe fn reads_system_columns(parse: *mut pg_sys::Query) -> bool {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        // Subqueries read their own range tables.
+        if node.is_null() || (*node).type_ == pg_sys::NodeTag::T_Query {
+            return false;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Var {
+            let attno = (*node.cast::<pg_sys::Var>()).varattno as i32;
+            return attno < 0 && attno != pg_sys::TableOidAttributeNumber;
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    [(*parse).returningList.cast(), (*parse).targetList.cast(), (*parse).jointree.cast::<pg_sys::Node>()]
+        .into_iter()
+        .any(|node| walker(node, std::ptr::null_mut()))
 }

@@ -863,6 +863,12 @@ fn abort_all() {
             }
             continue;
         }
+        if !prepared {
+            if !connection.abort_and_rollback(ABORT_TIMEOUT) {
+                forget_broken(node_id);
+            }
+            continue;
+        }
         if let Err(error) = connection.cancel_and_run(&sql, ABORT_TIMEOUT) {
             // A PREPARE that failed left nothing to roll back (42704): fine.
             if error.sqlstate.as_deref() != Some("42704") {

@@ -156,3 +156,7 @@ WITH i AS (INSERT INTO regions VALUES ('yy', 'Why') RETURNING *) SELECT * FROM i
 WITH d AS (DELETE FROM regions WHERE code = 'yy' RETURNING code) SELECT count(*) FROM d;
 -- ON CONFLICT through a view naming EXCLUDED.
 INSERT INTO orders_view VALUES (1, 1, 5.5, 'viewed', 'v') ON CONFLICT (user_id, id) DO UPDATE SET status = EXCLUDED.status, amount = EXCLUDED.amount RETURNING user_id, id, status;
+-- tableoid of the target in RETURNING and ON CONFLICT clauses: the table's, not a shard's.
+UPDATE users SET score = score + 1 WHERE id < 4 RETURNING tableoid::regclass::text, id;
+DELETE FROM events WHERE id = 8 RETURNING tableoid::regclass, id;
+INSERT INTO orders VALUES (1, 1, 1, 'x', 'y') ON CONFLICT (user_id, id) DO UPDATE SET note = 'z' WHERE orders.tableoid = 'orders'::regclass::oid RETURNING tableoid::regclass, tableoid::regclass::text || '!', id;

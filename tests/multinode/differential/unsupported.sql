@@ -21,4 +21,5 @@ MERGE INTO regions r USING notes n ON n.note = r.code WHEN MATCHED THEN DELETE;
 WITH d AS (DELETE FROM items WHERE qty = 1 RETURNING *) SELECT count(*) FROM d JOIN items i ON i.order_id = d.order_id;
 WITH a AS (SELECT user_id FROM orders WHERE amount > 200), d AS (DELETE FROM items WHERE user_id IN (SELECT user_id FROM a) RETURNING *) SELECT count(*) FROM d;
 INSERT INTO orders VALUES (1, 1, 1, 'x', 'y') ON CONFLICT (user_id, id) DO UPDATE SET note = (SELECT max(label) FROM regions);
-INSERT INTO orders VALUES (1, 1, 1, 'x', 'y') ON CONFLICT (user_id, id) DO UPDATE SET note = 'z' RETURNING tableoid;
+INSERT INTO orders VALUES (1, 1, 1, 'x', 'y') ON CONFLICT (user_id, id) DO UPDATE SET note = 'z' RETURNING ctid;
+UPDATE users SET score = 1 WHERE id = 3 RETURNING xmin;
