@@ -498,8 +498,35 @@ impl PqConnection {
                 }
             }
         }
-        while self.next_result(deadline)?.is_some() {}
+        // A COPY OUT returns its COPY_OUT result until its rows are read: read and drop them.
+        while let Some(result) = self.next_result(deadline)? {
+            // SAFETY: a valid result.
+            if unsafe { pq::PQresultStatus(result.0.as_ptr()) } == pq::ExecStatusType::PGRES_COPY_OUT {
+                self.discard_copy_out(deadline)?;
+            }
+        }
         Ok(())
+    }
+
+    /// Reads and drops the rest of a COPY OUT.
+    fn discard_copy_out(&self, deadline: Option<Instant>) -> Result<(), RemoteError> {
+        loop {
+            let mut buffer: *mut c_char = std::ptr::null_mut();
+            // SAFETY: valid connection in COPY OUT state; async mode never blocks; a returned
+            // buffer is freed at once.
+            let length = unsafe { pq::PQgetCopyData(self.conn.as_ptr(), &mut buffer, 1) };
+            if length > 0 {
+                unsafe { pq::PQfreemem(buffer.cast()) };
+            } else if length == 0 {
+                self.wait(pg_sys::WL_SOCKET_READABLE, deadline)?;
+                // SAFETY: valid connection.
+                if unsafe { pq::PQconsumeInput(self.conn.as_ptr()) } != 1 {
+                    return Err(RemoteError::local(self.last_error()));
+                }
+            } else {
+                return Ok(());
+            }
+        }
     }
 
     /// `query`, also returning how many rows the command affected (its tag's count).

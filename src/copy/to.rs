@@ -21,9 +21,10 @@ fn unsupported(message: &str) -> ShardingError {
 
 /// The COPY options, deparsed for the shards; `header` is reported separately (only the first
 /// shard's output may carry it).
-unsafe fn copy_options(statement: *mut pg_sys::CopyStmt) -> Result<(Vec<String>, bool)> {
+unsafe fn copy_options(statement: *mut pg_sys::CopyStmt) -> Result<(Vec<String>, bool, Option<i32>)> {
     let mut options = Vec::new();
     let mut header = false;
+    let mut encoding = None;
     for option in list_pointers::<pg_sys::DefElem>((*statement).options) {
         let name = CStr::from_ptr((*option).defname).to_string_lossy().to_lowercase();
         let argument = (*option).arg;
@@ -57,12 +58,24 @@ unsafe fn copy_options(statement: *mut pg_sys::CopyStmt) -> Result<(Vec<String>,
                     options.push(format!("FORCE_QUOTE ({})", names.join(", ")));
                 }
             }
+            // Shards send the database encoding; the coordinator converts (copy_to).
+            "encoding" => {
+                let name = std::ffi::CString::new(value.unwrap_or_default()).unwrap_or_default();
+                let id = pg_sys::pg_char_to_encoding(name.as_ptr());
+                if id < 0 {
+                    return Err(ShardingError::new(
+                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                        "argument to option \"encoding\" must be a valid encoding name",
+                    ));
+                }
+                encoding = Some(id);
+            }
             other => {
                 return Err(unsupported(&format!("COPY TO option \"{other}\" is not supported on distributed tables yet")))
             }
         }
     }
-    Ok((options, header))
+    Ok((options, header, encoding))
 }
 
 /// Sends one protocol message `kind` with `payload` to the client.
@@ -87,7 +100,7 @@ pub unsafe fn copy_to(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, tabl
     // As COPY of a plain table: DDL (TRUNCATE, DROP, ALTER) waits until the rows are out.
     pg_sys::LockRelationOid(table.relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
     let definition = table_ddl::read(table.relid)?;
-    let (options, header) = copy_options(statement)?;
+    let (options, header, encoding) = copy_options(statement)?;
     let columns: Vec<String> = if (*statement).attlist.is_null() {
         definition.columns.iter().filter(|c| c.generated_sql.is_none()).map(|c| quote::ident(&c.name)).collect()
     } else {
@@ -127,9 +140,13 @@ pub unsafe fn copy_to(call: &UtilityCall, statement: *mut pg_sys::CopyStmt, tabl
         let connection = remote::for_statement(node, remote::read_access())?;
         rows += connection
             .copy_out(&sql, |chunk| {
-                // Workers send the database encoding; the client gets its own. libpq hands over
-                // one whole row per chunk, so no character is ever split.
-                let converted = pg_sys::pg_server_to_client(chunk.as_ptr().cast(), chunk.len() as i32);
+                // Workers send the database encoding; the client gets its own, or the one the
+                // statement names. libpq hands over one whole row per chunk, so no character is
+                // ever split.
+                let converted = match encoding {
+                    Some(target) => pg_sys::pg_server_to_any(chunk.as_ptr().cast(), chunk.len() as i32, target),
+                    None => pg_sys::pg_server_to_client(chunk.as_ptr().cast(), chunk.len() as i32),
+                };
                 if converted.cast_const() == chunk.as_ptr().cast() {
                     send_message(b'd', chunk);
                 } else {

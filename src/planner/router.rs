@@ -68,6 +68,11 @@ impl Analysis {
                     }
                     match cache::table_unless_reentrant((*rte).relid)? {
                         Some(table) if table.method == Method::Hash => {
+                            // Also where it would reach the shards inside a pushed-down subquery:
+                            // a method returning a number of rows would return it per shard.
+                            if !(*rte).tablesample.is_null() {
+                                return Err(unsupported(format!("TABLESAMPLE on distributed table \"{}\" is not supported", table.name)));
+                            }
                             let attno = table.distribution_attnum.unwrap_or(0);
                             self.dist_keys.push((level, (i + 1) as u32, attno));
                             if !self.tables.iter().any(|t| t.relid == table.relid) {

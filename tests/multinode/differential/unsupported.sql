@@ -4,6 +4,8 @@ SELECT ctid FROM users;
 DELETE FROM users WHERE id = 7 RETURNING (SELECT 1), users;
 SELECT * FROM users ORDER BY id LIMIT 5 FOR UPDATE;
 SELECT * FROM users TABLESAMPLE SYSTEM (10);
+SELECT count(*) FROM (SELECT * FROM users TABLESAMPLE BERNOULLI (50) WHERE id = 5) s;
+SELECT region, count(*) FROM (SELECT * FROM users TABLESAMPLE SYSTEM (100)) s GROUP BY region;
 UPDATE users SET id = id + 1 WHERE id = 5;
 UPDATE regions SET code = code || '?' WHERE random() < 2;
 UPDATE regions r SET code = r.code || u.id FROM users u WHERE u.region = r.code;

@@ -754,6 +754,23 @@ fn values_are_hashed_as_stored_and_text_crosses_encodings() {
     let mut lines: Vec<&[u8]> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
     lines.sort();
     assert_eq!(lines, vec![&b"caf\xe9"[..], &b"na\xefve"[..]]);
+    // The same with COPY's ENCODING option, from a UTF8 client.
+    let out = copy_out(&mut c, "COPY dwords TO STDOUT (ENCODING 'LATIN1')").unwrap();
+    let mut lines: Vec<&[u8]> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    lines.sort();
+    assert_eq!(lines, vec![&b"caf\xe9"[..], &b"na\xefve"[..]]);
+    let (code, ..) = expect_error(&mut c, "COPY dwords TO STDOUT (ENCODING 'no such encoding')");
+    assert_eq!(code, "22023");
+    // A row the client's encoding cannot hold fails the COPY in the middle of a shard's rows
+    // (22P05, as on one server); the session goes on (the shard's COPY was read to its end).
+    c.batch_execute("INSERT INTO dwords SELECT 'Ω' || g FROM generate_series(1, 3000) g").unwrap();
+    let outcome = c.copy_out("COPY dwords TO STDOUT (ENCODING 'LATIN1')").map_err(|e| format!("{e:?}")).and_then(|mut reader| {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut data).map_err(|e| format!("{e:?}"))
+    });
+    let error = outcome.unwrap_err();
+    assert!(error.contains("E22P05"), "{error}");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM dwords"), 3002);
 
     // COPY FROM refuses a read-only transaction, as PostgreSQL does; a failed block rolls back.
     let (code, ..) = expect_error(&mut c, "BEGIN READ ONLY; COPY dwords FROM STDIN");
