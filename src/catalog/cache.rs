@@ -147,11 +147,15 @@ fn catalog_oids() -> Vec<pg_sys::Oid> {
 }
 
 /// Relcache callback: `relid` is the invalidated relation, or InvalidOid for "everything".
-/// Must not access the catalog or raise errors: it only drops cached values.
+/// Must not access the catalog or raise errors: it only drops cached values. A distributed
+/// table's own invalidation counts too: its cached name (and so its shards' names) may have
+/// changed (ALTER TABLE ... RENAME).
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let ours = CACHE.with(|c| match c.try_borrow() {
-        Ok(cache) => relid == pg_sys::InvalidOid || cache.catalog_oids.contains(&relid),
+        Ok(cache) => {
+            relid == pg_sys::InvalidOid || cache.catalog_oids.contains(&relid) || matches!(cache.tables.get(&relid), Some(Some(_)))
+        }
         Err(_) => true,
     });
     if ours {

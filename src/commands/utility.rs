@@ -116,6 +116,7 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_CreateTrigStmt, targets: trigger_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_RuleStmt, targets: rule_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_AlterObjectSchemaStmt, targets: set_schema_targets, check: refuse, run: never },
+    Operation { tag: pg_sys::NodeTag::T_RenameStmt, targets: schema_rename_targets, check: refuse, run: never },
     Operation { tag: pg_sys::NodeTag::T_ClusterStmt, targets: cluster_targets, check: refuse, run: never },
     // Types of the tables' columns (commands/types.rs): enum values reach the nodes; other
     // changes are refused.
@@ -426,26 +427,42 @@ unsafe fn grant_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTab
     } else if (*statement).targtype == pg_sys::GrantTargetType::ACL_TARGET_ALL_IN_SCHEMA {
         // GRANT ... ON ALL TABLES IN SCHEMA s: the distributed tables of those schemas.
         for schema in list_pointers::<pg_sys::String>((*statement).objects) {
-            let schema = CStr::from_ptr((*schema).sval).to_string_lossy().into_owned();
-            let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
-                client
-                    .select(
-                        "SELECT t.logicalrelid::oid FROM sharding.dist_table t
-                           JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
-                           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                          WHERE n.nspname = $1",
-                        None,
-                        &[schema.as_str().into()],
-                    )?
-                    .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
-                    .collect()
-            })?;
-            for relid in relids {
-                found.extend(distributed_by_oid(relid)?);
-            }
+            found.extend(tables_in_schema(&CStr::from_ptr((*schema).sval).to_string_lossy())?);
         }
     }
     Ok(found)
+}
+
+/// The distributed and reference tables of the schema named `schema`.
+unsafe fn tables_in_schema(schema: &str) -> Result<Vec<Rc<DistributedTable>>> {
+    let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
+        client
+            .select(
+                "SELECT t.logicalrelid::oid FROM sharding.dist_table t
+                   JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1",
+                None,
+                &[schema.into()],
+            )?
+            .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
+            .collect()
+    })?;
+    let mut found = Vec::new();
+    for relid in relids {
+        found.extend(distributed_by_oid(relid)?);
+    }
+    Ok(found)
+}
+
+/// ALTER SCHEMA ... RENAME of a schema holding distributed tables (their shards live in a schema
+/// of the same name on the nodes).
+unsafe fn schema_rename_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::RenameStmt>();
+    if (*statement).renameType != pg_sys::ObjectType::OBJECT_SCHEMA || (*statement).subname.is_null() {
+        return Ok(Vec::new());
+    }
+    tables_in_schema(&CStr::from_ptr((*statement).subname).to_string_lossy())
 }
 
 unsafe fn trigger_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {

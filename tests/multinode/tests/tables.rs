@@ -201,10 +201,21 @@ fn ddl_reaches_every_shard() {
     assert_eq!(column_count(&cluster, "id"), shards);
     assert_eq!(column_count(&cluster, "n"), 0);
 
-    // RENAME TABLE renames every shard; TRUNCATE empties them; DROP TABLE removes them.
+    // RENAME TABLE renames every shard; TRUNCATE empties them; DROP TABLE removes them. Both
+    // this session and another that had read the table before go on under the new name.
+    let mut other = cluster.coordinator();
+    let before: i64 = scalar(&mut other, "SELECT count(*) FROM items");
     c.batch_execute("ALTER TABLE items RENAME TO goods").unwrap();
     assert_eq!(cluster.shard_tables_on_workers("goods"), shards);
     assert_eq!(cluster.shard_tables_on_workers("items"), 0);
+    for session in [&mut c, &mut other] {
+        assert_eq!(scalar::<i64>(session, "SELECT count(*) FROM goods"), before);
+        let id: i64 = scalar(session, "SELECT min(id) FROM goods");
+        assert_eq!(session.execute("UPDATE goods SET title = 'renamed' WHERE id = $1", &[&id]).unwrap(), 1);
+    }
+    // A schema holding distributed tables keeps its name (its shards' schemas on the nodes would not follow).
+    let (code, ..) = expect_error(&mut c, "ALTER SCHEMA public RENAME TO elsewhere");
+    assert_eq!(code, "0A000");
     c.batch_execute("TRUNCATE goods").unwrap();
     assert_eq!(cluster.rows_per_placement("goods").iter().map(|(_, n)| n).sum::<i64>(), 0);
     c.batch_execute("DROP TABLE goods").unwrap();
