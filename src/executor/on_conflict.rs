@@ -171,6 +171,12 @@ unsafe fn shard_statement(
                 let name = cstr((*attribute).attname.data.as_ptr());
                 assignments.push(format!("{} = {}", quote::ident(&name), deparse((*entry).expr.cast())));
             }
+            if assignments.is_empty() {
+                // Only generated columns were assigned (SET g = DEFAULT): the shard recomputes
+                // them when it updates the row, which an assignment of a column to itself makes it do.
+                let column = columns.first().ok_or_else(|| ShardingError::internal("a table without stored columns"))?;
+                assignments.push(format!("{} = {}.{}", quote::ident(column), quote::ident(&alias), quote::ident(column)));
+            }
             let mut action = format!("DO UPDATE SET {}", assignments.join(", "));
             if !condition.is_null() {
                 let condition = pg_sys::make_ands_explicit(condition.cast());
@@ -209,6 +215,8 @@ unsafe fn check_shard_expressions(lists: &[*mut pg_sys::Node], table: &Distribut
                 Some("assignments to an element of a column")
             }
             T_FieldStore => Some("assignments to a field of a column"),
+            // An identity column's DEFAULT: the sequence is the coordinator's.
+            T_NextValueExpr => Some("identity column defaults"),
             T_Var if (*node.cast::<pg_sys::Var>()).varattno < 0 => Some("system columns"),
             T_Const => {
                 let type_oid = (*node.cast::<pg_sys::Const>()).consttype;

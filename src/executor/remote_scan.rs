@@ -334,6 +334,10 @@ struct Runtime {
     filled: bool,
     /// Rows the coordinator's copy of a reference table changed.
     local_affected: u64,
+    /// An UPDATE/DELETE with RETURNING: the statement's count grows with each row returned
+    /// (as ModifyTable's does), so that a caller stopping early (PL/pgSQL's INTO asks for two
+    /// rows) sees as many rows counted as it received.
+    count_returned: bool,
     /// How long the tasks took (EXPLAIN ANALYZE).
     elapsed: Option<std::time::Duration>,
     inputs: Vec<Input>,
@@ -456,6 +460,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
         filled: false,
         elapsed: None,
         local_affected: 0,
+        count_returned: false,
         inputs,
         broadcast_rows: Vec::new(),
         chosen_rows: None,
@@ -781,8 +786,16 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
             .detail(format!("{} row(s) here, {affected} over {copies} worker copies", runtime.local_affected))
             .hint("The statement was rolled back everywhere. Compare the copies, or recreate the reference table."));
         }
-    } else if runtime.plan.modify {
-        (*(*node).ss.ps.state).es_processed += affected;
+    }
+    let estate = (*node).ss.ps.state;
+    let returning = natts > 0 && !(*estate).es_plannedstmt.is_null() && (*(*estate).es_plannedstmt).hasReturning;
+    if runtime.plan.modify && !runtime.plan.reference_write && !returning {
+        (*estate).es_processed += affected;
+    }
+    if (runtime.plan.modify || runtime.plan.reference_write) && returning {
+        // The coordinator copy's rows were counted as it changed them: counted as returned instead.
+        (*estate).es_processed = (*estate).es_processed.saturating_sub(runtime.local_affected);
+        runtime.count_returned = true;
     }
     runtime.filled = true;
     runtime.elapsed = Some(started.elapsed());
@@ -1466,6 +1479,9 @@ pub unsafe extern "C-unwind" fn pg_sharding_shard_scan_next(scan_state: *mut pg_
     let slot = (*scan_state).ss_ScanTupleSlot;
     let forward = (*(*scan_state).ps.state).es_direction != pg_sys::ScanDirection::BackwardScanDirection;
     if pg_sys::tuplestore_gettupleslot(runtime.store, forward, false, runtime.store_slot) {
+        if runtime.count_returned {
+            (*(*scan_state).ps.state).es_processed += 1;
+        }
         pg_sys::ExecCopySlot(slot, runtime.store_slot)
     } else {
         pg_sys::ExecClearTuple(slot)

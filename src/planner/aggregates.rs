@@ -383,7 +383,7 @@ pub unsafe fn split(
     }
     // Row locks (FOR UPDATE/SHARE) are taken by the shards, in the distributed transaction: on
     // tables only (not on a broadcast table's function scan, which locks nothing).
-    let locks_rows = !(*parse).rowMarks.is_null();
+    let locks_rows = super::locks_rows_anywhere(parse);
     let rtes = list_pointers::<pg_sys::RangeTblEntry>((*parse).rtable);
     if list_pointers::<pg_sys::RowMarkClause>((*parse).rowMarks)
         .iter()

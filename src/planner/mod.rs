@@ -225,3 +225,20 @@ pub(crate) unsafe fn check_plan(planned: *mut pg_sys::PlannedStmt) -> crate::err
     }
     Ok(())
 }
+
+/// Whether `query` or any query inside it (subqueries, sublinks, WITH queries) locks rows
+/// (FOR UPDATE/SHARE): then its tasks run in the distributed transaction, which keeps the locks.
+pub unsafe fn locks_rows_anywhere(query: *mut pg_sys::Query) -> bool {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Query {
+            let query = node.cast::<pg_sys::Query>();
+            return !(*query).rowMarks.is_null() || pg_sys::query_tree_walker(query, Some(walker), context, 0);
+        }
+        pg_sys::expression_tree_walker(node, Some(walker), context)
+    }
+    walker(query.cast(), std::ptr::null_mut())
+}

@@ -39,6 +39,11 @@ struct Analysis {
     tables: Vec<Rc<DistributedTable>>,
     /// Some relation is neither distributed nor a reference table: it lives only here.
     local: bool,
+    /// A reference table whose rows the statement locks (FOR UPDATE/SHARE).
+    locked_reference: Option<String>,
+    /// Reads a trigger's transition table, which only this backend's executor can scan (and
+    /// ruleutils cannot print).
+    transition_table: bool,
     /// Some relation carries row-level security quals (which the deparser does not print).
     row_security: bool,
     /// Some level locks rows (FOR UPDATE/SHARE).
@@ -79,11 +84,24 @@ impl Analysis {
                                 self.tables.push(table);
                             }
                         }
-                        Some(_) => {}
+                        Some(table) => {
+                            // A reference table's row locks: they would be taken on the
+                            // workers' copies, which the coordinator's own reads and locks of it
+                            // do not see.
+                            let marks = list_pointers::<pg_sys::RowMarkClause>((*query).rowMarks);
+                            if marks.iter().any(|&mark| (*mark).rti as usize == i + 1) {
+                                self.locked_reference = Some(table.name.clone());
+                            }
+                        }
                         None => self.local = true,
                     }
                 }
                 pg_sys::RTEKind::RTE_SUBQUERY => self.query((*rte).subquery)?,
+                // A trigger's transition table: rows only this backend has, like a local table's.
+                pg_sys::RTEKind::RTE_NAMEDTUPLESTORE => {
+                    self.local = true;
+                    self.transition_table = true;
+                }
                 _ => {}
             }
         }
@@ -440,6 +458,21 @@ pub unsafe fn plan_statement(
                 return plan_separated(parse, original, query_string, cursor_options, bound_params);
             }
         }
+        return Ok(None);
+    }
+    if let Some(reference) = &analysis.locked_reference {
+        return Err(unsupported(format!(
+            "FOR UPDATE/SHARE of reference table \"{reference}\" in a query with distributed tables is not supported"
+        ))
+        .detail("The shards would lock the workers' copies of its rows, which the coordinator's copy does not see.")
+        .hint("Lock only the distributed tables (FOR UPDATE OF <table>), and the reference table's rows in a statement of their own."));
+    }
+    if analysis.transition_table {
+        if modify {
+            return Err(unsupported("UPDATE or DELETE of a distributed table reading a trigger's transition table is not supported")
+                .hint("Copy the transition table's rows into a temporary table and read that."));
+        }
+        // PostgreSQL's plan, reading the distributed tables through ShardScans.
         return Ok(None);
     }
     let target: Option<Rc<DistributedTable>> = if modify {

@@ -125,6 +125,10 @@ unsafe extern "C-unwind" fn walker(node: *mut pg_sys::Node, context: *mut std::f
         }
         T_SQLValueFunction | T_NextValueExpr | T_CurrentOfExpr | T_SubPlan | T_AlternativeSubPlan | T_PlaceHolderVar | T_SetToDefault => true,
         T_SubLink => !rules.whole_statement,
+        // An operator of the user's own: the nodes do not have it (its function may be a
+        // built-in, which check_functions_in_node below accepts).
+        T_OpExpr | T_DistinctExpr | T_NullIfExpr => !builtin((*node.cast::<pg_sys::OpExpr>()).opno),
+        T_ScalarArrayOpExpr => !builtin((*node.cast::<pg_sys::ScalarArrayOpExpr>()).opno),
         _ => false,
     };
     if unshippable {

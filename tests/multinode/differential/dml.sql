@@ -160,3 +160,7 @@ INSERT INTO orders_view VALUES (1, 1, 5.5, 'viewed', 'v') ON CONFLICT (user_id, 
 UPDATE users SET score = score + 1 WHERE id < 4 RETURNING tableoid::regclass::text, id;
 DELETE FROM events WHERE id = 8 RETURNING tableoid::regclass, id;
 INSERT INTO orders VALUES (1, 1, 1, 'x', 'y') ON CONFLICT (user_id, id) DO UPDATE SET note = 'z' WHERE orders.tableoid = 'orders'::regclass::oid RETURNING tableoid::regclass, tableoid::regclass::text || '!', id;
+UPDATE users SET flag = NOT flag WHERE score === 7 RETURNING id;
+-- PL/pgSQL: UPDATE ... RETURNING INTO of several rows fails with too_many_rows (P0003), which the block catches.
+DO $$ DECLARE v bigint; BEGIN UPDATE users SET score = score + 1 WHERE id < 5 RETURNING id INTO v; EXCEPTION WHEN too_many_rows THEN UPDATE users SET name = 'too many' WHERE id = 1; END $$;
+DO $$ DECLARE v text; BEGIN UPDATE regions SET label = label || '*' RETURNING code INTO v; EXCEPTION WHEN too_many_rows THEN UPDATE regions SET label = 'caught' WHERE code = 'eu'; END $$;

@@ -430,3 +430,7 @@ SELECT count(*), sum(id) FROM users WHERE id IN (SELECT DISTINCT ON (status) use
 SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = ANY (SELECT user_id FROM orders ORDER BY amount DESC, user_id, id FETCH FIRST 2 ROWS WITH TIES);
 SELECT count(*) FROM users WHERE (id, 1) IN (SELECT user_id, row_number() OVER (ORDER BY amount, id) FROM orders);
 SELECT count(*) FROM users WHERE id IN (SELECT user_id FROM orders WHERE status = 'paid');
+-- User-defined operators.
+SELECT count(*) FROM users WHERE score === 5;
+SELECT region, count(*) FROM users WHERE score === 7 OR id = 3 GROUP BY region;
+SELECT u.id, o.id FROM users u JOIN orders o ON o.user_id = u.id WHERE o.id::int === 2 ORDER BY 1, 2;

@@ -16,3 +16,5 @@ CREATE TABLE @s2.accounts (id int PRIMARY KEY, owner bigint, balance numeric);
 -- Stays a plain table on both sides (not in distribute.sql): statements that mix it with
 -- distributed tables.
 CREATE TABLE @s.notes (user_id bigint, note text);
+-- An operator of the user's own (the workers do not have it): evaluated on the coordinator.
+CREATE OPERATOR @s.=== (LEFTARG = int, RIGHTARG = int, FUNCTION = int4eq);

@@ -25,3 +25,5 @@ WITH a AS (SELECT user_id FROM orders WHERE amount > 200), d AS (DELETE FROM ite
 INSERT INTO orders VALUES (1, 1, 1, 'x', 'y') ON CONFLICT (user_id, id) DO UPDATE SET note = (SELECT max(label) FROM regions);
 INSERT INTO orders VALUES (1, 1, 1, 'x', 'y') ON CONFLICT (user_id, id) DO UPDATE SET note = 'z' RETURNING ctid;
 UPDATE users SET score = 1 WHERE id = 3 RETURNING xmin;
+SELECT u.id FROM users u JOIN regions r ON r.code = u.region WHERE u.id = 5 FOR UPDATE;
+SELECT count(*) FROM users WHERE region IN (SELECT code FROM regions FOR SHARE);

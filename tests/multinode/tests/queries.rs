@@ -486,6 +486,14 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     assert_eq!(c2.execute("UPDATE kv SET v = v WHERE k = 508", &[]).unwrap(), 1);
     c2.batch_execute("RESET statement_timeout").unwrap();
     c.batch_execute("COMMIT").unwrap();
+    // The same with the lock in a subquery of a multi-shard query.
+    c.batch_execute("BEGIN").unwrap();
+    let locked = c.query("SELECT count(*) FROM kv WHERE k IN (SELECT k FROM kv WHERE k % 100 = 9 FOR UPDATE)", &[]).unwrap();
+    assert_eq!(locked[0].get::<_, i64>(0), 10);
+    let error = c2.execute("SELECT k FROM kv WHERE k = 509 FOR UPDATE NOWAIT", &[]).unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("55P03"), "{error}");
+    assert_eq!(c2.query("SELECT k FROM kv WHERE k = 510 FOR UPDATE NOWAIT", &[]).unwrap().len(), 1);
+    c.batch_execute("COMMIT").unwrap();
     // A chosen row that another session changes before the shards change it: the statement
     // fails with 40001 and changes nothing, rather than change fewer rows than it chose.
     c.batch_execute("SET sharding.fault_injection = 'after_chosen_rows:pause:3000'").unwrap();
@@ -1606,4 +1614,42 @@ fn pins_follow_the_comparison_and_settings_reach_the_shards() {
         both(&mut c, sql);
         c.batch_execute("RESET ALL").unwrap();
     }
+}
+
+#[test]
+fn trigger_transition_tables_read_distributed_tables() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    // A statement trigger on a local table reads distributed rows through its transition
+    // table (planned by PostgreSQL over ShardScans); changing distributed rows through it is
+    // refused, and works through a temporary copy.
+    c.batch_execute(
+        "CREATE TABLE t1 (id int PRIMARY KEY, g int);
+         INSERT INTO t1 SELECT i, i % 3 FROM generate_series(1, 20) i;
+         SELECT create_distributed_table('t1', 'id', shard_count => 4);
+         CREATE TABLE seen (n bigint);
+         CREATE TABLE tl (a int);
+         CREATE FUNCTION tlf() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO seen SELECT count(*) FROM t1 WHERE id IN (SELECT a FROM newt);
+           INSERT INTO seen SELECT sum(g) FROM t1 WHERE EXISTS (SELECT 1 FROM newt WHERE newt.a = t1.id);
+           IF current_setting('test.change', true) = 'direct' THEN
+             DELETE FROM t1 WHERE id IN (SELECT a FROM newt);
+           ELSE
+             CREATE TEMP TABLE copied ON COMMIT DROP AS SELECT * FROM newt;
+             DELETE FROM t1 WHERE id IN (SELECT a FROM copied);
+           END IF;
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER tlt AFTER INSERT ON tl REFERENCING NEW TABLE AS newt FOR EACH STATEMENT EXECUTE FUNCTION tlf();",
+    )
+    .unwrap();
+    c.batch_execute("INSERT INTO tl VALUES (1), (2), (5), (99)").unwrap();
+    let seen: Vec<i64> = c.query("SELECT n FROM seen", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(seen, vec![3, 1 + 2 + 2]);
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM t1"), 17);
+    c.batch_execute("SET test.change = 'direct'").unwrap();
+    let (code, ..) = expect_error(&mut c, "INSERT INTO tl VALUES (3)");
+    assert_eq!(code, "0A000");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM t1"), 17);
 }
