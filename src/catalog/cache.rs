@@ -83,6 +83,9 @@ pub fn nodes() -> crate::error::Result<Rc<Vec<Node>>> {
 pub fn table(relid: pg_sys::Oid) -> crate::error::Result<Option<Rc<DistributedTable>>> {
     drop_if_stale();
     if let Some(cached) = CACHE.with(|c| c.borrow().tables.get(&relid).cloned()) {
+        if let Some(table) = &cached {
+            table.check_snapshot()?;
+        }
         return Ok(cached);
     }
     let loaded = with_latest_snapshot(|| tables::load(relid))?.map(Rc::new);
@@ -92,6 +95,9 @@ pub fn table(relid: pg_sys::Oid) -> crate::error::Result<Option<Rc<DistributedTa
         cache.catalog_oids = oids;
         cache.tables.insert(relid, loaded.clone());
     });
+    if let Some(table) = &loaded {
+        table.check_snapshot()?;
+    }
     Ok(loaded)
 }
 

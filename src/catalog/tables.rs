@@ -53,9 +53,39 @@ pub struct DistributedTable {
     pub colocation_id: Option<i32>,
     /// Sorted by hash interval (shard index).
     pub shards: Vec<Shard>,
+    /// The transactions that wrote the catalog rows read (the table's, its shards', their
+    /// active placements'), distinct: a transaction whose snapshot predates one of them
+    /// would read shards its workers' snapshots do not show (`check_snapshot`).
+    pub catalog_xmins: Vec<u32>,
 }
 
 impl DistributedTable {
+    /// In a REPEATABLE READ or SERIALIZABLE transaction whose snapshot was taken before the
+    /// table's shards or placements were last written (a shard moved or split, the table
+    /// distributed), a serialization failure: the workers' snapshots of this transaction would
+    /// not show the rows of the new placements, so reads would miss rows and writes lose them.
+    pub fn check_snapshot(&self) -> Result<()> {
+        // SAFETY: backend globals; the transaction snapshot is only read once it exists.
+        unsafe {
+            if pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32 || !pg_sys::FirstSnapshotSet {
+                return Ok(());
+            }
+            let snapshot = pg_sys::GetTransactionSnapshot();
+            for &xmin in &self.catalog_xmins {
+                let xid = pg_sys::TransactionId::from(xmin);
+                if !pg_sys::TransactionIdIsCurrentTransactionId(xid) && pg_sys::XidInMVCCSnapshot(xid, snapshot) {
+                    return Err(ShardingError::new(
+                        PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                        format!("could not serialize access due to a concurrent change of the shards of \"{}\"", self.name),
+                    )
+                    .detail("A shard was moved or split, or the table distributed, after this transaction's snapshot was taken.")
+                    .hint("Retry the transaction."));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The shard owning `hash` (hash-distributed tables only).
     pub fn shard_for_hash(&self, hash: i32) -> Option<&Shard> {
         // A binary search over the sorted shards themselves: this runs per row in COPY and
@@ -70,7 +100,7 @@ pub fn load(relid: pg_sys::Oid) -> Result<Option<DistributedTable>> {
     Spi::connect(|client| {
         let mut rows = client.select(
             "SELECT t.method, t.distribution_attnum, a.attname::text, COALESCE(a.atttypid, 0::oid),
-                    t.colocation_id, n.nspname::text, c.relname::text
+                    t.colocation_id, n.nspname::text, c.relname::text, t.xmin::text::bigint
                FROM sharding.dist_table t
                JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -97,11 +127,16 @@ pub fn load(relid: pg_sys::Oid) -> Result<Option<DistributedTable>> {
             distribution_kind: DistKind::of_type(distribution_type),
             colocation_id: row.get::<i32>(5)?,
             shards: Vec::new(),
+            catalog_xmins: Vec::new(),
         };
+        let mut xmins: Vec<i64> = row.get::<i64>(8)?.into_iter().collect();
         for row in client.select(
             "SELECT s.shard_id, s.shard_index, s.min_hash, s.max_hash,
                     ARRAY(SELECT p.node_id FROM sharding.dist_placement p
-                           WHERE p.shard_id = s.shard_id AND p.state = 'active' ORDER BY p.node_id)
+                           WHERE p.shard_id = s.shard_id AND p.state = 'active' ORDER BY p.node_id),
+                    s.xmin::text::bigint,
+                    ARRAY(SELECT p.xmin::text::bigint FROM sharding.dist_placement p
+                           WHERE p.shard_id = s.shard_id AND p.state = 'active')
                FROM sharding.dist_shard s WHERE s.logicalrelid = $1 ORDER BY s.shard_index",
             None,
             &[relid.into()],
@@ -116,7 +151,12 @@ pub fn load(relid: pg_sys::Oid) -> Result<Option<DistributedTable>> {
                 interval,
                 placements: row.get::<Vec<i32>>(5)?.unwrap_or_default(),
             });
+            xmins.extend(row.get::<i64>(6)?);
+            xmins.extend(row.get::<Vec<i64>>(7)?.unwrap_or_default());
         }
+        xmins.sort_unstable();
+        xmins.dedup();
+        table.catalog_xmins = xmins.into_iter().map(|x| x as u32).collect();
         Ok(Some(table))
     })
 }

@@ -488,6 +488,7 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
         distribution_kind: DistKind::of_type(type_oid),
         colocation_id: group,
         shards: shards.clone(),
+        catalog_xmins: Vec::new(),
     };
     super::grants::sync_shards(&routing_table, &[])?;
     send_local_rows(&definition, &shards, Some(attnum), Some(&routing_table))?;
@@ -540,6 +541,7 @@ pub(super) fn create_reference_table_impl(relid: pg_sys::Oid) -> Result<()> {
             distribution_kind: None,
             colocation_id: None,
             shards: shards.clone(),
+            catalog_xmins: Vec::new(),
         },
         &[],
     )?;

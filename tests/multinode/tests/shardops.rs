@@ -381,3 +381,41 @@ fn online_move_keeps_writes_flowing_and_loses_nothing() {
         assert_eq!(left, 0, "worker {w}");
     }
 }
+
+#[test]
+fn repeatable_read_transactions_fail_rather_than_miss_a_moved_shard() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    users_and_orders(&mut c, 4, 200);
+    c.batch_execute("CREATE TABLE other (id int PRIMARY KEY); SELECT create_distributed_table('other', 'id', colocate_with => 'none')").unwrap();
+    let node = |c: &mut Client, w: usize| -> i32 {
+        scalar(c, &format!("SELECT node_id FROM sharding.dist_node WHERE port = {}", cluster.worker_port(w)))
+    };
+    let w2 = node(&mut c, 2);
+    let shard: i64 = scalar(&mut c, &format!("SELECT min(shard_id) FROM sharding.shards WHERE table_name = 'users'::regclass AND node_id <> {w2}"));
+    // REPEATABLE READ transactions whose snapshots (taken reading another table) predate a
+    // move: their workers' snapshots would not show the moved rows, so they fail (40001)
+    // instead of reading fewer rows or updating fewer. READ COMMITTED goes on.
+    let mut readers: Vec<Client> = (0..2).map(|_| cluster.coordinator()).collect();
+    let mut committed = cluster.coordinator();
+    for reader in readers.iter_mut() {
+        reader.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").unwrap();
+        assert_eq!(scalar::<i64>(reader, "SELECT count(*) FROM other"), 0);
+    }
+    committed.batch_execute("BEGIN; SELECT count(*) FROM other").unwrap();
+    c.batch_execute(&format!("SELECT sharding.move_shard({shard}, {w2}, 'block_writes')")).unwrap();
+    assert_eq!(scalar::<i64>(&mut committed, "SELECT count(*) FROM users"), 200);
+    let (code, ..) = expect_error(&mut readers[0], "SELECT count(*) FROM users");
+    assert_eq!(code, "40001");
+    let (code, ..) = expect_error(&mut readers[1], "UPDATE users SET name = name || '!'");
+    assert_eq!(code, "40001");
+    for reader in readers.iter_mut() {
+        reader.batch_execute("ROLLBACK").unwrap();
+    }
+    committed.batch_execute("COMMIT").unwrap();
+    // A transaction that starts after the move sees every row.
+    let reader = &mut readers[0];
+    reader.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").unwrap();
+    assert_eq!(reader.execute("UPDATE users SET name = name || '!'", &[]).unwrap(), 200);
+    reader.batch_execute("COMMIT").unwrap();
+}
