@@ -435,6 +435,10 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
     let definition = table_ddl::read(table.relid)?;
 
     let returning = (*planned).hasReturning;
+    if returning {
+        // RETURNING rows come back as text.
+        super::remote_scan::text_values_exact((*query_desc).tupDesc)?;
+    }
     let mut output = if returning { Some(Returning::new(query_desc)) } else { None };
     if let Some(output) = &output {
         if let Some(startup) = (*output.dest).rStartup {

@@ -435,6 +435,9 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
     }
     let slot = (*node).ss.ss_ScanTupleSlot;
     let tupdesc = (*slot).tts_tupleDescriptor;
+    if !plan.binary {
+        text_values_exact(tupdesc).or_raise();
+    }
     let mut inputs = Vec::new();
     for i in 0..(*tupdesc).natts as usize {
         let attr = (*tupdesc).attrs.as_ptr().add(i);
@@ -1458,6 +1461,34 @@ extern "C-unwind" {
     /// ExecScan over `pg_sharding_shard_scan_next`, in C (src/hooks_c/hooks.c) so that an
     /// ERROR from a task reaches PostgreSQL once, with its detail and context intact.
     fn pg_sharding_shard_scan_exec(node: *mut pg_sys::CustomScanState) -> *mut pg_sys::TupleTableSlot;
+}
+
+/// Rows that come back as text (some column is of a type the workers' binary form would not
+/// name the same way) are printed on the workers with the session's settings: refused when
+/// those do not print a column's values exactly (a time zone abbreviation like IST names other
+/// zones too; floats rounded by extra_float_digits), where the coordinator would read other values.
+pub(crate) unsafe fn text_values_exact(tupdesc: pg_sys::TupleDesc) -> Result<()> {
+    for i in 0..(*tupdesc).natts as usize {
+        let attr = (*tupdesc).attrs.as_ptr().add(i);
+        let base = pg_sys::getBaseType((*attr).atttypid);
+        let element = pg_sys::get_element_type(base);
+        let value_type = if element == pg_sys::InvalidOid { base } else { pg_sys::getBaseType(element) };
+        let setting = if value_type == pg_sys::TIMESTAMPTZOID && pg_sys::DateStyle != pg_sys::USE_ISO_DATES as i32 {
+            "DateStyle"
+        } else if (value_type == pg_sys::FLOAT4OID || value_type == pg_sys::FLOAT8OID) && pg_sys::extra_float_digits <= 0 {
+            "extra_float_digits"
+        } else {
+            continue;
+        };
+        let type_name = std::ffi::CStr::from_ptr(pg_sys::format_type_be(value_type)).to_string_lossy();
+        return Err(ShardingError::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("{type_name} values would be read from the shards as text, which the current {setting} does not print exactly"),
+        )
+        .detail("Rows with columns of user-defined types (enums, domains, ...) come back from the workers as text.")
+        .hint("SET DateStyle = 'ISO' (for timestamptz) or extra_float_digits = 1 (for floats), or select the user-defined columns as text (col::text)."));
+    }
+    Ok(())
 }
 
 /// The next row of the scan (filling it from the tasks on the first call); an empty slot at
