@@ -34,6 +34,14 @@ thread_local! {
     /// the middle of a load); readers drop the cache before using it. An invalidation arriving
     /// during a load leaves the flag set, so that load's result is dropped at the next read.
     static STALE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Counts invalidations of distributed tables (their definitions may have changed):
+    /// statements prepared on the workers before are prepared again (transaction/remote.rs).
+    static DEFINITIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Changes whenever a distributed table's definition may have changed.
+pub fn definitions_generation() -> u64 {
+    DEFINITIONS.with(|d| d.get())
 }
 
 fn drop_if_stale() {
@@ -158,12 +166,16 @@ fn catalog_oids() -> Vec<pg_sys::Oid> {
 /// changed (ALTER TABLE ... RENAME).
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    let ours = CACHE.with(|c| match c.try_borrow() {
+    let (ours, distributed) = CACHE.with(|c| match c.try_borrow() {
         Ok(cache) => {
-            relid == pg_sys::InvalidOid || cache.catalog_oids.contains(&relid) || matches!(cache.tables.get(&relid), Some(Some(_)))
+            let distributed = relid == pg_sys::InvalidOid || matches!(cache.tables.get(&relid), Some(Some(_)));
+            (distributed || cache.catalog_oids.contains(&relid), distributed)
         }
-        Err(_) => true,
+        Err(_) => (true, true),
     });
+    if distributed {
+        DEFINITIONS.with(|d| d.set(d.get() + 1));
+    }
     if ours {
         STALE.with(|s| s.set(true));
     }

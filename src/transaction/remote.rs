@@ -59,6 +59,10 @@ struct NodeSession {
     settings: Option<Vec<String>>,
     /// Statements prepared on the node: (SQL, parameter types) -> statement name.
     prepared: std::collections::HashMap<(String, Vec<u32>), String>,
+    /// `cache::definitions_generation()` when `prepared` was last known valid: a table's
+    /// definition changed since (ALTER COLUMN ... TYPE) makes the workers refuse a statement
+    /// prepared before ("cached plan must not change result type").
+    prepared_generation: u64,
 }
 
 impl NodeSession {
@@ -315,6 +319,7 @@ fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
                 label: format!("{}:{}", node.host, node.port),
                 settings: None,
                 prepared: Default::default(),
+                prepared_generation: crate::catalog::cache::definitions_generation(),
             },
         )
     });
@@ -427,15 +432,20 @@ pub fn open_connection(node: &Node) -> Result<Rc<RemoteConnection>> {
 /// it first if this connection has not yet.
 pub fn prepared_statement(node: &Node, connection: &RemoteConnection, sql: &CStr, types: &[u32]) -> Result<CString> {
     let key = (sql.to_string_lossy().into_owned(), types.to_vec());
-    let (known, count) = SESSIONS.with(|s| {
+    let generation = crate::catalog::cache::definitions_generation();
+    let (known, count, current) = SESSIONS.with(|s| {
         let sessions = s.borrow();
         let session = sessions.get(&node.node_id);
-        (session.and_then(|x| x.prepared.get(&key).cloned()), session.map_or(0, |x| x.prepared.len()))
+        (
+            session.and_then(|x| x.prepared.get(&key).cloned()),
+            session.map_or(0, |x| x.prepared.len()),
+            session.is_none_or(|x| x.prepared_generation == generation),
+        )
     });
-    if let Some(name) = known {
+    if let (Some(name), true) = (known, current) {
         return Ok(CString::new(name).unwrap_or_default());
     }
-    if count >= MAX_PREPARED {
+    if count >= MAX_PREPARED || (count > 0 && !current) {
         connection.exec("DEALLOCATE ALL").map_err(|e| remote_error(node, e))?;
         SESSIONS.with(|s| {
             if let Some(session) = s.borrow_mut().get_mut(&node.node_id) {
@@ -443,6 +453,11 @@ pub fn prepared_statement(node: &Node, connection: &RemoteConnection, sql: &CStr
             }
         });
     }
+    SESSIONS.with(|s| {
+        if let Some(session) = s.borrow_mut().get_mut(&node.node_id) {
+            session.prepared_generation = generation;
+        }
+    });
     let name = format!("pgs_{}", NEXT_STATEMENT.with(|n| n.replace(n.get() + 1)));
     let cname = CString::new(name.clone()).unwrap_or_default();
     connection.prepare(&cname, sql, types).map_err(|e| remote_error(node, e))?;

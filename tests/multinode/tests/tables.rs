@@ -201,9 +201,23 @@ fn ddl_reaches_every_shard() {
     assert_eq!(column_count(&cluster, "id"), shards);
     assert_eq!(column_count(&cluster, "n"), 0);
 
+    // Statements the workers prepared before a column's type changed are prepared again (the
+    // workers would refuse them: "cached plan must not change result type"), in this session
+    // and in another one.
+    let mut other = cluster.coordinator();
+    let executions = (1..=7).map(|i| format!("EXECUTE s({i});")).collect::<Vec<_>>().join(" ");
+    c.batch_execute("ALTER TABLE items ADD COLUMN w int").unwrap();
+    for session in [&mut c, &mut other] {
+        session.batch_execute(&format!("PREPARE s(bigint) AS SELECT * FROM items WHERE id = $1; {executions}")).unwrap();
+    }
+    c.batch_execute("ALTER TABLE items ALTER COLUMN w TYPE bigint").unwrap();
+    for session in [&mut c, &mut other] {
+        session.batch_execute(&format!("DEALLOCATE s; PREPARE s(bigint) AS SELECT * FROM items WHERE id = $1; {executions}")).unwrap();
+    }
+    c.batch_execute("ALTER TABLE items DROP COLUMN w").unwrap();
+
     // RENAME TABLE renames every shard; TRUNCATE empties them; DROP TABLE removes them. Both
     // this session and another that had read the table before go on under the new name.
-    let mut other = cluster.coordinator();
     let before: i64 = scalar(&mut other, "SELECT count(*) FROM items");
     c.batch_execute("ALTER TABLE items RENAME TO goods").unwrap();
     assert_eq!(cluster.shard_tables_on_workers("goods"), shards);
