@@ -201,7 +201,19 @@ fn not_streamed(tag: pg_sys::NodeTag, targets: &[Rc<DistributedTable>]) -> Resul
 
 /// SET LOCAL in a transaction block: the remote transactions get the value too.
 unsafe fn note_set_local(statement: *mut pg_sys::Node) {
-    if statement.is_null() || (*statement).type_ != pg_sys::NodeTag::T_VariableSetStmt || !pg_sys::IsTransactionBlock() {
+    if statement.is_null() || !pg_sys::IsTransactionBlock() {
+        return;
+    }
+    // SET CONSTRAINTS ALL: the shards' constraints follow. (Named constraints are the
+    // coordinator's names, not the shards'.)
+    if (*statement).type_ == pg_sys::NodeTag::T_ConstraintsSetStmt {
+        let set = statement.cast::<pg_sys::ConstraintsSetStmt>();
+        if (*set).constraints.is_null() {
+            crate::transaction::remote::note_constraints_all((*set).deferred);
+        }
+        return;
+    }
+    if (*statement).type_ != pg_sys::NodeTag::T_VariableSetStmt {
         return;
     }
     let set = statement.cast::<pg_sys::VariableSetStmt>();

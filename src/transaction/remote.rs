@@ -84,6 +84,9 @@ thread_local! {
     /// transactions; LOCAL_VERSION counts the changes.
     static LOCAL_SETTINGS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static LOCAL_VERSION: Cell<u64> = const { Cell::new(0) };
+    /// `SET CONSTRAINTS ALL DEFERRED` (true) or `IMMEDIATE` (false) in this transaction, sent
+    /// to the remote transactions with the SET LOCAL values.
+    static CONSTRAINTS_ALL: Cell<Option<bool>> = const { Cell::new(None) };
     /// COMMIT PREPARED / ROLLBACK PREPARED statements this backend could not deliver (the
     /// node was unreachable), by node: sent when it next connects there, so that a prepared
     /// transaction does not hold its locks until the next recovery run.
@@ -162,13 +165,30 @@ pub fn note_local_setting(name: &str) {
     LOCAL_VERSION.with(|v| v.set(v.get() + 1));
 }
 
+/// Called for `SET CONSTRAINTS ALL ...` in a transaction block.
+pub fn note_constraints_all(deferred: bool) {
+    CONSTRAINTS_ALL.with(|c| c.set(Some(deferred)));
+    LOCAL_VERSION.with(|v| v.set(v.get() + 1));
+}
+
 fn setting_value(name: &CStr) -> Option<String> {
     // SAFETY: GetConfigOption returns a pointer valid until the setting changes; copied now.
     let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
     (!value.is_null()).then(|| unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned())
 }
 
-/// `SELECT set_config(name, value, true), ...` for the settings changed with SET LOCAL.
+/// `SELECT set_config(name, value, true), ...` for the settings changed with SET LOCAL, and the
+/// transaction's `SET CONSTRAINTS ALL`.
+fn local_settings_statements() -> Vec<String> {
+    let mut statements: Vec<String> = local_settings_statement().into_iter().collect();
+    match CONSTRAINTS_ALL.with(Cell::get) {
+        Some(true) => statements.push("SET CONSTRAINTS ALL DEFERRED".to_string()),
+        Some(false) => statements.push("SET CONSTRAINTS ALL IMMEDIATE".to_string()),
+        None => {}
+    }
+    statements
+}
+
 fn local_settings_statement() -> Option<String> {
     let calls: Vec<String> = LOCAL_SETTINGS.with(|l| {
         l.borrow()
@@ -354,7 +374,7 @@ fn prepare_session(node: &Node, connection: &RemoteConnection, begin: bool, in_t
     }
     statements.extend(settings_statement(known.as_ref(), &wanted));
     if in_transaction && version != local_version {
-        statements.extend(local_settings_statement());
+        statements.extend(local_settings_statements());
     }
     if statements.is_empty() {
         return Ok(());
@@ -901,6 +921,7 @@ fn end_of_transaction() {
     SUBXACTS.with(|s| s.borrow_mut().clear());
     LOCAL_SETTINGS.with(|l| l.borrow_mut().clear());
     LOCAL_VERSION.with(|v| v.set(0));
+    CONSTRAINTS_ALL.with(|c| c.set(None));
 }
 
 #[pg_guard]

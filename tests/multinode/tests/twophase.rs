@@ -696,3 +696,31 @@ fn bank_transfers_survive_a_worker_killed_before_commit_prepared() {
 fn bank_transfers_survive_the_coordinator_killed() {
     scenario(Fault::Coordinator);
 }
+
+#[test]
+fn set_constraints_all_reaches_the_shards() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE dc (id int, a int, CONSTRAINT dc_u UNIQUE (id, a) DEFERRABLE INITIALLY IMMEDIATE);
+         SELECT create_distributed_table('dc', 'id', shard_count => 4);
+         INSERT INTO dc VALUES (1, 1), (2, 2);",
+    )
+    .unwrap();
+    // Deferred: a duplicate in the middle of the transaction is fine when it is gone by COMMIT.
+    c.batch_execute(
+        "BEGIN; SET CONSTRAINTS ALL DEFERRED; INSERT INTO dc VALUES (1, 1); DELETE FROM dc WHERE id = 1;
+         INSERT INTO dc VALUES (1, 1); COMMIT",
+    )
+    .unwrap();
+    // One left at COMMIT fails there, and nothing is committed.
+    let (code, ..) = expect_error(&mut c, "BEGIN; SET CONSTRAINTS ALL DEFERRED; INSERT INTO dc VALUES (2, 2), (3, 3); COMMIT");
+    assert_eq!(code, "23505");
+    let _ = c.batch_execute("ROLLBACK");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM dc"), 2);
+    // Without SET CONSTRAINTS the check is immediate, at the INSERT.
+    c.batch_execute("BEGIN").unwrap();
+    let (code, ..) = expect_error(&mut c, "INSERT INTO dc VALUES (2, 2)");
+    assert_eq!(code, "23505");
+    c.batch_execute("ROLLBACK").unwrap();
+}
