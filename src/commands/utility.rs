@@ -556,8 +556,30 @@ unsafe fn check_rename(_node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable
     Ok(())
 }
 
-unsafe fn check_index(_node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable>]) -> Result<()> {
-    Ok(())
+/// A unique index on a hash-distributed table must include the distribution column. Checked
+/// again on the result (validate_changes); checked here first for CREATE INDEX CONCURRENTLY,
+/// whose coordinator index would be left behind invalid by a refusal after it ran.
+unsafe fn check_index(node: *mut pg_sys::Node, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let statement = node.cast::<pg_sys::IndexStmt>();
+    let Some(table) = targets.first() else { return Ok(()) };
+    let Some(distribution) = table.distribution_column.as_deref() else { return Ok(()) };
+    if !(*statement).unique || !(*statement).concurrent {
+        return Ok(());
+    }
+    let names: Vec<String> = list_pointers::<pg_sys::IndexElem>((*statement).indexParams)
+        .into_iter()
+        .filter(|&element| !(*element).name.is_null())
+        .map(|element| CStr::from_ptr((*element).name).to_string_lossy().into_owned())
+        .collect();
+    if names.iter().any(|name| name == distribution) {
+        return Ok(());
+    }
+    let index = if (*statement).idxname.is_null() {
+        format!("a unique index on \"{}\"", table.name)
+    } else {
+        format!("unique index \"{}\"", CStr::from_ptr((*statement).idxname).to_string_lossy())
+    };
+    Err(unsupported(format!("{index} must include the distribution column \"{distribution}\"")))
 }
 
 /// CREATE INDEX CONCURRENTLY / DROP INDEX CONCURRENTLY: the shards get the same, one statement

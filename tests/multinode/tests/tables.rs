@@ -177,6 +177,11 @@ fn ddl_reaches_every_shard() {
     assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname ~ '^items_price_[0-9]+$' AND i.indisvalid"), shards);
     c.batch_execute("DROP INDEX CONCURRENTLY items_price").unwrap();
     assert_eq!(on_workers(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname ~ '^items_price_[0-9]+$'"), 0);
+    // A unique index without the distribution column, CONCURRENTLY: refused before the
+    // coordinator builds it (no invalid index left behind, the name stays free).
+    let (code, ..) = expect_error(&mut c, "CREATE UNIQUE INDEX CONCURRENTLY items_u ON items (price)");
+    assert_eq!(code, "0A000");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM pg_class WHERE relname = 'items_u'"), 0);
     c.batch_execute("ALTER TABLE items DROP CONSTRAINT price_positive, DROP COLUMN price").unwrap();
     assert_eq!(column_count(&cluster, "price"), 0);
 
