@@ -420,29 +420,13 @@ impl PqConnection {
         }
         drop(guard);
         let mut sink_error = None;
-        loop {
-            let mut buffer: *mut c_char = std::ptr::null_mut();
-            // SAFETY: valid connection in COPY OUT state; async mode never blocks; every buffer
-            // is freed with PQfreemem after `sink` copied it.
-            let length = unsafe { pq::PQgetCopyData(self.conn.as_ptr(), &mut buffer, 1) };
-            if length > 0 {
-                let chunk = unsafe { std::slice::from_raw_parts(buffer as *const u8, length as usize) };
-                if sink_error.is_none() {
-                    if let Err(error) = sink(chunk) {
-                        sink_error = Some(error);
-                    }
+        self.read_copy_out(None, |chunk| {
+            if sink_error.is_none() {
+                if let Err(error) = sink(chunk) {
+                    sink_error = Some(error);
                 }
-                unsafe { pq::PQfreemem(buffer.cast()) };
-            } else if length == 0 {
-                self.wait(pg_sys::WL_SOCKET_READABLE, None)?;
-                // SAFETY: valid connection.
-                if unsafe { pq::PQconsumeInput(self.conn.as_ptr()) } != 1 {
-                    return Err(RemoteError::local(self.last_error()));
-                }
-            } else {
-                break;
             }
-        }
+        })?;
         let (_, rows) = self.drain_results_until(None)?;
         match sink_error {
             Some(error) => Err(error),
@@ -502,20 +486,21 @@ impl PqConnection {
         while let Some(result) = self.next_result(deadline)? {
             // SAFETY: a valid result.
             if unsafe { pq::PQresultStatus(result.0.as_ptr()) } == pq::ExecStatusType::PGRES_COPY_OUT {
-                self.discard_copy_out(deadline)?;
+                self.read_copy_out(deadline, |_| {})?;
             }
         }
         Ok(())
     }
 
-    /// Reads and drops the rest of a COPY OUT.
-    fn discard_copy_out(&self, deadline: Option<Instant>) -> Result<(), RemoteError> {
+    /// Reads the rest of a COPY OUT, one row (one chunk) at a time, into `sink`.
+    fn read_copy_out(&self, deadline: Option<Instant>, mut sink: impl FnMut(&[u8])) -> Result<(), RemoteError> {
         loop {
             let mut buffer: *mut c_char = std::ptr::null_mut();
-            // SAFETY: valid connection in COPY OUT state; async mode never blocks; a returned
-            // buffer is freed at once.
+            // SAFETY: valid connection in COPY OUT state; async mode never blocks; every buffer
+            // is freed with PQfreemem after `sink` saw it.
             let length = unsafe { pq::PQgetCopyData(self.conn.as_ptr(), &mut buffer, 1) };
             if length > 0 {
+                sink(unsafe { std::slice::from_raw_parts(buffer as *const u8, length as usize) });
                 unsafe { pq::PQfreemem(buffer.cast()) };
             } else if length == 0 {
                 self.wait(pg_sys::WL_SOCKET_READABLE, deadline)?;
