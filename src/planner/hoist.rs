@@ -39,10 +39,11 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
         // walkers only enter through the CaseExpr).
         T_TargetEntry | T_FromExpr | T_JoinExpr | T_List | T_RangeTblRef | T_MergeAction | T_CaseWhen => {}
         _ => {
+            // Two walks of the subtree: only where the mode needs it.
             let worker_unsafe =
-                pins::is_pin_value(node) && !shippable::shippable(node, shippable::Rules { whole_statement: true, row_identity: false });
+                || pins::is_pin_value(node) && !shippable::shippable(node, shippable::Rules { whole_statement: true, row_identity: false });
             match replacement {
-                Replacement::Params { next_param, hoisted } if worker_unsafe => {
+                Replacement::Params { next_param, hoisted } if worker_unsafe() => {
                     let param: *mut pg_sys::Param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()).cast();
                     (*param).xpr.type_ = T_Param;
                     (*param).paramkind = pg_sys::ParamKind::PARAM_EXTERN;
@@ -64,7 +65,7 @@ unsafe extern "C-unwind" fn mutate(node: *mut pg_sys::Node, context: *mut std::f
                     return pg_sys::makeConst(pg_sys::OIDOID, -1, pg_sys::InvalidOid, 4, oid, false, true).cast();
                 }
                 Replacement::Values { estate }
-                    if worker_unsafe
+                    if worker_unsafe()
                         || ((*node).type_ == T_Param
                             && (*node.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_EXTERN) =>
                 {
