@@ -161,9 +161,12 @@ pub fn load(relid: pg_sys::Oid) -> Result<Option<DistributedTable>> {
     })
 }
 
+/// A new shard id (the sequence is the catalog's: taken with the catalog owner's rights).
 pub fn next_shard_id() -> Result<i64> {
-    Spi::get_one::<i64>("SELECT nextval('sharding.dist_shard_id_seq')")?
-        .ok_or_else(|| ShardingError::internal("nextval returned NULL"))
+    crate::catalog::as_catalog_owner(|| {
+        Spi::get_one::<i64>("SELECT nextval('sharding.dist_shard_id_seq')")?
+            .ok_or_else(|| ShardingError::internal("nextval returned NULL"))
+    })
 }
 
 pub fn new_colocation_group(shard_count: i32, distribution_type: Option<pg_sys::Oid>) -> Result<i32> {

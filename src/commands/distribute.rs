@@ -13,6 +13,7 @@ use sharding_core::interval::{split_hash_space, HashInterval};
 
 use super::foreign_keys::{self, NewShard};
 use super::required;
+use crate::connection::RemoteRows;
 use sharding_core::foreign_key::Kind;
 use crate::catalog::tables::{self, DistributedTable, Method, Shard};
 use crate::catalog::{self, cache};
@@ -171,6 +172,14 @@ fn node_by_id(nodes: &[Node], node_id: i32) -> Result<&Node> {
     })
 }
 
+/// `CREATE SCHEMA IF NOT EXISTS` for the (quoted) `schema` where the node, asked through `run`,
+/// lacks it: the statement needs CREATE on the database even when the schema exists, a right
+/// a table's owner seldom has.
+pub(super) fn schema_statement(schema: &str, run: &dyn Fn(&str) -> Result<RemoteRows>) -> Result<Vec<String>> {
+    let found = run(&format!("SELECT 1 WHERE pg_catalog.to_regnamespace({}) IS NOT NULL", quote::literal(schema)))?;
+    Ok(if found.rows.is_empty() { vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")] } else { Vec::new() })
+}
+
 /// Creates every shard on its placement nodes: one round trip per node.
 fn create_shards_on_workers(definition: &TableDefinition, shards: &[Shard], nodes: &[Node]) -> Result<()> {
     let mut per_node: BTreeMap<i32, Vec<String>> = BTreeMap::new();
@@ -182,12 +191,9 @@ fn create_shards_on_workers(definition: &TableDefinition, shards: &[Shard], node
     for (node_id, statements) in per_node {
         let node = node_by_id(nodes, node_id)?;
         super::types::ensure_on(definition, node)?;
-        let sql = format!(
-            "CREATE SCHEMA IF NOT EXISTS {}; {}",
-            quote::ident(&definition.schema),
-            statements.join("; ")
-        );
-        remote::execute(node, &sql)?;
+        let mut sql = schema_statement(&quote::ident(&definition.schema), &|sql| remote::execute(node, sql))?;
+        sql.extend(statements);
+        remote::execute(node, &sql.join("; "))?;
     }
     Ok(())
 }
@@ -384,7 +390,7 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
     let nodes = active_nodes()?;
 
     // Colocation: an existing group fixes the shard count and where each shard index lives.
-    Spi::run("LOCK TABLE sharding.dist_colocation IN SHARE ROW EXCLUSIVE MODE")?;
+    catalog::as_catalog_owner(|| Ok(Spi::run("LOCK TABLE sharding.dist_colocation IN SHARE ROW EXCLUSIVE MODE")?))?;
     let colocate_with = request.colocate_with.trim();
     let keys = table_ddl::foreign_keys(request.relid)?;
     // A key to another distributed table needs its colocation group: 'default' takes it.
@@ -490,7 +496,7 @@ pub(super) fn create_distributed_table_impl(request: DistributeRequest<'_>) -> R
         shards: shards.clone(),
         catalog_xmins: Vec::new(),
     };
-    super::grants::sync_shards(&routing_table, &[])?;
+    super::grants::sync_new_shards(&routing_table)?;
     send_local_rows(&definition, &shards, Some(attnum), Some(&routing_table))?;
     create_keys_on_shards(request.relid, &definition, &keys, &shards, &nodes)?;
     // Rows now live in the shards; the coordinator's table stays as the empty shell queries name.
@@ -529,7 +535,7 @@ pub(super) fn create_reference_table_impl(relid: pg_sys::Oid) -> Result<()> {
     };
     let shards = vec![shard];
     create_shards_on_workers(&definition, &shards, &nodes)?;
-    super::grants::sync_shards(
+    super::grants::sync_new_shards(
         &DistributedTable {
             relid,
             schema: definition.schema.clone(),
@@ -543,7 +549,6 @@ pub(super) fn create_reference_table_impl(relid: pg_sys::Oid) -> Result<()> {
             shards: shards.clone(),
             catalog_xmins: Vec::new(),
         },
-        &[],
     )?;
     // The coordinator's own table keeps its rows: it is the coordinator's placement.
     send_local_rows(&definition, &shards, None, None)?;
@@ -628,7 +633,7 @@ pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
         );
         remote::execute(node, &sql)?;
         let target = Shard { placements: vec![node.node_id], ..shard.clone() };
-        super::grants::sync_shards(&DistributedTable { shards: vec![target.clone()], ..(*table).clone() }, &[])?;
+        super::grants::sync_new_shards(&DistributedTable { shards: vec![target.clone()], ..(*table).clone() })?;
         send_local_rows(&definition, &[target], None, None)?;
         catalog::as_catalog_owner(|| tables::insert_placement(shard.shard_id, node.node_id))?;
         copied.push((NewShard { relid, shard_id: shard.shard_id, interval: None }, definition));

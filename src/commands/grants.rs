@@ -16,7 +16,14 @@ use crate::transaction::remote;
 /// (grantee, privilege, grantable); grantee quoted, or PUBLIC.
 type Grant = (String, String, bool);
 
+/// The table's ACL entries, and its owner (quoted).
 fn table_acl(relid: pg_sys::Oid) -> Result<(Vec<Grant>, String)> {
+    let (grants, owner, _) = table_privileges(relid)?;
+    Ok((grants, owner))
+}
+
+/// `table_acl`, and whether the current role is the table's owner.
+fn table_privileges(relid: pg_sys::Oid) -> Result<(Vec<Grant>, String, bool)> {
     Spi::connect(|client| {
         let grants = client
             .select(
@@ -38,18 +45,91 @@ fn table_acl(relid: pg_sys::Oid) -> Result<(Vec<Grant>, String)> {
                 ))
             })
             .collect::<Result<Vec<Grant>>>()?;
-        let owner = client
+        let (owner, is_current) = client
             .select(
-                "SELECT pg_catalog.quote_ident(r.rolname) FROM pg_catalog.pg_class c
+                "SELECT pg_catalog.quote_ident(r.rolname), r.rolname = current_user FROM pg_catalog.pg_class c
                    JOIN pg_catalog.pg_roles r ON r.oid = c.relowner WHERE c.oid = $1",
                 Some(1),
                 &[relid.into()],
             )?
             .first()
-            .get_one::<String>()?
-            .unwrap_or_default();
-        Ok((grants, owner))
+            .get_two::<String, bool>()?;
+        Ok((grants, owner.unwrap_or_default(), is_current.unwrap_or(false)))
     })
+}
+
+/// Statements that give a shard just created (by the current role) the table's owner and
+/// privileges: `ALTER ... OWNER TO` when the current role is not the owner (a superuser
+/// distributing another role's table, a move, a split), then the table's grants.
+pub fn new_shard_statements(relid: pg_sys::Oid, shard: &str) -> Result<Vec<String>> {
+    let (grants, owner, is_owner) = table_privileges(relid)?;
+    let mut statements = Vec::new();
+    if !is_owner {
+        statements.push(format!("ALTER TABLE {shard} OWNER TO {owner}"));
+    }
+    statements.extend(grant_statements(&grants, &owner, shard));
+    Ok(statements)
+}
+
+/// The GRANTs of `grants` (but the owner's own) on `shard`, one per grantee and grant option.
+fn grant_statements(grants: &[Grant], owner: &str, shard: &str) -> Vec<String> {
+    let mut grouped: BTreeMap<(String, bool), Vec<String>> = BTreeMap::new();
+    for (grantee, privilege, grantable) in grants {
+        if grantee != owner {
+            grouped.entry((grantee.clone(), *grantable)).or_default().push(privilege.clone());
+        }
+    }
+    grouped
+        .into_iter()
+        .map(|((grantee, grantable), privileges)| {
+            format!(
+                "GRANT {} ON {shard} TO {grantee}{}",
+                privileges.join(", "),
+                if grantable { " WITH GRANT OPTION" } else { "" }
+            )
+        })
+        .collect()
+}
+
+/// Gives every shard of `table` the table's owner, then its ACL: after the table was
+/// distributed by another role than its owner, and after `ALTER TABLE ... OWNER TO`.
+pub fn sync_owner(table: &DistributedTable, roles_before: &[String]) -> Result<()> {
+    let (_, owner) = table_acl(table.relid)?;
+    let statements = |shard: &str| vec![format!("ALTER TABLE {shard} OWNER TO {owner}")];
+    run_per_node(table, &statements)?;
+    sync_shards(table, roles_before)
+}
+
+/// Gives the shards of a table just distributed its owner (when the current role is not the
+/// owner) and its ACL.
+pub fn sync_new_shards(table: &DistributedTable) -> Result<()> {
+    let (_, _, is_owner) = table_privileges(table.relid)?;
+    if is_owner {
+        sync_shards(table, &[])
+    } else {
+        sync_owner(table, &[])
+    }
+}
+
+/// Runs the statements `for_shard` gives for each shard's qualified name on the shard's nodes,
+/// one round trip per node.
+fn run_per_node(table: &DistributedTable, for_shard: &dyn Fn(&str) -> Vec<String>) -> Result<()> {
+    let nodes = crate::catalog::cache::nodes()?;
+    let mut per_node: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for shard in &table.shards {
+        let statements = for_shard(&quote::qualified(&table.schema, &shard_object_name(&table.name, shard.shard_id)));
+        if statements.is_empty() {
+            continue;
+        }
+        for node_id in &shard.placements {
+            per_node.entry(*node_id).or_default().extend(statements.iter().cloned());
+        }
+    }
+    for (node_id, statements) in per_node {
+        let Some(node) = nodes.iter().find(|n| n.node_id == node_id) else { continue };
+        remote::execute(node, &statements.join("; "))?;
+    }
+    Ok(())
 }
 
 /// The roles the table's ACL names now (quoted, PUBLIC included): call before a GRANT or
@@ -70,37 +150,12 @@ pub fn sync_shards(table: &DistributedTable, roles_before: &[String]) -> Result<
     revoke.sort();
     revoke.dedup();
     revoke.retain(|role| *role != owner);
-    let mut grouped: BTreeMap<(String, bool), Vec<String>> = BTreeMap::new();
-    for (grantee, privilege, grantable) in &grants {
-        if *grantee != owner {
-            grouped.entry((grantee.clone(), *grantable)).or_default().push(privilege.clone());
-        }
-    }
-    if revoke.is_empty() && grouped.is_empty() {
-        return Ok(());
-    }
-    let nodes = crate::catalog::cache::nodes()?;
-    let mut per_node: BTreeMap<i32, Vec<String>> = BTreeMap::new();
-    for shard in &table.shards {
-        let name = quote::qualified(&table.schema, &shard_object_name(&table.name, shard.shard_id));
+    run_per_node(table, &|name| {
         let mut statements = Vec::new();
         if !revoke.is_empty() {
             statements.push(format!("REVOKE ALL ON {name} FROM {}", revoke.join(", ")));
         }
-        for ((grantee, grantable), privileges) in &grouped {
-            statements.push(format!(
-                "GRANT {} ON {name} TO {grantee}{}",
-                privileges.join(", "),
-                if *grantable { " WITH GRANT OPTION" } else { "" }
-            ));
-        }
-        for node_id in &shard.placements {
-            per_node.entry(*node_id).or_default().extend(statements.iter().cloned());
-        }
-    }
-    for (node_id, statements) in per_node {
-        let Some(node) = nodes.iter().find(|n| n.node_id == node_id) else { continue };
-        remote::execute(node, &statements.join("; "))?;
-    }
-    Ok(())
+        statements.extend(grant_statements(&grants, &owner, name));
+        statements
+    })
 }

@@ -193,9 +193,9 @@ pub fn run(
     clear(source, target, &name, &names)?;
 
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
-        for (definition, id) in &definitions {
+        for ((definition, id), (_, relid)) in definitions.iter().zip(shards) {
             super::types::ensure_with(definition, target, &|sql| on(target, &tgt, sql))?;
-            on(target, &tgt, &super::shard_ops::create_shard_sql(definition, *id))?;
+            on(target, &tgt, &super::shard_ops::create_shard_sql(*relid, definition, *id)?)?;
         }
         // The foreign keys now, on empty shards: the subscription's copy and changes arrive as
         // replication (session_replication_role = replica), which the keys' triggers skip, and

@@ -145,13 +145,13 @@ fn copy_rows(source: &Node, target: &Node, from: &str, to: &str, columns: &str, 
     Ok(rows)
 }
 
-/// The statements that create one shard (with its schema) on a node.
-pub fn create_shard_sql(definition: &table_ddl::TableDefinition, shard_id: i64) -> String {
-    format!(
-        "CREATE SCHEMA IF NOT EXISTS {}; {}",
-        quote::ident(&definition.schema),
-        definition.shard_ddl(shard_id, &quote::ident).join("; ")
-    )
+/// The statements that create one shard of `relid` (with its schema) on a node, with the
+/// table's owner and privileges (moves and splits run as a superuser).
+pub fn create_shard_sql(relid: pg_sys::Oid, definition: &table_ddl::TableDefinition, shard_id: i64) -> Result<String> {
+    let mut statements = vec![format!("CREATE SCHEMA IF NOT EXISTS {}", quote::ident(&definition.schema))];
+    statements.extend(definition.shard_ddl(shard_id, &quote::ident));
+    statements.extend(super::grants::new_shard_statements(relid, &definition.shard_name(shard_id, &quote::ident))?);
+    Ok(statements.join("; "))
 }
 
 /// How a move copies the rows.
@@ -314,7 +314,7 @@ pub fn move_group(shard_id: i64, target_id: i32, mode: MoveMode) -> Result<()> {
     for member in &group.shards {
         let definition = table_ddl::read(member.relid)?;
         super::types::ensure_on(&definition, &target)?;
-        remote::execute(&target, &create_shard_sql(&definition, member.shard_id))?;
+        remote::execute(&target, &create_shard_sql(member.relid, &definition, member.shard_id)?)?;
         let shard = quote::qualified(&definition.schema, &shard_object_name(&definition.name, member.shard_id));
         let columns: Vec<String> =
             definition.columns.iter().filter(|c| c.generated_sql.is_none()).map(|c| quote::ident(&c.name)).collect();

@@ -402,7 +402,7 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
         for member in &members {
             let mut sql = Vec::new();
             for (id, _, _) in &member.children {
-                sql.push(super::shard_ops::create_shard_sql(&member.definition, *id));
+                sql.push(super::shard_ops::create_shard_sql(member.relid, &member.definition, *id)?);
             }
             sql.push(format!(
                 "WITH {} SELECT 1",
@@ -444,8 +444,11 @@ fn split_in_place(shard_id: i64, points: &[i32], online: bool) -> Result<Vec<i64
     let connection = connection::connect_to_node(&source.host, source.port)?;
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         for member in &members {
-            let ddl: Vec<String> =
-                member.children.iter().map(|(id, _, _)| super::shard_ops::create_shard_sql(&member.definition, *id)).collect();
+            let ddl: Vec<String> = member
+                .children
+                .iter()
+                .map(|(id, _, _)| super::shard_ops::create_shard_sql(member.relid, &member.definition, *id))
+                .collect::<Result<_>>()?;
             on(&source, &connection, &ddl.join("; "))?;
         }
         install_triggers(&source, &connection, &members, &keys)?;

@@ -228,7 +228,9 @@ pub fn ensure_with(definition: &table_ddl::TableDefinition, node: &Node, run: &d
                 .hint("Drop or change the node's type to match the coordinator's."))
             }
             None if there.rows.is_empty() => {
-                run(&format!("CREATE SCHEMA IF NOT EXISTS {}; {}", schema_of(&user_type.name), user_type.create))?;
+                let mut sql = super::distribute::schema_statement(schema_of(&user_type.name), run)?;
+                sql.push(user_type.create.clone());
+                run(&sql.join("; "))?;
             }
             None => {
                 return Err(ShardingError::new(

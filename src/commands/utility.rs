@@ -107,6 +107,7 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_IndexStmt, targets: index_targets, check: check_index, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_DropStmt, targets: drop_index_targets, check: no_check, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: grant_targets, check: check_grant, run: run_grant },
+    Operation { tag: pg_sys::NodeTag::T_ReassignOwnedStmt, targets: reassign_targets, check: no_check, run: run_reassign },
     // A local table's new foreign key to a distributed table: refused (the coordinator holds
     // neither the rows it would check nor sees the local rows when a shard deletes one).
     Operation { tag: pg_sys::NodeTag::T_CreateStmt, targets: local_key_targets, check: refuse_local_key, run: never },
@@ -445,6 +446,34 @@ unsafe fn grant_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTab
     Ok(found)
 }
 
+/// REASSIGN OWNED BY: the distributed and reference tables the roles own.
+unsafe fn reassign_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::ReassignOwnedStmt>();
+    let roles: Vec<pg_sys::Oid> = list_pointers::<pg_sys::RoleSpec>((*statement).roles)
+        .into_iter()
+        .map(|role| pg_sys::get_rolespec_oid(role, true))
+        .filter(|oid| *oid != pg_sys::InvalidOid)
+        .collect();
+    let mut found = Vec::new();
+    for role in roles {
+        let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
+            client
+                .select(
+                    "SELECT t.logicalrelid::oid FROM sharding.dist_table t
+                       JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid WHERE c.relowner = $1",
+                    None,
+                    &[role.into()],
+                )?
+                .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
+                .collect()
+        })?;
+        for relid in relids {
+            found.extend(distributed_by_oid(relid)?);
+        }
+    }
+    Ok(found)
+}
+
 /// The distributed and reference tables of the schema named `schema`.
 unsafe fn tables_in_schema(schema: &str) -> Result<Vec<Rc<DistributedTable>>> {
     let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
@@ -531,11 +560,13 @@ unsafe fn check_alter_table(node: *mut pg_sys::Node, _targets: &[Rc<DistributedT
             // Row-level security is enforced by the coordinator's planner (its policies become
             // conditions of the plan); the shards keep none of their own.
             AT_EnableRowSecurity | AT_DisableRowSecurity | AT_ForceRowSecurity | AT_NoForceRowSecurity => {}
+            // The shards follow the new owner (run_definition_change).
+            AT_ChangeOwner => {}
             other => {
                 return Err(unsupported(format!(
                     "this ALTER TABLE subcommand (AlterTableType {other}) is not supported on distributed tables"
                 ))
-                .hint("Supported: ADD/DROP/RENAME COLUMN, ALTER COLUMN TYPE/SET DEFAULT/DROP DEFAULT/SET NOT NULL/DROP NOT NULL, ADD/DROP/VALIDATE CONSTRAINT, ENABLE/DISABLE/FORCE ROW LEVEL SECURITY."))
+                .hint("Supported: ADD/DROP/RENAME COLUMN, ALTER COLUMN TYPE/SET DEFAULT/DROP DEFAULT/SET NOT NULL/DROP NOT NULL, ADD/DROP/VALIDATE CONSTRAINT, ENABLE/DISABLE/FORCE ROW LEVEL SECURITY, OWNER TO."))
             }
         }
     }
@@ -580,6 +611,14 @@ unsafe fn check_index(node: *mut pg_sys::Node, targets: &[Rc<DistributedTable>])
         format!("unique index \"{}\"", CStr::from_ptr((*statement).idxname).to_string_lossy())
     };
     Err(unsupported(format!("{index} must include the distribution column \"{distribution}\"")))
+}
+
+/// ALTER TABLE ... OWNER TO.
+unsafe fn changes_owner(statement: *mut pg_sys::Node) -> bool {
+    (*statement).type_ == pg_sys::NodeTag::T_AlterTableStmt
+        && list_pointers::<pg_sys::AlterTableCmd>((*statement.cast::<pg_sys::AlterTableStmt>()).cmds)
+            .into_iter()
+            .any(|command| (*command).subtype == pg_sys::AlterTableType::AT_ChangeOwner)
 }
 
 /// CREATE INDEX CONCURRENTLY / DROP INDEX CONCURRENTLY: the shards get the same, one statement
@@ -635,6 +674,17 @@ fn run_grant(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()>
     call.run_standard();
     for (table, roles) in targets.iter().zip(before) {
         super::grants::sync_shards(table, &roles)?;
+    }
+    Ok(())
+}
+
+/// REASSIGN OWNED BY: the shards of the tables it gives away follow them to the new owner.
+fn run_reassign(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let before: Vec<Vec<String>> =
+        targets.iter().map(|t| super::grants::acl_roles(t.relid)).collect::<Result<_>>()?;
+    call.run_standard();
+    for (table, roles) in targets.iter().zip(before) {
+        super::grants::sync_owner(table, &roles)?;
     }
     Ok(())
 }
@@ -703,7 +753,17 @@ fn run_definition_change(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -
     // SAFETY: the statement of the call being run.
     let concurrent = unsafe { is_concurrent(call.statement()) };
     let before: Vec<_> = targets.iter().map(|t| table_ddl::read(t.relid)).collect::<Result<_>>()?;
+    // SAFETY: the statement of the call being run.
+    let owner_change = unsafe { changes_owner(call.statement()) };
+    let acl_before: Vec<Vec<String>> = if owner_change {
+        targets.iter().map(|t| super::grants::acl_roles(t.relid)).collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
     call.run_standard();
+    for (table, roles) in targets.iter().zip(&acl_before) {
+        super::grants::sync_owner(table, roles)?;
+    }
     for (table, before) in targets.iter().zip(before) {
         let after = table_ddl::read(table.relid)?;
         let changes = diff(&before, &after);

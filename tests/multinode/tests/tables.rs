@@ -912,6 +912,107 @@ fn privileges_follow_the_table_to_its_shards() {
     assert_eq!(code, "0A000");
 }
 
+#[test]
+fn tables_keep_their_owner_and_grants_on_the_shards_through_moves_and_splits() {
+    let cluster = Cluster::start(2);
+    for port in [cluster.port, cluster.worker_port(1), cluster.worker_port(2)] {
+        cluster
+            .connect_port(port)
+            .batch_execute(
+                "CREATE ROLE app LOGIN; CREATE ROLE app2 LOGIN; CREATE ROLE reader LOGIN;
+                 GRANT CREATE ON SCHEMA public TO app, app2;",
+            )
+            .unwrap();
+    }
+    let as_role = |role: &str| {
+        pg_sharding_multinode::Client::connect(&format!("host=127.0.0.1 port={} user={role} dbname=postgres", cluster.port), pg_sharding_multinode::NoTls)
+            .unwrap()
+    };
+    // A table owner who is not a superuser distributes its own tables (with an enum column, and
+    // a reference table); a superuser distributes another table of app's.
+    let mut app = as_role("app");
+    app.batch_execute(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE items (id int PRIMARY KEY, m mood, v int);
+         SELECT create_distributed_table('items', 'id', shard_count => 4);
+         INSERT INTO items SELECT g, 'happy', g FROM generate_series(1, 100) g;
+         CREATE TABLE labels (k int PRIMARY KEY, label text);
+         SELECT create_reference_table('labels');
+         INSERT INTO labels VALUES (0, 'zero'), (1, 'one');
+         CREATE TABLE later (id int PRIMARY KEY, v int);
+         INSERT INTO later SELECT g, g FROM generate_series(1, 50) g;
+         GRANT SELECT ON items, labels, later TO reader;",
+    )
+    .unwrap();
+    let mut admin = cluster.coordinator();
+    admin.batch_execute("SELECT create_distributed_table('later', 'id', shard_count => 4)").unwrap();
+    assert_eq!(scalar::<i64>(&mut app, "WITH u AS (UPDATE later SET v = v + 1 RETURNING 1) SELECT count(*) FROM u"), 50);
+    assert_eq!(scalar::<i64>(&mut app, "SELECT count(*) FROM later WHERE v > 1"), 50);
+
+    // Shards of every kind are the owner's, and carry the table's grants.
+    let owners = |table: &str| -> Vec<(String, bool)> {
+        cluster
+            .placements(table)
+            .iter()
+            .map(|p| {
+                let row = cluster
+                    .connect_port(p.port)
+                    .query_one(
+                        &format!(
+                            "SELECT relowner::regrole::text, has_table_privilege('reader', '{0}', 'SELECT') FROM pg_class WHERE oid = '{0}'::regclass",
+                            p.shard_name
+                        ),
+                        &[],
+                    )
+                    .unwrap();
+                (row.get(0), row.get(1))
+            })
+            .collect()
+    };
+    for table in ["items", "labels", "later"] {
+        let found = owners(table);
+        assert!(!found.is_empty());
+        assert!(found.iter().all(|o| *o == ("app".to_string(), true)), "{table}: {found:?}");
+    }
+
+    // Moves and splits (run by a superuser) keep the owner and the grants.
+    let node = |c: &mut Client, w: usize| -> i32 {
+        scalar(c, &format!("SELECT node_id FROM sharding.dist_node WHERE port = {}", cluster.worker_port(w)))
+    };
+    let (w1, w2) = (node(&mut admin, 1), node(&mut admin, 2));
+    let on = |c: &mut Client, w: i32| -> i64 {
+        scalar(c, &format!("SELECT min(shard_id) FROM sharding.shards WHERE table_name = 'items'::regclass AND node_id = {w}"))
+    };
+    let (first, second) = (on(&mut admin, w1), on(&mut admin, w2));
+    admin.batch_execute(&format!("SELECT sharding.move_shard({first}, {w2})")).unwrap();
+    admin.batch_execute(&format!("SELECT sharding.move_shard({second}, {w1}, 'block_writes')")).unwrap();
+    let middle = |c: &mut Client, shard: i64| -> i32 {
+        scalar(c, &format!("SELECT ((min_hash::bigint + max_hash::bigint) / 2)::int FROM sharding.dist_shard WHERE shard_id = {shard}"))
+    };
+    let split_points = (middle(&mut admin, first), middle(&mut admin, second));
+    admin.batch_execute(&format!("SELECT sharding.split_shard({first}, ARRAY[{}])", split_points.0)).unwrap();
+    admin.batch_execute(&format!("SELECT sharding.split_shard({second}, ARRAY[{}], mode => 'block_writes')", split_points.1)).unwrap();
+    let found = owners("items");
+    assert_eq!(found.len(), 6);
+    assert!(found.iter().all(|o| *o == ("app".to_string(), true)), "{found:?}");
+    assert_eq!(scalar::<i64>(&mut as_role("reader"), "SELECT count(*) FROM items"), 100);
+    assert_eq!(scalar::<i64>(&mut as_role("app"), "WITH u AS (UPDATE items SET v = v + 1 RETURNING 1) SELECT count(*) FROM u"), 100);
+
+    // ALTER TABLE ... OWNER TO reaches the shards; the old owner loses its rights there too.
+    admin.batch_execute("ALTER TABLE items OWNER TO app2").unwrap();
+    let found = owners("items");
+    assert!(found.iter().all(|o| *o == ("app2".to_string(), true)), "{found:?}");
+    let (code, ..) = expect_error(&mut as_role("app"), "SELECT count(*) FROM items");
+    assert_eq!(code, "42501");
+    assert_eq!(scalar::<i64>(&mut as_role("app2"), "WITH d AS (DELETE FROM items WHERE id <= 10 RETURNING 1) SELECT count(*) FROM d"), 10);
+    assert_eq!(scalar::<i64>(&mut as_role("reader"), "SELECT count(*) FROM items"), 90);
+    // So does REASSIGN OWNED BY.
+    admin.batch_execute("REASSIGN OWNED BY app2 TO app").unwrap();
+    let found = owners("items");
+    assert!(found.iter().all(|o| *o == ("app".to_string(), true)), "{found:?}");
+    assert_eq!(scalar::<i64>(&mut as_role("app"), "SELECT count(*) FROM items"), 90);
+}
+
 /// The rows of `sql` as text, one line per row.
 fn text_rows(c: &mut Client, sql: &str) -> Vec<String> {
     c.simple_query(sql)
