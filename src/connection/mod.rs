@@ -9,10 +9,13 @@ pub use libpq::{wait_any_readable, ConnectParams, Poll, RemoteConnection, Remote
 use crate::error::ShardingError;
 use pgrx::PgSqlErrorCode;
 
-/// The database and role a backend uses on the workers: the same as on the coordinator.
+/// The database and role a backend uses on the workers: the same as on the coordinator (the
+/// role of `current_role`).
 pub fn session_identity() -> crate::error::Result<(String, String)> {
-    let (db, user) =
-        crate::catalog::read_two::<String, String>("SELECT pg_catalog.current_database()::text, current_user::text", &[])?;
+    let (db, user) = crate::catalog::read_two::<String, String>(
+        "SELECT pg_catalog.current_database()::text, pg_catalog.pg_get_userbyid($1)::text",
+        &[current_role().into()],
+    )?;
     match (db, user) {
         (Some(db), Some(user)) => Ok((db, user)),
         _ => Err(ShardingError::internal("could not determine the current database and user")),
@@ -104,8 +107,40 @@ pub fn connect_to(node: &crate::catalog::nodes::Node) -> crate::error::Result<Re
     connect_to_node(&node.host, node.port)
 }
 
-/// The role statements run as now (SET ROLE and SECURITY DEFINER functions change it).
+thread_local! {
+    /// The role whose rights a scan reads its tables with when it is not the current one: the
+    /// owner of the view the tables are read through (see `run_as`).
+    static RUN_AS: std::cell::Cell<pgrx::pg_sys::Oid> = const { std::cell::Cell::new(pgrx::pg_sys::InvalidOid) };
+}
+
+/// The role statements run as on the nodes: the current one (SET ROLE and SECURITY DEFINER
+/// functions change it), or the one a scan taking its connections runs as (`run_as`).
 pub fn current_role() -> pgrx::pg_sys::Oid {
+    let run_as = RUN_AS.with(std::cell::Cell::get);
+    if run_as != pgrx::pg_sys::InvalidOid {
+        return run_as;
+    }
     // SAFETY: reads this backend's current user id.
     unsafe { pgrx::pg_sys::GetUserId() }
+}
+
+/// While alive, connections are taken for `role` (0: the current role), as PostgreSQL checks a
+/// view's tables with its owner's rights: a scan of tables read through a view of another
+/// role's uses that role's connections. The coordinator has checked those rights already.
+/// Restored on drop (also when an ERROR unwinds) and at the end of every transaction.
+pub struct RunAs(pgrx::pg_sys::Oid);
+
+pub fn run_as(role: u32) -> RunAs {
+    RunAs(RUN_AS.with(|r| r.replace(pgrx::pg_sys::Oid::from(role))))
+}
+
+impl Drop for RunAs {
+    fn drop(&mut self) {
+        RUN_AS.with(|r| r.set(self.0));
+    }
+}
+
+/// Forgets any `run_as` (at transaction end: no guard outlives its statement).
+pub fn reset_run_as() {
+    RUN_AS.with(|r| r.set(pgrx::pg_sys::InvalidOid));
 }

@@ -119,7 +119,8 @@ pub unsafe fn deparse_merge(query: *mut pg_sys::Query, slot_source: bool) -> Res
     if slots != expected {
         return Err(ShardingError::internal(format!("a MERGE printed with {slots} relations, expected {expected}: {sql}")));
     }
-    Ok(DeparsedQuery { template, relations: names.relations })
+    // A MERGE writes as the current role (its target is never a view in PostgreSQL 15).
+    Ok(DeparsedQuery { template, relations: names.relations, run_as: 0 })
 }
 
 /// The range table index of the one entry of a MERGE's FROM list (its source).

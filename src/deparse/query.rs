@@ -163,12 +163,24 @@ pub(crate) fn relation_name(relid: pg_sys::Oid) -> Result<(String, String)> {
 pub struct DeparsedQuery {
     pub template: Template,
     pub relations: Vec<pg_sys::Oid>,
+    /// The role whose rights every distributed table of the statement is read with, when that
+    /// is not the current role (the tables are those of a view of that role's); else 0.
+    pub run_as: u32,
+}
+
+/// The role of `checkAsUser` values (0: the current role): one role for all, or 0.
+pub fn common_role(roles: &[pg_sys::Oid]) -> u32 {
+    match roles.first() {
+        Some(first) if roles.iter().all(|r| r == first) => first.to_u32(),
+        _ => 0,
+    }
 }
 
 /// Prints `query` (left unchanged: a copy gets the aliases) for workers.
 pub unsafe fn deparse_query(query: *mut pg_sys::Query) -> Result<DeparsedQuery> {
     let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(query.cast()).cast();
     let mut relations: Vec<pg_sys::Oid> = Vec::new();
+    let mut roles: Vec<pg_sys::Oid> = Vec::new();
     let mut forced = 0usize;
     let mut failure: Option<ShardingError> = None;
     for_each_rte(copy, &mut |rte| {
@@ -184,6 +196,7 @@ pub unsafe fn deparse_query(query: *mut pg_sys::Query) -> Result<DeparsedQuery> 
             }
         }
         forced += 1;
+        roles.push((*rte).checkAsUser);
         let alias = CString::new(format!("{ALIAS_PREFIX}{forced}")).unwrap_or_default();
         let colnames = if (*rte).alias.is_null() { std::ptr::null_mut() } else { (*(*rte).alias).colnames };
         (*rte).alias = pg_sys::makeAlias(alias.as_ptr(), colnames);
@@ -209,7 +222,7 @@ pub unsafe fn deparse_query(query: *mut pg_sys::Query) -> Result<DeparsedQuery> 
         )
         .detail(format!("{forced} references, {slots} found in: {sql}")));
     }
-    Ok(DeparsedQuery { template, relations: names.relations })
+    Ok(DeparsedQuery { template, relations: names.relations, run_as: common_role(&roles) })
 }
 
 /// What a scan's task returns in one column.
@@ -265,5 +278,5 @@ pub unsafe fn deparse_scan(relid: pg_sys::Oid, columns: &[ScanColumn], quals: &[
     if template.relations().count() != 1 {
         return Err(ShardingError::internal(format!("scan of one relation printed as: {sql}")));
     }
-    Ok(DeparsedQuery { template, relations: names.relations })
+    Ok(DeparsedQuery { template, relations: names.relations, run_as: 0 })
 }

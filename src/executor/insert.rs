@@ -58,6 +58,13 @@ pub unsafe extern "C-unwind" fn pg_sharding_executor_run(
 
 unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) -> Result<()> {
     let estate = (*query_desc).estate;
+    // Inserted through a view of another role's: the rows are written with its rights, as
+    // PostgreSQL checks them (the coordinator has).
+    let planned = (*query_desc).plannedstmt;
+    let run_as = crate::planner::insert_target(planned)
+        .and_then(|index| list_pointers::<pg_sys::RangeTblEntry>((*planned).rtable).get(index - 1).map(|e| (**e).checkAsUser.to_u32()))
+        .unwrap_or(0);
+    let _role = crate::connection::run_as(run_as);
     let plan = (*(*query_desc).plannedstmt).planTree.cast::<pg_sys::ModifyTable>();
     if (*plan).onConflictAction != pg_sys::OnConflictAction::ONCONFLICT_NONE {
         // The shard decides what a conflict does: rows go as INSERT ... ON CONFLICT statements.

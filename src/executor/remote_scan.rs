@@ -78,6 +78,10 @@ pub struct ShardScanPlan {
     /// Its SQL, for EXPLAIN.
     #[serde(default)]
     pub statement_sql: String,
+    /// The role the tasks run as on the nodes, when the tables are read with another role's
+    /// rights (a view's owner's); 0: the current role.
+    #[serde(default)]
+    pub run_as: u32,
 }
 
 /// One table broadcast to the tasks: its rows, read by `plan` (one column per referenced
@@ -150,6 +154,7 @@ impl ShardScanPlan {
             pieces,
             relations: deparsed.relations.iter().map(|r| r.to_u32()).collect(),
             anchor: anchor.to_u32(),
+            run_as: deparsed.run_as,
             ..Default::default()
         }
     }
@@ -741,6 +746,7 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     if runtime.plan.reference_write {
         change_coordinator_copy(node, runtime)?;
     }
+    let _role = crate::connection::run_as(runtime.plan.run_as);
     if !runtime.plan.broadcasts.is_empty() && !runtime.broadcast_done {
         // Reading the broadcast tables writes nothing: it joins the distributed transaction
         // only where a read would.
@@ -867,7 +873,11 @@ unsafe fn start_stream(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime
         broadcast(node, runtime, remote::Access::Autocommit)?;
         runtime.broadcast_done = true;
     }
-    let Some(run) = tasks::TaskRun::start_streamed(&runtime.tasks)? else { return Ok(false) };
+    let started = {
+        let _role = crate::connection::run_as(runtime.plan.run_as);
+        tasks::TaskRun::start_streamed(&runtime.tasks)?
+    };
+    let Some(run) = started else { return Ok(false) };
     runtime.stream = Some(run);
     runtime.streamed = true;
     runtime.streamed_tables = Some(StreamedTables::register(&runtime.plan.relations));
@@ -1048,6 +1058,7 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
             };
             let mut printer = BinaryToText::new(&broadcast.column_types);
             let binary = printer.is_some();
+            let _role = crate::connection::run_as(broadcast.plan.run_as);
             tasks::run(&tasks, &runtime.params[..used], binary, access, |result| {
                 if result.columns() != broadcast.columns {
                     return Err(ShardingError::internal(format!(

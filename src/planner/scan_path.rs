@@ -303,6 +303,8 @@ unsafe fn build_scan(
     }
     let deparsed = deparse_scan(rte_relid, &names, &renumbered)?;
     let mut plan = ShardScanPlan::from_deparsed(&deparsed, rte_relid);
+    // Read with its view owner's rights when read through a view (as PostgreSQL does).
+    plan.run_as = (*rte).checkAsUser.to_u32();
     plan.prune = prune;
     plan.binary = binary;
     plan.max_param = params_used.iter().copied().max().unwrap_or(0);

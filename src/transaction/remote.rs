@@ -76,8 +76,16 @@ impl NodeSession {
     }
 }
 
+/// How many idle sessions of other roles a backend keeps per node (see `SPARE`).
+const SPARE_PER_NODE: usize = 2;
+
 thread_local! {
     static SESSIONS: RefCell<BTreeMap<i32, NodeSession>> = const { RefCell::new(BTreeMap::new()) };
+    /// Idle node sessions of other roles than the current one's, set aside between
+    /// transactions when the role changed (SET ROLE, a view of another role's: see
+    /// `connection::run_as`) and taken back when that role returns, so that alternating roles
+    /// do not reconnect each time. (node id, session), oldest first.
+    static SPARE: RefCell<Vec<(i32, NodeSession)>> = const { RefCell::new(Vec::new()) };
     /// The coordinator's open subtransactions, outermost first.
     static SUBXACTS: RefCell<Vec<SubId>> = const { RefCell::new(Vec::new()) };
     /// Settings changed with SET LOCAL in this transaction (names), propagated to the remote
@@ -315,7 +323,9 @@ fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
                 Ok(Some((session.connection.clone(), session.phase == Phase::Open)))
             }
             Some(_) => {
-                sessions.remove(&node.node_id);
+                if let Some(session) = sessions.remove(&node.node_id) {
+                    set_aside(node.node_id, session);
+                }
                 Ok(None)
             }
             None => Ok(None),
@@ -323,6 +333,9 @@ fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
     })?;
     if let Some(found) = existing {
         return Ok(found);
+    }
+    if let Some(connection) = take_spare(node.node_id) {
+        return Ok((connection, false));
     }
     let connection = Rc::new(connection::connect_to_node(&node.host, node.port)?);
     deliver_pending(node.node_id, &connection);
@@ -344,6 +357,41 @@ fn session_connection(node: &Node) -> Result<(Rc<RemoteConnection>, bool)> {
         )
     });
     Ok((connection, false))
+}
+
+/// Keeps an idle session of another role for later (see `SPARE`); a broken or busy one is
+/// closed.
+fn set_aside(node_id: i32, session: NodeSession) {
+    if session.phase != Phase::Idle || session.lost || !session.connection.is_ok() || !session.connection.is_idle() {
+        return;
+    }
+    SPARE.with(|s| {
+        let mut spare = s.borrow_mut();
+        spare.retain(|(id, kept)| !(*id == node_id && kept.connection.role() == session.connection.role()));
+        if spare.iter().filter(|(id, _)| *id == node_id).count() >= SPARE_PER_NODE {
+            if let Some(oldest) = spare.iter().position(|(id, _)| *id == node_id) {
+                spare.remove(oldest);
+            }
+        }
+        spare.push((node_id, session));
+    });
+}
+
+/// The set-aside session of the current role on the node, made the node's session again when
+/// it still works.
+fn take_spare(node_id: i32) -> Option<Rc<RemoteConnection>> {
+    let role = connection::current_role();
+    let session = SPARE.with(|s| {
+        let mut spare = s.borrow_mut();
+        let at = spare.iter().position(|(id, kept)| *id == node_id && kept.connection.role() == role)?;
+        Some(spare.remove(at).1)
+    })?;
+    if !session.connection.probe() {
+        return None;
+    }
+    let connection = session.connection.clone();
+    SESSIONS.with(|s| s.borrow_mut().insert(node_id, session));
+    Some(connection)
 }
 
 /// Brings the node in line before a statement runs there: BEGIN when the distributed
@@ -935,6 +983,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             end_of_transaction();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            connection::reset_run_as();
             abort_all();
             reset_busy_autocommit_connections();
             super::undo::run();

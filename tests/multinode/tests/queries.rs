@@ -1653,3 +1653,65 @@ fn trigger_transition_tables_read_distributed_tables() {
     assert_eq!(code, "0A000");
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM t1"), 17);
 }
+
+#[test]
+fn views_read_and_insert_with_their_owners_rights() {
+    let cluster = Cluster::start(2);
+    for port in [cluster.port, cluster.worker_port(1), cluster.worker_port(2)] {
+        cluster.connect_port(port).batch_execute("CREATE ROLE app LOGIN; CREATE ROLE viewer LOGIN; GRANT CREATE ON SCHEMA public TO app").unwrap();
+    }
+    let as_role = |role: &str| {
+        pg_sharding_multinode::Client::connect(&format!("host=127.0.0.1 port={} user={role} dbname=postgres", cluster.port), pg_sharding_multinode::NoTls)
+            .unwrap()
+    };
+    // The viewer may use the views and one table of app's, never the views' tables themselves.
+    let mut app = as_role("app");
+    app.batch_execute(
+        "CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance int);
+         SELECT create_distributed_table('accounts', 'id', shard_count => 4);
+         CREATE TABLE visits (id int, at int);
+         SELECT create_distributed_table('visits', 'id', colocate_with => 'accounts');
+         CREATE TABLE kinds (k int PRIMARY KEY, label text);
+         SELECT create_reference_table('kinds');
+         INSERT INTO accounts SELECT g, 'o' || g % 3, g * 10 FROM generate_series(1, 40) g;
+         INSERT INTO visits SELECT g % 40 + 1, g FROM generate_series(1, 100) g;
+         INSERT INTO kinds VALUES (0, 'zero'), (1, 'one'), (2, 'two');
+         CREATE VIEW account_kinds AS SELECT a.id, a.balance, k.label FROM accounts a JOIN kinds k ON k.k = a.id % 3;
+         CREATE VIEW account_visits AS SELECT a.id, count(*) AS visits FROM accounts a JOIN visits v ON v.id = a.id GROUP BY a.id;
+         CREATE VIEW new_accounts AS SELECT id, owner, balance FROM accounts;
+         GRANT SELECT ON account_kinds, account_visits, visits TO viewer;
+         GRANT SELECT, INSERT ON new_accounts TO viewer;",
+    )
+    .unwrap();
+    let mut viewer = as_role("viewer");
+    assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM account_kinds"), 40);
+    assert_eq!(scalar::<i64>(&mut viewer, "SELECT sum(balance) FROM account_kinds WHERE id = 7"), 70);
+    assert_eq!(scalar::<String>(&mut viewer, "SELECT string_agg(label, ',' ORDER BY label) FROM (SELECT DISTINCT label FROM account_kinds) s"), "one,two,zero");
+    assert_eq!(scalar::<i64>(&mut viewer, "SELECT sum(visits)::bigint FROM account_visits"), 100);
+    // A view's tables with a table the viewer reads itself.
+    assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM account_visits a JOIN visits v USING (id)"), 100);
+    // Alternating with statements that run with the viewer's own rights, in and out of a
+    // transaction block.
+    for _ in 0..3 {
+        assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM visits WHERE id = 5"), 3);
+        assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM new_accounts WHERE id = 5"), 1);
+    }
+    viewer.batch_execute("BEGIN").unwrap();
+    assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM new_accounts"), 40);
+    assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM visits"), 100);
+    viewer.batch_execute("COMMIT").unwrap();
+    // Rows inserted through the view are written with its owner's rights, and read back in
+    // the same transaction.
+    viewer.batch_execute("INSERT INTO new_accounts VALUES (41, 'v', 1)").unwrap();
+    viewer.batch_execute("INSERT INTO new_accounts SELECT g, 'v', 1 FROM generate_series(42, 50) g").unwrap();
+    viewer.batch_execute("BEGIN; INSERT INTO new_accounts VALUES (51, 'v', 1)").unwrap();
+    assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM new_accounts WHERE owner = 'v'"), 11);
+    viewer.batch_execute("COMMIT").unwrap();
+    assert_eq!(scalar::<i64>(&mut app, "SELECT count(*) FROM accounts"), 51);
+    // The tables themselves stay closed to the viewer (refused by the coordinator).
+    for sql in ["SELECT count(*) FROM accounts", "INSERT INTO accounts VALUES (99, 'x', 0)", "SELECT count(*) FROM kinds"] {
+        let (code, _, _, detail) = expect_error(&mut viewer, sql);
+        assert_eq!(code, "42501", "{sql}");
+        assert!(!detail.contains("on node"), "{sql}: refused by a node, not the coordinator");
+    }
+}
