@@ -626,12 +626,19 @@ pub fn replicate_reference_tables_to(node: &Node) -> Result<()> {
         let definition = table_ddl::read(relid)?;
         super::types::ensure_on(&definition, node)?;
         let shard_name = definition.shard_name(shard.shard_id, &quote::ident);
-        let sql = format!(
-            "CREATE SCHEMA IF NOT EXISTS {}; DROP TABLE IF EXISTS {shard_name} CASCADE; {}",
-            quote::ident(&definition.schema),
-            definition.shard_ddl(shard.shard_id, &quote::ident).join("; ")
-        );
-        remote::execute(node, &sql)?;
+        // A table of that name is never dropped: it may be the user's own (on the coordinator
+        // added as a node, say).
+        let found = remote::execute(node, &format!("SELECT 1 WHERE pg_catalog.to_regclass({}) IS NOT NULL", quote::literal(&shard_name)))?;
+        if !found.rows.is_empty() {
+            return Err(ShardingError::new(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_TABLE,
+                format!("node {}:{} already has a table named {shard_name}, the name of reference table {}'s copy", node.host, node.port, quote::qualified(&definition.schema, &definition.name)),
+            )
+            .hint("If it is a copy left behind when the node was removed while unreachable, drop it on the node; otherwise rename it. Then add the node again."));
+        }
+        let mut sql = schema_statement(&quote::ident(&definition.schema), &|sql| remote::execute(node, sql))?;
+        sql.extend(definition.shard_ddl(shard.shard_id, &quote::ident));
+        remote::execute(node, &sql.join("; "))?;
         let target = Shard { placements: vec![node.node_id], ..shard.clone() };
         super::grants::sync_new_shards(&DistributedTable { shards: vec![target.clone()], ..(*table).clone() })?;
         send_local_rows(&definition, &[target], None, None)?;

@@ -51,7 +51,8 @@ SELECT ic.relname::text, i.indisunique, i.indnullsnotdistinct, am.amname::text,
        ARRAY(SELECT COALESCE((SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(co.collname)
                                 FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace n ON n.oid = co.collnamespace
                                WHERE co.oid = u.coll), '')
-               FROM unnest(i.indcollation::oid[]) WITH ORDINALITY u(coll, ord) ORDER BY ord)
+               FROM unnest(i.indcollation::oid[]) WITH ORDINALITY u(coll, ord) ORDER BY ord),
+       pg_catalog.pg_indexam_has_property(am.oid, 'can_order')
   FROM pg_catalog.pg_index i
   JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
   JOIN pg_catalog.pg_am am ON am.oid = ic.relam
@@ -110,6 +111,8 @@ pub fn read(relid: pg_sys::Oid) -> Result<TableDefinition> {
             let definitions = row.get::<Vec<String>>(9)?.unwrap_or_default();
             let opclasses = row.get::<Vec<String>>(10)?.unwrap_or_default();
             let collations = row.get::<Vec<String>>(11)?.unwrap_or_default();
+            // ASC/DESC and NULLS FIRST/LAST exist for ordered access methods (btree) only.
+            let ordered = row.get::<bool>(12)?.unwrap_or(false);
             let elements = definitions
                 .iter()
                 .enumerate()
@@ -124,9 +127,11 @@ pub fn read(relid: pg_sys::Oid) -> Result<TableDefinition> {
                         if let Some(opclass) = opclasses.get(i).filter(|c| !c.is_empty()) {
                             element.push_str(&format!(" {opclass}"));
                         }
-                        let option = options.get(i).copied().unwrap_or(0);
-                        element.push_str(if option & 1 != 0 { " DESC" } else { " ASC" });
-                        element.push_str(if option & 2 != 0 { " NULLS FIRST" } else { " NULLS LAST" });
+                        if ordered {
+                            let option = options.get(i).copied().unwrap_or(0);
+                            element.push_str(if option & 1 != 0 { " DESC" } else { " ASC" });
+                            element.push_str(if option & 2 != 0 { " NULLS FIRST" } else { " NULLS LAST" });
+                        }
                     }
                     element
                 })

@@ -76,8 +76,8 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
     let quals = (*(*shipped).jointree).quals;
     let rules = shippable::Rules { whole_statement: true, row_identity: false };
     if !shippable::shippable(quals, rules) || !shippable::shippable((*shipped).mergeActionList.cast(), rules) {
-        return Err(unsupported(table, "with volatile functions per row in its ON condition or WHEN clauses is not supported")
-            .detail("random(), nextval() (a serial column's default too) and volatile user-defined functions would be evaluated on the workers."));
+        return Err(unsupported(table, "with an expression only the coordinator can compute in its ON condition or WHEN clauses is not supported")
+            .detail("For example random(), nextval() (a serial column's default too), and user-defined or extension functions and operators, which the workers may not have."));
     }
 
     let mut inserts = false;

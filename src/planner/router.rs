@@ -611,9 +611,10 @@ pub unsafe fn plan_statement(
                 .hint("Name the columns instead."));
             }
             return Err(unsupported(format!(
-                "UPDATE or DELETE of distributed table \"{table}\" with volatile functions per row is not supported yet"
+                "UPDATE or DELETE of distributed table \"{table}\" with this expression per row is not supported yet"
             ))
-            .detail("random(), nextval() and volatile user-defined functions would be evaluated on the workers."));
+            .detail("The new values or the conditions compute, for each row, something only the coordinator can: a volatile function (random(), nextval()), a user-defined function, operator or type (also an extension's), or a value the shards would send back in a form the coordinator cannot read (an array of a type of the shards' own).")
+            .hint("Compute the values in a query first (UPDATE ... FROM (SELECT ...)), or use built-in functions."));
         }
         if !outputs_receivable {
             return Err(unsupported("RETURNING of anonymous records from a distributed table is not supported"));

@@ -55,16 +55,22 @@ pub struct TableDefinition {
     pub indexes: Vec<Index>,
 }
 
-/// Name of a shard-local object: `<name>_<shard id>`, cut (on a character boundary) so that it
-/// fits in an identifier while the shard id suffix always survives.
+/// Name of a shard-local object: `<name>_<shard id>`. A name too long for that to fit in an
+/// identifier is cut (on a character boundary) and followed by a hash of the whole name,
+/// `<start of name>_<8 hex digits>_<shard id>`, so that two long names with the same start
+/// (an index and its table's, `..._pkey`) still name different objects on the shards.
 pub fn shard_object_name(name: &str, shard_id: i64) -> String {
     let suffix = format!("_{shard_id}");
-    let limit = MAX_IDENTIFIER_BYTES.saturating_sub(suffix.len());
+    if name.len() + suffix.len() <= MAX_IDENTIFIER_BYTES {
+        return format!("{name}{suffix}");
+    }
+    let tag = format!("_{:08x}", xxhash_rust::xxh3::xxh3_64(name.as_bytes()) as u32);
+    let limit = MAX_IDENTIFIER_BYTES.saturating_sub(suffix.len() + tag.len());
     let mut cut = name.len().min(limit);
     while !name.is_char_boundary(cut) {
         cut -= 1;
     }
-    format!("{}{suffix}", &name[..cut])
+    format!("{}{tag}{suffix}", &name[..cut])
 }
 
 /// Constraints that own an index get per-shard names: index names are unique per schema.
@@ -393,6 +399,14 @@ mod tests {
         let multibyte = "é".repeat(40); // 80 bytes
         let name = shard_object_name(&multibyte, 7);
         assert!(name.len() <= 63 && name.ends_with("_7"));
+        // Names that fit exactly are kept; longer ones with the same start stay apart.
+        let fits = "y".repeat(56);
+        assert_eq!(shard_object_name(&fits, 102008), format!("{fits}_102008"));
+        let table = "t".repeat(60);
+        let pkey = format!("{}_pkey", "t".repeat(58));
+        assert_ne!(shard_object_name(&table, 102008), shard_object_name(&pkey, 102008));
+        assert_ne!(shard_object_name(&format!("{}1", "i".repeat(57)), 5), shard_object_name(&format!("{}2", "i".repeat(57)), 5));
+        assert_eq!(shard_object_name(&table, 102008), shard_object_name(&table, 102008));
     }
 
     #[test]

@@ -1013,6 +1013,68 @@ fn tables_keep_their_owner_and_grants_on_the_shards_through_moves_and_splits() {
     assert_eq!(scalar::<i64>(&mut as_role("app"), "SELECT count(*) FROM items"), 90);
 }
 
+#[test]
+fn index_methods_long_names_and_name_clashes_on_the_nodes() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    // Indexes of every built-in method, before and after distribution, on both kinds of table.
+    c.batch_execute(
+        "CREATE TABLE docs (id int, name text, doc jsonb, tags int[], at timestamptz);
+         CREATE INDEX docs_doc ON docs USING gin (doc jsonb_path_ops);
+         SELECT create_distributed_table('docs', 'id', shard_count => 4);
+         CREATE INDEX docs_name ON docs USING hash (name);
+         CREATE INDEX docs_tags ON docs USING gin (tags);
+         CREATE INDEX docs_at ON docs USING brin (at);
+         CREATE INDEX docs_name_desc ON docs (name DESC NULLS LAST);
+         CREATE TABLE codes (code text PRIMARY KEY);
+         CREATE INDEX codes_hash ON codes USING hash (code);
+         SELECT create_reference_table('codes');
+         CREATE INDEX codes_spgist ON codes USING spgist (code);
+         INSERT INTO docs VALUES (1, 'a', '{\"k\": 1}', '{1,2}', now()), (2, 'b', '{\"k\": 2}', '{3}', now());",
+    )
+    .unwrap();
+    let p = &cluster.placements("docs")[0];
+    let definitions: Vec<String> = cluster
+        .connect_port(p.port)
+        .query("SELECT indexdef FROM pg_indexes WHERE tablename = $1 ORDER BY indexname", &[&p.shard_name])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(definitions.len(), 5, "{definitions:?}");
+    for method in ["USING gin (doc jsonb_path_ops)", "USING hash (name)", "USING gin (tags)", "USING brin (at)", "USING btree (name DESC NULLS LAST)"] {
+        assert!(definitions.iter().any(|d| d.contains(method)), "{method}: {definitions:?}");
+    }
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM docs WHERE doc @> '{\"k\": 2}'"), 1);
+
+    // Names too long for the shard suffix: a table with its primary key, and two indexes whose
+    // names start alike; dropping one leaves the other (a unique one) in force.
+    let long_table = "t".repeat(60);
+    c.batch_execute(&format!(
+        "CREATE TABLE \"{long_table}\" (id int PRIMARY KEY, a int);
+         SELECT create_distributed_table('\"{long_table}\"', 'id', shard_count => 4);
+         INSERT INTO \"{long_table}\" VALUES (1, 1);
+         CREATE TABLE ux (id int, a int);
+         SELECT create_distributed_table('ux', 'id', shard_count => 4);
+         CREATE UNIQUE INDEX ux_unique_index_on_id_and_a_padding_padding_padding_pad_1 ON ux (id, a);
+         CREATE INDEX ux_unique_index_on_id_and_a_padding_padding_padding_pad_2 ON ux (a);
+         DROP INDEX ux_unique_index_on_id_and_a_padding_padding_padding_pad_2;
+         INSERT INTO ux VALUES (1, 1);"
+    ))
+    .unwrap();
+    let (code, ..) = expect_error(&mut c, "INSERT INTO ux VALUES (1, 1)");
+    assert_eq!(code, "23505");
+    let (code, ..) = expect_error(&mut c, &format!("INSERT INTO \"{long_table}\" VALUES (1, 2)"));
+    assert_eq!(code, "23505");
+
+    // The coordinator added as a node never drops a table of its own named like a copy.
+    let shard: i64 = scalar(&mut c, "SELECT shard_id FROM sharding.dist_shard WHERE logicalrelid = 'codes'::regclass");
+    c.batch_execute(&format!("CREATE TABLE codes_{shard} (important text); INSERT INTO codes_{shard} VALUES ('mine')")).unwrap();
+    let (code, message, ..) = expect_error(&mut c, &format!("SELECT sharding.add_node('127.0.0.1', {})", cluster.port));
+    assert_eq!(code, "42P07", "{message}");
+    assert_eq!(scalar::<String>(&mut c, &format!("SELECT important FROM codes_{shard}")), "mine");
+}
+
 /// The rows of `sql` as text, one line per row.
 fn text_rows(c: &mut Client, sql: &str) -> Vec<String> {
     c.simple_query(sql)
