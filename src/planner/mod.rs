@@ -13,6 +13,7 @@ pub mod intermediate;
 pub mod local_write;
 pub mod merge;
 pub mod modifying_ctes;
+pub mod outer_conditions;
 pub mod reference_rows;
 pub mod returning;
 pub mod pins;

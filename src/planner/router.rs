@@ -857,11 +857,18 @@ unsafe fn push_down_subqueries(
 }
 
 unsafe fn replace_subqueries(query: *mut pg_sys::Query, replaced: &mut usize) -> Result<()> {
-    for rte in list_pointers::<pg_sys::RangeTblEntry>((*query).rtable) {
+    for (index, rte) in list_pointers::<pg_sys::RangeTblEntry>((*query).rtable).into_iter().enumerate() {
         if (*rte).rtekind != pg_sys::RTEKind::RTE_SUBQUERY || (*rte).lateral || (*rte).subquery.is_null() {
             continue;
         }
-        if let Some(coordinator) = subquery_on_shards((*rte).subquery)? {
+        // A plain view or subquery of one table: PostgreSQL's planner pulls it up into this
+        // query, and the table's scan then gets this query's conditions too (pruning by them).
+        if single_table_pulled_up(rte)? {
+            continue;
+        }
+        // Otherwise this query's conditions on its columns go into it (also kept here).
+        let filtered = super::outer_conditions::with_outer_conditions(query, index as i32 + 1);
+        if let Some(coordinator) = subquery_on_shards(filtered.unwrap_or((*rte).subquery))? {
             (*rte).subquery = coordinator;
             *replaced += 1;
         } else {
@@ -928,6 +935,45 @@ unsafe fn replace_subqueries(query: *mut pg_sys::Query, replaced: &mut usize) ->
 
 /// The coordinator query of plan 3 for a subquery that reads nothing from outer levels and
 /// keeps its output columns exactly (types, typmods, collations, positions).
+/// Whether the subquery of `rte` only reads one distributed or reference table, without
+/// anything that keeps PostgreSQL from pulling it up into the query around it (see
+/// is_simple_subquery in prepjointree.c): no grouping, aggregates, window functions, sets,
+/// DISTINCT, ORDER BY, LIMIT, row locks, WITH, set-returning functions or sublinks, and not a
+/// security barrier.
+unsafe fn single_table_pulled_up(rte: *mut pg_sys::RangeTblEntry) -> Result<bool> {
+    let query = (*rte).subquery;
+    if (*rte).security_barrier
+        || (*query).commandType != pg_sys::CmdType::CMD_SELECT
+        || !(*query).setOperations.is_null()
+        || (*query).hasAggs
+        || (*query).hasWindowFuncs
+        || (*query).hasTargetSRFs
+        || (*query).hasSubLinks
+        || (*query).hasModifyingCTE
+        || (*query).hasForUpdate
+        || !(*query).groupClause.is_null()
+        || !(*query).groupingSets.is_null()
+        || !(*query).havingQual.is_null()
+        || !(*query).sortClause.is_null()
+        || !(*query).distinctClause.is_null()
+        || !(*query).limitOffset.is_null()
+        || !(*query).limitCount.is_null()
+        || !(*query).rowMarks.is_null()
+        || !(*query).cteList.is_null()
+        || (*query).jointree.is_null()
+    {
+        return Ok(false);
+    }
+    let from = list_pointers::<pg_sys::Node>((*(*query).jointree).fromlist);
+    if from.len() != 1 || (*from[0]).type_ != pg_sys::NodeTag::T_RangeTblRef {
+        return Ok(false);
+    }
+    // (A view's query also lists its OLD and NEW entries, outside its FROM.)
+    let rtes = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable);
+    let Some(&table) = rtes.get((*from[0].cast::<pg_sys::RangeTblRef>()).rtindex as usize - 1) else { return Ok(false) };
+    Ok((*table).rtekind == pg_sys::RTEKind::RTE_RELATION && (*table).tablesample.is_null() && cache::table((*table).relid)?.is_some())
+}
+
 unsafe fn subquery_on_shards(subquery: *mut pg_sys::Query) -> Result<Option<*mut pg_sys::Query>> {
     if (*subquery).commandType != pg_sys::CmdType::CMD_SELECT || (*subquery).hasModifyingCTE || refers_to_outer_levels(subquery) {
         return Ok(None);

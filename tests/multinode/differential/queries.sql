@@ -363,6 +363,22 @@ SELECT count(*), sum(amount) FROM user_orders WHERE id < 50;
 SELECT * FROM user_orders WHERE id = 7 ORDER BY order_id;
 SELECT name, count(*) FROM user_orders GROUP BY name HAVING count(*) > 4;
 SELECT id, sum(amount) FROM user_orders GROUP BY id ORDER BY sum(amount) DESC NULLS LAST, id LIMIT 5;
+-- Conditions on a view's or subquery's columns filter it on the shards (pruning by them)
+SELECT * FROM user_orders WHERE id = 7 AND amount > 100 ORDER BY order_id;
+SELECT * FROM user_orders WHERE id IN (3, 4, 60) AND coalesce(amount, 0) >= 0 ORDER BY order_id;
+SELECT * FROM orders_view WHERE user_id = 5 ORDER BY id;
+SELECT count(*) FROM orders_view o WHERE o.amount IS NULL;
+SELECT u.id, s.order_id FROM users u LEFT JOIN user_orders s ON s.id = u.id WHERE s.order_id IS NULL ORDER BY u.id LIMIT 10;
+SELECT u.id, s.amount FROM users u LEFT JOIN user_orders s ON s.id = u.id AND s.amount > 200 WHERE u.id < 30 ORDER BY 1, 2;
+SELECT * FROM (SELECT u.id, u.name, o.amount FROM users u JOIN orders o ON o.user_id = u.id) s WHERE s.id IN (3, 4) AND s.amount > 10 ORDER BY 1, 3;
+SELECT * FROM (SELECT id, amount FROM orders ORDER BY amount) s WHERE id < 20 ORDER BY id;
+SELECT * FROM (SELECT id FROM orders ORDER BY id LIMIT 10) s WHERE id > 5 ORDER BY id;
+SELECT * FROM (SELECT DISTINCT user_id FROM orders) s WHERE user_id < 10 ORDER BY 1;
+SELECT * FROM (SELECT user_id, count(*) AS n FROM orders GROUP BY user_id) s WHERE user_id = 8 AND n > 0;
+SELECT count(*) FROM user_orders WHERE id = 7 AND random() < 2;
+SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM user_orders s WHERE s.id = u.id AND s.amount > 200) ORDER BY 1 LIMIT 5;
+SELECT s.id, s.name, r.label FROM user_orders s, regions r WHERE s.id = 11 AND r.code = 'eu' ORDER BY s.order_id;
+SELECT * FROM (SELECT o.id, o.user_id, o.amount * 2 AS doubled FROM orders o JOIN users u ON u.id = o.user_id) s WHERE doubled > 400 AND user_id < 100 ORDER BY id;
 -- A LEFT JOIN that PostgreSQL removes as useless, under a plan that reads the shards' rows
 SELECT count(DISTINCT u.score) FROM users u LEFT JOIN regions r ON r.code = u.region;
 SELECT u.id, random() >= 0 FROM users u LEFT JOIN events e ON e.id = u.id WHERE u.id < 5;

@@ -322,6 +322,16 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     let in_list = task_count(&explain(&mut c, "SELECT v FROM kv WHERE k IN (1, 2, 3)"))[0];
     assert!((1..=3).contains(&in_list), "IN list of 3 keys touched {in_list} shards");
     assert_eq!(task_count(&explain(&mut c, "UPDATE kv SET v = 'x' WHERE k = 7")), vec![1]);
+    // Through views: a plain one of the table, and one joining it with a reference table.
+    c.batch_execute(
+        "CREATE TABLE digit_labels (n int PRIMARY KEY, label text); SELECT create_reference_table('digit_labels');
+         CREATE VIEW kv_plain AS SELECT * FROM kv;
+         CREATE VIEW kv_labels AS SELECT kv.k, kv.v, l.label FROM kv JOIN digit_labels l ON l.n = kv.k % 10;",
+    )
+    .unwrap();
+    assert_eq!(task_count(&explain(&mut c, "SELECT * FROM kv_plain WHERE k = 5")), vec![1]);
+    assert_eq!(task_count(&explain(&mut c, "SELECT * FROM kv_labels WHERE k = 5")), vec![1]);
+    assert_eq!(task_count(&explain(&mut c, "SELECT * FROM kv_labels")), vec![32]);
     assert_eq!(task_count(&explain(&mut c, "DELETE FROM kv WHERE v = 'nothing'")), vec![32]);
     // INSERT ... SELECT between co-located tables runs on the shards.
     c.batch_execute("CREATE TABLE kv2 (k bigint PRIMARY KEY, v text); SELECT create_distributed_table('kv2', 'k', colocate_with => 'kv')").unwrap();
