@@ -1625,6 +1625,13 @@ unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancesto
     nodes.dedup();
     let nodes = CString::new(nodes.join(", ")).unwrap_or_default();
     pg_sys::ExplainPropertyText(c"Nodes".as_ptr(), nodes.as_ptr(), es);
+    // Tables read through a view of another role's (see connection::run_as).
+    if runtime.plan.run_as != 0 && pg_sys::Oid::from(runtime.plan.run_as) != pg_sys::GetUserId() {
+        let role = pg_sys::GetUserNameFromId(pg_sys::Oid::from(runtime.plan.run_as), true);
+        if !role.is_null() {
+            pg_sys::ExplainPropertyText(c"Runs As".as_ptr(), role, es);
+        }
+    }
     if let Some(elapsed) = runtime.elapsed {
         pg_sys::ExplainPropertyFloat(c"Remote Execution Time".as_ptr(), c"ms".as_ptr(), elapsed.as_secs_f64() * 1000.0, 3, es);
     }
