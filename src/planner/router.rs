@@ -501,6 +501,12 @@ pub unsafe fn plan_statement(
         }
         return Ok(None);
     }
+    // The new rows would have to be checked against the view's conditions after the workers
+    // computed them.
+    if modify && !(*parse).withCheckOptions.is_null() {
+        return Err(unsupported("UPDATE of a distributed table through a view WITH CHECK OPTION is not supported yet")
+            .hint("Update the table itself, with the view's conditions in WHERE."));
+    }
     let pinned = if colocated && !analysis.local {
         analysis.pinned_group(&keys).or_else(|| same_shard_constants(&mut analysis, &keys))
     } else {
@@ -1356,6 +1362,10 @@ unsafe fn reference_write(
 ) -> Result<*mut pg_sys::PlannedStmt> {
     if analysis.row_security {
         return Err(unsupported("UPDATE and DELETE of reference tables under row-level security are not supported yet"));
+    }
+    if !(*parse).withCheckOptions.is_null() {
+        return Err(unsupported("UPDATE of a reference table through a view WITH CHECK OPTION is not supported yet")
+            .hint("Update the table itself, with the view's conditions in WHERE."));
     }
     if (*parse).hasModifyingCTE {
         return Err(unsupported("data-modifying WITH queries on reference tables are not supported yet"));

@@ -28,3 +28,5 @@ INSERT INTO @s2.accounts SELECT g, g % 200 + 1, g * 1.25 FROM generate_series(1,
 CREATE VIEW @s.region_counts AS SELECT region, count(*) AS n, avg(score) AS a FROM @s.users GROUP BY region;
 CREATE VIEW @s.user_orders AS SELECT u.id, u.name, o.id AS order_id, o.amount FROM @s.users u JOIN @s.orders o ON o.user_id = u.id;
 CREATE VIEW @s.orders_view AS SELECT * FROM @s.orders;
+CREATE VIEW @s.paid_orders AS SELECT id, user_id, amount, note FROM @s.orders WHERE status = 'paid';
+CREATE VIEW @s.checked_orders AS SELECT * FROM @s.orders WHERE amount > 0 WITH CHECK OPTION;

@@ -164,3 +164,9 @@ UPDATE users SET flag = NOT flag WHERE score === 7 RETURNING id;
 -- PL/pgSQL: UPDATE ... RETURNING INTO of several rows fails with too_many_rows (P0003), which the block catches.
 DO $$ DECLARE v bigint; BEGIN UPDATE users SET score = score + 1 WHERE id < 5 RETURNING id INTO v; EXCEPTION WHEN too_many_rows THEN UPDATE users SET name = 'too many' WHERE id = 1; END $$;
 DO $$ DECLARE v text; BEGIN UPDATE regions SET label = label || '*' RETURNING code INTO v; EXCEPTION WHEN too_many_rows THEN UPDATE regions SET label = 'caught' WHERE code = 'eu'; END $$;
+UPDATE orders_view SET note = 'through the view' WHERE user_id = 21 RETURNING id, note;
+UPDATE orders_view SET amount = 0 WHERE status = 'new' AND amount < 20;
+DELETE FROM orders_view WHERE user_id = 22 RETURNING id;
+DELETE FROM orders_view WHERE note = 'through the view' AND id > 300;
+UPDATE paid_orders SET note = 'paid ' || user_id WHERE user_id < 40 RETURNING id, note;
+DELETE FROM paid_orders WHERE amount > 200;

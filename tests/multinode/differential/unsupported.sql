@@ -27,3 +27,4 @@ INSERT INTO orders VALUES (1, 1, 1, 'x', 'y') ON CONFLICT (user_id, id) DO UPDAT
 UPDATE users SET score = 1 WHERE id = 3 RETURNING xmin;
 SELECT u.id FROM users u JOIN regions r ON r.code = u.region WHERE u.id = 5 FOR UPDATE;
 SELECT count(*) FROM users WHERE region IN (SELECT code FROM regions FOR SHARE);
+UPDATE checked_orders SET amount = 1 WHERE id = 5;
