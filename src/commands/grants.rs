@@ -1,7 +1,7 @@
 //! Privileges on distributed tables follow the coordinator's table: after GRANT or REVOKE, and
-//! when a table is distributed, every shard's ACL is set to the table's ACL as the catalog holds
-//! it (aclexplode of pg_class.relacl), so no GRANT statement needs deparsing. Roles must exist
-//! on the workers too. Column privileges are not carried yet (refused in the GRANT check).
+//! when a table is distributed, every shard's ACL, and its columns', is set to the table's as
+//! the catalog holds them (aclexplode of pg_class.relacl and pg_attribute.attacl), so no GRANT
+//! statement needs deparsing. Roles must exist on the workers too.
 
 use std::collections::BTreeMap;
 
@@ -13,10 +13,17 @@ use crate::deparse::quote;
 use crate::error::Result;
 use crate::transaction::remote;
 
-/// (grantee, privilege, grantable); grantee quoted, or PUBLIC.
-type Grant = (String, String, bool);
+/// One entry of a table's or a column's ACL.
+struct Grant {
+    /// Quoted, or PUBLIC.
+    grantee: String,
+    privilege: String,
+    grantable: bool,
+    /// The column (quoted), for a column privilege.
+    column: Option<String>,
+}
 
-/// The table's ACL entries, and its owner (quoted).
+/// The table's and its columns' ACL entries, and its owner (quoted).
 fn table_acl(relid: pg_sys::Oid) -> Result<(Vec<Grant>, String)> {
     let (grants, owner, _) = table_privileges(relid)?;
     Ok((grants, owner))
@@ -28,21 +35,29 @@ fn table_privileges(relid: pg_sys::Oid) -> Result<(Vec<Grant>, String, bool)> {
         let grants = client
             .select(
                 "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(r.rolname) END,
-                        a.privilege_type, a.is_grantable
+                        a.privilege_type, a.is_grantable, NULL::text
                    FROM pg_catalog.pg_class c
                   CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
                    LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
                   WHERE c.oid = $1
-                  ORDER BY 1, 2",
+                 UNION ALL
+                 SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(r.rolname) END,
+                        a.privilege_type, a.is_grantable, pg_catalog.quote_ident(t.attname)
+                   FROM pg_catalog.pg_attribute t
+                  CROSS JOIN LATERAL pg_catalog.aclexplode(t.attacl) a
+                   LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+                  WHERE t.attrelid = $1 AND t.attnum > 0 AND NOT t.attisdropped
+                  ORDER BY 4 NULLS FIRST, 1, 2",
                 None,
                 &[relid.into()],
             )?
             .map(|row| {
-                Ok((
-                    row.get::<String>(1)?.unwrap_or_default(),
-                    row.get::<String>(2)?.unwrap_or_default(),
-                    row.get::<bool>(3)?.unwrap_or(false),
-                ))
+                Ok(Grant {
+                    grantee: row.get::<String>(1)?.unwrap_or_default(),
+                    privilege: row.get::<String>(2)?.unwrap_or_default(),
+                    grantable: row.get::<bool>(3)?.unwrap_or(false),
+                    column: row.get::<String>(4)?,
+                })
             })
             .collect::<Result<Vec<Grant>>>()?;
         let (owner, is_current) = client
@@ -71,24 +86,26 @@ pub fn new_shard_statements(relid: pg_sys::Oid, shard: &str) -> Result<Vec<Strin
     Ok(statements)
 }
 
-/// The GRANTs of `grants` (but the owner's own) on `shard`, one per grantee and grant option.
+/// The GRANTs of `grants` (but the owner's own) on `shard`: one per grantee and grant option
+/// for the table's privileges, one per grantee, grant option and privilege for its columns'.
 fn grant_statements(grants: &[Grant], owner: &str, shard: &str) -> Vec<String> {
-    let mut grouped: BTreeMap<(String, bool), Vec<String>> = BTreeMap::new();
-    for (grantee, privilege, grantable) in grants {
-        if grantee != owner {
-            grouped.entry((grantee.clone(), *grantable)).or_default().push(privilege.clone());
+    let mut table: BTreeMap<(&str, bool), Vec<&str>> = BTreeMap::new();
+    let mut columns: BTreeMap<(&str, bool, &str), Vec<&str>> = BTreeMap::new();
+    for grant in grants.iter().filter(|g| g.grantee != owner) {
+        match &grant.column {
+            None => table.entry((&grant.grantee, grant.grantable)).or_default().push(&grant.privilege),
+            Some(column) => columns.entry((&grant.grantee, grant.grantable, &grant.privilege)).or_default().push(column),
         }
     }
-    grouped
+    let option = |grantable: bool| if grantable { " WITH GRANT OPTION" } else { "" };
+    let mut statements: Vec<String> = table
         .into_iter()
-        .map(|((grantee, grantable), privileges)| {
-            format!(
-                "GRANT {} ON {shard} TO {grantee}{}",
-                privileges.join(", "),
-                if grantable { " WITH GRANT OPTION" } else { "" }
-            )
-        })
-        .collect()
+        .map(|((grantee, grantable), privileges)| format!("GRANT {} ON {shard} TO {grantee}{}", privileges.join(", "), option(grantable)))
+        .collect();
+    statements.extend(columns.into_iter().map(|((grantee, grantable, privilege), names)| {
+        format!("GRANT {privilege} ({}) ON {shard} TO {grantee}{}", names.join(", "), option(grantable))
+    }));
+    statements
 }
 
 /// Gives every shard of `table` the table's owner, then its ACL: after the table was
@@ -136,17 +153,18 @@ fn run_per_node(table: &DistributedTable, for_shard: &dyn Fn(&str) -> Vec<String
 /// REVOKE, so that roles it removes are revoked on the shards too.
 pub fn acl_roles(relid: pg_sys::Oid) -> Result<Vec<String>> {
     let (grants, _) = table_acl(relid)?;
-    let mut roles: Vec<String> = grants.into_iter().map(|(grantee, _, _)| grantee).collect();
+    let mut roles: Vec<String> = grants.into_iter().map(|grant| grant.grantee).collect();
+    roles.sort();
     roles.dedup();
     Ok(roles)
 }
 
 /// Sets every shard's ACL to the table's: revokes from every role named before or now (the
-/// owner keeps its rights), then grants what the table grants.
+/// owner keeps its rights; a table's REVOKE takes its columns' privileges too), then grants
+/// what the table and its columns grant.
 pub fn sync_shards(table: &DistributedTable, roles_before: &[String]) -> Result<()> {
     let (grants, owner) = table_acl(table.relid)?;
-    let mut revoke: Vec<String> =
-        roles_before.iter().cloned().chain(grants.iter().map(|(grantee, _, _)| grantee.clone())).collect();
+    let mut revoke: Vec<String> = roles_before.iter().cloned().chain(grants.iter().map(|grant| grant.grantee.clone())).collect();
     revoke.sort();
     revoke.dedup();
     revoke.retain(|role| *role != owner);

@@ -106,7 +106,7 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_RenameStmt, targets: rename_targets, check: check_rename, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_IndexStmt, targets: index_targets, check: check_index, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_DropStmt, targets: drop_index_targets, check: no_check, run: run_definition_change },
-    Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: grant_targets, check: check_grant, run: run_grant },
+    Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: grant_targets, check: no_check, run: run_grant },
     Operation { tag: pg_sys::NodeTag::T_ReassignOwnedStmt, targets: reassign_targets, check: no_check, run: run_reassign },
     // A local table's new foreign key to a distributed table: refused (the coordinator holds
     // neither the rows it would check nor sees the local rows when a shard deletes one).
@@ -568,16 +568,6 @@ unsafe fn check_alter_table(node: *mut pg_sys::Node, _targets: &[Rc<DistributedT
                 ))
                 .hint("Supported: ADD/DROP/RENAME COLUMN, ALTER COLUMN TYPE/SET DEFAULT/DROP DEFAULT/SET NOT NULL/DROP NOT NULL, ADD/DROP/VALIDATE CONSTRAINT, ENABLE/DISABLE/FORCE ROW LEVEL SECURITY, OWNER TO."))
             }
-        }
-    }
-    Ok(())
-}
-
-unsafe fn check_grant(node: *mut pg_sys::Node, _targets: &[Rc<DistributedTable>]) -> Result<()> {
-    for privilege in list_pointers::<pg_sys::AccessPriv>((*node.cast::<pg_sys::GrantStmt>()).privileges) {
-        if !(*privilege).cols.is_null() {
-            return Err(unsupported("column privileges on distributed tables are not supported yet")
-                .hint("Grant the privilege on the whole table."));
         }
     }
     Ok(())

@@ -908,8 +908,37 @@ fn privileges_follow_the_table_to_its_shards() {
     assert_eq!(shard_privilege("SELECT"), vec![true; 4]);
     admin.batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO app").unwrap();
     assert_eq!(shard_privilege("DELETE"), vec![true; 4]);
-    let (code, ..) = expect_error(&mut admin, "GRANT SELECT (note) ON events TO app");
-    assert_eq!(code, "0A000");
+
+    // Column privileges reach the shards' columns.
+    for port in [cluster.port, cluster.worker_port(1), cluster.worker_port(2)] {
+        cluster.connect_port(port).batch_execute("CREATE ROLE clerk LOGIN").unwrap();
+    }
+    admin.batch_execute("GRANT SELECT (id), UPDATE (note) ON events TO clerk").unwrap();
+    let column_privilege = |column: &str, privilege: &str| -> Vec<bool> {
+        cluster
+            .placements("events")
+            .iter()
+            .map(|p| {
+                cluster
+                    .connect_port(p.port)
+                    .query_one(&format!("SELECT has_column_privilege('clerk', '{}', '{column}', '{privilege}')", p.shard_name), &[])
+                    .unwrap()
+                    .get::<_, bool>(0)
+            })
+            .collect()
+    };
+    assert_eq!(column_privilege("id", "SELECT"), vec![true; 4]);
+    assert_eq!(column_privilege("note", "SELECT"), vec![false; 4]);
+    assert_eq!(column_privilege("note", "UPDATE"), vec![true; 4]);
+    let mut clerk =
+        pg_sharding_multinode::Client::connect(&format!("host=127.0.0.1 port={} user=clerk dbname=postgres", cluster.port), pg_sharding_multinode::NoTls).unwrap();
+    assert_eq!(scalar::<i64>(&mut clerk, "SELECT count(id) FROM events"), 3);
+    assert_eq!(clerk.execute("UPDATE events SET note = 'by clerk' WHERE id = 1", &[]).unwrap(), 1);
+    let (code, ..) = expect_error(&mut clerk, "SELECT note FROM events");
+    assert_eq!(code, "42501");
+    admin.batch_execute("REVOKE SELECT (id) ON events FROM clerk").unwrap();
+    assert_eq!(column_privilege("id", "SELECT"), vec![false; 4]);
+    assert_eq!(column_privilege("note", "UPDATE"), vec![true; 4]);
 }
 
 #[test]
