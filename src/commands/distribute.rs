@@ -172,12 +172,18 @@ fn node_by_id(nodes: &[Node], node_id: i32) -> Result<&Node> {
     })
 }
 
-/// `CREATE SCHEMA IF NOT EXISTS` for the (quoted) `schema` where the node, asked through `run`,
-/// lacks it: the statement needs CREATE on the database even when the schema exists, a right
+/// `CREATE SCHEMA IF NOT EXISTS` for the (quoted) `schema`, and its grants, where the node,
+/// asked through `run`, lacks it: the statement needs CREATE on the database even when the schema exists, a right
 /// a table's owner seldom has.
 pub(super) fn schema_statement(schema: &str, run: &dyn Fn(&str) -> Result<RemoteRows>) -> Result<Vec<String>> {
     let found = run(&format!("SELECT 1 WHERE pg_catalog.to_regnamespace({}) IS NOT NULL", quote::literal(schema)))?;
-    Ok(if found.rows.is_empty() { vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")] } else { Vec::new() })
+    if !found.rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    // With the coordinator's grants on it (USAGE, for the roles that read the shards).
+    let mut statements = vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")];
+    statements.extend(super::grants::schema_grant_statements(schema)?);
+    Ok(statements)
 }
 
 /// Creates every shard on its placement nodes: one round trip per node.

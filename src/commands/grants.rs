@@ -177,3 +177,92 @@ pub fn sync_shards(table: &DistributedTable, roles_before: &[String]) -> Result<
         statements
     })
 }
+
+/// The ACL entries of the (quoted) schema on the coordinator, but its owner's: (grantee,
+/// privilege, grantable), and the owner (quoted).
+fn schema_acl(schema: &str) -> Result<(Vec<(String, String, bool)>, String)> {
+    Spi::connect(|client| {
+        let grants = client
+            .select(
+                "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(r.rolname) END,
+                        a.privilege_type, a.is_grantable
+                   FROM pg_catalog.pg_namespace n
+                  CROSS JOIN LATERAL pg_catalog.aclexplode(n.nspacl) a
+                   LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+                  WHERE n.oid = pg_catalog.to_regnamespace($1) AND a.grantee <> n.nspowner
+                  ORDER BY 1, 2",
+                None,
+                &[schema.into()],
+            )?
+            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default(), row.get::<bool>(3)?.unwrap_or(false))))
+            .collect::<Result<Vec<_>>>()?;
+        let owner = client
+            .select(
+                "SELECT pg_catalog.quote_ident(r.rolname) FROM pg_catalog.pg_namespace n
+                   JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner WHERE n.oid = pg_catalog.to_regnamespace($1)",
+                Some(1),
+                &[schema.into()],
+            )?
+            .first()
+            .get_one::<String>()?;
+        Ok((grants, owner.unwrap_or_default()))
+    })
+}
+
+/// The GRANTs that give the (quoted) schema on a node the privileges it has on the
+/// coordinator (USAGE, so that other roles reach the shards in it).
+pub fn schema_grant_statements(schema: &str) -> Result<Vec<String>> {
+    let (grants, _) = schema_acl(schema)?;
+    let mut grouped: BTreeMap<(String, bool), Vec<String>> = BTreeMap::new();
+    for (grantee, privilege, grantable) in grants {
+        grouped.entry((grantee, grantable)).or_default().push(privilege);
+    }
+    Ok(grouped
+        .into_iter()
+        .map(|((grantee, grantable), privileges)| {
+            format!("GRANT {} ON SCHEMA {schema} TO {grantee}{}", privileges.join(", "), if grantable { " WITH GRANT OPTION" } else { "" })
+        })
+        .collect())
+}
+
+/// The roles the (quoted) schema's ACL names now: call before a GRANT or REVOKE on it.
+pub fn schema_roles(schema: &str) -> Result<Vec<String>> {
+    let (grants, _) = schema_acl(schema)?;
+    let mut roles: Vec<String> = grants.into_iter().map(|(grantee, _, _)| grantee).collect();
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
+}
+
+/// Sets the (quoted) schema's ACL on `nodes` to the coordinator's: revokes from the roles named
+/// before or now, then grants. Neither the coordinator's owner of the schema nor the node's
+/// (the role that created it there) is revoked from.
+pub fn sync_schema(schema: &str, nodes: &[crate::catalog::nodes::Node], roles_before: &[String]) -> Result<()> {
+    let (_, owner) = schema_acl(schema)?;
+    let grants = schema_grant_statements(schema)?;
+    let mut roles: Vec<String> = roles_before.iter().cloned().chain(schema_roles(schema)?).collect();
+    roles.sort();
+    roles.dedup();
+    roles.retain(|role| *role != owner);
+    for node in nodes.iter().filter(|n| !n.is_coordinator) {
+        let found = remote::execute(
+            node,
+            &format!(
+                "SELECT pg_catalog.quote_ident(r.rolname) FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+                  WHERE n.oid = pg_catalog.to_regnamespace({})",
+                quote::literal(schema)
+            ),
+        )?;
+        let Some(node_owner) = found.value(0, 0) else { continue };
+        let revoke: Vec<&str> = roles.iter().map(String::as_str).filter(|role| *role != node_owner).collect();
+        let mut statements = Vec::new();
+        if !revoke.is_empty() {
+            statements.push(format!("REVOKE ALL ON SCHEMA {schema} FROM {}", revoke.join(", ")));
+        }
+        statements.extend(grants.iter().cloned());
+        if !statements.is_empty() {
+            remote::execute(node, &statements.join("; "))?;
+        }
+    }
+    Ok(())
+}

@@ -107,6 +107,7 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_IndexStmt, targets: index_targets, check: check_index, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_DropStmt, targets: drop_index_targets, check: no_check, run: run_definition_change },
     Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: grant_targets, check: no_check, run: run_grant },
+    Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: schema_grant_targets, check: no_check, run: run_schema_grant },
     Operation { tag: pg_sys::NodeTag::T_ReassignOwnedStmt, targets: reassign_targets, check: no_check, run: run_reassign },
     // A local table's new foreign key to a distributed table: refused (the coordinator holds
     // neither the rows it would check nor sees the local rows when a shard deletes one).
@@ -446,6 +447,31 @@ unsafe fn grant_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTab
     Ok(found)
 }
 
+/// The schemas a GRANT or REVOKE ON SCHEMA names (quoted).
+unsafe fn granted_schemas(node: *mut pg_sys::Node) -> Vec<String> {
+    let statement = node.cast::<pg_sys::GrantStmt>();
+    if (*statement).objtype != pg_sys::ObjectType::OBJECT_SCHEMA || (*statement).targtype != pg_sys::GrantTargetType::ACL_TARGET_OBJECT {
+        return Vec::new();
+    }
+    list_pointers::<pg_sys::String>((*statement).objects)
+        .into_iter()
+        .map(|schema| quote::ident(&CStr::from_ptr((*schema).sval).to_string_lossy()))
+        .collect()
+}
+
+/// GRANT or REVOKE ON SCHEMA of schemas holding distributed tables (the nodes have a schema of
+/// the same name for their shards).
+unsafe fn schema_grant_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let mut found = Vec::new();
+    for schema in granted_schemas(node) {
+        let name = crate::catalog::read_one::<String>("SELECT nspname::text FROM pg_catalog.pg_namespace WHERE oid = pg_catalog.to_regnamespace($1)", &[schema.as_str().into()])?;
+        if let Some(name) = name {
+            found.extend(tables_in_schema(&name)?);
+        }
+    }
+    Ok(found)
+}
+
 /// REASSIGN OWNED BY: the distributed and reference tables the roles own.
 unsafe fn reassign_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
     let statement = node.cast::<pg_sys::ReassignOwnedStmt>();
@@ -664,6 +690,19 @@ fn run_grant(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()>
     call.run_standard();
     for (table, roles) in targets.iter().zip(before) {
         super::grants::sync_shards(table, &roles)?;
+    }
+    Ok(())
+}
+
+/// GRANT or REVOKE ON SCHEMA: the nodes' schemas of the same name get the same ACL.
+fn run_schema_grant(call: &UtilityCall, _targets: &[Rc<DistributedTable>]) -> Result<()> {
+    // SAFETY: the statement of the call being run is a GrantStmt.
+    let schemas = unsafe { granted_schemas(call.statement()) };
+    let before: Vec<Vec<String>> = schemas.iter().map(|s| super::grants::schema_roles(s)).collect::<Result<_>>()?;
+    call.run_standard();
+    let nodes = cache::nodes()?;
+    for (schema, roles) in schemas.iter().zip(before) {
+        super::grants::sync_schema(schema, &nodes, &roles)?;
     }
     Ok(())
 }

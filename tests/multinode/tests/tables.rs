@@ -939,6 +939,37 @@ fn privileges_follow_the_table_to_its_shards() {
     admin.batch_execute("REVOKE SELECT (id) ON events FROM clerk").unwrap();
     assert_eq!(column_privilege("id", "SELECT"), vec![false; 4]);
     assert_eq!(column_privilege("note", "UPDATE"), vec![true; 4]);
+
+    // USAGE on a schema of distributed tables reaches the nodes' schema of the same name, both
+    // granted before the schema reaches a node and after.
+    admin
+        .batch_execute(
+            "CREATE SCHEMA sales; GRANT USAGE ON SCHEMA sales TO clerk;
+             CREATE TABLE sales.deals (id int PRIMARY KEY, amount int);
+             SELECT create_distributed_table('sales.deals', 'id', shard_count => 4);
+             INSERT INTO sales.deals SELECT g, g FROM generate_series(1, 10) g;
+             CREATE SCHEMA ops;
+             CREATE TABLE ops.tasks (id int);
+             SELECT create_distributed_table('ops.tasks', 'id', shard_count => 4);
+             GRANT USAGE ON SCHEMA ops TO clerk;
+             GRANT SELECT ON ALL TABLES IN SCHEMA sales, ops TO clerk;",
+        )
+        .unwrap();
+    let schema_usage = |schema: &str| -> Vec<bool> {
+        [cluster.worker_port(1), cluster.worker_port(2)]
+            .iter()
+            .map(|port| {
+                cluster.connect_port(*port).query_one(&format!("SELECT has_schema_privilege('clerk', '{schema}', 'USAGE')"), &[]).unwrap().get(0)
+            })
+            .collect()
+    };
+    assert_eq!(schema_usage("sales"), vec![true; 2]);
+    assert_eq!(schema_usage("ops"), vec![true; 2]);
+    assert_eq!(scalar::<i64>(&mut clerk, "SELECT count(*) FROM sales.deals"), 10);
+    assert_eq!(scalar::<i64>(&mut clerk, "SELECT count(*) FROM ops.tasks"), 0);
+    admin.batch_execute("REVOKE USAGE ON SCHEMA sales FROM clerk").unwrap();
+    assert_eq!(schema_usage("sales"), vec![false; 2]);
+    assert_eq!(schema_usage("ops"), vec![true; 2]);
 }
 
 #[test]
