@@ -566,11 +566,20 @@ pub fn extra_connections(node: &Node, count: usize) -> Result<Vec<Rc<RemoteConne
     let (mut taken, mut room): (Vec<PoolEntry>, usize) = POOL.with(|p| {
         let mut pool = p.borrow_mut();
         let entries = pool.entry(node.node_id).or_default();
-        // Connections of another role, that the node closed, or left busy, go.
-        entries.retain(|(c, _)| c.is_idle() && c.role() == role && c.probe());
-        // And those beyond the limit (it may have been lowered).
+        // Connections the node closed, or left busy, go.
+        entries.retain(|(c, _)| c.is_idle() && c.probe());
+        // Those of the current role first: the others (see connection::run_as) stay for their
+        // role's next statement while there is room.
+        entries.sort_by_key(|(c, _)| c.role() != role);
+        // Those beyond the limit (it may have been lowered) go.
         entries.truncate(limit.saturating_sub(leased));
-        let taken: Vec<_> = entries.iter().take(count).cloned().collect();
+        let taken: Vec<_> = entries.iter().filter(|(c, _)| c.role() == role).take(count).cloned().collect();
+        // Make room for the ones missing by closing other roles' connections.
+        let mut missing = count - taken.len();
+        while missing > 0 && entries.last().is_some_and(|(c, _)| c.role() != role) && entries.len() + leased >= limit {
+            entries.pop();
+            missing -= 1;
+        }
         (taken, limit.saturating_sub(entries.len() + leased))
     });
     while taken.len() < count && room > 0 {

@@ -1708,6 +1708,32 @@ fn views_read_and_insert_with_their_owners_rights() {
         assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM visits WHERE id = 5"), 3);
         assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM new_accounts WHERE id = 5"), 1);
     }
+    // Alternating roles reuses the node sessions of each (no reconnecting per statement).
+    let pid: i32 = scalar(&mut viewer, "SELECT pg_backend_pid()");
+    let worker_sessions = || -> Vec<i32> {
+        [cluster.worker_port(1), cluster.worker_port(2)]
+            .iter()
+            .flat_map(|port| {
+                cluster
+                    .connect_port(*port)
+                    .query_one("SELECT coalesce(array_agg(pid ORDER BY pid), '{}') FROM pg_stat_activity WHERE application_name LIKE '%:' || $1::text", &[&pid.to_string()])
+                    .unwrap()
+                    .get::<_, Vec<i32>>(0)
+            })
+            .collect()
+    };
+    let alternate = |viewer: &mut Client| {
+        for _ in 0..3 {
+            assert_eq!(scalar::<i64>(viewer, "SELECT count(*) FROM account_kinds WHERE id = 5"), 1);
+            assert_eq!(scalar::<i64>(viewer, "SELECT count(*) FROM visits WHERE id = 5"), 3);
+            assert_eq!(scalar::<i64>(viewer, "SELECT count(*) FROM new_accounts WHERE id = 5"), 1);
+        }
+    };
+    alternate(&mut viewer);
+    let sessions = worker_sessions();
+    assert!(sessions.len() >= 2, "{sessions:?}");
+    alternate(&mut viewer);
+    assert_eq!(worker_sessions(), sessions, "the same worker sessions serve both roles");
     viewer.batch_execute("BEGIN").unwrap();
     assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM new_accounts"), 40);
     assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM visits"), 100);
