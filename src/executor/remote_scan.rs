@@ -708,7 +708,12 @@ unsafe fn plan_tasks(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan) -
         if let Some(error) = failure {
             return Err(error);
         }
-        tasks.push(Task { node: target.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))?, params: None });
+        tasks.push(Task {
+            node: target.clone(),
+            sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))?,
+            params: None,
+            run_as: plan.run_as,
+        });
         shard_ids.push(shard.shard_id);
     }
     Ok((tasks, shard_ids))
@@ -746,7 +751,6 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
     if runtime.plan.reference_write {
         change_coordinator_copy(node, runtime)?;
     }
-    let _role = crate::connection::run_as(runtime.plan.run_as);
     if !runtime.plan.broadcasts.is_empty() && !runtime.broadcast_done {
         // Reading the broadcast tables writes nothing: it joins the distributed transaction
         // only where a read would.
@@ -873,11 +877,7 @@ unsafe fn start_stream(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime
         broadcast(node, runtime, remote::Access::Autocommit)?;
         runtime.broadcast_done = true;
     }
-    let started = {
-        let _role = crate::connection::run_as(runtime.plan.run_as);
-        tasks::TaskRun::start_streamed(&runtime.tasks)?
-    };
-    let Some(run) = started else { return Ok(false) };
+    let Some(run) = tasks::TaskRun::start_streamed(&runtime.tasks)? else { return Ok(false) };
     runtime.stream = Some(run);
     runtime.streamed = true;
     runtime.streamed_tables = Some(StreamedTables::register(&runtime.plan.relations));
@@ -1058,7 +1058,6 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
             };
             let mut printer = BinaryToText::new(&broadcast.column_types);
             let binary = printer.is_some();
-            let _role = crate::connection::run_as(broadcast.plan.run_as);
             tasks::run(&tasks, &runtime.params[..used], binary, access, |result| {
                 if result.columns() != broadcast.columns {
                     return Err(ShardingError::internal(format!(
@@ -1576,7 +1575,12 @@ unsafe extern "C-unwind" fn rescan(node: *mut pg_sys::CustomScanState) {
 /// The worker's EXPLAIN of a task, one line per plan line.
 fn remote_plan(task: &Task, params: &[TaskParam]) -> Result<String> {
     let sql = format!("EXPLAIN {}", task.sql.to_string_lossy());
-    let explain = Task { node: task.node.clone(), sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))?, params: None };
+    let explain = Task {
+        node: task.node.clone(),
+        sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))?,
+        params: None,
+        run_as: task.run_as,
+    };
     let params = task.params.as_deref().unwrap_or(params).to_vec();
     let mut lines = Vec::new();
     tasks::run(std::slice::from_ref(&explain), &params, false, remote::read_access(), |row| {

@@ -19,6 +19,9 @@ pub struct Task {
     /// This task's own parameters, instead of the ones all tasks share (rows meant for its
     /// shard only, see remote_scan.rs).
     pub params: Option<Vec<TaskParam>>,
+    /// The role whose connections run it, when its tables are read with another role's
+    /// rights (a view's owner's, see `connection::run_as`); 0: the current role.
+    pub run_as: u32,
 }
 
 /// What the caller wants after a row.
@@ -80,11 +83,11 @@ pub fn run(
 /// session).
 type NodeConnections<'a> = (&'a Node, Vec<usize>, Vec<(Rc<RemoteConnection>, bool)>);
 
-/// The tasks' indexes by node, nodes in the order of their first task.
+/// The tasks' indexes by node (and role), nodes in the order of their first task.
 fn by_node(tasks: &[Task]) -> Vec<(&Node, Vec<usize>)> {
     let mut nodes: Vec<(&Node, Vec<usize>)> = Vec::new();
     for (index, task) in tasks.iter().enumerate() {
-        match nodes.iter_mut().find(|(node, _)| node.node_id == task.node.node_id) {
+        match nodes.iter_mut().find(|(node, list)| node.node_id == task.node.node_id && tasks[list[0]].run_as == task.run_as) {
             Some((_, list)) => list.push(index),
             None => nodes.push((&task.node, vec![index])),
         }
@@ -99,6 +102,7 @@ impl TaskRun {
         let per_node = crate::guc::MAX_CONNECTIONS_PER_NODE.get().max(1) as usize;
         let mut connections = Vec::new();
         for (node, list) in by_node(tasks) {
+            let _role = crate::connection::run_as(tasks[list[0]].run_as);
             let mut mine = vec![(remote::for_statement(node, access)?, true)];
             if access == remote::Access::Autocommit && !remote::in_transaction_on(node) && list.len() > 1 && per_node > 1 {
                 for extra in remote::extra_connections(node, (per_node - 1).min(list.len() - 1))? {
@@ -119,6 +123,7 @@ impl TaskRun {
         let mut connections = Vec::new();
         let mut leases = Vec::new();
         for (node, list) in by_node(tasks) {
+            let _role = crate::connection::run_as(tasks[list[0]].run_as);
             let leased = remote::lease_connections(node, per_node.min(list.len()))?;
             if leased.is_empty() {
                 leases.into_iter().for_each(remote::give_back);

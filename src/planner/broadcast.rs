@@ -669,6 +669,7 @@ pub(super) fn table_bytes(table: &DistributedTable) -> Option<u64> {
             c"SELECT coalesce(sum(pg_catalog.pg_relation_size(c.oid)), 0) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
         ),
         params: None,
+        run_as: 0,
     };
     let text = |value: &str| {
         let mut bytes = value.as_bytes().to_vec();

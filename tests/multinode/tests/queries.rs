@@ -1700,6 +1700,10 @@ fn views_read_and_insert_with_their_owners_rights() {
     assert_eq!(scalar::<i64>(&mut viewer, "SELECT sum(visits)::bigint FROM account_visits"), 100);
     let plan: Vec<String> = viewer.query("EXPLAIN SELECT * FROM account_kinds WHERE id = 7", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert!(plan.iter().any(|l| l.trim() == "Runs As: app") && plan.iter().any(|l| l.trim() == "Task Count: 1"), "{plan:?}");
+    // The workers' own plans (VERBOSE, ANALYZE) are asked with the same rights.
+    let plan: Vec<String> =
+        viewer.query("EXPLAIN (ANALYZE, VERBOSE) SELECT * FROM account_kinds WHERE id = 7", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(plan.iter().any(|l| l.contains("Remote Plan")), "{plan:?}");
     // A view's tables with a table the viewer reads itself.
     assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM account_visits a JOIN visits v USING (id)"), 100);
     // Alternating with statements that run with the viewer's own rights, in and out of a
