@@ -100,6 +100,11 @@ impl<'t> RowRouter<'t> {
     /// in `memory`, which the caller resets for every row.
     ///
     /// SAFETY: `values`/`nulls` must be a tuple of the table's relation.
+    /// Rows are written with the rights of `role` (a view's owner's; 0: the current role's).
+    pub fn set_run_as(&mut self, role: u32) {
+        self.writer.run_as = role;
+    }
+
     pub unsafe fn route_tuple(&mut self, values: &[pg_sys::Datum], nulls: &[bool], memory: pg_sys::MemoryContext) -> Result<()> {
         let previous = pg_sys::MemoryContextSwitchTo(memory);
         let mut row = std::mem::take(&mut self.row);

@@ -37,6 +37,8 @@ pub struct ShardWriter {
     /// Nodes with a COPY whose outcome has not been read yet.
     in_flight: HashMap<i32, Node>,
     pub rows: u64,
+    /// The role whose connections take the rows (see `connection::run_as`); 0: the current one.
+    pub run_as: u32,
 }
 
 impl ShardWriter {
@@ -70,7 +72,7 @@ impl ShardWriter {
                 },
             );
         }
-        Ok(ShardWriter { targets, in_flight: HashMap::new(), rows: 0 })
+        Ok(ShardWriter { targets, in_flight: HashMap::new(), rows: 0, run_as: 0 })
     }
 
     /// Appends one encoded row (ending in a newline) for `shard_id`.
@@ -85,7 +87,7 @@ impl ShardWriter {
         if target.buffer.len() >= target.flush_at
             && (target.buffer.len() >= MAX_BUFFER_BYTES || !any_busy(target, &self.in_flight)?)
         {
-            flush(target, &mut self.in_flight)?;
+            flush(target, &mut self.in_flight, self.run_as)?;
         }
         Ok(())
     }
@@ -93,7 +95,7 @@ impl ShardWriter {
     /// Sends everything still buffered and waits for every node to finish.
     pub fn finish(mut self) -> Result<u64> {
         for target in self.targets.values_mut() {
-            flush(target, &mut self.in_flight)?;
+            flush(target, &mut self.in_flight, self.run_as)?;
         }
         for (_, node) in std::mem::take(&mut self.in_flight) {
             settle(&node)?;
@@ -125,7 +127,7 @@ fn settle(node: &Node) -> Result<()> {
     connection.drain_results().map(|_| ()).map_err(|e| remote::remote_error(node, e))
 }
 
-fn flush(target: &mut Target, in_flight: &mut HashMap<i32, Node>) -> Result<()> {
+fn flush(target: &mut Target, in_flight: &mut HashMap<i32, Node>, run_as: u32) -> Result<()> {
     if target.buffer.is_empty() {
         return Ok(());
     }
@@ -133,7 +135,10 @@ fn flush(target: &mut Target, in_flight: &mut HashMap<i32, Node>) -> Result<()> 
         if let Some(previous) = in_flight.remove(&node.node_id) {
             settle(&previous)?;
         }
-        let connection = remote::in_transaction(node)?;
+        let connection = {
+            let _role = crate::connection::run_as(run_as);
+            remote::in_transaction(node)?
+        };
         connection.copy_start(&target.copy_sql).map_err(|e| remote::remote_error(node, e))?;
         if let Err(error) = connection.copy_data(&target.buffer) {
             let _ = connection.copy_end(Some("pg_sharding: sending rows failed"));

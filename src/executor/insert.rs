@@ -64,11 +64,10 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
     let run_as = crate::planner::insert_target(planned)
         .and_then(|index| list_pointers::<pg_sys::RangeTblEntry>((*planned).rtable).get(index - 1).map(|e| (**e).checkAsUser.to_u32()))
         .unwrap_or(0);
-    let _role = crate::connection::run_as(run_as);
     let plan = (*(*query_desc).plannedstmt).planTree.cast::<pg_sys::ModifyTable>();
     if (*plan).onConflictAction != pg_sys::OnConflictAction::ONCONFLICT_NONE {
         // The shard decides what a conflict does: rows go as INSERT ... ON CONFLICT statements.
-        (*estate).es_processed = super::on_conflict::run(query_desc, table)?;
+        (*estate).es_processed = super::on_conflict::run(query_desc, table, run_as)?;
         return Ok(());
     }
     let modify = (*query_desc).planstate.cast::<pg_sys::ModifyTableState>();
@@ -79,6 +78,7 @@ unsafe fn run_insert(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTabl
     let returning = (*(*query_desc).plannedstmt).hasReturning;
 
     let mut router = RowRouter::new(table, RowEncoder::for_relation(relation), None)?;
+    router.set_run_as(run_as);
     if returning && router.has_generated_columns() {
         return Err(ShardingError::new(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,

@@ -367,7 +367,9 @@ struct Pending {
 }
 
 /// Runs an INSERT ... ON CONFLICT whose ModifyTable is `modify`; returns the rows affected.
-pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) -> Result<u64> {
+/// `run_as`: the role whose rights the rows are written with (a view's owner's), 0: the current
+/// role's.
+pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable, run_as: u32) -> Result<u64> {
     if table.method == Method::Reference {
         return Err(unsupported(format!(
             "INSERT ... ON CONFLICT into reference table \"{}\" is not supported yet",
@@ -453,7 +455,10 @@ pub unsafe fn run(query_desc: *mut pg_sys::QueryDesc, table: &DistributedTable) 
     let flush = |shard_id: i64, batch: Pending, output: &mut Option<Returning>| -> Result<u64> {
         let sql = statement.sql(&definition.schema, &definition.name, shard_id, batch.rows.len());
         let params: Vec<Option<&str>> = batch.rows.iter().flat_map(|r| r.iter().map(|v| v.as_deref())).collect();
-        let connection = remote::in_transaction(&batch.node)?;
+        let connection = {
+            let _role = crate::connection::run_as(run_as);
+            remote::in_transaction(&batch.node)?
+        };
         let result = connection.query_counted(&sql, &params).map_err(|e| remote::remote_error(&batch.node, e))?;
         if let Some(output) = output.as_mut() {
             output.send(&result.0)?;

@@ -1746,10 +1746,11 @@ fn views_read_and_insert_with_their_owners_rights() {
     // the same transaction.
     viewer.batch_execute("INSERT INTO new_accounts VALUES (41, 'v', 1)").unwrap();
     viewer.batch_execute("INSERT INTO new_accounts SELECT g, 'v', 1 FROM generate_series(42, 50) g").unwrap();
+    assert_eq!(viewer.execute("INSERT INTO new_accounts VALUES (50, 'again', 1), (52, 'v', 1) ON CONFLICT (id) DO NOTHING", &[]).unwrap(), 1);
     viewer.batch_execute("BEGIN; INSERT INTO new_accounts VALUES (51, 'v', 1)").unwrap();
-    assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM new_accounts WHERE owner = 'v'"), 11);
+    assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM new_accounts WHERE owner = 'v'"), 12);
     viewer.batch_execute("COMMIT").unwrap();
-    assert_eq!(scalar::<i64>(&mut app, "SELECT count(*) FROM accounts"), 51);
+    assert_eq!(scalar::<i64>(&mut app, "SELECT count(*) FROM accounts"), 52);
     // The tables themselves stay closed to the viewer (refused by the coordinator).
     for sql in ["SELECT count(*) FROM accounts", "INSERT INTO accounts VALUES (99, 'x', 0)", "SELECT count(*) FROM kinds"] {
         let (code, _, _, detail) = expect_error(&mut viewer, sql);
