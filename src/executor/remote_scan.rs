@@ -1495,7 +1495,7 @@ pub(crate) unsafe fn text_values_exact(tupdesc: pg_sys::TupleDesc) -> Result<()>
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!("{type_name} values would be read from the shards as text, which the current {setting} does not print exactly"),
         )
-        .detail("Rows with columns of user-defined types (enums, domains, ...) come back from the workers as text.")
+        .detail("Rows with columns of arrays of enums or domains come back from the workers as text.")
         .hint("SET DateStyle = 'ISO' (for timestamptz) or extra_float_digits = 1 (for floats), or select the user-defined columns as text (col::text)."));
     }
     Ok(())

@@ -493,7 +493,7 @@ pub unsafe fn split(
     collect_params(worker.cast(), &mut params_used);
     plan.max_param = params_used.iter().copied().max().unwrap_or(0);
     plan.params_used = params_used;
-    plan.binary = split.worker_columns.iter().all(|&c| pg_sys::exprType(c).to_u32() < pg_sys::FirstNormalObjectId);
+    plan.binary = split.worker_columns.iter().all(|&c| super::shippable::binary_transportable(pg_sys::exprType(c)));
     // An aggregate without GROUP BY returns one row even over no rows: some shard answers.
     plan.at_least_one = aggregating && !whole;
     plan.locks_rows = locks_rows;

@@ -666,7 +666,7 @@ pub unsafe fn plan_statement(
         plan.hoisted.push((id, exprs.len()));
         exprs.push(expr);
     }
-    plan.binary = outputs.iter().all(|e| pg_sys::exprType((**e).expr.cast()).to_u32() < pg_sys::FirstNormalObjectId);
+    plan.binary = outputs.iter().all(|e| shippable::binary_transportable(pg_sys::exprType((**e).expr.cast())));
     plan.modify = modify;
     // A SELECT with a data-modifying WITH query writes: it runs in the distributed transaction.
     plan.writes = (*parse).hasModifyingCTE;
@@ -1177,7 +1177,7 @@ unsafe fn insert_select(parse: *mut pg_sys::Query) -> Result<Option<*mut pg_sys:
     collect_params(parse.cast(), &mut params_used);
     plan.max_param = params_used.iter().copied().max().unwrap_or(0);
     plan.params_used = params_used;
-    plan.binary = outputs.iter().all(|e| pg_sys::exprType((**e).expr.cast()).to_u32() < pg_sys::FirstNormalObjectId);
+    plan.binary = outputs.iter().all(|e| shippable::binary_transportable(pg_sys::exprType((**e).expr.cast())));
     plan.modify = true;
     debug_assert!((*parse).commandType == CMD_INSERT);
     Ok(Some(planned_statement(parse, &plan, Vec::new(), &outputs, std::ptr::null_mut())?))

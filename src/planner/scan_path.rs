@@ -273,7 +273,7 @@ unsafe fn build_scan(
         } else {
             let attr = (*tupdesc).attrs.as_ptr().add(attno as usize - 1);
             names.push(ScanColumn::Column(CStr::from_ptr((*attr).attname.data.as_ptr()).to_string_lossy().into_owned()));
-            binary &= builtin(attr);
+            binary &= shippable::binary_transportable((*attr).atttypid);
             pg_sys::makeVar(rti as i32, attno, (*attr).atttypid, (*attr).atttypmod, (*attr).attcollation, 0)
         };
         let entry = pg_sys::makeTargetEntry(var.cast(), (i + 1) as i16, std::ptr::null_mut(), false);

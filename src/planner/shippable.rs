@@ -70,6 +70,21 @@ const TEXT_SEARCH_DEFAULTS: &[&str] = &[
     "get_current_ts_config",
 ];
 
+/// Whether values of `type_oid` can come back from the workers in binary: built-in types, and
+/// enums and domains over such types, whose binary forms name no type OID (an enum's is its
+/// label, a domain's its base type's). Arrays and rows of user-defined types carry their
+/// element types' OIDs, which differ on the workers: those come back as text.
+pub(crate) unsafe fn binary_transportable(type_oid: pg_sys::Oid) -> bool {
+    if builtin(type_oid) {
+        return true;
+    }
+    match pg_sys::get_typtype(type_oid) as u8 {
+        b'e' => true,
+        b'd' => binary_transportable(pg_sys::getBaseType(type_oid)),
+        _ => false,
+    }
+}
+
 /// Object identifier types: a value names a coordinator object by OID.
 pub(crate) fn names_local_object(type_oid: pg_sys::Oid) -> bool {
     [
