@@ -178,9 +178,12 @@ pub fn sync_shards(table: &DistributedTable, roles_before: &[String]) -> Result<
     })
 }
 
-/// The ACL entries of the (quoted) schema on the coordinator, but its owner's: (grantee,
-/// privilege, grantable), and the owner (quoted).
-fn schema_acl(schema: &str) -> Result<(Vec<(String, String, bool)>, String)> {
+/// (grantee, privilege, grantable) of a schema's ACL; grantee quoted, or PUBLIC.
+type SchemaGrant = (String, String, bool);
+
+/// The ACL entries of the (quoted) schema on the coordinator, but its owner's, and the owner
+/// (quoted).
+fn schema_acl(schema: &str) -> Result<(Vec<SchemaGrant>, String)> {
     Spi::connect(|client| {
         let grants = client
             .select(

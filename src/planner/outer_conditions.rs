@@ -123,7 +123,7 @@ unsafe extern "C-unwind" fn checker(node: *mut pg_sys::Node, context: *mut std::
             let var = node.cast::<pg_sys::Var>();
             let output = check.outputs.iter().find(|&&entry| (*entry).resno == (*var).varattno);
             let ok = (*var).varlevelsup == 0
-                && (*var).varno as i32 == check.rti
+                && (*var).varno == check.rti
                 && (*var).varattno > 0
                 && output.is_some_and(|&entry| plain_output(entry));
             if !ok {
@@ -133,11 +133,9 @@ unsafe extern "C-unwind" fn checker(node: *mut pg_sys::Node, context: *mut std::
             check.columns += 1;
             return false;
         }
-        T_Param => {
-            if (*node.cast::<pg_sys::Param>()).paramkind != pg_sys::ParamKind::PARAM_EXTERN {
-                check.movable = false;
-                return true;
-            }
+        T_Param if (*node.cast::<pg_sys::Param>()).paramkind != pg_sys::ParamKind::PARAM_EXTERN => {
+            check.movable = false;
+            return true;
         }
         T_SubLink | T_SubPlan | T_AlternativeSubPlan | T_Aggref | T_WindowFunc | T_GroupingFunc | T_PlaceHolderVar | T_CurrentOfExpr
         | T_Query => {
@@ -164,7 +162,7 @@ unsafe extern "C-unwind" fn substitute(node: *mut pg_sys::Node, context: *mut st
     let substitution = &*(context as *const Substitution);
     if (*node).type_ == pg_sys::NodeTag::T_Var {
         let var = node.cast::<pg_sys::Var>();
-        if (*var).varlevelsup == 0 && (*var).varno as i32 == substitution.rti {
+        if (*var).varlevelsup == 0 && (*var).varno == substitution.rti {
             if let Some(&entry) = substitution.outputs.iter().find(|&&entry| (*entry).resno == (*var).varattno) {
                 return pg_sys::copyObjectImpl((*entry).expr.cast()).cast();
             }
@@ -173,5 +171,12 @@ unsafe extern "C-unwind" fn substitute(node: *mut pg_sys::Node, context: *mut st
     }
     let mutator: unsafe extern "C-unwind" fn(*mut pg_sys::Node, *mut std::ffi::c_void) -> *mut pg_sys::Node = substitute;
     // SAFETY: PostgreSQL 15 declares the mutator without prototype; this is its real signature.
-    pg_sys::expression_tree_mutator(node, Some(std::mem::transmute(mutator)), context)
+    pg_sys::expression_tree_mutator(
+        node,
+        Some(std::mem::transmute::<
+            unsafe extern "C-unwind" fn(*mut pg_sys::Node, *mut std::ffi::c_void) -> *mut pg_sys::Node,
+            unsafe extern "C-unwind" fn() -> *mut pg_sys::Node,
+        >(mutator)),
+        context,
+    )
 }
