@@ -1327,11 +1327,7 @@ unsafe fn run_query(
 
     let estate = (*node).ss.ps.state;
     let params = (*estate).es_param_list_info;
-    let text = CString::new(query).map_err(|e| ShardingError::internal(e.to_string()))?;
-    let subquery: *mut pg_sys::Query = pg_sys::stringToNode(text.as_ptr()).cast();
-    if subquery.is_null() || (*subquery).type_ != pg_sys::NodeTag::T_Query {
-        return Err(ShardingError::internal("an intermediate result without its query"));
-    }
+    let (subquery, reissued) = crate::planner::aggregates::restore_query(query)?;
     let source = if (*estate).es_sourceText.is_null() { c"".as_ptr() } else { (*estate).es_sourceText };
     let planned = if identified_target != 0 {
         // PostgreSQL's plan over ShardScans, never one sent whole to the shards: the target's
@@ -1341,6 +1337,7 @@ unsafe fn run_query(
     } else {
         pg_sys::pg_plan_query(subquery, source, 0, params)
     };
+    drop(reissued);
     let mut receiver = StoreReceiver {
         base: pg_sys::DestReceiver {
             receiveSlot: Some(receive),

@@ -22,6 +22,8 @@ extern void pg_sharding_utility_run(PlannedStmt *pstmt, const char *queryString,
 extern PlannedStmt *pg_sharding_plan(Query *parse, const char *query_string, int cursorOptions,
 									  ParamListInfo boundParams);
 extern void pg_sharding_check_plan(PlannedStmt *planned);
+extern void pg_sharding_planner_enter(void);
+extern void pg_sharding_planner_leave(void);
 extern bool pg_sharding_executor_wants(QueryDesc *queryDesc);
 extern void pg_sharding_executor_run(QueryDesc *queryDesc, ScanDirection direction, uint64 count,
 									 bool execute_once);
@@ -54,18 +56,33 @@ pg_sharding_process_utility(PlannedStmt *pstmt, const char *queryString, bool re
 											 queryEnv, dest, qc);
 }
 
+/*
+ * The plans of the task_results calls a planning makes (src/planner/aggregates.rs) are valid
+ * until the outermost planner call ends, however it ends.
+ */
 static PlannedStmt *
 pg_sharding_planner(Query *parse, const char *query_string, int cursorOptions, ParamListInfo boundParams)
 {
-	PlannedStmt *planned = pg_sharding_plan(parse, query_string, cursorOptions, boundParams);
+	PlannedStmt *planned;
 
-	if (planned != NULL)
-		return planned;
-	if (previous_planner)
-		planned = previous_planner(parse, query_string, cursorOptions, boundParams);
-	else
-		planned = standard_planner(parse, query_string, cursorOptions, boundParams);
-	pg_sharding_check_plan(planned);
+	pg_sharding_planner_enter();
+	PG_TRY();
+	{
+		planned = pg_sharding_plan(parse, query_string, cursorOptions, boundParams);
+		if (planned == NULL)
+		{
+			if (previous_planner)
+				planned = previous_planner(parse, query_string, cursorOptions, boundParams);
+			else
+				planned = standard_planner(parse, query_string, cursorOptions, boundParams);
+			pg_sharding_check_plan(planned);
+		}
+	}
+	PG_FINALLY();
+	{
+		pg_sharding_planner_leave();
+	}
+	PG_END_TRY();
 	return planned;
 }
 

@@ -31,8 +31,113 @@ pub unsafe fn task_results_function() -> pg_sys::Oid {
     pg_sys::LookupFuncName(names, 1, &mut argtype, true)
 }
 
-/// The ShardScan plan carried by an RTE of the coordinator query, if `rte` is one.
-pub unsafe fn task_results_plan(rte: *mut pg_sys::RangeTblEntry) -> Option<std::rc::Rc<ShardScanPlan>> {
+thread_local! {
+    /// The plans of the `sharding.task_results` calls the planning under way made, by the
+    /// random token each call carries instead of its plan: a call written by a user (or kept
+    /// from an earlier planning) names no plan here and stays a call of the placeholder, which
+    /// refuses to run. (A plan in the call itself would let anyone send any SQL to the nodes.)
+    static ISSUED: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<ShardScanPlan>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+    /// Planner calls under way (nested: SPI queries run while planning).
+    static PLANNING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Called by the C planner hook when a planner call starts.
+#[no_mangle]
+pub extern "C-unwind" fn pg_sharding_planner_enter() {
+    PLANNING.with(|p| p.set(p.get() + 1));
+}
+
+/// Called by the C planner hook when a planner call ends, also by an ERROR: the plans issued
+/// by the outermost call are forgotten.
+#[no_mangle]
+pub extern "C-unwind" fn pg_sharding_planner_leave() {
+    let depth = PLANNING.with(|p| {
+        p.set(p.get().saturating_sub(1));
+        p.get()
+    });
+    if depth == 0 {
+        ISSUED.with(|i| i.borrow_mut().clear());
+    }
+}
+
+/// At the end of a transaction: nothing issued survives it.
+pub fn forget_issued_plans() {
+    PLANNING.with(|p| p.set(0));
+    ISSUED.with(|i| i.borrow_mut().clear());
+}
+
+/// A new token for `plan`, valid until the planning under way ends.
+fn issue(plan: &ShardScanPlan) -> Result<String> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: fills the local buffer.
+    if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
+        return Err(ShardingError::internal("could not generate a random plan token"));
+    }
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    ISSUED.with(|i| i.borrow_mut().insert(token.clone(), std::rc::Rc::new(plan.clone())));
+    Ok(token)
+}
+
+/// A Query tree a plan keeps to plan and run when it runs (planner/modifying_ctes.rs,
+/// intermediate.rs, ...), with the plans of the `sharding.task_results` calls in it: they are
+/// issued again under their tokens while it is planned (`restore_query`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredQuery {
+    /// nodeToString of the Query.
+    tree: String,
+    plans: Vec<(String, ShardScanPlan)>,
+}
+
+/// `query` as text for a plan to keep (see `StoredQuery`).
+pub unsafe fn store_query(query: *mut pg_sys::Query) -> Result<String> {
+    let tree = std::ffi::CStr::from_ptr(pg_sys::nodeToString(query.cast())).to_string_lossy().into_owned();
+    let mut plans = Vec::new();
+    crate::deparse::query::for_each_rte(query, &mut |rte| {
+        if let Some(token) = task_results_token(rte) {
+            if let Some(plan) = ISSUED.with(|i| i.borrow().get(token).cloned()) {
+                plans.push((token.to_string(), (*plan).clone()));
+            }
+        }
+    });
+    serde_json::to_string(&StoredQuery { tree, plans }).map_err(|e| ShardingError::internal(e.to_string()))
+}
+
+/// The plans of a restored query, issued until this is dropped.
+pub struct Reissued(Vec<String>);
+
+impl Drop for Reissued {
+    fn drop(&mut self) {
+        ISSUED.with(|i| {
+            let mut issued = i.borrow_mut();
+            for token in &self.0 {
+                issued.remove(token);
+            }
+        });
+    }
+}
+
+/// The Query of a `store_query` text, with its plans issued while the result is kept.
+pub unsafe fn restore_query(text: &str) -> Result<(*mut pg_sys::Query, Reissued)> {
+    let stored: StoredQuery = serde_json::from_str(text).map_err(|e| ShardingError::internal(format!("a kept query: {e}")))?;
+    let tree = CString::new(stored.tree).map_err(|e| ShardingError::internal(e.to_string()))?;
+    let query: *mut pg_sys::Query = pg_sys::stringToNode(tree.as_ptr()).cast();
+    if query.is_null() || (*query).type_ != pg_sys::NodeTag::T_Query {
+        return Err(ShardingError::internal("a kept query without its Query tree"));
+    }
+    let mut tokens = Vec::new();
+    ISSUED.with(|i| {
+        let mut issued = i.borrow_mut();
+        for (token, plan) in stored.plans {
+            tokens.push(token.clone());
+            issued.insert(token, std::rc::Rc::new(plan));
+        }
+    });
+    Ok((query, Reissued(tokens)))
+}
+
+/// The token of a `sharding.task_results` call in `rte`, if it is one.
+unsafe fn task_results_token<'a>(rte: *mut pg_sys::RangeTblEntry) -> Option<&'a str> {
     if (*rte).rtekind != pg_sys::RTEKind::RTE_FUNCTION {
         return None;
     }
@@ -52,8 +157,14 @@ pub unsafe fn task_results_plan(rte: *mut pg_sys::RangeTblEntry) -> Option<std::
     if (**plan).constisnull {
         return None;
     }
-    let text = pgrx::text_to_rust_str_unchecked((**plan).constvalue.cast_mut_ptr());
-    crate::executor::remote_scan::decoded_plan(text.as_bytes()).ok()
+    Some(pgrx::text_to_rust_str_unchecked((**plan).constvalue.cast_mut_ptr()))
+}
+
+/// The ShardScan plan carried by an RTE of the coordinator query, if `rte` is one made by this
+/// planning.
+pub unsafe fn task_results_plan(rte: *mut pg_sys::RangeTblEntry) -> Option<std::rc::Rc<ShardScanPlan>> {
+    let token = task_results_token(rte)?;
+    ISSUED.with(|i| i.borrow().get(token).cloned())
 }
 
 /// How one aggregate of the original query is computed from partial results.
@@ -540,20 +651,20 @@ pub unsafe fn results_rte(plan: &ShardScanPlan, columns: &[(String, *mut pg_sys:
     if marker == pg_sys::InvalidOid {
         return Err(ShardingError::internal("function sharding.task_results is missing"));
     }
-    let json = serde_json::to_string(plan).map_err(|e| ShardingError::internal(e.to_string()))?;
+    let token = issue(plan)?;
     let rte: *mut pg_sys::RangeTblEntry = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast();
     (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
     (*rte).rtekind = pg_sys::RTEKind::RTE_FUNCTION;
     (*rte).inFromCl = true;
     let function: *mut pg_sys::RangeTblFunction = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblFunction>()).cast();
     (*function).type_ = pg_sys::NodeTag::T_RangeTblFunction;
-    let json = CString::new(json).map_err(|e| ShardingError::internal(e.to_string()))?;
+    let token = CString::new(token).map_err(|e| ShardingError::internal(e.to_string()))?;
     let argument = pg_sys::makeConst(
         pg_sys::TEXTOID,
         -1,
         pg_sys::DEFAULT_COLLATION_OID,
         -1,
-        pg_sys::Datum::from(pg_sys::cstring_to_text(json.as_ptr())),
+        pg_sys::Datum::from(pg_sys::cstring_to_text(token.as_ptr())),
         false,
         false,
     );

@@ -171,7 +171,7 @@ pub unsafe fn for_modify(parse: *mut pg_sys::Query) -> Result<Option<(*mut pg_sy
     let assignments: Vec<(i16, *mut std::ffi::c_char, usize)> = assignments.into_iter().map(|(entry, column)| ((*entry).resno, (*entry).resname, column)).collect();
     let modify = rows.statement(parse, target_rte, vec![tid_equal, dist_equal, xmin_equal], &assignments, returning);
 
-    let text = CStr::from_ptr(pg_sys::nodeToString(select.cast())).to_string_lossy().into_owned();
+    let text = super::aggregates::store_query(select)?;
     let sql = {
         let _settings = TransmissionSettings::enter();
         let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(select.cast()).cast();

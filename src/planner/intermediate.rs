@@ -369,7 +369,7 @@ unsafe fn replacement(place: Place, first_param: i32) -> Result<(*mut pg_sys::No
         }
     };
 
-    let text = CStr::from_ptr(pg_sys::nodeToString(subquery.cast())).to_string_lossy().into_owned();
+    let text = super::aggregates::store_query(subquery)?;
     let sql = {
         let _settings = TransmissionSettings::enter();
         let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(subquery.cast()).cast();

@@ -167,7 +167,7 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
         table: shown,
         first_param,
         columns: columns.len(),
-        query: Some(CStr::from_ptr(pg_sys::nodeToString(reader.cast())).to_string_lossy().into_owned()),
+        query: Some(super::aggregates::store_query(reader)?),
         route_column: Some(route_column),
         route_type: key.1.to_u32(),
         null_key_fails: inserts,

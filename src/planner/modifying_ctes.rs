@@ -87,7 +87,7 @@ pub unsafe fn separate(parse: *mut pg_sys::Query) -> Result<bool> {
             CStr::from_ptr(pg_sys::pg_get_querydef(copy, false)).to_string_lossy().into_owned()
         };
         let plan = ShardScanPlan {
-            statement: Some(CStr::from_ptr(pg_sys::nodeToString(statement.cast())).to_string_lossy().into_owned()),
+            statement: Some(super::aggregates::store_query(statement)?),
             statement_sql: sql,
             writes: true,
             ..Default::default()

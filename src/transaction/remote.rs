@@ -993,6 +993,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             connection::reset_run_as();
+            crate::planner::aggregates::forget_issued_plans();
             abort_all();
             reset_busy_autocommit_connections();
             super::undo::run();

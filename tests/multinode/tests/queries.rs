@@ -1758,3 +1758,46 @@ fn views_read_and_insert_with_their_owners_rights() {
         assert!(!detail.contains("on node"), "{sql}: refused by a node, not the coordinator");
     }
 }
+
+#[test]
+fn the_plan_placeholder_never_runs_what_a_user_passes_it() {
+    let cluster = Cluster::start(2);
+    let mut c = cluster.coordinator();
+    c.batch_execute(
+        "CREATE TABLE secrets (id int PRIMARY KEY, v text);
+         SELECT create_distributed_table('secrets', 'id', shard_count => 4);
+         INSERT INTO secrets SELECT g, 'secret ' || g FROM generate_series(1, 10) g;
+         CREATE ROLE mallory LOGIN;",
+    )
+    .unwrap();
+    for port in [cluster.worker_port(1), cluster.worker_port(2)] {
+        cluster.connect_port(port).batch_execute("CREATE ROLE mallory LOGIN").unwrap();
+    }
+    let relid: u32 = scalar::<u32>(&mut c, "SELECT 'secrets'::regclass::oid");
+    // A split aggregation's plans carry sharding.task_results calls; one written by a user
+    // (here asking for every row, as a superuser) stays a call of the placeholder.
+    let plan = format!(
+        r#"{{"pieces":[[null,"SELECT v FROM "],[0,""]],"relations":[{relid}],"anchor":{relid},"prune":[],"params_used":[],"max_param":0,"binary":false,"modify":false,"at_least_one":false,"reference_write":false,"hoisted":[],"prune_nodes":[],"run_as":10}}"#
+    );
+    let mut mallory =
+        pg_sharding_multinode::Client::connect(&format!("host=127.0.0.1 port={} user=mallory dbname=postgres", cluster.port), pg_sharding_multinode::NoTls).unwrap();
+    for client in [&mut mallory, &mut c] {
+        let sql = format!("SELECT * FROM sharding.task_results('{plan}') AS t(v text)");
+        let (code, message, ..) = expect_error(client, &sql);
+        assert_eq!(code, "0A000", "{message}");
+        assert!(message.contains("placeholder"), "{message}");
+        // Also inlined from a SQL function, and in a subquery.
+        let (code, ..) = expect_error(client, &format!("SELECT count(*) FROM ({sql}) s"));
+        assert_eq!(code, "0A000");
+    }
+    c.batch_execute(&format!(
+        "CREATE FUNCTION leak() RETURNS SETOF text LANGUAGE sql AS $f$ SELECT v FROM sharding.task_results('{plan}') AS t(v text) $f$;
+         GRANT EXECUTE ON FUNCTION leak() TO mallory;"
+    ))
+    .unwrap();
+    let (code, ..) = expect_error(&mut mallory, "SELECT * FROM leak()");
+    assert_eq!(code, "0A000");
+    // The split aggregations themselves work as before.
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(DISTINCT v) FROM secrets"), 10);
+    assert_eq!(scalar::<String>(&mut c, "SELECT max(v) FROM (SELECT v, count(*) FROM secrets GROUP BY v) s"), "secret 9");
+}
