@@ -278,8 +278,12 @@ impl PqConnection {
         loop {
             // SAFETY: valid connection; PQgetResult does not block once PQisBusy is false.
             unsafe {
-                if pq::PQconsumeInput(self.conn.as_ptr()) != 1 {
-                    return Err(RemoteError::local(self.last_error()));
+                // Read from the socket only when what libpq holds is not a whole result: each
+                // read shifts the rest of its buffer, which made reading many rows quadratic.
+                if pq::PQisBusy(self.conn.as_ptr()) != 0 {
+                    if pq::PQconsumeInput(self.conn.as_ptr()) != 1 {
+                        return Err(RemoteError::local(self.last_error()));
+                    }
                 }
                 if pq::PQisBusy(self.conn.as_ptr()) == 0 {
                     return Ok(NonNull::new(pq::PQgetResult(self.conn.as_ptr())).map(ResultGuard));
@@ -483,10 +487,19 @@ impl PqConnection {
             }
         }
         // A COPY OUT returns its COPY_OUT result until its rows are read: read and drop them.
+        // A COPY IN returns its COPY_IN result until it is ended: end it (again: the first
+        // attempt may not have got through). And whatever keeps coming, the deadline holds.
         while let Some(result) = self.next_result(deadline)? {
             // SAFETY: a valid result.
-            if unsafe { pq::PQresultStatus(result.0.as_ptr()) } == pq::ExecStatusType::PGRES_COPY_OUT {
-                self.read_copy_out(deadline, |_| {})?;
+            match unsafe { pq::PQresultStatus(result.0.as_ptr()) } {
+                pq::ExecStatusType::PGRES_COPY_OUT => self.read_copy_out(deadline, |_| {})?,
+                pq::ExecStatusType::PGRES_COPY_IN => {
+                    self.put_copy_end(Some("pg_sharding: the coordinator's transaction was aborted"), deadline)?
+                }
+                _ => {}
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(RemoteError::local("timed out waiting for the node"));
             }
         }
         Ok(())

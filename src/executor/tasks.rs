@@ -247,6 +247,8 @@ impl TaskRun {
                 self.wait()?;
             } else {
                 self.next_check = None;
+                // While rows keep coming no wait notices a cancel or a timeout: here it does.
+                pgrx::check_for_interrupts!();
             }
         }
     }

@@ -855,6 +855,36 @@ fn waits_for_workers_can_be_cancelled() {
     // And the next transaction works.
     copy_in(&mut c, "COPY locked FROM STDIN", &data).unwrap();
     assert_eq!(all_rows(&mut c, "locked").len(), 1000);
+
+    // A timeout in the middle of a large COPY FROM, while the shards' COPYs are still taking
+    // rows, ends it too (the abort used to spin for good when a COPY would not end at once).
+    c.batch_execute("CREATE TABLE bulk (id bigint, g int, pad text); SELECT create_distributed_table('bulk', 'g', shard_count => 8)").unwrap();
+    let mut bulk = Vec::new();
+    for id in 1..=400_000 {
+        bulk.extend_from_slice(format!("{id}	{}	{}
+", id % 1000, "x".repeat(100)).as_bytes());
+    }
+    let port = cluster.port;
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut client =
+            pg_sharding_multinode::Client::connect(&format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"), pg_sharding_multinode::NoTls).unwrap();
+        client.batch_execute("SET statement_timeout = '300ms'").unwrap();
+        let started = std::time::Instant::now();
+        let result = client.copy_in("COPY bulk FROM STDIN").and_then(|mut writer| {
+            use std::io::Write;
+            let _ = writer.write_all(&bulk);
+            writer.finish()
+        });
+        let code = result.err().map(|e| pg_sharding_multinode::sqlstate(&e));
+        let works = client.batch_execute("RESET statement_timeout; SELECT 1").is_ok();
+        let _ = done.send((code, started.elapsed(), works));
+    });
+    let (code, took, works) = outcome.recv_timeout(std::time::Duration::from_secs(60)).expect("the cancelled COPY FROM returned");
+    assert_eq!(code.as_deref(), Some("57014"));
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
+    assert!(works, "the session goes on");
+    assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM bulk"), 0);
 }
 
 #[test]
