@@ -70,7 +70,10 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
             .hint(format!("Add ON target.{} = source.column, with columns of the same type.", crate::deparse::quote::ident(&column)))
     })?;
     // A co-located table joined on its distribution column is read where it is.
-    let in_place = colocated_source(rtes[source as usize - 1], key.0, table)?;
+    // (Not a source under row-level security: its policies, conditions of its range table
+    // entry, are applied by the coordinator's planner reading it.)
+    let secured = !(*rtes[source as usize - 1]).securityQuals.is_null();
+    let in_place = !secured && colocated_source(rtes[source as usize - 1], key.0, table)?;
     let (shipped, hoisted) = super::hoist::hoist(parse, first_param + if in_place { 0 } else { columns.len() as i32 });
     let actions = list_pointers::<pg_sys::MergeAction>((*shipped).mergeActionList);
     let quals = (*(*shipped).jointree).quals;
@@ -134,6 +137,11 @@ pub unsafe fn plan(parse: *mut pg_sys::Query, table: &Rc<DistributedTable>) -> R
 
     // The intermediate result: SELECT <those columns> FROM <source>.
     let source_rte: *mut pg_sys::RangeTblEntry = pg_sys::copyObjectImpl(rtes[source as usize - 1].cast()).cast();
+    // Its row-level security conditions name it by its place in the MERGE: it is the first
+    // and only entry of the reader.
+    if !(*source_rte).securityQuals.is_null() {
+        super::scan_path::ChangeVarNodes((*source_rte).securityQuals.cast(), source as i32, 1, 0);
+    }
     let mut target_list: *mut pg_sys::List = std::ptr::null_mut();
     for (i, &(attno, type_oid, typmod, collation)) in columns.iter().enumerate() {
         let var = pg_sys::makeVar(1, attno, type_oid, typmod, collation, 0);

@@ -67,7 +67,7 @@ pub fn install() {
 }
 
 extern "C-unwind" {
-    fn ChangeVarNodes(node: *mut pg_sys::Node, rt_index: i32, new_index: i32, sublevels_up: i32);
+    pub(crate) fn ChangeVarNodes(node: *mut pg_sys::Node, rt_index: i32, new_index: i32, sublevels_up: i32);
 }
 
 #[pg_guard]

@@ -918,6 +918,26 @@ fn row_level_security_applies_to_distributed_tables() {
     assert_eq!(code, "0A000");
     c.batch_execute("INSERT INTO low_docs VALUES (999, 'bob', 'x')").unwrap();
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(*) FROM docs WHERE id > 100"), 1);
+
+    // MERGE from a source under row-level security merges the rows the policy lets through
+    // (co-located with the target, and a local table; this crashed the coordinator).
+    c.batch_execute(
+        "CREATE TABLE merged (id int PRIMARY KEY, owner text);
+         SELECT create_distributed_table('merged', 'id', colocate_with => 'docs');
+         CREATE TABLE local_docs AS SELECT id + 2000 AS id, owner FROM docs WHERE id <= 20;
+         ALTER TABLE local_docs ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON local_docs USING (owner = current_user);
+         GRANT SELECT ON local_docs TO alice; GRANT SELECT, INSERT, UPDATE ON merged TO alice;
+         SET ROLE alice;
+         MERGE INTO merged m USING docs d ON m.id = d.id WHEN NOT MATCHED THEN INSERT VALUES (d.id, d.owner);
+         MERGE INTO merged m USING local_docs d ON m.id = d.id WHEN NOT MATCHED THEN INSERT VALUES (d.id, d.owner)
+           WHEN MATCHED THEN UPDATE SET owner = 'again';
+         RESET ROLE;",
+    )
+    .unwrap();
+    let merged: Vec<(String, i64)> =
+        c.query("SELECT owner, count(*) FROM merged GROUP BY owner", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(merged, vec![("alice".to_string(), 21)]);
 }
 
 #[test]
