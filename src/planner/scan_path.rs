@@ -189,13 +189,15 @@ unsafe fn build_scan(
     let infos: Vec<*mut pg_sys::RestrictInfo> =
         list_pointers::<pg_sys::RestrictInfo>(clauses).into_iter().filter(|i| !(**i).pseudoconstant).collect();
     let ships = |info: *mut pg_sys::RestrictInfo| shippable::shippable_over((*info).clause.cast(), shippable::Rules { whole_statement: false, row_identity: false }, rte_relid);
-    // Row-level security: shards evaluate their conditions before the coordinator evaluates
-    // the rest, so a condition that could leak values may only be sent when no condition of a
-    // lower security level stays here.
-    let lowest_local = infos.iter().filter(|&&i| !ships(i)).map(|&i| (*i).security_level).min();
+    // Row-level security: a condition that could leak values (a division by zero telling a
+    // hidden row's value, say) must see only the rows the policies let through. A shard
+    // evaluates the conditions it gets in any order, so such a condition is sent only when no
+    // condition of a lower security level exists; otherwise it is evaluated here, after the
+    // shards applied the policies.
+    let lowest = infos.iter().map(|&i| (*i).security_level).min();
     for info in infos {
         let clause = (*info).clause.cast::<pg_sys::Node>();
-        let leak_safe = (*info).leakproof || lowest_local.is_none_or(|low| (*info).security_level <= low);
+        let leak_safe = (*info).leakproof || lowest.is_none_or(|low| (*info).security_level <= low);
         if ships(info) && leak_safe {
             remote.push(clause);
         } else {
