@@ -464,7 +464,10 @@ unsafe fn granted_schemas(node: *mut pg_sys::Node) -> Vec<String> {
 unsafe fn schema_grant_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
     let mut found = Vec::new();
     for schema in granted_schemas(node) {
-        let name = crate::catalog::read_one::<String>("SELECT nspname::text FROM pg_catalog.pg_namespace WHERE oid = pg_catalog.to_regnamespace($1)", &[schema.as_str().into()])?;
+        let name = crate::catalog::read_one::<String>(
+            "SELECT (SELECT nspname::text FROM pg_catalog.pg_namespace WHERE oid = pg_catalog.to_regnamespace($1))",
+            &[schema.as_str().into()],
+        )?;
         if let Some(name) = name {
             found.extend(tables_in_schema(&name)?);
         }

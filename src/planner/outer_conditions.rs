@@ -9,12 +9,26 @@
 //! columns, of a subquery joined without outer joins (a member of the FROM list: an outer
 //! join's conditions in WHERE mean something else on its nullable side), that does not group,
 //! aggregate, use window functions, DISTINCT, LIMIT or sets (a condition moved below those
-//! would change what they compute), and is not a security barrier. Conditions with volatile
+//! would change what they compute), and is not a security barrier. (Under FOR UPDATE, the rows
+//! locked are then those the whole WHERE clause lets through, as when PostgreSQL pulls the
+//! subquery up.) Conditions with volatile
 //! functions, sublinks or references to other tables or levels stay where they are.
 
 use pgrx::pg_sys;
 
 use crate::commands::utility::list_pointers;
+
+/// Adds to each subquery in the FROM list of `query` the conditions of `query` that can move
+/// into it (kept in `query` too).
+pub unsafe fn push_into_subqueries(query: *mut pg_sys::Query) {
+    let count = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable).len();
+    for rti in 1..=count as i32 {
+        if let Some(filtered) = with_outer_conditions(query, rti) {
+            let rte = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable)[rti as usize - 1];
+            (*rte).subquery = filtered;
+        }
+    }
+}
 
 /// A copy of the subquery of range table entry `rti` of `query` with the conditions of
 /// `query` that can move into it added to its WHERE clause; None when there are none.
@@ -22,7 +36,7 @@ pub unsafe fn with_outer_conditions(query: *mut pg_sys::Query, rti: i32) -> Opti
     let rtes = list_pointers::<pg_sys::RangeTblEntry>((*query).rtable);
     let rte = *rtes.get(rti as usize - 1)?;
     let subquery = (*rte).subquery;
-    if (*rte).rtekind != pg_sys::RTEKind::RTE_SUBQUERY || subquery.is_null() || (*rte).security_barrier || !filterable(subquery) {
+    if (*rte).rtekind != pg_sys::RTEKind::RTE_SUBQUERY || subquery.is_null() || (*rte).lateral || (*rte).security_barrier || !filterable(subquery) {
         return None;
     }
     let jointree = (*query).jointree;
@@ -67,7 +81,6 @@ unsafe fn filterable(subquery: *mut pg_sys::Query) -> bool {
         && !(*subquery).hasAggs
         && !(*subquery).hasWindowFuncs
         && !(*subquery).hasTargetSRFs
-        && !(*subquery).hasForUpdate
         && (*subquery).groupClause.is_null()
         && (*subquery).groupingSets.is_null()
         && (*subquery).havingQual.is_null()

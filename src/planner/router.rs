@@ -438,6 +438,11 @@ pub unsafe fn plan_statement(
     if !matches!(command, CMD_SELECT | CMD_UPDATE | CMD_DELETE) || !(*parse).utilityStmt.is_null() {
         return Ok(None);
     }
+    // Conditions on the columns of views and subqueries in FROM go into them too, where they
+    // can pin the statement to one shard group (`SELECT * FROM a_view WHERE id = 3`).
+    if command == CMD_SELECT {
+        super::outer_conditions::push_into_subqueries(parse);
+    }
     let mut analysis = Analysis::default();
     analysis.query(parse)?;
     let modify = command != CMD_SELECT;
@@ -869,7 +874,9 @@ unsafe fn replace_subqueries(query: *mut pg_sys::Query, replaced: &mut usize) ->
         }
         // A plain view or subquery of one table: PostgreSQL's planner pulls it up into this
         // query, and the table's scan then gets this query's conditions too (pruning by them).
-        if single_table_pulled_up(rte)? {
+        // (Not under FOR UPDATE/SHARE: the row marks of a pulled-up table need its row
+        // identity, which ShardScans do not give.)
+        if (*query).rowMarks.is_null() && single_table_pulled_up(rte)? {
             continue;
         }
         // Otherwise this query's conditions on its columns go into it (also kept here).

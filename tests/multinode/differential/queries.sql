@@ -379,6 +379,9 @@ SELECT count(*) FROM user_orders WHERE id = 7 AND random() < 2;
 SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM user_orders s WHERE s.id = u.id AND s.amount > 200) ORDER BY 1 LIMIT 5;
 SELECT s.id, s.name, r.label FROM user_orders s, regions r WHERE s.id = 11 AND r.code = 'eu' ORDER BY s.order_id;
 SELECT * FROM (SELECT o.id, o.user_id, o.amount * 2 AS doubled FROM orders o JOIN users u ON u.id = o.user_id) s WHERE doubled > 400 AND user_id < 100 ORDER BY id;
+SELECT * FROM orders_view WHERE user_id = 5 ORDER BY id FOR UPDATE;
+SELECT id FROM (SELECT id, user_id FROM orders) s WHERE user_id = 7 ORDER BY id FOR SHARE;
+SELECT * FROM user_orders WHERE id = 9 ORDER BY order_id FOR UPDATE;
 -- A LEFT JOIN that PostgreSQL removes as useless, under a plan that reads the shards' rows
 SELECT count(DISTINCT u.score) FROM users u LEFT JOIN regions r ON r.code = u.region;
 SELECT u.id, random() >= 0 FROM users u LEFT JOIN events e ON e.id = u.id WHERE u.id < 5;

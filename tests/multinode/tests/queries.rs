@@ -332,6 +332,10 @@ fn explain_shows_pruning_and_prepared_statements_prune_at_execution() {
     assert_eq!(task_count(&explain(&mut c, "SELECT * FROM kv_plain WHERE k = 5")), vec![1]);
     assert_eq!(task_count(&explain(&mut c, "SELECT * FROM kv_labels WHERE k = 5")), vec![1]);
     assert_eq!(task_count(&explain(&mut c, "SELECT * FROM kv_labels")), vec![32]);
+    // Sent whole to the one shard, as a router query (also under FOR UPDATE).
+    let plan = explain(&mut c, "SELECT * FROM kv_plain WHERE k = 5 FOR UPDATE");
+    assert_eq!(task_count(&plan), vec![1], "{plan}");
+    assert!(plan.contains("FOR UPDATE"), "{plan}");
     assert_eq!(task_count(&explain(&mut c, "DELETE FROM kv WHERE v = 'nothing'")), vec![32]);
     // INSERT ... SELECT between co-located tables runs on the shards.
     c.batch_execute("CREATE TABLE kv2 (k bigint PRIMARY KEY, v text); SELECT create_distributed_table('kv2', 'k', colocate_with => 'kv')").unwrap();
