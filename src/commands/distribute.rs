@@ -180,8 +180,10 @@ pub(super) fn schema_statement(schema: &str, run: &dyn Fn(&str) -> Result<Remote
     if !found.rows.is_empty() {
         return Ok(Vec::new());
     }
-    // With the coordinator's grants on it (USAGE, for the roles that read the shards).
+    // With the coordinator's owner (when a superuser creates it) and grants (USAGE, for the
+    // roles that read the shards).
     let mut statements = vec![format!("CREATE SCHEMA IF NOT EXISTS {schema}")];
+    statements.extend(super::grants::schema_owner_statement(schema)?);
     statements.extend(super::grants::schema_grant_statements(schema)?);
     Ok(statements)
 }

@@ -269,3 +269,29 @@ pub fn sync_schema(schema: &str, nodes: &[crate::catalog::nodes::Node], roles_be
     }
     Ok(())
 }
+
+/// Gives the (quoted) schema on `nodes` the coordinator's owner of it, then its ACL (after
+/// ALTER SCHEMA ... OWNER TO or REASSIGN OWNED BY).
+pub fn sync_schema_owner(schema: &str, nodes: &[crate::catalog::nodes::Node], roles_before: &[String]) -> Result<()> {
+    let (_, owner) = schema_acl(schema)?;
+    for node in nodes.iter().filter(|n| !n.is_coordinator) {
+        let found = remote::execute(node, &format!("SELECT 1 WHERE pg_catalog.to_regnamespace({}) IS NOT NULL", quote::literal(schema)))?;
+        if !found.rows.is_empty() {
+            remote::execute(node, &format!("ALTER SCHEMA {schema} OWNER TO {owner}"))?;
+        }
+    }
+    sync_schema(schema, nodes, roles_before)
+}
+
+/// `ALTER SCHEMA ... OWNER TO` the coordinator's owner of the (quoted) schema, for a schema a
+/// superuser creates on a node for another role's schema (a role that is not a superuser
+/// creates it as itself: it could not give it away).
+pub fn schema_owner_statement(schema: &str) -> Result<Option<String>> {
+    let (_, owner) = schema_acl(schema)?;
+    let differs = crate::catalog::read_one::<bool>(
+        "SELECT (SELECT n.nspowner <> r.oid AND r.rolsuper FROM pg_catalog.pg_namespace n, pg_catalog.pg_roles r
+                  WHERE n.oid = pg_catalog.to_regnamespace($1) AND r.rolname = current_user)",
+        &[schema.into()],
+    )?;
+    Ok(differs.unwrap_or(false).then(|| format!("ALTER SCHEMA {schema} OWNER TO {owner}")))
+}

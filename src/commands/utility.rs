@@ -109,6 +109,8 @@ const OPERATIONS: &[Operation] = &[
     Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: grant_targets, check: no_check, run: run_grant },
     Operation { tag: pg_sys::NodeTag::T_GrantStmt, targets: schema_grant_targets, check: no_check, run: run_schema_grant },
     Operation { tag: pg_sys::NodeTag::T_ReassignOwnedStmt, targets: reassign_targets, check: no_check, run: run_reassign },
+    Operation { tag: pg_sys::NodeTag::T_AlterOwnerStmt, targets: schema_owner_targets, check: no_check, run: run_schema_owner },
+    Operation { tag: pg_sys::NodeTag::T_DropOwnedStmt, targets: drop_owned_targets, check: no_check, run: run_drop_owned },
     // A local table's new foreign key to a distributed table: refused (the coordinator holds
     // neither the rows it would check nor sees the local rows when a shard deletes one).
     Operation { tag: pg_sys::NodeTag::T_CreateStmt, targets: local_key_targets, check: refuse_local_key, run: never },
@@ -477,19 +479,16 @@ unsafe fn schema_grant_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<Distrib
 
 /// REASSIGN OWNED BY: the distributed and reference tables the roles own.
 unsafe fn reassign_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
-    let statement = node.cast::<pg_sys::ReassignOwnedStmt>();
-    let roles: Vec<pg_sys::Oid> = list_pointers::<pg_sys::RoleSpec>((*statement).roles)
-        .into_iter()
-        .map(|role| pg_sys::get_rolespec_oid(role, true))
-        .filter(|oid| *oid != pg_sys::InvalidOid)
-        .collect();
-    let mut found = Vec::new();
-    for role in roles {
+    let mut found: Vec<Rc<DistributedTable>> = Vec::new();
+    for role in reassigned_roles(node) {
+        // Their tables, and the tables in their schemas (the nodes' schemas follow too).
         let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
             client
                 .select(
                     "SELECT t.logicalrelid::oid FROM sharding.dist_table t
-                       JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid WHERE c.relowner = $1",
+                       JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
+                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.relowner = $1 OR n.nspowner = $1",
                     None,
                     &[role.into()],
                 )?
@@ -497,10 +496,106 @@ unsafe fn reassign_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<Distributed
                 .collect()
         })?;
         for relid in relids {
-            found.extend(distributed_by_oid(relid)?);
+            if let Some(table) = distributed_by_oid(relid)? {
+                if !found.iter().any(|t| t.relid == table.relid) {
+                    found.push(table);
+                }
+            }
         }
     }
     Ok(found)
+}
+
+/// The roles a REASSIGN OWNED BY names (those that exist).
+unsafe fn reassigned_roles(node: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
+    let statement = node.cast::<pg_sys::ReassignOwnedStmt>();
+    list_pointers::<pg_sys::RoleSpec>((*statement).roles)
+        .into_iter()
+        .map(|role| pg_sys::get_rolespec_oid(role, true))
+        .filter(|oid| *oid != pg_sys::InvalidOid)
+        .collect()
+}
+
+/// DROP OWNED BY: the distributed and reference tables whose privileges name the roles (those
+/// they own are dropped, with their shards, by the drop itself).
+unsafe fn drop_owned_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::DropOwnedStmt>();
+    let roles: Vec<pg_sys::Oid> = list_pointers::<pg_sys::RoleSpec>((*statement).roles)
+        .into_iter()
+        .map(|role| pg_sys::get_rolespec_oid(role, true))
+        .filter(|oid| *oid != pg_sys::InvalidOid)
+        .collect();
+    if roles.is_empty() {
+        return Ok(Vec::new());
+    }
+    let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
+        client
+            .select(
+                "SELECT t.logicalrelid::oid FROM sharding.dist_table t JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
+                  WHERE c.relowner <> ALL($1)
+                    AND (EXISTS (SELECT 1 FROM pg_catalog.aclexplode(c.relacl) a WHERE a.grantee = ANY($1))
+                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute t, pg_catalog.aclexplode(t.attacl) a
+                                     WHERE t.attrelid = c.oid AND a.grantee = ANY($1))
+                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+                                     WHERE n.oid = c.relnamespace AND a.grantee = ANY($1)))",
+                None,
+                &[roles.into()],
+            )?
+            .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
+            .collect()
+    })?;
+    let mut found = Vec::new();
+    for relid in relids {
+        found.extend(distributed_by_oid(relid)?);
+    }
+    Ok(found)
+}
+
+/// DROP OWNED BY: the shards, and the nodes' schemas, lose the privileges the tables and
+/// their schemas lost.
+fn run_drop_owned(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let before: Vec<Vec<String>> = targets.iter().map(|t| super::grants::acl_roles(t.relid)).collect::<Result<_>>()?;
+    let schemas = schemas_of(targets);
+    let schemas_before: Vec<Vec<String>> = schemas.iter().map(|s| super::grants::schema_roles(s)).collect::<Result<_>>()?;
+    call.run_standard();
+    for (table, roles) in targets.iter().zip(before) {
+        super::grants::sync_shards(table, &roles)?;
+    }
+    let nodes = cache::nodes()?;
+    for (schema, roles) in schemas.iter().zip(schemas_before) {
+        super::grants::sync_schema(schema, &nodes, &roles)?;
+    }
+    Ok(())
+}
+
+/// ALTER SCHEMA ... OWNER TO of a schema holding distributed tables.
+unsafe fn schema_owner_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
+    let statement = node.cast::<pg_sys::AlterOwnerStmt>();
+    if (*statement).objectType != pg_sys::ObjectType::OBJECT_SCHEMA || (*statement).object.is_null() {
+        return Ok(Vec::new());
+    }
+    let name = CStr::from_ptr((*(*statement).object.cast::<pg_sys::String>()).sval).to_string_lossy().into_owned();
+    tables_in_schema(&name)
+}
+
+/// The schemas (quoted) of `tables`, each once.
+fn schemas_of(tables: &[Rc<DistributedTable>]) -> Vec<String> {
+    let mut schemas: Vec<String> = tables.iter().map(|t| quote::ident(&t.schema)).collect();
+    schemas.sort();
+    schemas.dedup();
+    schemas
+}
+
+/// ALTER SCHEMA ... OWNER TO: the nodes' schema of the same name gets the new owner and ACL.
+fn run_schema_owner(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
+    let schemas = schemas_of(targets);
+    let before: Vec<Vec<String>> = schemas.iter().map(|s| super::grants::schema_roles(s)).collect::<Result<_>>()?;
+    call.run_standard();
+    let nodes = cache::nodes()?;
+    for (schema, roles) in schemas.iter().zip(before) {
+        super::grants::sync_schema_owner(schema, &nodes, &roles)?;
+    }
+    Ok(())
 }
 
 /// The distributed and reference tables of the schema named `schema`.
@@ -712,11 +807,34 @@ fn run_schema_grant(call: &UtilityCall, _targets: &[Rc<DistributedTable>]) -> Re
 
 /// REASSIGN OWNED BY: the shards of the tables it gives away follow them to the new owner.
 fn run_reassign(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Result<()> {
-    let before: Vec<Vec<String>> =
-        targets.iter().map(|t| super::grants::acl_roles(t.relid)).collect::<Result<_>>()?;
+    // SAFETY: the statement of the call being run is a ReassignOwnedStmt.
+    let roles = unsafe { reassigned_roles(call.statement()) };
+    let owned_by = |sql: &str, oid: pg_sys::Oid| -> Result<bool> {
+        Ok(crate::catalog::read_one::<bool>(sql, &[oid.into(), roles.clone().into()])?.unwrap_or(false))
+    };
+    let mut tables = Vec::new();
+    for table in targets {
+        if owned_by("SELECT relowner = ANY($2) FROM pg_catalog.pg_class WHERE oid = $1", table.relid)? {
+            tables.push((table.clone(), super::grants::acl_roles(table.relid)?));
+        }
+    }
+    let mut schemas = Vec::new();
+    for schema in schemas_of(targets) {
+        let name = crate::catalog::read_one::<pg_sys::Oid>("SELECT pg_catalog.to_regnamespace($1)::oid", &[schema.as_str().into()])?;
+        if let Some(oid) = name {
+            if owned_by("SELECT nspowner = ANY($2) FROM pg_catalog.pg_namespace WHERE oid = $1", oid)? {
+                let before = super::grants::schema_roles(&schema)?;
+                schemas.push((schema, before));
+            }
+        }
+    }
     call.run_standard();
-    for (table, roles) in targets.iter().zip(before) {
-        super::grants::sync_owner(table, &roles)?;
+    for (table, roles) in tables {
+        super::grants::sync_owner(&table, &roles)?;
+    }
+    let nodes = cache::nodes()?;
+    for (schema, roles) in schemas {
+        super::grants::sync_schema_owner(&schema, &nodes, &roles)?;
     }
     Ok(())
 }

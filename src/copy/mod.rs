@@ -74,14 +74,42 @@ unsafe fn check_privileges(statement: *mut pg_sys::CopyStmt, table: &Distributed
             .hint(format!("Only roles with privileges of the \"{what}\" role may do this.")));
         }
     }
-    let mode = if from { pg_sys::ACL_INSERT } else { pg_sys::ACL_SELECT };
-    if pg_sys::pg_class_aclcheck(table.relid, user, mode as pg_sys::AclMode) != pg_sys::AclResult::ACLCHECK_OK {
-        return Err(ShardingError::new(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied for table {}", table.name),
-        ));
+    let mode = (if from { pg_sys::ACL_INSERT } else { pg_sys::ACL_SELECT }) as pg_sys::AclMode;
+    if pg_sys::pg_class_aclcheck(table.relid, user, mode) == pg_sys::AclResult::ACLCHECK_OK || columns_allowed(statement, table.relid, user, mode) {
+        return Ok(());
     }
-    Ok(())
+    Err(ShardingError::new(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, format!("permission denied for table {}", table.name)))
+}
+
+/// Whether `user` has `mode` on every column COPY reads or writes (its column list, or every
+/// column but generated ones), as COPY checks column privileges.
+unsafe fn columns_allowed(statement: *mut pg_sys::CopyStmt, relid: pg_sys::Oid, user: pg_sys::Oid, mode: pg_sys::AclMode) -> bool {
+    let mut attnums = Vec::new();
+    let names = crate::commands::utility::list_pointers::<pg_sys::String>((*statement).attlist);
+    if names.is_empty() {
+        let relation = pg_sys::RelationIdGetRelation(relid);
+        if relation.is_null() {
+            return false;
+        }
+        let tupdesc = (*relation).rd_att;
+        for i in 0..(*tupdesc).natts as usize {
+            let attr = (*tupdesc).attrs.as_ptr().add(i);
+            if !(*attr).attisdropped && (*attr).attgenerated == 0 {
+                attnums.push((*attr).attnum);
+            }
+        }
+        pg_sys::RelationClose(relation);
+    } else {
+        for name in names {
+            let attnum = pg_sys::get_attnum(relid, (*name).sval);
+            if attnum == pg_sys::InvalidAttrNumber as i16 {
+                // COPY itself reports the missing column.
+                return true;
+            }
+            attnums.push(attnum);
+        }
+    }
+    !attnums.is_empty() && attnums.iter().all(|&attnum| pg_sys::pg_attribute_aclcheck(relid, attnum, user, mode) == pg_sys::AclResult::ACLCHECK_OK)
 }
 
 /// Sets the command tag to "COPY n".

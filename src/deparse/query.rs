@@ -176,17 +176,27 @@ pub fn common_role(roles: &[pg_sys::Oid]) -> u32 {
     }
 }
 
-/// Prints `query` (left unchanged: a copy gets the aliases) for workers.
-pub unsafe fn deparse_query(query: *mut pg_sys::Query) -> Result<DeparsedQuery> {
-    let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(query.cast()).cast();
-    // The target of an UPDATE or DELETE through a view: the rewriter made it from the view's
-    // FROM entry, which ruleutils would print in the FROM (USING) list too.
-    let result = (*copy).resultRelation;
-    if result > 0 && matches!((*copy).commandType, pg_sys::CmdType::CMD_UPDATE | pg_sys::CmdType::CMD_DELETE) {
-        if let Some(&target) = crate::commands::utility::list_pointers::<pg_sys::RangeTblEntry>((*copy).rtable).get(result as usize - 1) {
+/// The target of an UPDATE or DELETE through a view (here or in a WITH query): the rewriter
+/// made it from the view's FROM entry, which ruleutils would print in the FROM (USING) list too.
+unsafe fn targets_out_of_from(query: *mut pg_sys::Query) {
+    let result = (*query).resultRelation;
+    if result > 0 && matches!((*query).commandType, pg_sys::CmdType::CMD_UPDATE | pg_sys::CmdType::CMD_DELETE) {
+        if let Some(&target) = crate::commands::utility::list_pointers::<pg_sys::RangeTblEntry>((*query).rtable).get(result as usize - 1) {
             (*target).inFromCl = false;
         }
     }
+    for cte in crate::commands::utility::list_pointers::<pg_sys::CommonTableExpr>((*query).cteList) {
+        let inner = (*cte).ctequery.cast::<pg_sys::Query>();
+        if !inner.is_null() && (*inner).type_ == pg_sys::NodeTag::T_Query {
+            targets_out_of_from(inner);
+        }
+    }
+}
+
+/// Prints `query` (left unchanged: a copy gets the aliases) for workers.
+pub unsafe fn deparse_query(query: *mut pg_sys::Query) -> Result<DeparsedQuery> {
+    let copy: *mut pg_sys::Query = pg_sys::copyObjectImpl(query.cast()).cast();
+    targets_out_of_from(copy);
     let mut relations: Vec<pg_sys::Oid> = Vec::new();
     let mut roles: Vec<pg_sys::Oid> = Vec::new();
     let mut forced = 0usize;

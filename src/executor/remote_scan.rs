@@ -333,6 +333,9 @@ struct Runtime {
     tasks: Vec<Task>,
     /// For EXPLAIN: the shard id of each task's anchor shard.
     task_shards: Vec<i64>,
+    /// The role the statement ran as when the scan began: its tasks run as that role (or as
+    /// the plan's `run_as`), whenever they start.
+    role: u32,
     params: Vec<TaskParam>,
     store: *mut pg_sys::Tuplestorestate,
     store_slot: *mut pg_sys::TupleTableSlot,
@@ -423,7 +426,10 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
     let scan = (*node).ss.ps.plan as *mut pg_sys::CustomScan;
     let plan = plan_of(scan).or_raise();
     let params = task_params(node, estate, &plan).or_raise();
-    let (tasks, task_shards) = if plan.statement.is_some() { (Vec::new(), Vec::new()) } else { plan_tasks(node, &plan).or_raise() };
+    // The role running the statement now, which its tasks keep when they start later (the
+    // FETCH of a cursor a SECURITY DEFINER function opened).
+    let role = pg_sys::GetUserId().to_u32();
+    let (tasks, task_shards) = if plan.statement.is_some() { (Vec::new(), Vec::new()) } else { plan_tasks(node, &plan, role).or_raise() };
     if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
         if plan.modify || plan.writes {
             crate::stats::count_writes(&task_shards, 1);
@@ -462,6 +468,7 @@ unsafe extern "C-unwind" fn begin(node: *mut pg_sys::CustomScanState, estate: *m
         plan,
         tasks,
         task_shards,
+        role,
         params,
         store: pg_sys::tuplestore_begin_heap(random_access, false, *std::ptr::addr_of!(pg_sys::work_mem)),
         store_slot: pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple),
@@ -642,7 +649,8 @@ unsafe fn pruned_indexes(node: *mut pg_sys::CustomScanState, plan: &ShardScanPla
     Ok(keep)
 }
 
-unsafe fn plan_tasks(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan) -> Result<(Vec<Task>, Vec<i64>)> {
+/// `role`: the role the statement runs as (see `Runtime::role`).
+unsafe fn plan_tasks(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan, role: u32) -> Result<(Vec<Task>, Vec<i64>)> {
     let anchor = cache::table(pg_sys::Oid::from(plan.anchor))?
         .ok_or_else(|| ShardingError::new(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "a table of this plan is no longer distributed"))?;
     let relations: Vec<std::rc::Rc<DistributedTable>> = plan
@@ -712,7 +720,7 @@ unsafe fn plan_tasks(node: *mut pg_sys::CustomScanState, plan: &ShardScanPlan) -
             node: target.clone(),
             sql: CString::new(sql).map_err(|e| ShardingError::internal(e.to_string()))?,
             params: None,
-            run_as: plan.run_as,
+            run_as: if plan.run_as != 0 { plan.run_as } else { role },
         });
         shard_ids.push(shard.shard_id);
     }
@@ -1050,7 +1058,7 @@ unsafe fn broadcast(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime, a
                 arrays = group.arrays;
             }
         } else {
-            let (tasks, _) = plan_tasks(node, &broadcast.plan)?;
+            let (tasks, _) = plan_tasks(node, &broadcast.plan, runtime.role)?;
             let used = (broadcast.plan.max_param.max(0) as usize).min(runtime.params.len());
             let mut router = match broadcast.route_column {
                 Some(column) => Some(RowRouter::new(&plan, broadcast, column)?),
@@ -1651,7 +1659,7 @@ unsafe extern "C-unwind" fn explain(node: *mut pg_sys::CustomScanState, _ancesto
         if let Some(&rows) = runtime.broadcast_rows.get(i) {
             pg_sys::ExplainPropertyInteger(c"Broadcast Rows".as_ptr(), std::ptr::null(), rows as i64, es);
         }
-        let (tasks, _) = plan_tasks(node, &broadcast.plan).or_raise();
+        let (tasks, _) = plan_tasks(node, &broadcast.plan, runtime.role).or_raise();
         pg_sys::ExplainPropertyInteger(c"Broadcast Task Count".as_ptr(), std::ptr::null(), tasks.len() as i64, es);
         if let Some(task) = tasks.first() {
             pg_sys::ExplainPropertyText(c"Broadcast SQL".as_ptr(), task.sql.as_ptr(), es);

@@ -1792,6 +1792,22 @@ fn views_read_and_insert_with_their_owners_rights() {
     assert_eq!(scalar::<i64>(&mut viewer, "SELECT count(*) FROM new_accounts WHERE owner = 'v'"), 12);
     viewer.batch_execute("COMMIT").unwrap();
     assert_eq!(scalar::<i64>(&mut app, "SELECT count(*) FROM accounts"), 52);
+    // A data-modifying WITH query through a view, on one shard.
+    app.batch_execute("BEGIN").unwrap();
+    assert_eq!(scalar::<i64>(&mut app, "WITH d AS (DELETE FROM new_accounts WHERE id = 52 RETURNING *) SELECT count(*) FROM d"), 1);
+    app.batch_execute("ROLLBACK").unwrap();
+    // A cursor a SECURITY DEFINER function opens reads with its owner's rights when fetched.
+    app.batch_execute(
+        "CREATE FUNCTION open_accounts() RETURNS refcursor LANGUAGE plpgsql SECURITY DEFINER AS $$
+           DECLARE c refcursor := 'accounts_cursor';
+           BEGIN OPEN c FOR SELECT id FROM accounts; RETURN c; END $$;
+         GRANT EXECUTE ON FUNCTION open_accounts() TO viewer;",
+    )
+    .unwrap();
+    viewer.batch_execute("BEGIN; SELECT open_accounts()").unwrap();
+    assert_eq!(viewer.query("FETCH ALL FROM accounts_cursor", &[]).unwrap().len(), 52);
+    viewer.batch_execute("COMMIT").unwrap();
+
     // The tables themselves stay closed to the viewer (refused by the coordinator).
     for sql in ["SELECT count(*) FROM accounts", "INSERT INTO accounts VALUES (99, 'x', 0)", "SELECT count(*) FROM kinds"] {
         let (code, _, _, detail) = expect_error(&mut viewer, sql);

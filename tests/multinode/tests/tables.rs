@@ -1000,6 +1000,33 @@ fn privileges_follow_the_table_to_its_shards() {
     admin.batch_execute("REVOKE USAGE ON SCHEMA sales FROM clerk").unwrap();
     assert_eq!(schema_usage("sales"), vec![false; 2]);
     assert_eq!(schema_usage("ops"), vec![true; 2]);
+
+    // COPY checks column privileges as PostgreSQL does.
+    admin.batch_execute("GRANT SELECT (id) ON events TO clerk").unwrap();
+    assert_eq!(copy_out(&mut clerk, "COPY events (id) TO STDOUT").unwrap().split(|b| *b == b'\n').filter(|l| !l.is_empty()).count(), 3);
+    let (code, ..) = expect_error(&mut clerk, "COPY events TO STDOUT");
+    assert_eq!(code, "42501");
+
+    // The nodes' schemas follow their owner (ALTER SCHEMA ... OWNER TO, REASSIGN OWNED BY).
+    let schema_owner = |schema: &str| -> Vec<String> {
+        [cluster.worker_port(1), cluster.worker_port(2)]
+            .iter()
+            .map(|port| {
+                cluster.connect_port(*port).query_one(&format!("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = '{schema}'"), &[]).unwrap().get(0)
+            })
+            .collect()
+    };
+    admin.batch_execute("ALTER SCHEMA sales OWNER TO app").unwrap();
+    assert_eq!(schema_owner("sales"), vec!["app".to_string(); 2]);
+    admin.batch_execute("REASSIGN OWNED BY app TO clerk").unwrap();
+    assert_eq!(schema_owner("sales"), vec!["clerk".to_string(); 2]);
+    assert_eq!(scalar::<i64>(&mut clerk, "SELECT count(id) FROM events"), 3);
+
+    // DROP OWNED BY takes the role's privileges off the shards too.
+    admin.batch_execute("REASSIGN OWNED BY clerk TO postgres; DROP OWNED BY clerk").unwrap();
+    assert_eq!(column_privilege("note", "UPDATE"), vec![false; 4]);
+    assert_eq!(column_privilege("id", "SELECT"), vec![false; 4]);
+    assert_eq!(schema_usage("ops"), vec![false; 2]);
 }
 
 #[test]
