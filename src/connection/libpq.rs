@@ -37,11 +37,14 @@ pub struct RemoteError {
     pub message: String,
     /// The node's CONTEXT line(s), when it sent any (for COPY: which row failed).
     pub context: Option<String>,
+    /// The node's DETAIL and HINT, when it sent them (the key of a unique violation, say).
+    pub detail: Option<String>,
+    pub hint: Option<String>,
 }
 
 impl RemoteError {
     pub fn local(message: impl Into<String>) -> Self {
-        Self { sqlstate: None, message: message.into(), context: None }
+        Self { sqlstate: None, message: message.into(), context: None, detail: None, hint: None }
     }
 }
 
@@ -898,7 +901,9 @@ impl ResultGuard {
                         if message.is_empty() { owned_text(pq::PQresultErrorMessage(res)) } else { message };
                     let context = owned_text(pq::PQresultErrorField(res, pq::PG_DIAG_CONTEXT as i32));
                     let context = (!context.is_empty()).then_some(context);
-                    return Err(RemoteError { sqlstate, message, context });
+                    let field = |code: u8| Some(owned_text(pq::PQresultErrorField(res, code as i32))).filter(|t| !t.is_empty());
+                    let (detail, hint) = (field(pq::PG_DIAG_MESSAGE_DETAIL), field(pq::PG_DIAG_MESSAGE_HINT));
+                    return Err(RemoteError { sqlstate, message, context, detail, hint });
                 }
             }
             let nrows = pq::PQntuples(res).max(0);

@@ -255,6 +255,8 @@ impl LocalConnection {
                 sqlstate: Some("57014".into()),
                 message: format!("COPY from stdin failed: {message}"),
                 context: None,
+                detail: None,
+                hint: None,
             });
         }
         // SAFETY: see copy_from.
@@ -689,6 +691,8 @@ unsafe fn copy_parse_state(
             sqlstate: Some("0A000".into()),
             message: "COPY of a placement on the coordinator with row-level security is not supported".into(),
             context: None,
+            detail: None,
+            hint: None,
         });
     }
     let pstate = pg_sys::make_parsestate(std::ptr::null_mut());

@@ -722,7 +722,15 @@ pub fn error_on(label: &str, error: crate::connection::RemoteError) -> ShardingE
         .and_then(sqlstate_code)
         .unwrap_or(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE);
     let context = error.context.map(|c| format!(": {c}")).unwrap_or_default();
-    ShardingError::new(code, error.message).detail(format!("on node {label}{context}"))
+    let detail = match error.detail {
+        Some(detail) => format!("{detail} (on node {label}{context})"),
+        None => format!("on node {label}{context}"),
+    };
+    let raised = ShardingError::new(code, error.message).detail(detail);
+    match error.hint {
+        Some(hint) => raised.hint(hint),
+        None => raised,
+    }
 }
 
 fn sqlstate_code(code: &str) -> Option<PgSqlErrorCode> {

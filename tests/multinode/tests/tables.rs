@@ -274,6 +274,12 @@ fn copy_is_all_or_nothing_and_refuses_null_distribution_values() {
     assert!(detail.contains("on node") && detail.contains("not-a-number"), "detail: {detail}");
     assert_eq!(cluster.rows_per_placement("loads").iter().map(|(_, n)| n).sum::<i64>(), 0);
 
+    // A worker's DETAIL comes through (the key of a unique violation), with the node.
+    c.batch_execute("CREATE UNIQUE INDEX loads_id ON loads (id); INSERT INTO loads VALUES (7, 7)").unwrap();
+    let (code, _, _, detail) = expect_error(&mut c, "INSERT INTO loads VALUES (7, 8)");
+    assert_eq!(code, "23505");
+    assert!(detail.starts_with("Key (id)=(7) already exists.") && detail.contains("on node"), "{detail}");
+    c.batch_execute("DROP INDEX loads_id; TRUNCATE loads").unwrap();
     let error = copy_in(&mut c, "COPY loads FROM STDIN", b"1\t1\n\\N\t2\n").unwrap_err();
     assert_eq!(pg_sharding_multinode::sqlstate(&error), "23502");
     let message = error.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
