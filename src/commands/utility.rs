@@ -479,76 +479,38 @@ unsafe fn schema_grant_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<Distrib
 
 /// REASSIGN OWNED BY: the distributed and reference tables the roles own.
 unsafe fn reassign_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
-    let mut found: Vec<Rc<DistributedTable>> = Vec::new();
-    for role in reassigned_roles(node) {
-        // Their tables, and the tables in their schemas (the nodes' schemas follow too).
-        let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
-            client
-                .select(
-                    "SELECT t.logicalrelid::oid FROM sharding.dist_table t
-                       JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
-                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                      WHERE c.relowner = $1 OR n.nspowner = $1",
-                    None,
-                    &[role.into()],
-                )?
-                .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
-                .collect()
-        })?;
-        for relid in relids {
-            if let Some(table) = distributed_by_oid(relid)? {
-                if !found.iter().any(|t| t.relid == table.relid) {
-                    found.push(table);
-                }
-            }
-        }
-    }
-    Ok(found)
+    // Their tables, and the tables in their schemas (the nodes' schemas follow too).
+    distributed_tables_where(
+        "SELECT t.logicalrelid::oid FROM sharding.dist_table t
+           JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relowner = ANY($1) OR n.nspowner = ANY($1)",
+        &[reassigned_roles(node).into()],
+    )
 }
 
 /// The roles a REASSIGN OWNED BY names (those that exist).
 unsafe fn reassigned_roles(node: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
-    let statement = node.cast::<pg_sys::ReassignOwnedStmt>();
-    list_pointers::<pg_sys::RoleSpec>((*statement).roles)
-        .into_iter()
-        .map(|role| pg_sys::get_rolespec_oid(role, true))
-        .filter(|oid| *oid != pg_sys::InvalidOid)
-        .collect()
+    role_oids((*node.cast::<pg_sys::ReassignOwnedStmt>()).roles)
 }
 
-/// DROP OWNED BY: the distributed and reference tables whose privileges name the roles (those
-/// they own are dropped, with their shards, by the drop itself).
+/// DROP OWNED BY: the distributed and reference tables whose privileges, or whose schema's,
+/// name the roles (those they own are dropped, with their shards, by the drop itself).
 unsafe fn drop_owned_targets(node: *mut pg_sys::Node) -> Result<Vec<Rc<DistributedTable>>> {
-    let statement = node.cast::<pg_sys::DropOwnedStmt>();
-    let roles: Vec<pg_sys::Oid> = list_pointers::<pg_sys::RoleSpec>((*statement).roles)
-        .into_iter()
-        .map(|role| pg_sys::get_rolespec_oid(role, true))
-        .filter(|oid| *oid != pg_sys::InvalidOid)
-        .collect();
+    let roles = role_oids((*node.cast::<pg_sys::DropOwnedStmt>()).roles);
     if roles.is_empty() {
         return Ok(Vec::new());
     }
-    let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
-        client
-            .select(
-                "SELECT t.logicalrelid::oid FROM sharding.dist_table t JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
-                  WHERE c.relowner <> ALL($1)
-                    AND (EXISTS (SELECT 1 FROM pg_catalog.aclexplode(c.relacl) a WHERE a.grantee = ANY($1))
-                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute t, pg_catalog.aclexplode(t.attacl) a
-                                     WHERE t.attrelid = c.oid AND a.grantee = ANY($1))
-                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
-                                     WHERE n.oid = c.relnamespace AND a.grantee = ANY($1)))",
-                None,
-                &[roles.into()],
-            )?
-            .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
-            .collect()
-    })?;
-    let mut found = Vec::new();
-    for relid in relids {
-        found.extend(distributed_by_oid(relid)?);
-    }
-    Ok(found)
+    distributed_tables_where(
+        "SELECT t.logicalrelid::oid FROM sharding.dist_table t JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
+          WHERE c.relowner <> ALL($1)
+            AND (EXISTS (SELECT 1 FROM pg_catalog.aclexplode(c.relacl) a WHERE a.grantee = ANY($1))
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute t, pg_catalog.aclexplode(t.attacl) a
+                             WHERE t.attrelid = c.oid AND a.grantee = ANY($1))
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+                             WHERE n.oid = c.relnamespace AND a.grantee = ANY($1)))",
+        &[roles.into()],
+    )
 }
 
 /// DROP OWNED BY: the shards, and the nodes' schemas, lose the privileges the tables and
@@ -600,24 +562,38 @@ fn run_schema_owner(call: &UtilityCall, targets: &[Rc<DistributedTable>]) -> Res
 
 /// The distributed and reference tables of the schema named `schema`.
 unsafe fn tables_in_schema(schema: &str) -> Result<Vec<Rc<DistributedTable>>> {
+    distributed_tables_where(
+        "SELECT t.logicalrelid::oid FROM sharding.dist_table t
+           JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1",
+        &[schema.into()],
+    )
+}
+
+/// The distributed and reference tables whose oids `sql` returns, each once.
+unsafe fn distributed_tables_where(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Result<Vec<Rc<DistributedTable>>> {
     let relids = pgrx::Spi::connect(|client| -> Result<Vec<pg_sys::Oid>> {
-        client
-            .select(
-                "SELECT t.logicalrelid::oid FROM sharding.dist_table t
-                   JOIN pg_catalog.pg_class c ON c.oid = t.logicalrelid
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1",
-                None,
-                &[schema.into()],
-            )?
-            .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
-            .collect()
+        client.select(sql, None, args)?.map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid))).collect()
     })?;
-    let mut found = Vec::new();
+    let mut found: Vec<Rc<DistributedTable>> = Vec::new();
     for relid in relids {
-        found.extend(distributed_by_oid(relid)?);
+        if let Some(table) = distributed_by_oid(relid)? {
+            if !found.iter().any(|t| t.relid == table.relid) {
+                found.push(table);
+            }
+        }
     }
     Ok(found)
+}
+
+/// The roles of a list of RoleSpecs (those that exist).
+unsafe fn role_oids(list: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
+    list_pointers::<pg_sys::RoleSpec>(list)
+        .into_iter()
+        .map(|role| pg_sys::get_rolespec_oid(role, true))
+        .filter(|oid| *oid != pg_sys::InvalidOid)
+        .collect()
 }
 
 /// ALTER SCHEMA ... RENAME of a schema holding distributed tables (their shards live in a schema
