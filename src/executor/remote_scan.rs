@@ -765,9 +765,6 @@ unsafe fn fill(node: *mut pg_sys::CustomScanState, runtime: &mut Runtime) -> Res
         broadcast(node, runtime, remote::read_access())?;
         runtime.broadcast_done = true;
     }
-    if access == remote::Access::Write && (runtime.plan.modify || runtime.plan.writes) {
-        serialize_multi_node_writes(runtime.plan.anchor, &runtime.tasks);
-    }
     let inputs = &mut runtime.inputs;
     let reference_write = runtime.plan.reference_write;
     let affected = tasks::run(&runtime.tasks, &runtime.params, binary, access, |result| {
@@ -863,28 +860,6 @@ unsafe fn decode_row(
     }
     pg_sys::MemoryContextSwitchTo(previous);
     Ok(())
-}
-
-/// A write on several nodes waits, until the end of the transaction, for the other writes on
-/// several nodes of the same table. Without it two such statements could each lock rows first
-/// on a different node and wait for each other (a distributed deadlock, one of them failing
-/// with 40P01), where on one server the second simply waits for the first. Writes on one node
-/// (routed statements) do not take it: a node orders them itself.
-unsafe fn serialize_multi_node_writes(relid: u32, tasks: &[Task]) {
-    let Some(first) = tasks.first() else { return };
-    if tasks.iter().all(|task| task.node.node_id == first.node.node_id) {
-        return;
-    }
-    // An advisory lock of its own kind (field 4: user advisory locks use 1 and 2).
-    let tag = pg_sys::LOCKTAG {
-        locktag_field1: pg_sys::MyDatabaseId.to_u32(),
-        locktag_field2: relid,
-        locktag_field3: 0,
-        locktag_field4: 0x5348,
-        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
-        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
-    };
-    pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false);
 }
 
 /// Whether the scan's rows may go straight from the tasks to the executor: a read of several

@@ -724,38 +724,3 @@ fn set_constraints_all_reaches_the_shards() {
     assert_eq!(code, "23505");
     c.batch_execute("ROLLBACK").unwrap();
 }
-
-#[test]
-fn concurrent_writes_on_every_shard_wait_for_each_other_instead_of_deadlocking() {
-    let cluster = Cluster::start(2);
-    let mut c = cluster.coordinator();
-    c.batch_execute(
-        "CREATE TABLE wide (id int PRIMARY KEY, v int);
-         SELECT create_distributed_table('wide', 'id', shard_count => 64);
-         INSERT INTO wide SELECT g, 0 FROM generate_series(1, 50000) g;",
-    )
-    .unwrap();
-    // Two sessions updating every row, as on one server: the second waits for the first
-    // (each could otherwise lock one node's rows first and wait for the other on the other node).
-    let workers: Vec<_> = (0..2)
-        .map(|_| {
-            let port = cluster.port;
-            thread::spawn(move || -> Vec<String> {
-                let mut client =
-                    Client::connect(&format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"), pg_sharding_multinode::NoTls).unwrap();
-                (0..4).filter_map(|_| client.batch_execute("UPDATE wide SET v = v + 1").err().map(|e| sqlstate(&e))).collect()
-            })
-        })
-        .collect();
-    let errors: Vec<String> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
-    assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!(scalar::<i64>(&mut c, "SELECT sum(v) FROM wide"), 8 * 50000);
-    // A write on one shard does not wait for them; another write on several nodes does.
-    c.batch_execute("BEGIN; UPDATE wide SET v = v + 1 WHERE id > 1").unwrap();
-    let mut other = cluster.coordinator();
-    other.batch_execute("SET statement_timeout = '2s'; UPDATE wide SET v = 0 WHERE id = 1").unwrap();
-    let (code, ..) = expect_error(&mut other, "UPDATE wide SET v = 0 WHERE id < 0");
-    assert_eq!(code, "57014");
-    c.batch_execute("COMMIT").unwrap();
-    other.batch_execute("UPDATE wide SET v = 0 WHERE id < 0").unwrap();
-}
