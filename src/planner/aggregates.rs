@@ -152,12 +152,17 @@ unsafe fn task_results_token<'a>(rte: *mut pg_sys::RangeTblEntry) -> Option<&'a 
     if marker == pg_sys::InvalidOid || (*call).funcid != marker {
         return None;
     }
-    let args = list_pointers::<pg_sys::Const>((*call).args);
-    let [plan] = args.as_slice() else { return None };
-    if (**plan).constisnull {
+    // Ours carry a text constant; a user's call may pass anything (a parameter, a column).
+    let args = list_pointers::<pg_sys::Node>((*call).args);
+    let [token] = args.as_slice() else { return None };
+    if (**token).type_ != pg_sys::NodeTag::T_Const {
         return None;
     }
-    Some(pgrx::text_to_rust_str_unchecked((**plan).constvalue.cast_mut_ptr()))
+    let token = token.cast::<pg_sys::Const>();
+    if (*token).constisnull || (*token).consttype != pg_sys::TEXTOID {
+        return None;
+    }
+    Some(pgrx::text_to_rust_str_unchecked((*token).constvalue.cast_mut_ptr()))
 }
 
 /// The ShardScan plan carried by an RTE of the coordinator query, if `rte` is one made by this

@@ -1849,10 +1849,17 @@ fn the_plan_placeholder_never_runs_what_a_user_passes_it() {
     }
     c.batch_execute(&format!(
         "CREATE FUNCTION leak() RETURNS SETOF text LANGUAGE sql AS $f$ SELECT v FROM sharding.task_results('{plan}') AS t(v text) $f$;
-         GRANT EXECUTE ON FUNCTION leak() TO mallory;"
+         CREATE FUNCTION pass(text) RETURNS SETOF text LANGUAGE sql AS $f$ SELECT v FROM sharding.task_results($1) AS t(v text) $f$;
+         GRANT EXECUTE ON FUNCTION leak(), pass(text) TO mallory;"
     ))
     .unwrap();
-    let (code, ..) = expect_error(&mut mallory, "SELECT * FROM leak()");
+    // Calls whose argument is not a constant (this crashed the server).
+    for sql in ["SELECT * FROM leak()", "SELECT * FROM pass('00112233445566778899aabbccddeeff')", "SELECT * FROM sharding.task_results(current_user::text) AS t(v text)"] {
+        let (code, ..) = expect_error(&mut mallory, sql);
+        assert_eq!(code, "0A000", "{sql}");
+    }
+    mallory.batch_execute("PREPARE p(text) AS SELECT * FROM sharding.task_results($1) AS t(v text)").unwrap();
+    let (code, ..) = expect_error(&mut mallory, "EXECUTE p('00112233445566778899aabbccddeeff')");
     assert_eq!(code, "0A000");
     // The split aggregations themselves work as before.
     assert_eq!(scalar::<i64>(&mut c, "SELECT count(DISTINCT v) FROM secrets"), 10);
